@@ -1,0 +1,36 @@
+"""GPT-2 shapes (:small 124M, :medium 350M, :large 774M, :xl 1.5B) on a TFDS text dataset.
+
+Data defaults to TFDS `lm1b` (text feature "text"; it has train/test splits only); any TFDS
+text dataset works: --config.data.tfds_name=NAME --config.data.text_feature=FEATURE
+--config.data.val_split=SPLIT. Tokens are UTF-8 bytes until the GPT-2 BPE lands.
+Optimizer and schedule follow nanoGPT's train_gpt2 (~0.5M tokens per update: 480 sequences of
+1024 as 40 microbatches of 12; on N devices lower optim.grad_accum by N).
+"""
+
+from gptjax.config import default_config
+from gptjax.errors import UserError
+
+SHAPES = {  # n_layer, n_head, d_model
+    "small": (12, 12, 768),
+    "medium": (24, 16, 1024),
+    "large": (36, 20, 1280),
+    "xl": (48, 25, 1600),
+}
+
+
+def get_config(size: str = "small"):
+  if size not in SHAPES:
+    raise UserError(f"unknown GPT-2 size {size!r}; use one of {', '.join(SHAPES)}")
+  c = default_config()
+  c.model.n_layer, c.model.n_head, c.model.d_model = SHAPES[size]
+  c.model.block_size = 1024
+  c.data.source = "tfds"
+  c.data.tfds_name = "lm1b"
+  c.data.val_split = "test"
+  c.data.tokenizer = "byte"
+  c.train.batch_size = 480
+  c.optim.grad_accum = 40
+  c.train.num_steps = 600_000
+  c.train.eval_every, c.train.eval_batches, c.train.log_every = 1000, 200, 10
+  c.optim.lr, c.optim.min_lr, c.optim.warmup_steps = 6e-4, 6e-5, 2000
+  return c

@@ -1,0 +1,93 @@
+"""Causal multi-head self-attention, with rotary positions as an option.
+
+The core is `jax.nn.dot_product_attention`, whose `implementation` picks XLA or cuDNN flash
+attention. Attention-probability dropout needs the probabilities, which flash kernels never
+materialise, so `attn_dropout > 0` switches training to an explicit softmax path.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gptjax.errors import UserError
+
+
+def resolve_implementation(requested: str, dtype) -> str:
+  """'auto' -> cuDNN flash attention on GPU with 16-bit compute, else XLA."""
+  on_gpu = jax.default_backend() == "gpu"
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if requested == "auto":
+    return "cudnn" if on_gpu and half else "xla"
+  if requested == "cudnn" and not (on_gpu and half):
+    raise UserError("model.attention='cudnn' needs an NVIDIA GPU and bfloat16/float16 compute "
+                    f"(backend {jax.default_backend()}, dtype {jnp.dtype(dtype).name}); use "
+                    "--config.model.attention=auto or xla")
+  return requested
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half layout (GPT-NeoX/Llama); computed in float32."""
+  half = x_BxTxNxH.shape[-1] // 2
+  freq_h = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxTx1xh = (positions_BxT[..., None].astype(jnp.float32) * freq_h)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BxTx1xh), jnp.cos(angle_BxTx1xh)
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def _explicit_attention(q, k, v, dropout, deterministic):
+  """Softmax attention with probability dropout; (B, T, N, H) in and out."""
+  scale = q.shape[-1] ** -0.5
+  logits_BxNxTxS = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) * scale
+  t = q.shape[1]
+  causal_TxS = jnp.tril(jnp.ones((t, t), bool))
+  logits_BxNxTxS = jnp.where(causal_TxS, logits_BxNxTxS, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits_BxNxTxS, axis=-1).astype(v.dtype)
+  probs = dropout(probs, deterministic=deterministic)
+  return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+class CausalSelfAttention(nn.Module):
+  """x (B, T, D) -> (B, T, D). Kernels carry logical axes (embed, heads, kv)."""
+
+  cfg: "gptjax.model.GPTConfig"  # noqa: F821
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool):
+    cfg = self.cfg
+    head_dim = cfg.d_model // cfg.n_head
+    dense = functools.partial(
+        nn.DenseGeneral, use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
+    init = nn.initializers.normal(cfg.init_std)
+    qkv_init = nn.with_logical_partitioning(init, ("embed", "heads", "kv"))
+    q_BxTxNxH = dense((cfg.n_head, head_dim), kernel_init=qkv_init, name="query")(x_BxTxD)
+    k_BxTxNxH = dense((cfg.n_head, head_dim), kernel_init=qkv_init, name="key")(x_BxTxD)
+    v_BxTxNxH = dense((cfg.n_head, head_dim), kernel_init=qkv_init, name="value")(x_BxTxD)
+    if cfg.positions == "rope":
+      q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
+      k_BxTxNxH = apply_rope(k_BxTxNxH, positions_BxT, cfg.rope_theta)
+    axes = ("batch", "length", "heads", "kv")
+    q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, axes)
+    k_BxTxNxH = nn.with_logical_constraint(k_BxTxNxH, axes)
+    v_BxTxNxH = nn.with_logical_constraint(v_BxTxNxH, axes)
+
+    if cfg.attn_dropout > 0 and not deterministic:
+      out_BxTxNxH = _explicit_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH,
+                                        nn.Dropout(cfg.attn_dropout), deterministic)
+    else:
+      out_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True,
+          implementation=resolve_implementation(cfg.attention, cfg.dtype))
+    out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, axes)
+    # GPT-2: residual projections start smaller, std / sqrt(2 * n_layer).
+    out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
+    return nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), use_bias=cfg.bias, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.with_logical_partitioning(out_init, ("heads", "kv", "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name="out")(out_BxTxNxH)

@@ -1,0 +1,121 @@
+"""Default configuration and its validation.
+
+Experiment files in experiments/ start from `default_config()` and override only what
+differs (nanoGPT's habit). Every key exists here with a sensible default, so ml_collections
+can type-check `--config.a.b=value` overrides and reject unknown keys by name.
+"""
+
+from ml_collections import config_dict
+
+from gptjax.errors import UserError
+
+CHOICES = {
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.positions": ("learned", "rope"),
+    "model.activation": ("gelu", "swiglu"),
+    "model.attention": ("auto", "xla", "cudnn"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "data.source": ("tfds", "text"),
+    "data.tokenizer": ("char", "byte"),
+}
+
+
+def default_config() -> config_dict.ConfigDict:
+  """GPT-2 small on tiny Shakespeare (char level): every key, with its default."""
+  c = config_dict.ConfigDict()
+  c.seed = 0
+
+  c.model = config_dict.ConfigDict()
+  c.model.n_layer = 12
+  c.model.n_head = 12
+  c.model.d_model = 768
+  c.model.d_ff = config_dict.placeholder(int)  # None: 4*d_model (gelu), ~8/3*d_model (swiglu)
+  c.model.block_size = 1024  # context length, and the training sequence length
+  c.model.vocab_size = config_dict.placeholder(int)  # None: the tokenizer's
+  c.model.vocab_multiple = 64  # pad the embedding rows to a multiple of this (speed)
+  c.model.dropout = 0.0  # embeddings and residual branches
+  c.model.attn_dropout = 0.0  # > 0 uses the explicit (non-flash) attention while training
+  c.model.norm = "layernorm"
+  c.model.norm_eps = 1e-5
+  c.model.positions = "learned"
+  c.model.rope_theta = 10000.0
+  c.model.activation = "gelu"
+  c.model.tie_embeddings = True
+  c.model.bias = True
+  c.model.dtype = "auto"  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
+  c.model.param_dtype = "float32"
+  c.model.attention = "auto"  # auto: cudnn flash attention on GPU with 16-bit compute
+  c.model.init_std = 0.02
+
+  c.data = config_dict.ConfigDict()
+  c.data.source = "tfds"
+  c.data.tfds_name = "tiny_shakespeare"
+  c.data.train_split = "train"
+  c.data.val_split = "validation"
+  c.data.text_feature = "text"
+  c.data.data_dir = config_dict.placeholder(str)  # None: TFDS's default (~/tensorflow_datasets)
+  c.data.manual_dir = config_dict.placeholder(str)  # local copy of the dataset's files
+  c.data.download_retries = config_dict.placeholder(int)  # None: TFDS's default (10)
+  c.data.path = config_dict.placeholder(str)  # source=text: a file, or a glob of files
+  c.data.val_fraction = 0.1  # source=text: the tail of the corpus held out for evals
+  c.data.tokenizer = "char"
+
+  c.optim = config_dict.ConfigDict()
+  c.optim.lr = 6e-4
+  c.optim.min_lr = 6e-5
+  c.optim.warmup_steps = 100
+  c.optim.decay_steps = config_dict.placeholder(int)  # None: train.num_steps
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1  # never applied to biases, norms or embeddings
+  c.optim.grad_clip = 1.0  # global norm; 0 disables
+  c.optim.grad_accum = 1  # microbatches per step (a lax.scan inside the step)
+
+  c.train = config_dict.ConfigDict()
+  c.train.batch_size = 64  # global batch, in sequences
+  c.train.num_steps = 5000
+  c.train.log_every = 10
+  c.train.eval_every = 250
+  c.train.eval_batches = 20
+  c.train.label_smoothing = 0.0
+  return c
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+  """Raise UserError naming the first bad value and its fix."""
+  for key, allowed in CHOICES.items():
+    section, name = key.split(".")
+    value = config[section][name]
+    if value not in allowed:
+      raise UserError(f"config.{key}={value!r} is not one of {', '.join(allowed)}; "
+                      f"pass --config.{key}=<one of those>")
+  m, t, o = config.model, config.train, config.optim
+  for key, value in [("model.n_layer", m.n_layer), ("model.n_head", m.n_head),
+                     ("model.d_model", m.d_model), ("model.block_size", m.block_size),
+                     ("model.vocab_multiple", m.vocab_multiple),
+                     ("train.batch_size", t.batch_size), ("train.num_steps", t.num_steps),
+                     ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
+                     ("train.eval_batches", t.eval_batches),
+                     ("optim.grad_accum", o.grad_accum)]:
+    if value < 1:
+      raise UserError(f"config.{key}={value} must be at least 1")
+  if m.d_model % m.n_head:
+    raise UserError(f"config.model.d_model={m.d_model} is not divisible by "
+                    f"config.model.n_head={m.n_head}; pick a d_model that is a multiple of "
+                    "n_head")
+  if m.positions == "rope" and (m.d_model // m.n_head) % 2:
+    raise UserError(f"rope needs an even head size, got d_model/n_head="
+                    f"{m.d_model // m.n_head}; change d_model or n_head")
+  for key, value in [("model.dropout", m.dropout), ("model.attn_dropout", m.attn_dropout),
+                     ("train.label_smoothing", t.label_smoothing)]:
+    if not 0.0 <= value < 1.0:
+      raise UserError(f"config.{key}={value} must be in [0, 1)")
+  if t.batch_size % o.grad_accum:
+    raise UserError(f"config.train.batch_size={t.batch_size} is not divisible by "
+                    f"config.optim.grad_accum={o.grad_accum}")
+  if config.data.source == "text" and not config.data.path:
+    raise UserError("config.data.source='text' needs --config.data.path=FILE_OR_GLOB")
+  if config.data.source == "text" and not 0.0 < config.data.val_fraction < 1.0:
+    raise UserError(f"config.data.val_fraction={config.data.val_fraction} must be in (0, 1)")

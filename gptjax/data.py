@@ -1,0 +1,183 @@
+"""Text sources -> token files -> batches of (B, T+1) windows.
+
+Sources yield documents (strings): any TFDS text dataset, or local text files. Each split is
+tokenized once into WORKDIR/data/<split>.bin (documents joined by the tokenizer's EOT id) and
+memory-mapped, so a corpus larger than RAM works. A batch is a pure function of
+(seed, split, step): windows at offsets drawn from a counter-based RNG, so the iterator
+"position" is just the step and exact resume needs nothing else.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from gptjax import tokenizers
+from gptjax.errors import UserError
+
+_STREAM = {"train": 0, "val": 1}
+
+
+class Batches:
+  """Random-access batches: `batches[step]` -> int32 (batch_size, seq_len + 1)."""
+
+  def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
+               split: str):
+    self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+    self.seed, self.split = seed, split
+    self.num_starts = len(tokens) - seq_len  # windows of seq_len + 1 tokens
+    if self.num_starts < 1:
+      raise UserError(
+          f"the {split} split has {len(tokens)} tokens, fewer than one window of "
+          f"block_size+1={seq_len + 1}; use a longer corpus or a smaller "
+          "--config.model.block_size")
+
+  def __getitem__(self, step: int, rows: slice = slice(None)) -> np.ndarray:
+    rng = np.random.default_rng((self.seed, _STREAM[self.split], step))
+    starts_B = rng.integers(0, self.num_starts, size=self.batch_size)[rows]
+    return np.asarray(self.tokens[starts_B[:, None] + np.arange(self.seq_len + 1)], np.int32)
+
+
+@dataclasses.dataclass
+class Data:
+  tokenizer: tokenizers.Tokenizer
+  train: Batches
+  val: Batches
+  val_bytes_per_token: float  # UTF-8 bytes per token of the val split, for bits per byte
+
+
+def load(config, workdir: str) -> Data:
+  """Builds (or reuses) the tokenizer and token files in workdir; returns the batches."""
+  dc = config.data
+  docs = _sources(dc)
+  tok_path = os.path.join(workdir, "tokenizer.json")
+  if os.path.exists(tok_path):  # a workdir keeps its vocabulary, so ids stay stable
+    tokenizer = tokenizers.load(tok_path)
+  else:
+    tokenizer = (tokenizers.CharTokenizer.train(docs["train"]()) if dc.tokenizer == "char"
+                 else tokenizers.ByteTokenizer())
+    tokenizers.save(tokenizer, tok_path)
+  if tokenizer.kind != dc.tokenizer:
+    raise UserError(f"{tok_path} holds a {tokenizer.kind} tokenizer but config.data.tokenizer="
+                    f"{dc.tokenizer!r}; use a fresh --workdir")
+  out = {}
+  for split in ("train", "val"):
+    tokens, n_bytes = _tokenize_cached(docs[split], tokenizer, split, _fingerprint(dc),
+                                       os.path.join(workdir, "data"))
+    batch = config.train.batch_size
+    out[split] = (Batches(tokens, batch, config.model.block_size, config.seed, split), n_bytes)
+  val, val_bytes = out["val"]
+  return Data(tokenizer, out["train"][0], val, val_bytes / len(val.tokens))
+
+
+def _sources(dc) -> dict[str, Callable[[], Iterable[str]]]:
+  """Re-iterable sources of documents for 'train' and 'val'."""
+  if dc.source == "text":
+    texts = dict(zip(("train", "val"), _text_files(dc.path, dc.val_fraction)))
+    return {split: (lambda t=text: [t]) for split, text in texts.items()}
+  builder = _tfds_builder(dc)
+  return {split: _tfds_docs(builder, dc, split) for split in ("train", "val")}
+
+
+def _tfds_docs(builder, dc, split):
+  name = dc.train_split if split == "train" else dc.val_split
+  if name not in builder.info.splits:
+    raise UserError(f"TFDS dataset {dc.tfds_name!r} has no split {name!r} (it has "
+                    f"{', '.join(builder.info.splits)}); set --config.data.{split}_split")
+  if dc.text_feature not in builder.info.features:
+    raise UserError(f"TFDS dataset {dc.tfds_name!r} has no feature {dc.text_feature!r} (it has "
+                    f"{', '.join(builder.info.features)}); set --config.data.text_feature")
+
+  def docs():
+    import tensorflow_datasets as tfds
+    ds = builder.as_dataset(split=name, shuffle_files=False)
+    for example in tfds.as_numpy(ds):
+      yield example[dc.text_feature].decode("utf-8")
+  return docs
+
+
+def _text_files(path: str, val_fraction: float) -> tuple[str, str]:
+  """Reads a file or glob; the last val_fraction of the characters is the val split."""
+  files = sorted(glob.glob(os.path.expanduser(path)))
+  if not files:
+    raise UserError(f"no file matches config.data.path={path!r}; check the path or glob")
+  texts = []
+  for f in files:
+    try:
+      with open(f, encoding="utf-8") as fh:
+        texts.append(fh.read())
+    except (OSError, UnicodeDecodeError) as e:
+      raise UserError(f"cannot read text file {f}: {e}; pass a readable UTF-8 file") from None
+  text = "".join(texts)
+  if not text.strip():
+    raise UserError(f"config.data.path={path!r} is empty; point it at a non-empty text file")
+  cut = int(len(text) * (1 - val_fraction))
+  return text[:cut], text[cut:]
+
+
+def _tfds_builder(dc):
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  tf.config.set_visible_devices([], "GPU")  # TF only reads data; the accelerators are JAX's
+  try:
+    builder = tfds.builder(dc.tfds_name, data_dir=dc.data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserError(f"TFDS has no dataset {dc.tfds_name!r}; check --config.data.tfds_name") \
+        from None
+  if dc.manual_dir and not os.path.isdir(dc.manual_dir):
+    raise UserError(f"config.data.manual_dir={dc.manual_dir!r} is not a directory")
+  download = tfds.download.DownloadConfig(manual_dir=dc.manual_dir) if dc.manual_dir else None
+  if dc.download_retries is not None:  # TFDS has no setting for it; its default waits ~3 min
+    from tensorflow_datasets.core.download import downloader
+    downloader.MAX_RETRIES = dc.download_retries
+  try:
+    builder.download_and_prepare(download_config=download)
+  except Exception as e:  # network, checksum or manual-file failures all end the same way
+    reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    raise UserError(
+        f"cannot download or prepare TFDS dataset {dc.tfds_name!r} ({reason}); pass "
+        "--config.data.manual_dir=DIR with its source files (for tiny_shakespeare the "
+        "folder holding input.txt), or use --config.data.source=text "
+        "--config.data.path=FILE") from None
+  return builder
+
+
+def _fingerprint(dc) -> dict:
+  fp = {k: dc[k] for k in ("source", "tfds_name", "train_split", "val_split", "text_feature",
+                           "path", "val_fraction")}
+  if dc.source == "text":  # a changed file must be re-tokenized
+    fp["files"] = [(f, os.path.getsize(f), os.path.getmtime(f))
+                   for f in sorted(glob.glob(os.path.expanduser(dc.path)))]
+  return fp
+
+
+def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir):
+  """Returns (memory-mapped tokens, UTF-8 bytes of text) for a split, tokenizing once."""
+  os.makedirs(cache_dir, exist_ok=True)
+  bin_path = os.path.join(cache_dir, f"{split}.bin")
+  meta_path = bin_path + ".json"
+  key = {"source": fingerprint, "tokenizer": tokenizer.to_dict()}
+  dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+  meta = None
+  if os.path.exists(meta_path) and os.path.exists(bin_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+  if meta is None or meta.get("key") != json.loads(json.dumps(key)):
+    n_bytes, eot = 0, np.array([tokenizer.eot_id], dtype)
+    with open(bin_path + ".tmp", "wb") as f:  # streamed: constant memory for any corpus
+      for doc in docs():
+        f.write(tokenizer.encode(doc).astype(dtype).tobytes())
+        f.write(eot.tobytes())
+        n_bytes += len(doc.encode("utf-8"))
+    os.replace(bin_path + ".tmp", bin_path)
+    meta = {"key": key, "bytes": n_bytes}
+    with open(meta_path + ".tmp", "w") as f:
+      json.dump(meta, f)
+    os.replace(meta_path + ".tmp", meta_path)
+  if os.path.getsize(bin_path) == 0:
+    raise UserError(f"the {split} split is empty; check the data source")
+  return np.memmap(bin_path, dtype=dtype, mode="r"), meta["bytes"]

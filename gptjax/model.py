@@ -1,0 +1,168 @@
+"""A decoder-only GPT in Flax Linen: GPT-2 layout by default, with ablation switches.
+
+Every parameter carries logical axis names (vocab, embed, mlp, heads, kv) and activations are
+constrained to (batch, length, ...), so sharding is one rules table (see the sharding issue)
+and never a per-parameter decision here.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gptjax.attention import CausalSelfAttention
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """Resolved model hyperparameters (no 'auto' or None left)."""
+
+  vocab_size: int  # real tokens; logits beyond it are padding and masked out
+  padded_vocab: int
+  n_layer: int
+  n_head: int
+  d_model: int
+  d_ff: int
+  block_size: int
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
+  norm: str = "layernorm"
+  norm_eps: float = 1e-5
+  positions: str = "learned"
+  rope_theta: float = 10000.0
+  activation: str = "gelu"
+  tie_embeddings: bool = True
+  bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention: str = "auto"
+  init_std: float = 0.02
+
+  @classmethod
+  def from_config(cls, m, vocab_size: int) -> "GPTConfig":
+    """From the `config.model` ConfigDict and the tokenizer's vocabulary size."""
+    vocab = m.vocab_size or vocab_size
+    d_ff = m.d_ff or (4 * m.d_model if m.activation == "gelu"
+                      else _round_up(8 * m.d_model // 3, 64))  # SwiGLU: ~same params as GELU
+    dtype = m.dtype
+    if dtype == "auto":
+      dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return cls(
+        vocab_size=vocab, padded_vocab=_round_up(vocab, m.vocab_multiple), n_layer=m.n_layer,
+        n_head=m.n_head, d_model=m.d_model, d_ff=d_ff, block_size=m.block_size,
+        dropout=m.dropout, attn_dropout=m.attn_dropout, norm=m.norm, norm_eps=m.norm_eps,
+        positions=m.positions, rope_theta=m.rope_theta, activation=m.activation,
+        tie_embeddings=m.tie_embeddings, bias=m.bias, dtype=_DTYPES[dtype],
+        param_dtype=_DTYPES[m.param_dtype], attention=m.attention, init_std=m.init_std)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _norm(cfg: GPTConfig, name: str) -> nn.Module:
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      scale_init=scale_init, name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, scale_init=scale_init,
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                      name=name)
+
+
+class MLP(nn.Module):
+  """(B, T, D) -> (B, T, D): GELU, or SwiGLU (silu(gate) * up)."""
+
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    dense = functools.partial(nn.Dense, use_bias=cfg.bias, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype)
+    up_init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "mlp"))
+    up_bias = nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",))
+    h_BxTxF = dense(cfg.d_ff, kernel_init=up_init, bias_init=up_bias, name="up")(x_BxTxD)
+    if cfg.activation == "swiglu":
+      gate_BxTxF = dense(cfg.d_ff, kernel_init=up_init, bias_init=up_bias, name="gate")(x_BxTxD)
+      h_BxTxF = nn.silu(gate_BxTxF) * h_BxTxF
+    else:
+      h_BxTxF = nn.gelu(h_BxTxF, approximate=True)  # GPT-2's tanh GELU
+    h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
+    down_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
+    return dense(cfg.d_model, kernel_init=nn.with_logical_partitioning(down_init, ("mlp", "embed")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                 name="down")(h_BxTxF)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool):
+    cfg = self.cfg
+    drop = nn.Dropout(cfg.dropout)
+    y = CausalSelfAttention(cfg, name="attn")(_norm(cfg, "ln_1")(x_BxTxD), positions_BxT,
+                                              deterministic)
+    x_BxTxD = x_BxTxD + drop(y, deterministic=deterministic)
+    y = MLP(cfg, name="mlp")(_norm(cfg, "ln_2")(x_BxTxD))
+    x_BxTxD = x_BxTxD + drop(y, deterministic=deterministic)
+    return nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+
+
+class GPT(nn.Module):
+  """tokens (B, T) int32 -> logits (B, T, padded_vocab) in the compute dtype."""
+
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT=None, deterministic: bool = True):
+    cfg = self.cfg
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    init = nn.initializers.normal(cfg.init_std)
+    wte = nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                   embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
+                   name="wte")
+    x_BxTxD = wte(tokens_BxT)
+    if cfg.positions == "learned":
+      x_BxTxD += nn.Embed(cfg.block_size, cfg.d_model, dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype,
+                          embedding_init=nn.with_logical_partitioning(init, (None, "embed")),
+                          name="wpe")(positions_BxT)
+    x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    for i in range(cfg.n_layer):
+      x_BxTxD = Block(cfg, name=f"h_{i}")(x_BxTxD, positions_BxT, deterministic)
+    x_BxTxD = _norm(cfg, "ln_f")(x_BxTxD)
+    if cfg.tie_embeddings:
+      logits_BxTxV = wte.attend(x_BxTxD)
+    else:
+      logits_BxTxV = nn.Dense(
+          cfg.padded_vocab, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+          kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")),
+          name="lm_head")(x_BxTxD)
+    logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
+    if cfg.padded_vocab > cfg.vocab_size:  # padding rows exist for speed, never as predictions
+      real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+      logits_BxTxV = jnp.where(real_V, logits_BxTxV, jnp.finfo(logits_BxTxV.dtype).min)
+    return logits_BxTxV
+
+
+def count_params(params, exclude_embeddings: bool = False) -> int:
+  """Number of parameters; optionally without the token/position embedding tables."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  return sum(int(x.size) for path, x in leaves
+             if not (exclude_embeddings and _is_embedding(path)))
+
+
+def _is_embedding(path) -> bool:
+  return any(getattr(k, "key", None) in ("wte", "wpe") for k in path)

@@ -1,0 +1,207 @@
+"""Training: an explicit TrainState pytree, pure jitted steps, and the loop around them.
+
+`train_step` and `eval_step` are pure functions of their inputs; everything with side
+effects (data loading, logging, files) stays in `train_and_evaluate`.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gptjax import config as config_lib
+from gptjax import data as data_lib
+from gptjax import metrics as metrics_lib
+from gptjax import optim
+from gptjax.attention import resolve_implementation
+from gptjax.errors import UserError
+from gptjax.model import GPT, GPTConfig, count_params
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: updates applied so far
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # base dropout key; step keys are fold_in(rng, step)
+
+
+def init_state(model: GPT, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """Initialises params (float32 by default) and optimizer state, jitted."""
+  def init(rng):
+    init_rng, dropout_rng = jax.random.split(rng)
+    tokens_1xT = jnp.zeros((1, model.cfg.block_size), jnp.int32)
+    params = nn.meta.unbox(model.init(init_rng, tokens_1xT)["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=dropout_rng)
+  return jax.jit(init)(jax.random.PRNGKey(seed))
+
+
+def cross_entropy(logits_BxTxV, targets_BxT, vocab_size: int, label_smoothing: float = 0.0):
+  """Per-token loss in nats, float32, shape (B, T); padded vocab entries never count."""
+  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+  lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  loss_BxT = lse_BxT - target_BxT
+  if label_smoothing:
+    uniform_BxT = lse_BxT - jnp.mean(logits_BxTxV[..., :vocab_size], axis=-1)
+    loss_BxT = (1 - label_smoothing) * loss_BxT + label_smoothing * uniform_BxT
+  return loss_BxT
+
+
+def _loss(params, model: GPT, batch_BxT1, rng, deterministic: bool, label_smoothing: float):
+  inputs_BxT, targets_BxT = batch_BxT1[:, :-1], batch_BxT1[:, 1:]
+  logits_BxTxV = model.apply({"params": params}, inputs_BxT, deterministic=deterministic,
+                             rngs=None if deterministic else {"dropout": rng})
+  return cross_entropy(logits_BxTxV, targets_BxT, model.cfg.vocab_size, label_smoothing).mean()
+
+
+def train_step(state: TrainState, batch_BxT1, *, model: GPT, tx, lr_schedule,
+               grad_accum: int = 1, label_smoothing: float = 0.0):
+  """One optimizer update over a (B, T+1) batch -> (new state, metrics).
+
+  With grad_accum > 1 the batch is split into microbatches whose gradients a lax.scan
+  averages, so memory scales with B / grad_accum while the update sees all of B.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  grad_fn = jax.value_and_grad(_loss)
+  deterministic = model.cfg.dropout == 0 and model.cfg.attn_dropout == 0
+  if grad_accum == 1:
+    loss, grads = grad_fn(state.params, model, batch_BxT1, rng, deterministic, label_smoothing)
+  else:
+    micro_AxbxT1 = batch_BxT1.reshape(grad_accum, -1, batch_BxT1.shape[-1])
+
+    def accumulate(carry, i_and_micro):
+      i, micro_bxT1 = i_and_micro
+      loss_i, grads_i = grad_fn(state.params, model, micro_bxT1, jax.random.fold_in(rng, i),
+                                deterministic, label_smoothing)
+      return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro_AxbxT1))
+    loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
+             "lr": lr_schedule(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch_BxT1, *, model: GPT):
+  """Mean next-token loss (nats) of a (B, T+1) batch, dropout off."""
+  return _loss(params, model, batch_BxT1, None, True, 0.0)
+
+
+def _prepare_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"cannot write to workdir {workdir!r} ({e.strerror}); pass a writable "
+                    "--workdir") from None
+
+
+def _write_config(config, workdir: str, vocab_size: int) -> None:
+  resolved = config.copy_and_resolve_references()
+  with resolved.unlocked():
+    resolved.model.vocab_size = vocab_size
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(resolved.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in workdir; returns the run summary (also saved as summary.json)."""
+  config_lib.validate(config)
+  _prepare_workdir(workdir)
+  data = data_lib.load(config, workdir)
+  cfg = GPTConfig.from_config(config.model, data.tokenizer.vocab_size)
+  resolve_implementation(cfg.attention, cfg.dtype)  # fail before compiling, not during
+  tc = config.train
+  model = GPT(cfg)
+  lr_schedule = optim.schedule(config.optim, tc.num_steps)
+  tx = optim.make(config.optim, tc.num_steps)
+  state = init_state(model, tx, config.seed)
+  _write_config(config, workdir, cfg.vocab_size)
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  say = functools.partial(metrics_lib.console, enabled=jax.process_index() == 0)
+  n_params = count_params(state.params)
+  say(f"model: {n_params / 1e6:.2f}M parameters ({count_params(state.params, True) / 1e6:.2f}M "
+      f"without embeddings), vocab {cfg.vocab_size} padded to {cfg.padded_vocab}, "
+      f"{jnp.dtype(cfg.dtype).name} compute, attention "
+      f"{resolve_implementation(cfg.attention, cfg.dtype)}, on {jax.device_count()} "
+      f"{jax.default_backend()} device(s)")
+
+  t0 = time.perf_counter()
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
+                        grad_accum=config.optim.grad_accum, label_smoothing=tc.label_smoothing),
+      donate_argnums=0).lower(state, data.train[0]).compile()
+  eval_fn = jax.jit(functools.partial(eval_step, model=model)).lower(
+      state.params, data.val[0]).compile()
+  compile_s = time.perf_counter() - t0
+  say(f"compiled train and eval steps in {compile_s:.1f}s")
+
+  tokens_per_step = tc.batch_size * cfg.block_size
+  start = int(state.step)
+  step_ms, val_losses, last_log = [], [], {}
+  t_start = t_mark = time.perf_counter()
+  mark_step, eval_s = start, 0.0
+  for step in range(start + 1, tc.num_steps + 1):
+    state, m = step_fn(state, data.train[step - 1])
+    if step % tc.log_every == 0 or step == tc.num_steps:
+      m = jax.device_get(m)  # the only host sync on the training path
+      now = time.perf_counter()
+      ms = (now - t_mark - eval_s) * 1e3 / (step - mark_step)
+      step_ms.append(ms)
+      if not math.isfinite(m["loss"]):
+        raise UserError(f"loss became {m['loss']} at step {step}; lower --config.optim.lr "
+                        "or check the data")
+      last_log = {"loss": float(m["loss"]), "lr": float(m["lr"]),
+                  "grad_norm": float(m["grad_norm"]),
+                  "tokens_per_sec": tokens_per_step / ms * 1e3, "step_ms": ms,
+                  "elapsed_s": now - t_start}
+      writer.write(step, last_log)
+      eta = (tc.num_steps - step) * float(np.median(step_ms)) / 1e3
+      say(metrics_lib.progress_line(step, tc.num_steps, last_log["loss"],
+                                    last_log["tokens_per_sec"], eta, last_log["lr"]))
+      t_mark, mark_step, eval_s = now, step, 0.0
+    if step % tc.eval_every == 0 or step == tc.num_steps:
+      t_eval = time.perf_counter()
+      losses = [eval_fn(state.params, data.val[i]) for i in range(tc.eval_batches)]
+      val_loss = float(jnp.mean(jnp.stack(losses)))
+      bpb = val_loss / math.log(2) / data.val_bytes_per_token
+      val_losses.append(val_loss)
+      writer.write(step, {"val_loss": val_loss, "val_bpb": bpb,
+                          "elapsed_s": time.perf_counter() - t_start})
+      say(f"eval step {step} | val_loss {val_loss:.4f} | val bits/byte {bpb:.4f}")
+      eval_s += time.perf_counter() - t_eval
+  wall_s = time.perf_counter() - t_start
+  writer.close()
+  summary = {
+      "steps": tc.num_steps, "n_params": n_params, "compile_s": compile_s, "wall_s": wall_s,
+      "median_step_ms": float(np.median(step_ms)) if step_ms else None,
+      "tokens_per_sec": tokens_per_step / float(np.median(step_ms)) * 1e3 if step_ms else None,
+      "final_loss": last_log.get("loss"),
+      "final_val_loss": val_losses[-1] if val_losses else None,
+      "best_val_loss": min(val_losses) if val_losses else None,
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  say(f"done: {tc.num_steps} steps in {metrics_lib.format_duration(wall_s)} (+{compile_s:.1f}s "
+      f"compile), median {summary['median_step_ms']:.2f} ms/step, "
+      f"{summary['tokens_per_sec'] / 1e3:.1f}k tok/s, final val_loss "
+      f"{summary['final_val_loss']:.4f}")
+  return summary

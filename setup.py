@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="gptjax",
+    version="0.1.0",
+    description="GPT-style language models in JAX/Flax: sharded, resumable, launched by flag.",
+    packages=find_packages(include=["gptjax", "gptjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10,<0.12",  # 0.10.x from the registry, 0.11.x on the GPU image
+        "flax>=0.12,<0.14",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.8",
+        "tensorflow-cpu>=2.18",  # TFDS needs TF to prepare datasets; the CPU build never takes a GPU
+        "importlib_resources",  # TFDS imports it and does not declare it
+        "absl-py>=2.1",
+        "ml_collections>=1.0",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+)

@@ -1,0 +1,44 @@
+"""Shared test helpers: small configs, a generated corpus, and a CLI runner."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "tinyshakespeare"))
+
+
+def tiny_config(**overrides):
+  """The tiny experiment, with dotted-key overrides (e.g. model__norm='rmsnorm')."""
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  try:
+    import tiny
+  finally:
+    sys.path.pop(0)
+  c = tiny.get_config()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  """A small generated corpus with learnable structure (repeated counting phrases)."""
+  words = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+  lines = [" ".join(words[(i + j) % 8] for j in range(6)) + "." for i in range(400)]
+  path = tmp_path / "corpus.txt"
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def run_cli(*args, timeout=240, env=None):
+  """Runs `python -m gptjax.main ARGS` from the repo root; returns the CompletedProcess."""
+  return subprocess.run([sys.executable, "-m", "gptjax.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, **(env or {})})

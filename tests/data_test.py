@@ -1,0 +1,86 @@
+import os
+
+import numpy as np
+import pytest
+
+from conftest import SHAKESPEARE_DIR, tiny_config
+from gptjax import data
+from gptjax.errors import UserError
+
+
+def _load(tmp_path, **overrides):
+  workdir = tmp_path / "work"
+  workdir.mkdir(exist_ok=True)
+  return data.load(tiny_config(**overrides), str(workdir))
+
+
+def test_batches_are_a_function_of_seed_and_step(tmp_path, corpus):
+  d = _load(tmp_path, data__path=corpus)
+  b = d.train[7]
+  assert b.shape == (8, 33) and b.dtype == np.int32
+  np.testing.assert_array_equal(b, d.train[7])
+  again = _load(tmp_path, data__path=corpus)  # a fresh process sees the same batches
+  np.testing.assert_array_equal(b, again.train[7])
+  assert not np.array_equal(b, d.train[8])
+  other_seed = data.Batches(d.train.tokens, 8, 32, seed=1, split="train")
+  assert not np.array_equal(b, other_seed[7])
+  np.testing.assert_array_equal(d.train.__getitem__(7, rows=slice(2, 4)), b[2:4])
+
+
+def test_windows_are_contiguous_text(tmp_path, corpus):
+  d = _load(tmp_path, data__path=corpus)
+  text = open(corpus).read()
+  for row in d.train[3]:
+    assert d.tokenizer.decode(row) in text
+
+
+def test_text_split_and_tokenizer_saved(tmp_path, corpus):
+  d = _load(tmp_path, data__path=corpus, data__val_fraction=0.25)
+  n = len(open(corpus).read())
+  assert len(d.train.tokens) == int(n * 0.75) + 1  # + EOT
+  assert len(d.val.tokens) == n - int(n * 0.75) + 1
+  assert os.path.exists(tmp_path / "work" / "tokenizer.json")
+  assert d.val_bytes_per_token == pytest.approx(1.0, abs=0.01)
+
+
+def test_glob_of_files(tmp_path):
+  for i in range(3):
+    (tmp_path / f"part{i}.txt").write_text(f"document {i} " * 50)
+  d = _load(tmp_path, data__path=str(tmp_path / "part*.txt"))
+  assert d.tokenizer.decode(d.train.tokens[:10]) == "document 0"
+
+
+def test_missing_empty_and_short_corpora(tmp_path):
+  with pytest.raises(UserError, match="no file matches"):
+    _load(tmp_path, data__path=str(tmp_path / "nope.txt"))
+  (tmp_path / "empty.txt").write_text("")
+  with pytest.raises(UserError, match="is empty"):
+    _load(tmp_path, data__path=str(tmp_path / "empty.txt"))
+  (tmp_path / "short.txt").write_text("too short for a window of 33 tokens" * 2)
+  with pytest.raises(UserError, match="fewer than one window"):
+    _load(tmp_path, data__path=str(tmp_path / "short.txt"))
+
+
+def test_tfds_tiny_shakespeare_offline(tmp_path):
+  d = _load(tmp_path, data__source="tfds", data__tfds_name="tiny_shakespeare",
+            data__data_dir=str(tmp_path / "tfds"), data__manual_dir=SHAKESPEARE_DIR)
+  assert len(d.train.tokens) == 1_003_854 + 1 and len(d.val.tokens) == 55_770 + 1
+  assert d.tokenizer.vocab_size == 66  # 65 characters + end-of-text
+  assert d.tokenizer.decode(d.train.tokens[:14]) == "First Citizen:"
+
+
+def test_tfds_download_failure_names_manual_dir(tmp_path):
+  from tensorflow_datasets.core.download import downloader
+  default_retries = downloader.MAX_RETRIES
+  try:
+    with pytest.raises(UserError, match="manual_dir"):  # offline here; no retries: fails fast
+      _load(tmp_path, data__source="tfds", data__tfds_name="tiny_shakespeare",
+            data__data_dir=str(tmp_path / "tfds"), data__download_retries=0)
+  finally:
+    downloader.MAX_RETRIES = default_retries
+
+
+def test_tfds_unknown_dataset(tmp_path):
+  with pytest.raises(UserError, match="no dataset 'no_such_dataset'"):
+    _load(tmp_path, data__source="tfds", data__tfds_name="no_such_dataset",
+          data__data_dir=str(tmp_path / "tfds"))
