@@ -16,6 +16,7 @@ setup(
         "importlib_resources",  # TFDS imports it and does not declare it
         "absl-py>=2.1",
         "ml_collections>=1.0",
+        "grain>=0.2.10",  # stateless index_shuffle: epoch permutations with O(1) memory
         "numpy>=1.26",
         "tensorboardX>=2.6",
     ],

@@ -3,8 +3,8 @@
 Sources yield documents (strings): any TFDS text dataset, or local text files. Each split is
 tokenized once into WORKDIR/data/<split>.bin (documents joined by the tokenizer's EOT id) and
 memory-mapped, so a corpus larger than RAM works. A batch is a pure function of
-(seed, split, step): windows at offsets drawn from a counter-based RNG, so the iterator
-"position" is just the step and exact resume needs nothing else.
+(seed, split, step), so the iterator "position" is just the step and exact resume needs
+nothing else.
 """
 
 import dataclasses
@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
+from grain.experimental import index_shuffle
 
 from gptjax import tokenizers
 from gptjax.errors import UserError
@@ -22,22 +23,44 @@ _STREAM = {"train": 0, "val": 1}
 
 
 class Batches:
-  """Random-access batches: `batches[step]` -> int32 (batch_size, seq_len + 1)."""
+  """Random-access batches: `batches[step]` -> int32 (batch_size, seq_len + 1).
+
+  Sampling without replacement, epoch by epoch: an epoch cuts the token stream into
+  windows at stride seq_len from a random phase and visits them in a random order (grain's
+  stateless index_shuffle, O(1) memory for any corpus). Every token is seen once per epoch,
+  where i.i.d. offsets (nanoGPT) would leave e^-1 of the corpus unseen after one epoch's
+  worth of steps. Window i of the whole run belongs to batch i // batch_size.
+  """
 
   def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
                split: str):
     self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
     self.seed, self.split = seed, split
-    self.num_starts = len(tokens) - seq_len  # windows of seq_len + 1 tokens
-    if self.num_starts < 1:
+    slack = len(tokens) - (seq_len + 1)  # room to slide one window
+    if slack < 0:
       raise UserError(
           f"the {split} split has {len(tokens)} tokens, fewer than one window of "
           f"block_size+1={seq_len + 1}; use a longer corpus or a smaller "
           "--config.model.block_size")
+    self.windows_per_epoch = slack // seq_len + 1
+    self.max_phase = slack - (self.windows_per_epoch - 1) * seq_len  # in [0, seq_len)
+
+  def _epoch_seed(self, epoch: int) -> int:
+    return int(np.random.SeedSequence((self.seed, _STREAM[self.split], epoch))
+               .generate_state(1)[0])
+
+  def starts(self, step: int, rows: slice = slice(None)) -> np.ndarray:
+    """Token offsets of the windows of batch `step` (rows: this process's share)."""
+    out = []
+    for i in range(step * self.batch_size, (step + 1) * self.batch_size)[rows]:
+      epoch, j = divmod(i, self.windows_per_epoch)
+      seed = self._epoch_seed(epoch)
+      window = index_shuffle(j, max_index=self.windows_per_epoch - 1, seed=seed, rounds=4)
+      out.append(seed % (self.max_phase + 1) + window * self.seq_len)
+    return np.asarray(out, np.int64)
 
   def __getitem__(self, step: int, rows: slice = slice(None)) -> np.ndarray:
-    rng = np.random.default_rng((self.seed, _STREAM[self.split], step))
-    starts_B = rng.integers(0, self.num_starts, size=self.batch_size)[rows]
+    starts_B = self.starts(step, rows)
     return np.asarray(self.tokens[starts_B[:, None] + np.arange(self.seq_len + 1)], np.int32)
 
 

@@ -4,6 +4,7 @@ Parses flags and hands over to a library function; every UserError (here or in f
 becomes one line on stderr and exit code 1.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -26,16 +27,42 @@ def _fail(message: str) -> None:
 def _parse_flags(argv):
   """absl's parser, but each bad flag or config override is a one-line error."""
   try:
+    _check_config_file(argv)
     rest = flags.FLAGS(argv)
     if _CONFIG.value is None:
       raise UserError("--config is required, e.g. --config=experiments/shakespeare_char.py:cpu")
+    _CONFIG.value.keys()  # the experiment file loads lazily: make its errors surface here
     if not _WORKDIR.value:
       raise UserError("--workdir is required, e.g. --workdir=/tmp/run")
     return rest
   except (flags.Error, UserError) as e:
     _fail(e)
+  except (AttributeError, KeyError) as e:  # ml_collections' word for an unknown key
+    lines = _innermost_message(e).splitlines()
+    name = lines[0].strip("'\"")
+    keys = [a.split("=")[0][len("--"):] for a in argv if a.startswith("--config.")]
+    key = next((k for k in keys if name in k.split(".")), name)
+    hint = f" ({lines[1]})" if len(lines) > 1 else ""
+    _fail(f"unknown config key {key!r}{hint}; the keys and their defaults are in "
+          "gptjax/config.py")
   except Exception as e:  # an experiment file that fails to load, or a bad variant name
     _fail(f"cannot load the experiment config: {type(e).__name__}: {e}")
+
+
+def _innermost_message(e: BaseException) -> str:
+  """ml_collections nests a KeyError inside an AttributeError; its text is the key's name."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  return str(e.args[0]) if e.args else str(e)
+
+
+def _check_config_file(argv) -> None:
+  for arg in argv:
+    if arg.startswith("--config="):
+      path = arg[len("--config="):].split(":")[0]
+      if not os.path.isfile(path):
+        raise UserError(f"experiment file {path!r} not found; pass "
+                        "--config=experiments/NAME.py (relative to the current directory)")
 
 
 def main(argv) -> None:

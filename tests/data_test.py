@@ -27,6 +27,18 @@ def test_batches_are_a_function_of_seed_and_step(tmp_path, corpus):
   np.testing.assert_array_equal(d.train.__getitem__(7, rows=slice(2, 4)), b[2:4])
 
 
+def test_an_epoch_visits_every_window_once():
+  tokens = np.arange(1000)
+  b = data.Batches(tokens, batch_size=7, seq_len=10, seed=3, split="train")
+  assert b.windows_per_epoch == 99
+  steps = -(-b.windows_per_epoch // 7)
+  starts = np.concatenate([b.starts(s) for s in range(steps)])[:b.windows_per_epoch]
+  phase = starts[0] % 10
+  assert sorted(starts) == list(range(phase, phase + 990, 10))  # a permutation of the windows
+  later = np.concatenate([b.starts(s) for s in range(steps, 2 * steps)])
+  assert not np.array_equal(later[:20], starts[:20])  # the next epoch has a new order
+
+
 def test_windows_are_contiguous_text(tmp_path, corpus):
   d = _load(tmp_path, data__path=corpus)
   text = open(corpus).read()
