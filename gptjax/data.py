@@ -8,6 +8,7 @@ nothing else.
 """
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -45,6 +46,7 @@ class Batches:
     self.windows_per_epoch = slack // seq_len + 1
     self.max_phase = slack - (self.windows_per_epoch - 1) * seq_len  # in [0, seq_len)
 
+  @functools.lru_cache(maxsize=8)  # a batch spans at most two epochs; saves a hash per row
   def _epoch_seed(self, epoch: int) -> int:
     return int(np.random.SeedSequence((self.seed, _STREAM[self.split], epoch))
                .generate_state(1)[0])

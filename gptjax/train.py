@@ -134,8 +134,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tx = optim.make(config.optim, tc.num_steps)
   state = init_state(model, tx, config.seed)
   _write_config(config, workdir, cfg.vocab_size)
-  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   say = functools.partial(metrics_lib.console, enabled=jax.process_index() == 0)
+  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    say(f"warning: {workdir} already holds a run; training starts at step 0 and its metrics "
+        "are appended to metrics.jsonl (use a fresh --workdir to keep runs apart)")
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   n_params = count_params(state.params)
   say(f"model: {n_params / 1e6:.2f}M parameters ({count_params(state.params, True) / 1e6:.2f}M "
       f"without embeddings), vocab {cfg.vocab_size} padded to {cfg.padded_vocab}, "
