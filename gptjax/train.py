@@ -101,6 +101,12 @@ def eval_step(params, batch_BxT1, *, model: GPT):
   return _loss(params, model, batch_BxT1, None, True, 0.0)
 
 
+def evaluate(eval_fn, params, val_batches, num_batches: int) -> float:
+  """Mean loss over the first num_batches validation batches (the same ones every time)."""
+  losses = [eval_fn(params, val_batches[i]) for i in range(num_batches)]
+  return float(jnp.mean(jnp.stack(losses)))
+
+
 def _prepare_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -161,37 +167,39 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step_ms, val_losses, last_log = [], [], {}
   t_start = t_mark = time.perf_counter()
   mark_step, eval_s = start, 0.0
-  for step in range(start + 1, tc.num_steps + 1):
-    state, m = step_fn(state, data.train[step - 1])
-    if step % tc.log_every == 0 or step == tc.num_steps:
-      m = jax.device_get(m)  # the only host sync on the training path
-      now = time.perf_counter()
-      ms = (now - t_mark - eval_s) * 1e3 / (step - mark_step)
-      step_ms.append(ms)
-      if not math.isfinite(m["loss"]):
-        raise UserError(f"loss became {m['loss']} at step {step}; lower --config.optim.lr "
-                        "or check the data")
-      last_log = {"loss": float(m["loss"]), "lr": float(m["lr"]),
-                  "grad_norm": float(m["grad_norm"]),
-                  "tokens_per_sec": tokens_per_step / ms * 1e3, "step_ms": ms,
-                  "elapsed_s": now - t_start}
-      writer.write(step, last_log)
-      eta = (tc.num_steps - step) * float(np.median(step_ms)) / 1e3
-      say(metrics_lib.progress_line(step, tc.num_steps, last_log["loss"],
-                                    last_log["tokens_per_sec"], eta, last_log["lr"]))
-      t_mark, mark_step, eval_s = now, step, 0.0
-    if step % tc.eval_every == 0 or step == tc.num_steps:
-      t_eval = time.perf_counter()
-      losses = [eval_fn(state.params, data.val[i]) for i in range(tc.eval_batches)]
-      val_loss = float(jnp.mean(jnp.stack(losses)))
-      bpb = val_loss / math.log(2) / data.val_bytes_per_token
-      val_losses.append(val_loss)
-      writer.write(step, {"val_loss": val_loss, "val_bpb": bpb,
-                          "elapsed_s": time.perf_counter() - t_start})
-      say(f"eval step {step} | val_loss {val_loss:.4f} | val bits/byte {bpb:.4f}")
-      eval_s += time.perf_counter() - t_eval
+  try:
+    for step in range(start + 1, tc.num_steps + 1):
+      state, m = step_fn(state, data.train[step - 1])
+      if step % tc.log_every == 0 or step == tc.num_steps:
+        m = jax.device_get(m)  # the only host sync on the training path
+        now = time.perf_counter()
+        ms = (now - t_mark - eval_s) * 1e3 / (step - mark_step)
+        step_ms.append(ms)
+        if not math.isfinite(m["loss"]):
+          raise UserError(f"loss became {m['loss']} at step {step}; lower --config.optim.lr "
+                          "or check the data")
+        last_log = {"loss": float(m["loss"]), "lr": float(m["lr"]),
+                    "grad_norm": float(m["grad_norm"]),
+                    "tokens_per_sec": tokens_per_step / ms * 1e3, "step_ms": ms,
+                    "elapsed_s": now - t_start}
+        writer.write(step, last_log)
+        eta = (tc.num_steps - step) * float(np.median(step_ms)) / 1e3
+        say(metrics_lib.progress_line(step, tc.num_steps, last_log["loss"],
+                                      last_log["tokens_per_sec"], eta, last_log["lr"]))
+        t_mark, mark_step, eval_s = now, step, 0.0
+      if step % tc.eval_every == 0 or step == tc.num_steps:
+        jax.block_until_ready(state.params)  # pending train steps count as training time
+        t_eval = time.perf_counter()
+        val_loss = evaluate(eval_fn, state.params, data.val, tc.eval_batches)
+        bpb = val_loss / math.log(2) / data.val_bytes_per_token
+        val_losses.append(val_loss)
+        writer.write(step, {"val_loss": val_loss, "val_bpb": bpb,
+                            "elapsed_s": time.perf_counter() - t_start})
+        say(f"eval step {step} | val_loss {val_loss:.4f} | val bits/byte {bpb:.4f}")
+        eval_s += time.perf_counter() - t_eval
+  finally:
+    writer.close()
   wall_s = time.perf_counter() - t_start
-  writer.close()
   summary = {
       "steps": tc.num_steps, "n_params": n_params, "compile_s": compile_s, "wall_s": wall_s,
       "median_step_ms": float(np.median(step_ms)) if step_ms else None,
