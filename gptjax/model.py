@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.attention import CausalSelfAttention
+from gptjax.errors import UserError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -47,6 +48,9 @@ class GPTConfig:
   def from_config(cls, m, vocab_size: int) -> "GPTConfig":
     """From the `config.model` ConfigDict and the tokenizer's vocabulary size."""
     vocab = m.vocab_size or vocab_size
+    if vocab < vocab_size:
+      raise UserError(f"config.model.vocab_size={vocab} is smaller than the tokenizer's "
+                      f"{vocab_size} ids; leave it unset or raise it")
     d_ff = m.d_ff or (4 * m.d_model if m.activation == "gelu"
                       else _round_up(8 * m.d_model // 3, 64))  # SwiGLU: ~same params as GELU
     dtype = m.dtype

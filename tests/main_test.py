@@ -80,6 +80,17 @@ def test_bad_choice(tmp_path):
                          "model.norm", "rmsnorm")
 
 
+@pytest.mark.parametrize("override,fragment", [
+    ("--config.optim.lr=-0.1", "optim.lr"), ("--config.optim.b2=1.5", "optim.b2"),
+    ("--config.model.vocab_size=10", "vocab_size=10"),
+    ("--config.optim.grad_accum=3", "grad_accum=3"),
+    ("--config.model.attention=cudnn", "cudnn")])
+def test_bad_values_are_named(tmp_path, corpus, override, fragment):
+  _assert_one_line_error(
+      run_cli(TINY, f"--workdir={tmp_path}/w", f"--config.data.path={corpus}", override),
+      fragment)
+
+
 def test_missing_text_file(tmp_path):
   _assert_one_line_error(
       run_cli(TINY, f"--workdir={tmp_path}/w", f"--config.data.path={tmp_path}/missing.txt"),
