@@ -112,15 +112,15 @@ def validate(config: config_dict.ConfigDict) -> None:
                      ("train.label_smoothing", t.label_smoothing)]:
     if not 0.0 <= value < 1.0:
       raise UserError(f"config.{key}={value} must be in [0, 1)")
-  for key, value, low, high in [("optim.lr", o.lr, 0.0, None), ("optim.min_lr", o.min_lr, 0.0, None),
-                                 ("optim.weight_decay", o.weight_decay, 0.0, None),
-                                 ("optim.grad_clip", o.grad_clip, 0.0, None),
-                                 ("optim.warmup_steps", o.warmup_steps, 0, None),
-                                 ("optim.b1", o.b1, 0.0, 1.0), ("optim.b2", o.b2, 0.0, 1.0)]:
-    if value < low or (high is not None and value >= high) or (key == "optim.lr" and value == 0):
-      bound = f"in [{low}, {high})" if high is not None else f"at least {low}"
-      raise UserError(f"config.{key}={value} must be {bound}" +
-                      (" and above 0" if key == "optim.lr" else ""))
+  if o.lr <= 0:
+    raise UserError(f"config.optim.lr={o.lr} must be above 0")
+  for key, value in [("optim.min_lr", o.min_lr), ("optim.weight_decay", o.weight_decay),
+                     ("optim.grad_clip", o.grad_clip), ("optim.warmup_steps", o.warmup_steps)]:
+    if value < 0:
+      raise UserError(f"config.{key}={value} must be at least 0")
+  for key, value in [("optim.b1", o.b1), ("optim.b2", o.b2)]:
+    if not 0.0 <= value < 1.0:
+      raise UserError(f"config.{key}={value} must be in [0, 1)")
   if t.batch_size % o.grad_accum:
     raise UserError(f"config.train.batch_size={t.batch_size} is not divisible by "
                     f"config.optim.grad_accum={o.grad_accum}")

@@ -133,7 +133,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   _prepare_workdir(workdir)
   data = data_lib.load(config, workdir)
   cfg = GPTConfig.from_config(config.model, data.tokenizer.vocab_size)
-  resolve_implementation(cfg.attention, cfg.dtype)  # fail before compiling, not during
+  attention = resolve_implementation(cfg.attention, cfg.dtype)  # fail before compiling
   tc = config.train
   model = GPT(cfg)
   lr_schedule = optim.schedule(config.optim, tc.num_steps)
@@ -148,8 +148,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   n_params = count_params(state.params)
   say(f"model: {n_params / 1e6:.2f}M parameters ({count_params(state.params, True) / 1e6:.2f}M "
       f"without embeddings), vocab {cfg.vocab_size} padded to {cfg.padded_vocab}, "
-      f"{jnp.dtype(cfg.dtype).name} compute, attention "
-      f"{resolve_implementation(cfg.attention, cfg.dtype)}, on {jax.device_count()} "
+      f"{jnp.dtype(cfg.dtype).name} compute, attention {attention}, on {jax.device_count()} "
       f"{jax.default_backend()} device(s)")
 
   t0 = time.perf_counter()
