@@ -50,6 +50,34 @@ def _explicit_attention(q, k, v, dropout, deterministic):
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
+class HeadProjection(nn.Module):
+  """nn.DenseGeneral's job for the head-shaped kernels: (embed, heads, kv) or the reverse.
+
+  Flax's DenseGeneral initialises a flattened 2-D kernel and reshapes it, which clashes with
+  3-D logical names under a mesh (its shape check applies the constraint to the flat value).
+  This creates the kernel in its final shape; values and numerics are the same.
+  """
+
+  cfg: "gptjax.model.GPTConfig"  # noqa: F821
+  kernel_shape: tuple  # (in dims..., out dims...)
+  kernel_axes: tuple  # logical names of kernel_shape
+  n_in: int  # how many trailing input dims the leading kernel dims contract with
+  kernel_init: nn.initializers.Initializer
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                        self.kernel_shape, cfg.param_dtype)
+    out_shape, out_axes = self.kernel_shape[self.n_in:], self.kernel_axes[self.n_in:]
+    bias = (self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
+                       out_shape, cfg.param_dtype) if cfg.bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.dtype)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    return y if bias is None else y + bias
+
+
 class CausalSelfAttention(nn.Module):
   """x (B, T, D) -> (B, T, D). Kernels carry logical axes (embed, heads, kv)."""
 
@@ -59,14 +87,12 @@ class CausalSelfAttention(nn.Module):
   def __call__(self, x_BxTxD, positions_BxT, deterministic: bool):
     cfg = self.cfg
     head_dim = cfg.d_model // cfg.n_head
-    dense = functools.partial(
-        nn.DenseGeneral, use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
-    init = nn.initializers.normal(cfg.init_std)
-    qkv_init = nn.with_logical_partitioning(init, ("embed", "heads", "kv"))
-    q_BxTxNxH = dense((cfg.n_head, head_dim), kernel_init=qkv_init, name="query")(x_BxTxD)
-    k_BxTxNxH = dense((cfg.n_head, head_dim), kernel_init=qkv_init, name="key")(x_BxTxD)
-    v_BxTxNxH = dense((cfg.n_head, head_dim), kernel_init=qkv_init, name="value")(x_BxTxD)
+    qkv = functools.partial(
+        HeadProjection, cfg, (cfg.d_model, cfg.n_head, head_dim), ("embed", "heads", "kv"), 1,
+        nn.initializers.normal(cfg.init_std))
+    q_BxTxNxH = qkv(name="query")(x_BxTxD)
+    k_BxTxNxH = qkv(name="key")(x_BxTxD)
+    v_BxTxNxH = qkv(name="value")(x_BxTxD)
     if cfg.positions == "rope":
       q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
       k_BxTxNxH = apply_rope(k_BxTxNxH, positions_BxT, cfg.rope_theta)
@@ -85,9 +111,5 @@ class CausalSelfAttention(nn.Module):
     out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, axes)
     # GPT-2: residual projections start smaller, std / sqrt(2 * n_layer).
     out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
-    return nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), use_bias=cfg.bias, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        kernel_init=nn.with_logical_partitioning(out_init, ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        name="out")(out_BxTxNxH)
+    return HeadProjection(cfg, (cfg.n_head, head_dim, cfg.d_model), ("heads", "kv", "embed"), 2,
+                          out_init, name="out")(out_BxTxNxH)

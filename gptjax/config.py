@@ -80,6 +80,23 @@ def default_config() -> config_dict.ConfigDict:
   c.train.eval_every = 250
   c.train.eval_batches = 20
   c.train.label_smoothing = 0.0
+
+  # Sharding (gptjax/sharding.py): the mesh, and which mesh axes each logical dimension uses.
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.shape = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: fill
+  c.mesh.dcn_shape = config_dict.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})  # across
+  # slices (TPU multi-slice) or hosts (GPU): the slow links; mesh.shape is within one.
+  c.mesh.rules = config_dict.ConfigDict({  # comma-separated mesh axes; '' = replicated
+      "batch": "data,fsdp", "length": "", "vocab": "tensor", "embed": "fsdp",
+      "heads": "tensor", "kv": "", "mlp": "tensor"})
+
+  # Several processes (hosts): set all three, or run under SLURM / Open MPI with auto on.
+  c.distributed = config_dict.ConfigDict()
+  c.distributed.coordinator_address = config_dict.placeholder(str)  # host:port of process 0
+  c.distributed.num_processes = config_dict.placeholder(int)
+  c.distributed.process_id = config_dict.placeholder(int)
+  c.distributed.timeout_s = 300  # how long to wait for every process to join
+  c.distributed.auto = True  # join a detected SLURM / Open MPI job of more than one task
   return c
 
 

@@ -12,6 +12,7 @@ import functools
 import glob
 import json
 import os
+import uuid
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -61,9 +62,13 @@ class Batches:
       out.append(seed % (self.max_phase + 1) + window * self.seq_len)
     return np.asarray(out, np.int64)
 
-  def __getitem__(self, step: int, rows: slice = slice(None)) -> np.ndarray:
+  def get(self, step: int, rows: slice = slice(None)) -> np.ndarray:
+    """Batch `step`, or only its `rows` (a process's share on several hosts)."""
     starts_B = self.starts(step, rows)
     return np.asarray(self.tokens[starts_B[:, None] + np.arange(self.seq_len + 1)], np.int32)
+
+  def __getitem__(self, step: int) -> np.ndarray:
+    return self.get(step)
 
 
 @dataclasses.dataclass
@@ -193,16 +198,18 @@ def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir):
       meta = json.load(f)
   if meta is None or meta.get("key") != json.loads(json.dumps(key)):
     n_bytes, eot = 0, np.array([tokenizer.eot_id], dtype)
-    with open(bin_path + ".tmp", "wb") as f:  # streamed: constant memory for any corpus
+    tmp = f"{bin_path}.{uuid.uuid4().hex}.tmp"  # processes sharing a workdir never collide
+    with open(tmp, "wb") as f:  # streamed: constant memory for any corpus
       for doc in docs():
         f.write(tokenizer.encode(doc).astype(dtype).tobytes())
         f.write(eot.tobytes())
         n_bytes += len(doc.encode("utf-8"))
-    os.replace(bin_path + ".tmp", bin_path)
+    os.replace(tmp, bin_path)
     meta = {"key": key, "bytes": n_bytes}
-    with open(meta_path + ".tmp", "w") as f:
+    tmp = f"{meta_path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as f:
       json.dump(meta, f)
-    os.replace(meta_path + ".tmp", meta_path)
+    os.replace(tmp, meta_path)
   if os.path.getsize(bin_path) == 0:
     raise UserError(f"the {split} split is empty; check the data source")
   return np.memmap(bin_path, dtype=dtype, mode="r"), meta["bytes"]

@@ -31,6 +31,8 @@ def _parse_flags(argv):
     rest = flags.FLAGS(argv)
     if _CONFIG.value is None:
       raise UserError("--config is required, e.g. --config=experiments/shakespeare_char.py:cpu")
+    if not flags.FLAGS["verbosity"].present:  # INFO chatter only with --verbosity=0
+      logging.set_verbosity(logging.WARNING)
     _CONFIG.value.keys()  # the experiment file loads lazily: make its errors surface here
     if not _WORKDIR.value:
       raise UserError("--workdir is required, e.g. --workdir=/tmp/run")
@@ -79,5 +81,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  flags.FLAGS.set_default("verbosity", logging.WARNING)  # INFO chatter only with --verbosity=0
   app.run(main, flags_parser=_parse_flags)

@@ -17,8 +17,10 @@ def decay_mask(params):
 
   By name, not rank: attention biases are 2-D (heads, kv) yet must not decay.
   """
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+  def is_kernel(path, _):  # the last dict key: boxed (nn.Partitioned) leaves add '.value'
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return keys[-1] == "kernel"
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def make(o, num_steps: int) -> optax.GradientTransformation:

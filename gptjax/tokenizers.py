@@ -8,6 +8,7 @@ and registering in `from_dict`.
 import abc
 import json
 import os
+import uuid
 
 import numpy as np
 
@@ -107,7 +108,7 @@ def from_dict(d: dict) -> Tokenizer:
 
 
 def save(tokenizer: Tokenizer, path: str) -> None:
-  tmp = path + ".tmp"
+  tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # processes sharing a workdir never collide
   with open(tmp, "w") as f:
     json.dump(tokenizer.to_dict(), f)
   os.replace(tmp, path)  # atomic: a crash never leaves half a vocabulary

@@ -4,6 +4,7 @@
 effects (data loading, logging, files) stays in `train_and_evaluate`.
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -22,6 +23,7 @@ from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import metrics as metrics_lib
 from gptjax import optim
+from gptjax import sharding
 from gptjax.attention import resolve_implementation
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig, count_params
@@ -35,15 +37,29 @@ class TrainState:
   rng: jax.Array  # base dropout key; step keys are fold_in(rng, step)
 
 
-def init_state(model: GPT, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """Initialises params (float32 by default) and optimizer state, jitted."""
-  def init(rng):
-    init_rng, dropout_rng = jax.random.split(rng)
-    tokens_1xT = jnp.zeros((1, model.cfg.block_size), jnp.int32)
-    params = nn.meta.unbox(model.init(init_rng, tokens_1xT)["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=dropout_rng)
-  return jax.jit(init)(jax.random.PRNGKey(seed))
+def _boxed_init(model: GPT, tx: optax.GradientTransformation, rng) -> TrainState:
+  """The initial state with params (and Adam's moments) still boxed in their logical names."""
+  init_rng, dropout_rng = jax.random.split(rng)
+  tokens_1xT = jnp.zeros((1, model.cfg.block_size), jnp.int32)
+  params = model.init(init_rng, tokens_1xT)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=dropout_rng)
+
+
+def abstract_state(model: GPT, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """Shapes, dtypes and logical names of the state, without allocating it (jax.eval_shape)."""
+  return jax.eval_shape(functools.partial(_boxed_init, model, tx), jax.random.PRNGKey(seed))
+
+
+def init_state(model: GPT, tx: optax.GradientTransformation, seed: int,
+               shardings=None) -> TrainState:
+  """Initialises params (float32 by default) and optimizer state, jitted.
+
+  With `shardings` every device creates only its own shard: no host ever holds the whole
+  model. The values do not depend on the sharding (JAX's partitionable threefry).
+  """
+  init = lambda rng: nn.meta.unbox(_boxed_init(model, tx, rng))  # noqa: E731
+  return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
 def cross_entropy(logits_BxTxV, targets_BxT, vocab_size: int, label_smoothing: float = 0.0):
@@ -78,7 +94,10 @@ def train_step(state: TrainState, batch_BxT1, *, model: GPT, tx, lr_schedule,
   if grad_accum == 1:
     loss, grads = grad_fn(state.params, model, batch_BxT1, rng, deterministic, label_smoothing)
   else:
-    micro_AxbxT1 = batch_BxT1.reshape(grad_accum, -1, batch_BxT1.shape[-1])
+    # Microbatch i takes rows i, i+A, i+2A, ...: each device's rows split evenly among the
+    # microbatches, so every microbatch stays spread over all data-parallel devices.
+    micro_AxbxT1 = batch_BxT1.reshape(-1, grad_accum, batch_BxT1.shape[-1]).swapaxes(0, 1)
+    micro_AxbxT1 = nn.with_logical_constraint(micro_AxbxT1, (None, "batch", None))
 
     def accumulate(carry, i_and_micro):
       i, micro_bxT1 = i_and_micro
@@ -101,16 +120,19 @@ def eval_step(params, batch_BxT1, *, model: GPT):
   return _loss(params, model, batch_BxT1, None, True, 0.0)
 
 
-def evaluate(eval_fn, params, val_batches, num_batches: int) -> float:
-  """Mean loss over the first num_batches validation batches (the same ones every time)."""
-  losses = [eval_fn(params, val_batches[i]) for i in range(num_batches)]
+def evaluate(eval_fn, params, batch_at, num_batches: int) -> float:
+  """Mean loss over the first num_batches validation batches (the same ones every time).
+
+  batch_at(i) gives batch i; on several hosts every process calls this with its share.
+  """
+  losses = [eval_fn(params, batch_at(i)) for i in range(num_batches)]
   return float(jnp.mean(jnp.stack(losses)))
 
 
 def _prepare_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -127,39 +149,108 @@ def _write_config(config, workdir: str, vocab_size: int) -> None:
     f.write(resolved.to_json_best_effort(indent=2, sort_keys=True))
 
 
+@dataclasses.dataclass
+class Setup:
+  """A model laid out on a mesh: its shardings and compiled steps (no data, no files)."""
+
+  model: GPT
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  abstract: TrainState  # shapes and dtypes of the state
+  state_shardings: TrainState  # a NamedSharding per leaf
+  batch_sharding: jax.sharding.NamedSharding
+  batch_shape: tuple  # (global batch, block_size + 1)
+  train_step: Any  # compiled: (state, batch) -> (state, metrics); donates the state
+  eval_step: Any  # compiled: (params, batch) -> mean loss
+  compile_s: float
+
+  def init(self, seed: int) -> TrainState:
+    return init_state(self.model, self.tx, seed, self.state_shardings)
+
+  def rows(self) -> slice:
+    """The rows of each global batch that this process loads."""
+    return sharding.process_rows(self.batch_sharding, self.batch_shape)
+
+  def batch(self, local_rows: np.ndarray) -> jax.Array:
+    """This process's rows (an int32 array) -> the global, sharded batch."""
+    return sharding.global_batch(local_rows, self.batch_sharding, self.batch_shape)
+
+  def memory(self) -> dict:
+    return sharding.memory_report(self.abstract, self.state_shardings, self.train_step)
+
+
+def setup(config, vocab_size: int, mesh: jax.sharding.Mesh) -> Setup:
+  """Checks that the config fits the mesh, derives every sharding and compiles both steps.
+
+  Shardings come from the abstract state's logical names and config.mesh.rules; the steps
+  are jitted with explicit in/out shardings and compiled ahead of time.
+  """
+  tc, rules = config.train, sharding.rules(config.mesh)
+  sharding.check_batch(tc.batch_size, config.optim.grad_accum, mesh, rules)
+  model = GPT(GPTConfig.from_config(config.model, vocab_size))
+  resolve_implementation(model.cfg.attention, model.cfg.dtype)  # fail before compiling
+  lr_schedule = optim.schedule(config.optim, tc.num_steps)
+  tx = optim.make(config.optim, tc.num_steps)
+  boxed = abstract_state(model, tx, config.seed)
+  sharding.check_divisible(boxed.params, mesh, rules)
+  state_sh = sharding.tree_shardings(boxed, mesh, rules)
+  abstract = nn.meta.unbox(boxed)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  shape = (tc.batch_size, model.cfg.block_size + 1)
+  batch_spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  t0 = time.perf_counter()
+  with sharding.context(mesh, rules):
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
+                          grad_accum=config.optim.grad_accum,
+                          label_smoothing=tc.label_smoothing),
+        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+        donate_argnums=0).lower(abstract, batch_spec).compile()
+    eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                      in_shardings=(state_sh.params, batch_sh),
+                      out_shardings=replicated).lower(abstract.params, batch_spec).compile()
+  return Setup(model, tx, mesh, abstract, state_sh, batch_sh, shape, step_fn, eval_fn,
+               time.perf_counter() - t0)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in workdir; returns the run summary (also saved as summary.json)."""
   config_lib.validate(config)
+  sharding.initialize_distributed(config.distributed)  # before anything starts the backend
+  tc = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(tc.batch_size, config.optim.grad_accum, mesh,
+                       sharding.rules(config.mesh))  # before a long data preparation
   _prepare_workdir(workdir)
   data = data_lib.load(config, workdir)
-  cfg = GPTConfig.from_config(config.model, data.tokenizer.vocab_size)
-  attention = resolve_implementation(cfg.attention, cfg.dtype)  # fail before compiling
-  tc = config.train
-  model = GPT(cfg)
-  lr_schedule = optim.schedule(config.optim, tc.num_steps)
-  tx = optim.make(config.optim, tc.num_steps)
-  state = init_state(model, tx, config.seed)
-  _write_config(config, workdir, cfg.vocab_size)
-  say = functools.partial(metrics_lib.console, enabled=jax.process_index() == 0)
+  s = setup(config, data.tokenizer.vocab_size, mesh)
+  cfg = s.model.cfg
+  lead = jax.process_index() == 0
+  say = functools.partial(metrics_lib.console, enabled=lead)
+  if lead:
+    _write_config(config, workdir, cfg.vocab_size)
   if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     say(f"warning: {workdir} already holds a run; training starts at step 0 and its metrics "
         "are appended to metrics.jsonl (use a fresh --workdir to keep runs apart)")
-  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  n_params = count_params(state.params)
-  say(f"model: {n_params / 1e6:.2f}M parameters ({count_params(state.params, True) / 1e6:.2f}M "
-      f"without embeddings), vocab {cfg.vocab_size} padded to {cfg.padded_vocab}, "
-      f"{jnp.dtype(cfg.dtype).name} compute, attention {attention}, on {jax.device_count()} "
-      f"{jax.default_backend()} device(s)")
-
-  t0 = time.perf_counter()
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
-                        grad_accum=config.optim.grad_accum, label_smoothing=tc.label_smoothing),
-      donate_argnums=0).lower(state, data.train[0]).compile()
-  eval_fn = jax.jit(functools.partial(eval_step, model=model)).lower(
-      state.params, data.val[0]).compile()
-  compile_s = time.perf_counter() - t0
-  say(f"compiled train and eval steps in {compile_s:.1f}s")
+  n_params = count_params(s.abstract.params)
+  say(f"model: {n_params / 1e6:.2f}M parameters ("
+      f"{count_params(s.abstract.params, True) / 1e6:.2f}M without embeddings), vocab "
+      f"{cfg.vocab_size} padded to {cfg.padded_vocab}, {jnp.dtype(cfg.dtype).name} compute, "
+      f"attention {resolve_implementation(cfg.attention, cfg.dtype)}")
+  say(f"compiled train and eval steps in {s.compile_s:.1f}s")
+  mem, fmt = s.memory(), sharding.format_bytes
+  say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
+      f"{jax.process_count()} process(es); per device: params {fmt(mem['params'])}, optimizer "
+      f"state {fmt(mem['opt_state'])}" + (
+          f", step temporaries {fmt(mem['temp'])}, peak ~{fmt(mem['peak_estimate'])}"
+          if "temp" in mem else ""))
+  state = s.init(config.seed)
+  step_fn, eval_fn, compile_s = s.train_step, s.eval_step, s.compile_s
+  rows = s.rows()  # each process loads only the rows its devices hold
+  train_at = lambda i: s.batch(data.train.get(i, rows))  # noqa: E731
+  val_at = lambda i: s.batch(data.val.get(i, rows))  # noqa: E731
+  writer = metrics_lib.MetricWriter(workdir, enabled=lead)
 
   tokens_per_step = tc.batch_size * cfg.block_size
   start = int(state.step)
@@ -168,7 +259,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mark_step, eval_s = start, 0.0
   try:
     for step in range(start + 1, tc.num_steps + 1):
-      state, m = step_fn(state, data.train[step - 1])
+      state, m = step_fn(state, train_at(step - 1))
       if step % tc.log_every == 0 or step == tc.num_steps:
         m = jax.device_get(m)  # the only host sync on the training path
         now = time.perf_counter()
@@ -189,7 +280,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step % tc.eval_every == 0 or step == tc.num_steps:
         jax.block_until_ready(state.params)  # pending train steps count as training time
         t_eval = time.perf_counter()
-        val_loss = evaluate(eval_fn, state.params, data.val, tc.eval_batches)
+        val_loss = evaluate(eval_fn, state.params, val_at, tc.eval_batches)
         bpb = val_loss / math.log(2) / data.val_bytes_per_token
         val_losses.append(val_loss)
         writer.write(step, {"val_loss": val_loss, "val_bpb": bpb,
@@ -200,14 +291,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
   wall_s = time.perf_counter() - t_start
   summary = {
-      "steps": tc.num_steps, "n_params": n_params, "compile_s": compile_s, "wall_s": wall_s,
+      "steps": tc.num_steps, "n_params": n_params, "mesh": dict(mesh.shape), "memory": mem, "compile_s": compile_s, "wall_s": wall_s,
       "median_step_ms": float(np.median(step_ms)) if step_ms else None,
       "tokens_per_sec": tokens_per_step / float(np.median(step_ms)) * 1e3 if step_ms else None,
       "final_loss": last_log.get("loss"),
       "final_val_loss": val_losses[-1] if val_losses else None,
       "best_val_loss": min(val_losses) if val_losses else None,
   }
-  if jax.process_index() == 0:
+  if lead:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   say(f"done: {tc.num_steps} steps in {metrics_lib.format_duration(wall_s)} (+{compile_s:.1f}s "

@@ -6,6 +6,14 @@ import sys
 
 import pytest
 
+# Eight simulated CPU devices for every test (and every CLI subprocess): meshes need them,
+# and everything else runs on the same 8-device default mesh (data=8) to keep it honest.
+# Set before anything imports JAX.
+_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES_FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "tinyshakespeare"))
 

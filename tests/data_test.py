@@ -24,7 +24,7 @@ def test_batches_are_a_function_of_seed_and_step(tmp_path, corpus):
   assert not np.array_equal(b, d.train[8])
   other_seed = data.Batches(d.train.tokens, 8, 32, seed=1, split="train")
   assert not np.array_equal(b, other_seed[7])
-  np.testing.assert_array_equal(d.train.__getitem__(7, rows=slice(2, 4)), b[2:4])
+  np.testing.assert_array_equal(d.train.get(7, rows=slice(2, 4)), b[2:4])
 
 
 def test_an_epoch_visits_every_window_once():

@@ -125,5 +125,6 @@ def test_tfds_dataset_that_cannot_be_downloaded(tmp_path):
   """Offline, TFDS's download fails (fast: no retries)."""
   _assert_one_line_error(
       run_cli("--config=experiments/shakespeare_char.py:cpu", f"--workdir={tmp_path}/w",
-              f"--config.data.data_dir={tmp_path}/tfds", "--config.data.download_retries=0"),
+              f"--config.data.data_dir={tmp_path}/tfds", "--config.data.download_retries=0",
+              "--config.mesh.shape.tensor=2"),  # data=4: batch 12 on 8 devices
       "manual_dir")

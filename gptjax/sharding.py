@@ -1,0 +1,264 @@
+"""Device mesh, logical-axis rules and the shardings derived from them; multi-host start-up.
+
+Mesh axes:
+  data    pure data parallelism: the batch is split, parameters are replicated.
+  fsdp    data parallelism with parameters and optimizer state split too (ZeRO-3).
+  tensor  Megatron-style model parallelism: heads, MLP width and vocabulary are split.
+
+Every axis is `AxisType.Auto`: XLA's partitioner propagates shardings from jit's in/out
+shardings and the model's logical constraints, so Linen code needs no per-op annotation
+(Explicit axes would make every op's sharding part of its type).
+
+The model names its dimensions (batch, length, vocab, embed, heads, kv, mlp); one table,
+`config.mesh.rules`, maps those names to mesh axes. Shardings of the whole train state come
+from that table and the abstract state (jax.eval_shape), never per parameter by hand.
+"""
+
+import contextlib
+import math
+import os
+import sys
+import threading
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from gptjax.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+# Rule precedence: a mesh axis serves at most one dimension of an array, and earlier names
+# claim theirs first. batch comes first so activations (batch, length, embed) split the batch
+# over (data, fsdp) and leave embed whole, while parameters (vocab, embed) split embed.
+LOGICAL_AXES = ("batch", "length", "vocab", "embed", "heads", "kv", "mlp")
+
+
+def rules(mc) -> tuple:
+  """config.mesh.rules as flax's ordered (logical name, mesh axes) pairs."""
+  out = []
+  for name in LOGICAL_AXES:
+    spec = mc.rules[name] or ""
+    axes = tuple(a.strip() for a in spec.split(",") if a.strip())
+    for a in axes:
+      if a not in AXES:
+        raise UserError(f"config.mesh.rules.{name}={spec!r} names mesh axis {a!r}; mesh axes "
+                        f"are {', '.join(AXES)} (comma-separated, '' for replicated)")
+    out.append((name, axes if len(axes) > 1 else (axes[0] if axes else None)))
+  return tuple(out)
+
+
+def make_mesh(mc, devices=None) -> Mesh:
+  """The (data, fsdp, tensor) mesh over all devices, from config.mesh.shape (and dcn_shape).
+
+  shape is the split within a slice or host (fast links); dcn_shape the split across slices
+  or hosts (data-center network). Tensor is the last, fastest-varying axis, so its groups
+  sit on neighbouring devices (one host's NVLink, one TPU slice's ICI).
+  """
+  devices = jax.devices() if devices is None else devices
+  dcn = [int(mc.dcn_shape[a]) for a in AXES]
+  ici = [int(mc.shape[a]) for a in AXES]
+  if any(n < 1 for n in dcn) or any(n < 1 and n != -1 for n in ici) or ici.count(-1) > 1:
+    raise UserError(f"config.mesh.shape={_fmt(AXES, ici)} / dcn_shape={_fmt(AXES, dcn)}: sizes "
+                    "must be positive, with at most one -1 (fill) in mesh.shape")
+  fixed = math.prod(n for n in ici if n != -1) * math.prod(dcn)
+  if -1 in ici and len(devices) % fixed == 0:
+    ici[ici.index(-1)] = len(devices) // fixed
+  if -1 in ici or math.prod(ici) * math.prod(dcn) != len(devices):
+    sizes = [-1 if i == -1 else i * d for i, d in zip(ici, dcn)]
+    need = f"a multiple of {fixed}" if -1 in ici else str(fixed)
+    raise UserError(
+        f"the mesh {_fmt(AXES, sizes)} needs {need} devices but {len(devices)} "
+        f"{devices[0].platform} device(s) are available; set --config.mesh.shape.AXIS so the "
+        "sizes multiply to the device count (one axis may be -1 to fill)")
+  if math.prod(dcn) > 1:
+    granule = not hasattr(devices[0], "slice_index")  # GPU hosts: one granule per process
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                process_is_granule=granule)
+  else:
+    grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _fmt(names, sizes) -> str:
+  return "(" + ", ".join(f"{n}={s}" for n, s in zip(names, sizes)) + ")"
+
+
+@contextlib.contextmanager
+def context(mesh: Mesh, logical_rules):
+  """While tracing: the mesh and rules that the model's logical constraints resolve against."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
+    yield
+
+
+def tree_shardings(boxed_tree, mesh: Mesh, logical_rules):
+  """NamedShardings for an abstract pytree whose leaves carry logical names (nn.Partitioned).
+
+  Unnamed leaves (step, rng, Adam's count) are replicated.
+  """
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, logical_rules)
+
+
+def check_divisible(boxed_params, mesh: Mesh, logical_rules) -> None:
+  """Raises UserError naming the first parameter dimension its mesh axes do not divide."""
+  leaves = jax.tree_util.tree_leaves_with_path(
+      boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  for path, leaf in leaves:
+    if not isinstance(leaf, nn.Partitioned):
+      continue
+    mesh_axes = nn.logical_to_mesh_axes(leaf.names, logical_rules)
+    for dim, (size, logical, axes) in enumerate(zip(leaf.value.shape, leaf.names, mesh_axes)):
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if size % ways:
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path
+                        if getattr(k, "name", None) != "value")
+        raise UserError(
+            f"parameter {name} has {logical} dimension {dim} of size {size}, which the mesh "
+            f"axes {'x'.join(axes)}={ways} do not divide; change the model size or "
+            f"--config.mesh.shape, or map {logical} elsewhere with --config.mesh.rules."
+            f"{logical}")
+
+
+def batch_sharding(mesh: Mesh, logical_rules) -> NamedSharding:
+  """Sharding of a (B, T+1) token batch: rows over the data-parallel axes."""
+  return nn.logical_to_mesh_sharding(PartitionSpec("batch", None), mesh, logical_rules)
+
+
+def data_parallel_size(mesh: Mesh, logical_rules) -> int:
+  spec = batch_sharding(mesh, logical_rules).spec[0]
+  axes = (spec,) if isinstance(spec, str) else (spec or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_batch(batch_size: int, grad_accum: int, mesh: Mesh, logical_rules) -> None:
+  dp = data_parallel_size(mesh, logical_rules)
+  micro = batch_size // grad_accum
+  if micro % dp:
+    what = (f"config.train.batch_size={batch_size}" if grad_accum == 1 else
+            f"the microbatch (batch_size={batch_size} / grad_accum={grad_accum} = {micro})")
+    raise UserError(f"{what} is not divisible by the data-parallel size {dp} (the mesh axes "
+                    f"that split the batch: {_dp_axes(mesh, logical_rules)}); make it a "
+                    f"multiple of {dp} or change --config.mesh.shape")
+
+
+def _dp_axes(mesh, logical_rules) -> str:
+  spec = batch_sharding(mesh, logical_rules).spec[0]
+  axes = (spec,) if isinstance(spec, str) else (spec or ())
+  return " x ".join(f"{a}={mesh.shape[a]}" for a in axes) or "none"
+
+
+def process_rows(sharding: NamedSharding, global_shape) -> slice:
+  """The rows of a global batch that this process's devices hold (it loads only those)."""
+  spans = set()
+  for index in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+    start, stop, _ = index[0].indices(global_shape[0])
+    spans.add((start, stop))
+  spans = sorted(spans)
+  lo, hi = spans[0][0], spans[-1][1]
+  if sum(b - a for a, b in spans) != hi - lo:  # only contiguous shares can be assembled
+    raise UserError(f"this process's batch rows {spans} are not contiguous; map batch to the "
+                    "leading mesh axes (--config.mesh.rules.batch=data,fsdp)")
+  return slice(lo, hi)
+
+
+def global_batch(local_rows: np.ndarray, sharding: NamedSharding, global_shape) -> jax.Array:
+  """This process's rows -> the global batch array (one process: just a device_put)."""
+  return jax.make_array_from_process_local_data(sharding, local_rows, tuple(global_shape))
+
+
+def per_device_bytes(abstract_tree, shardings) -> int:
+  """Bytes one device holds of a pytree laid out by `shardings`."""
+  total = 0
+  for leaf, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+    total += math.prod(s.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def memory_report(abstract_state, state_shardings, compiled) -> dict:
+  """Per-device bytes: parameters, optimizer state, and the compiled step's temporaries."""
+  report = {"params": per_device_bytes(abstract_state.params, state_shardings.params),
+            "opt_state": per_device_bytes(abstract_state.opt_state, state_shardings.opt_state)}
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    stats = None
+  if stats is not None:
+    report["temp"] = int(stats.temp_size_in_bytes)
+    report["arguments"] = int(stats.argument_size_in_bytes)
+    report["outputs"] = int(stats.output_size_in_bytes)
+    report["aliased"] = int(stats.alias_size_in_bytes)
+    # Donated state aliases the outputs, so the peak is arguments + temporaries + new outputs.
+    report["peak_estimate"] = (report["arguments"] + report["temp"] + report["outputs"]
+                               - report["aliased"])
+  return report
+
+
+def format_bytes(n: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+
+
+# --- Multi-host start-up -------------------------------------------------------------------
+
+def _detected_cluster() -> str | None:
+  """A launcher that JAX's jax.distributed.initialize() can read on its own, if any."""
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+    return "SLURM"
+  if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return "Open MPI"
+  return None
+
+
+def initialize_distributed(dc) -> None:
+  """Joins a multi-process run when config.distributed asks, or on a detected cluster.
+
+  Must run before anything touches the JAX backend. TPU pods need nothing here: the TPU
+  runtime connects the hosts itself. JAX aborts the process (no exception) when the
+  coordinator cannot be reached in time, so a watchdog turns that into a one-line error first.
+  """
+  if jax.distributed.is_initialized():
+    return
+  if dc.coordinator_address:
+    missing = [k for k in ("num_processes", "process_id") if dc[k] is None]
+    if missing:
+      raise UserError(f"config.distributed.coordinator_address is set but "
+                      f"{', '.join('config.distributed.' + k for k in missing)} is not; pass "
+                      "all three (the same address and count on every process)")
+    if not 0 <= dc.process_id < dc.num_processes:
+      raise UserError(f"config.distributed.process_id={dc.process_id} must be in "
+                      f"[0, num_processes={dc.num_processes})")
+    kwargs = dict(coordinator_address=dc.coordinator_address,
+                  num_processes=dc.num_processes, process_id=dc.process_id)
+    where = f"the coordinator at {dc.coordinator_address}"
+  elif dc.auto and (cluster := _detected_cluster()):
+    kwargs, where = {}, f"the {cluster} job's coordinator"
+  else:
+    return
+  if dc.timeout_s <= 0:
+    raise UserError(f"config.distributed.timeout_s={dc.timeout_s} must be above 0")
+
+  def give_up():
+    role = ("waiting for all processes to join" if kwargs.get("process_id") == 0
+            else "could not reach " + where)
+    print(f"gptjax: error: {role} within {dc.timeout_s}s; start every process with the same "
+          "coordinator_address and num_processes (process 0 on that host), check the port is "
+          "open, or raise --config.distributed.timeout_s", file=sys.stderr, flush=True)
+    os._exit(1)
+
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process
+  except Exception:  # the option may be gone in a later JAX; gloo is its default
+    pass
+  watchdog = threading.Timer(dc.timeout_s, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    # JAX's own deadline is later: our watchdog fires first with a readable message.
+    jax.distributed.initialize(**kwargs, initialization_timeout=int(dc.timeout_s) + 30)
+  finally:
+    watchdog.cancel()
