@@ -16,7 +16,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/shakespeare_char.py:cpu; override any "
     "key with --config.a.b=value.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, events, config and data go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "compile_only"],
+    "train: train and evaluate. compile_only: compile the step for the configured mesh, print "
+    "per-device memory and exit (non-zero when it will not fit).")
 
 
 def _fail(message: str) -> None:
@@ -70,12 +73,21 @@ def _check_config_file(argv) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
-  from gptjax import train  # after flag parsing: a typo fails before JAX starts
+  import jax  # after flag parsing: a typo fails before JAX starts
+  from gptjax import train
   try:
     if _MODE.value == "train":
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "compile_only":
+      train.compile_only(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     _fail(e)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    _fail(f"out of device memory ({str(e).splitlines()[0][:160]}); raise "
+          "--config.optim.grad_accum, shard over more devices (--config.mesh.shape.fsdp), or "
+          "shorten --config.model.block_size")
   except KeyboardInterrupt:
     _fail("interrupted")
 

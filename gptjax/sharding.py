@@ -73,9 +73,15 @@ def make_mesh(mc, devices=None) -> Mesh:
         f"{devices[0].platform} device(s) are available; set --config.mesh.shape.AXIS so the "
         "sizes multiply to the device count (one axis may be -1 to fill)")
   if math.prod(dcn) > 1:
-    granule = not hasattr(devices[0], "slice_index")  # GPU hosts: one granule per process
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
-                                                process_is_granule=granule)
+    # TPU multi-slice: the granules are slices; otherwise (GPU or CPU hosts) processes.
+    granule = len({getattr(d, "slice_index", 0) for d in devices}) == 1
+    try:
+      grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                  process_is_granule=granule)
+    except ValueError as e:
+      raise UserError(f"config.mesh.dcn_shape={_fmt(AXES, dcn)} does not fit the "
+                      f"{'processes' if granule else 'slices'} ({e}); its product must be the "
+                      f"number of {'processes' if granule else 'slices'}") from None
   else:
     grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
   return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
@@ -194,6 +200,39 @@ def memory_report(abstract_state, state_shardings, compiled) -> dict:
     report["peak_estimate"] = (report["arguments"] + report["temp"] + report["outputs"]
                                - report["aliased"])
   return report
+
+
+def device_memory_limit() -> tuple[int | None, str]:
+  """Bytes one device may use, and where the figure comes from (None if unknown).
+
+  GPUs/TPUs report their allocator's limit. Simulated CPU devices share the host's RAM.
+  """
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+  if device.platform == "cpu":
+    try:
+      ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+      return None, ""
+    n = jax.local_device_count()
+    return ram // n, f"host RAM / {n} CPU device(s)"
+  return None, ""
+
+
+def check_fits(report: dict) -> None:
+  """Raises UserError when the compiled step's peak estimate exceeds a device's memory."""
+  limit, source = device_memory_limit()
+  peak = report.get("peak_estimate")
+  if limit and peak and peak > limit:
+    raise UserError(
+        f"the train step needs ~{format_bytes(peak)} per device but a device has "
+        f"{format_bytes(limit)} ({source}); raise --config.optim.grad_accum, shard over more "
+        "devices (--config.mesh.shape.fsdp), or shorten --config.model.block_size")
 
 
 def format_bytes(n: int) -> str:

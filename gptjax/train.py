@@ -214,25 +214,22 @@ def setup(config, vocab_size: int, mesh: jax.sharding.Mesh) -> Setup:
                time.perf_counter() - t0)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in workdir; returns the run summary (also saved as summary.json)."""
+def say(message: str) -> None:
+  """Console output from process 0 only (call after multi-host start-up)."""
+  metrics_lib.console(message, enabled=jax.process_index() == 0)
+
+
+def prepare(config, workdir: str) -> tuple[Setup, data_lib.Data]:
+  """Everything before the first step: processes, mesh, data, compiled steps, memory check."""
   config_lib.validate(config)
   sharding.initialize_distributed(config.distributed)  # before anything starts the backend
-  tc = config.train
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(tc.batch_size, config.optim.grad_accum, mesh,
+  sharding.check_batch(config.train.batch_size, config.optim.grad_accum, mesh,
                        sharding.rules(config.mesh))  # before a long data preparation
   _prepare_workdir(workdir)
   data = data_lib.load(config, workdir)
   s = setup(config, data.tokenizer.vocab_size, mesh)
   cfg = s.model.cfg
-  lead = jax.process_index() == 0
-  say = functools.partial(metrics_lib.console, enabled=lead)
-  if lead:
-    _write_config(config, workdir, cfg.vocab_size)
-  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    say(f"warning: {workdir} already holds a run; training starts at step 0 and its metrics "
-        "are appended to metrics.jsonl (use a fresh --workdir to keep runs apart)")
   n_params = count_params(s.abstract.params)
   say(f"model: {n_params / 1e6:.2f}M parameters ("
       f"{count_params(s.abstract.params, True) / 1e6:.2f}M without embeddings), vocab "
@@ -245,6 +242,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f"state {fmt(mem['opt_state'])}" + (
           f", step temporaries {fmt(mem['temp'])}, peak ~{fmt(mem['peak_estimate'])}"
           if "temp" in mem else ""))
+  sharding.check_fits(mem)
+  return s, data
+
+
+def compile_only(config, workdir: str) -> dict:
+  """Lowers and compiles the steps for the configured mesh, reports memory, runs nothing."""
+  s, _ = prepare(config, workdir)
+  say("compile_only: the step fits; nothing was run")
+  return {"compile_s": s.compile_s, "mesh": dict(s.mesh.shape), "memory": s.memory()}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in workdir; returns the run summary (also saved as summary.json)."""
+  s, data = prepare(config, workdir)
+  tc, cfg, mesh, mem = config.train, s.model.cfg, s.mesh, s.memory()
+  lead = jax.process_index() == 0
+  if lead:
+    _write_config(config, workdir, cfg.vocab_size)
+  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    say(f"warning: {workdir} already holds a run; training starts at step 0 and its metrics "
+        "are appended to metrics.jsonl (use a fresh --workdir to keep runs apart)")
+  n_params = count_params(s.abstract.params)
   state = s.init(config.seed)
   step_fn, eval_fn, compile_s = s.train_step, s.eval_step, s.compile_s
   rows = s.rows()  # each process loads only the rows its devices hold
@@ -291,7 +310,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
   wall_s = time.perf_counter() - t_start
   summary = {
-      "steps": tc.num_steps, "n_params": n_params, "mesh": dict(mesh.shape), "memory": mem, "compile_s": compile_s, "wall_s": wall_s,
+      "steps": tc.num_steps, "n_params": n_params, "mesh": dict(mesh.shape), "memory": mem,
+      "compile_s": compile_s, "wall_s": wall_s,
       "median_step_ms": float(np.median(step_ms)) if step_ms else None,
       "tokens_per_sec": tokens_per_step / float(np.median(step_ms)) * 1e3 if step_ms else None,
       "final_loss": last_log.get("loss"),

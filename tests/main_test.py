@@ -128,3 +128,12 @@ def test_tfds_dataset_that_cannot_be_downloaded(tmp_path):
               f"--config.data.data_dir={tmp_path}/tfds", "--config.data.download_retries=0",
               "--config.mesh.shape.tensor=2"),  # data=4: batch 12 on 8 devices
       "manual_dir")
+
+
+def test_compile_only_reports_memory_and_runs_nothing(tmp_path, corpus):
+  proc = run_cli("--mode=compile_only", TINY, f"--workdir={tmp_path}/w",
+                 f"--config.data.path={corpus}", "--config.mesh.shape.fsdp=2")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "mesh {'data': 4, 'fsdp': 2, 'tensor': 1}" in proc.stdout
+  assert "per device: params" in proc.stdout and "step temporaries" in proc.stdout
+  assert "step 1/" not in proc.stdout and not (tmp_path / "w" / "metrics.jsonl").exists()

@@ -99,6 +99,15 @@ def test_mesh_fills_the_remaining_devices_and_rejects_a_bad_product():
     _mesh(c, data=3, fsdp=2, tensor=2)
   with pytest.raises(UserError, match=r"needs a multiple of 3 devices"):
     _mesh(c, data=-1, tensor=3)
+  c.mesh.dcn_shape.data = 2  # one process: there is no second host to split over
+  with pytest.raises(UserError, match=r"dcn_shape=\(data=2, fsdp=1, tensor=1\) does not fit"):
+    _mesh(c, data=-1)
+
+
+def test_a_step_that_does_not_fit_is_refused_before_it_runs():
+  sharding.check_fits({"peak_estimate": 1024})
+  with pytest.raises(UserError, match=r"needs ~1024.0 GiB per device but a device has"):
+    sharding.check_fits({"peak_estimate": 1024**4})
 
 
 def test_rules_reject_an_unknown_mesh_axis():
@@ -147,10 +156,10 @@ def _train_lines(workdir):
 
 def test_two_processes_match_one_process_with_the_same_four_devices(tmp_path):
   args = [TINY, "--config.train.num_steps=6", "--config.train.log_every=1",
-          "--config.train.eval_every=6", "--config.mesh.shape.data=2",
-          "--config.mesh.shape.fsdp=2", "--config.train.batch_size=8"]
+          "--config.train.eval_every=6", "--config.mesh.shape.fsdp=2",
+          "--config.train.batch_size=8"]
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  single = run_cli(*args, f"--workdir={tmp_path}/one", env=env)
+  single = run_cli(*args, "--config.mesh.shape.data=2", f"--workdir={tmp_path}/one", env=env)
   assert single.returncode == 0, single.stderr[-2000:]
 
   port = _free_port()
@@ -159,7 +168,9 @@ def test_two_processes_match_one_process_with_the_same_four_devices(tmp_path):
       [sys.executable, "-m", "gptjax.main", *args, f"--workdir={tmp_path}/two",
        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
        "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-       "--config.distributed.timeout_s=60"],
+       "--config.distributed.timeout_s=60",
+       # data=2 across the hosts (the slow links), fsdp=2 within each: the same logical mesh
+       "--config.mesh.dcn_shape.data=2", "--config.mesh.shape.data=1"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   try:
