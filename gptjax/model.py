@@ -136,12 +136,12 @@ class GPT(nn.Module):
     wte = nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                    embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
                    name="wte")
-    x_BxTxD = wte(tokens_BxT)
+    x_BxTxD = _lookup(wte, tokens_BxT, cfg.dtype, ("vocab", None))
     if cfg.positions == "learned":
-      x_BxTxD += nn.Embed(cfg.block_size, cfg.d_model, dtype=cfg.dtype,
-                          param_dtype=cfg.param_dtype,
-                          embedding_init=nn.with_logical_partitioning(init, (None, "embed")),
-                          name="wpe")(positions_BxT)
+      wpe = nn.Embed(cfg.block_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                     embedding_init=nn.with_logical_partitioning(init, (None, "embed")),
+                     name="wpe")
+      x_BxTxD += _lookup(wpe, positions_BxT, cfg.dtype, (None, None))
     x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
     for i in range(cfg.n_layer):
@@ -159,6 +159,17 @@ class GPT(nn.Module):
       real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
       logits_BxTxV = jnp.where(real_V, logits_BxTxV, jnp.finfo(logits_BxTxV.dtype).min)
     return logits_BxTxV
+
+
+def _lookup(embed: nn.Embed, ids_BxT, dtype, table_axes):
+  """Embedding rows for ids, read from a table whose embed dimension is whole.
+
+  Gathering from an fsdp-split table straight into batch-split activations is a resharding
+  XLA's partitioner can only do by replicating everything; all-gathering the table first is
+  what FSDP does for every other weight anyway.
+  """
+  table_VxD = nn.with_logical_constraint(embed.embedding.astype(dtype), table_axes)
+  return jnp.take(table_VxD, ids_BxT, axis=0)
 
 
 def count_params(params, exclude_embeddings: bool = False) -> int:
