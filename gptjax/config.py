@@ -81,6 +81,13 @@ def default_config() -> config_dict.ConfigDict:
   c.train.eval_batches = 20
   c.train.label_smoothing = 0.0
 
+  # Checkpoints (gptjax/checkpoint.py): also saved at the end and on SIGTERM/SIGINT.
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.every = 1000  # steps between saves; 0: only at the end and on preemption
+  c.checkpoint.keep = 3  # the newest K are kept
+  c.checkpoint.keep_best = False  # also keep the lowest-val-loss state in checkpoints_best/
+  c.checkpoint.async_save = True  # write in the background while training goes on
+
   # Sharding (gptjax/sharding.py): the mesh, and which mesh axes each logical dimension uses.
   c.mesh = config_dict.ConfigDict()
   c.mesh.shape = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: fill
@@ -115,7 +122,8 @@ def validate(config: config_dict.ConfigDict) -> None:
                      ("train.batch_size", t.batch_size), ("train.num_steps", t.num_steps),
                      ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
                      ("train.eval_batches", t.eval_batches),
-                     ("optim.grad_accum", o.grad_accum)]:
+                     ("optim.grad_accum", o.grad_accum),
+                     ("checkpoint.keep", config.checkpoint.keep)]:
     if value < 1:
       raise UserError(f"config.{key}={value} must be at least 1")
   if m.d_model % m.n_head:
@@ -131,7 +139,7 @@ def validate(config: config_dict.ConfigDict) -> None:
       raise UserError(f"config.{key}={value} must be in [0, 1)")
   if o.lr <= 0:
     raise UserError(f"config.optim.lr={o.lr} must be above 0")
-  for key, value in [("optim.min_lr", o.min_lr), ("optim.weight_decay", o.weight_decay),
+  for key, value in [("checkpoint.every", config.checkpoint.every), ("optim.min_lr", o.min_lr), ("optim.weight_decay", o.weight_decay),
                      ("optim.grad_clip", o.grad_clip), ("optim.warmup_steps", o.warmup_steps)]:
     if value < 0:
       raise UserError(f"config.{key}={value} must be at least 0")

@@ -17,9 +17,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "key with --config.a.b=value.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, events, config and data go.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "compile_only"],
-    "train: train and evaluate. compile_only: compile the step for the configured mesh, print "
-    "per-device memory and exit (non-zero when it will not fit).")
+    "mode", "train", ["train", "compile_only", "export"],
+    "train: train and evaluate (resuming from the workdir's newest checkpoint). compile_only: "
+    "compile the step for the configured mesh, print per-device memory and exit (non-zero when "
+    "it will not fit). export: write the newest checkpoint's params (no optimizer state) with "
+    "config and tokenizer to WORKDIR/export (or --export_dir); needs no --config.")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: where to write.")
+
+
+_NEEDS_CONFIG = ("train", "compile_only")  # the others read WORKDIR/config.json
 
 
 def _fail(message: str) -> None:
@@ -32,11 +38,13 @@ def _parse_flags(argv):
   try:
     _check_config_file(argv)
     rest = flags.FLAGS(argv)
-    if _CONFIG.value is None:
-      raise UserError("--config is required, e.g. --config=experiments/shakespeare_char.py:cpu")
     if not flags.FLAGS["verbosity"].present:  # INFO chatter only with --verbosity=0
       logging.set_verbosity(logging.WARNING)
-    _CONFIG.value.keys()  # the experiment file loads lazily: make its errors surface here
+    if _MODE.value in _NEEDS_CONFIG:
+      if _CONFIG.value is None:
+        raise UserError(f"--mode={_MODE.value} needs --config, e.g. "
+                        "--config=experiments/shakespeare_char.py:cpu")
+      _CONFIG.value.keys()  # the experiment file loads lazily: make its errors surface here
     if not _WORKDIR.value:
       raise UserError("--workdir is required, e.g. --workdir=/tmp/run")
     return rest
@@ -80,6 +88,8 @@ def main(argv) -> None:
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "compile_only":
       train.compile_only(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "export":
+      train.export(_WORKDIR.value, _EXPORT_DIR.value)
   except UserError as e:
     _fail(e)
   except jax.errors.JaxRuntimeError as e:

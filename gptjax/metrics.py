@@ -13,13 +13,19 @@ import sys
 class MetricWriter:
   """Appends `{"step": s, **scalars}` lines to metrics.jsonl and mirrors them to TensorBoard."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+    """resume_step: a run resumed from that step; lines logged after it are dropped (the
+    resumed run logs those steps again), so the files read as one uninterrupted run."""
     self.enabled = enabled
     self._jsonl = self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter  # light: no TensorFlow import
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resume_step is not None:
+        _truncate_jsonl(path, resume_step)
+      self._jsonl = open(path, "a")
+      self._tb = SummaryWriter(logdir=workdir, flush_secs=30,
+                               purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -59,3 +65,20 @@ def progress_line(step: int, total: int, loss: float, tokens_per_sec: float,
   width = len(str(total))
   return (f"step {step:>{width}}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
           f"{tokens_per_sec / 1e3:.1f}k tok/s | ETA {format_duration(eta_s)}")
+
+
+def _truncate_jsonl(path: str, step: int) -> None:
+  """Keeps the lines of steps <= step (and drops a line cut short by a kill)."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          keep.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError):
+        continue
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)

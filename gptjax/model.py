@@ -172,6 +172,17 @@ def _lookup(embed: nn.Embed, ids_BxT, dtype, table_axes):
   return jnp.take(table_VxD, ids_BxT, axis=0)
 
 
+def abstract_params(config):
+  """Shapes and dtypes of the parameters a config makes (nothing allocated).
+
+  config.model.vocab_size must be resolved (as in a run's config.json).
+  """
+  model = GPT(GPTConfig.from_config(config.model, config.model.vocab_size))
+  tokens_1xT = jax.ShapeDtypeStruct((1, model.cfg.block_size), jnp.int32)
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens_1xT)["params"]
+  return nn.meta.unbox(boxed)
+
+
 def count_params(params, exclude_embeddings: bool = False) -> int:
   """Number of parameters; optionally without the token/position embedding tables."""
   leaves = jax.tree_util.tree_leaves_with_path(params)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gptjax import checkpoint
 from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import metrics as metrics_lib
@@ -141,12 +142,17 @@ def _prepare_workdir(workdir: str) -> None:
                     "--workdir") from None
 
 
-def _write_config(config, workdir: str, vocab_size: int) -> None:
+def _resolved_config(config, vocab_size: int) -> dict:
+  """The config as plain JSON data, vocabulary size resolved."""
   resolved = config.copy_and_resolve_references()
   with resolved.unlocked():
     resolved.model.vocab_size = vocab_size
+  return json.loads(resolved.to_json_best_effort())
+
+
+def _write_config(config, workdir: str, vocab_size: int) -> None:
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(resolved.to_json_best_effort(indent=2, sort_keys=True))
+    json.dump(_resolved_config(config, vocab_size), f, indent=2, sort_keys=True)
 
 
 @dataclasses.dataclass
@@ -179,11 +185,12 @@ class Setup:
     return sharding.memory_report(self.abstract, self.state_shardings, self.train_step)
 
 
-def setup(config, vocab_size: int, mesh: jax.sharding.Mesh) -> Setup:
+def setup(config, vocab_size: int, mesh: jax.sharding.Mesh, compile: bool = True) -> Setup:
   """Checks that the config fits the mesh, derives every sharding and compiles both steps.
 
   Shardings come from the abstract state's logical names and config.mesh.rules; the steps
-  are jitted with explicit in/out shardings and compiled ahead of time.
+  are jitted with explicit in/out shardings and compiled ahead of time (compile=False: the
+  layout only, steps None).
   """
   tc, rules = config.train, sharding.rules(config.mesh)
   sharding.check_batch(tc.batch_size, config.optim.grad_accum, mesh, rules)
@@ -200,6 +207,8 @@ def setup(config, vocab_size: int, mesh: jax.sharding.Mesh) -> Setup:
   batch_spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   t0 = time.perf_counter()
+  if not compile:
+    return Setup(model, tx, mesh, abstract, state_sh, batch_sh, shape, None, None, 0.0)
   with sharding.context(mesh, rules):
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
@@ -253,76 +262,154 @@ def compile_only(config, workdir: str) -> dict:
   return {"compile_s": s.compile_s, "mesh": dict(s.mesh.shape), "memory": s.memory()}
 
 
+def export(workdir: str, out_dir: str | None = None) -> str:
+  """--mode=export: the newest checkpoint's params, config and tokenizer, for inference."""
+  out_dir, meta = checkpoint.export(workdir, out_dir, warn=say)
+  full = checkpoint.directory_bytes(os.path.join(workdir, checkpoint.CHECKPOINTS,
+                                                 str(meta["step"])))
+  size = checkpoint.directory_bytes(os.path.join(out_dir, "params"))
+  say(f"exported step {meta['step']} params to {out_dir} ({sharding.format_bytes(size)}; the "
+      f"training checkpoint is {sharding.format_bytes(full)})")
+  return out_dir
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in workdir; returns the run summary (also saved as summary.json)."""
+  """Trains `config` in workdir, resuming from its newest checkpoint; returns the summary.
+
+  Saves every config.checkpoint.every steps, at the end, and on SIGTERM/SIGINT (then returns
+  with summary["preempted_at"] set). A non-finite loss stops the run before any save.
+  """
   s, data = prepare(config, workdir)
-  tc, cfg, mesh, mem = config.train, s.model.cfg, s.mesh, s.memory()
+  tc, cfg, mesh = config.train, s.model.cfg, s.mesh
   lead = jax.process_index() == 0
+  ckpt = checkpoint.Checkpoints(workdir, config.checkpoint, warn=say)
+  restored = ckpt.restore(s.abstract, s.state_shardings)
+  if restored is None:
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+      say(f"warning: {workdir} holds metrics but no checkpoint; training starts at step 0 and "
+          "appends to metrics.jsonl (use a fresh --workdir to keep runs apart)")
+    state, start, elapsed0 = s.init(config.seed), 0, 0.0
+  else:
+    state, meta = restored
+    start, elapsed0 = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+    _check_data_position(meta, config)
+    say(f"resumed from checkpoint {start} in {ckpt.manager.directory}")
   if lead:
     _write_config(config, workdir, cfg.vocab_size)
-  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    say(f"warning: {workdir} already holds a run; training starts at step 0 and its metrics "
-        "are appended to metrics.jsonl (use a fresh --workdir to keep runs apart)")
-  n_params = count_params(s.abstract.params)
-  state = s.init(config.seed)
-  step_fn, eval_fn, compile_s = s.train_step, s.eval_step, s.compile_s
+  if start >= tc.num_steps:  # exit 0: a restart loop re-running a finished job must stop
+    ckpt.close()
+    say(f"nothing to do: {workdir} is already trained to step {start} (train.num_steps="
+        f"{tc.num_steps}); raise --config.train.num_steps to continue")
+    path = os.path.join(workdir, "summary.json")
+    return json.load(open(path)) if os.path.exists(path) else {"steps": start}
+  run_meta = {"config": _resolved_config(config, cfg.vocab_size),
+              "tokenizer": data.tokenizer.to_dict()}
   rows = s.rows()  # each process loads only the rows its devices hold
   train_at = lambda i: s.batch(data.train.get(i, rows))  # noqa: E731
   val_at = lambda i: s.batch(data.val.get(i, rows))  # noqa: E731
-  writer = metrics_lib.MetricWriter(workdir, enabled=lead)
+  writer = metrics_lib.MetricWriter(workdir, enabled=lead,
+                                    resume_step=start if restored else None)
+  stop = checkpoint.PreemptionWatch()
 
   tokens_per_step = tc.batch_size * cfg.block_size
-  start = int(state.step)
-  step_ms, val_losses, last_log = [], [], {}
+  every = config.checkpoint.every
+  step_ms, val_losses, last_log, preempted = [], [], {}, None
   t_start = t_mark = time.perf_counter()
   mark_step, eval_s = start, 0.0
   try:
     for step in range(start + 1, tc.num_steps + 1):
-      state, m = step_fn(state, train_at(step - 1))
-      if step % tc.log_every == 0 or step == tc.num_steps:
-        m = jax.device_get(m)  # the only host sync on the training path
-        now = time.perf_counter()
+      state, m = s.train_step(state, train_at(step - 1))
+      preempted = stop.reached(step)
+      save = (every and step % every == 0) or step == tc.num_steps or preempted
+      log = step % tc.log_every == 0 or step == tc.num_steps
+      if log or save:
+        m = jax.device_get(m)  # the only host syncs on the training path
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+          raise UserError(f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step "
+                          f"{step}; nothing from this state was saved. Lower "
+                          "--config.optim.lr or check the data; rerunning resumes from the "
+                          "last checkpoint")
+      now = time.perf_counter()
+      if log:
         ms = (now - t_mark - eval_s) * 1e3 / (step - mark_step)
         step_ms.append(ms)
-        if not math.isfinite(m["loss"]):
-          raise UserError(f"loss became {m['loss']} at step {step}; lower --config.optim.lr "
-                          "or check the data")
         last_log = {"loss": float(m["loss"]), "lr": float(m["lr"]),
                     "grad_norm": float(m["grad_norm"]),
                     "tokens_per_sec": tokens_per_step / ms * 1e3, "step_ms": ms,
-                    "elapsed_s": now - t_start}
+                    "elapsed_s": elapsed0 + now - t_start}
         writer.write(step, last_log)
         eta = (tc.num_steps - step) * float(np.median(step_ms)) / 1e3
         say(metrics_lib.progress_line(step, tc.num_steps, last_log["loss"],
                                       last_log["tokens_per_sec"], eta, last_log["lr"]))
         t_mark, mark_step, eval_s = now, step, 0.0
+      t_pause = time.perf_counter()  # evals and checkpoint copies do not count as train time
+      meta = {"step": step, "elapsed_s": elapsed0 + now - t_start,
+              "data": _data_position(step, config), **run_meta}
       if step % tc.eval_every == 0 or step == tc.num_steps:
         jax.block_until_ready(state.params)  # pending train steps count as training time
-        t_eval = time.perf_counter()
-        val_loss = evaluate(eval_fn, state.params, val_at, tc.eval_batches)
+        t_pause = time.perf_counter()
+        val_loss = evaluate(s.eval_step, state.params, val_at, tc.eval_batches)
         bpb = val_loss / math.log(2) / data.val_bytes_per_token
         val_losses.append(val_loss)
         writer.write(step, {"val_loss": val_loss, "val_bpb": bpb,
-                            "elapsed_s": time.perf_counter() - t_start})
+                            "elapsed_s": elapsed0 + time.perf_counter() - t_start})
         say(f"eval step {step} | val_loss {val_loss:.4f} | val bits/byte {bpb:.4f}")
-        eval_s += time.perf_counter() - t_eval
+        ckpt.save_best(state, meta, val_loss)
+      if save:
+        ckpt.save(state, meta)
+      eval_s += time.perf_counter() - t_pause
+      if preempted:
+        say(f"{preempted} received: saved checkpoint {step} and stopped; run the same command "
+            "to resume")
+        break
   finally:
+    stop.close()
+    ckpt.wait()  # a checkpoint being written completes, even when the loop failed
+    ckpt.close()
     writer.close()
+  return _summarize(workdir, config, s, step_ms, val_losses, last_log, t_start, preempted and
+                    step)
+
+
+def _summarize(workdir, config, s: Setup, step_ms, val_losses, last_log, t_start,
+               preempted_at) -> dict:
+  tc = config.train
   wall_s = time.perf_counter() - t_start
+  median = float(np.median(step_ms)) if step_ms else None
+  tokens_per_step = tc.batch_size * s.model.cfg.block_size
   summary = {
-      "steps": tc.num_steps, "n_params": n_params, "mesh": dict(mesh.shape), "memory": mem,
-      "compile_s": compile_s, "wall_s": wall_s,
-      "median_step_ms": float(np.median(step_ms)) if step_ms else None,
-      "tokens_per_sec": tokens_per_step / float(np.median(step_ms)) * 1e3 if step_ms else None,
+      "steps": tc.num_steps, "n_params": count_params(s.abstract.params),
+      "mesh": dict(s.mesh.shape), "memory": s.memory(), "compile_s": s.compile_s,
+      "wall_s": wall_s, "median_step_ms": median,
+      "tokens_per_sec": tokens_per_step / median * 1e3 if median else None,
       "final_loss": last_log.get("loss"),
       "final_val_loss": val_losses[-1] if val_losses else None,
       "best_val_loss": min(val_losses) if val_losses else None,
+      "preempted_at": preempted_at or None,
   }
-  if lead:
+  if preempted_at:
+    return summary
+  if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
-  say(f"done: {tc.num_steps} steps in {metrics_lib.format_duration(wall_s)} (+{compile_s:.1f}s "
-      f"compile), median {summary['median_step_ms']:.2f} ms/step, "
-      f"{summary['tokens_per_sec'] / 1e3:.1f}k tok/s, final val_loss "
-      f"{summary['final_val_loss']:.4f}")
+  say(f"done: {tc.num_steps} steps; this run {metrics_lib.format_duration(wall_s)} "
+      f"(+{s.compile_s:.1f}s compile)"
+      + (f", median {median:.2f} ms/step, {summary['tokens_per_sec'] / 1e3:.1f}k tok/s"
+         if median else "")
+      + (f", final val_loss {summary['final_val_loss']:.4f}" if val_losses else ""))
   return summary
+
+
+def _data_position(step: int, config) -> dict:
+  """Where the data iterator stands: batches are a pure function of (seed, step)."""
+  return {"next_batch": step, "seed": config.seed, "batch_size": config.train.batch_size,
+          "block_size": config.model.block_size}
+
+
+def _check_data_position(meta: dict, config) -> None:
+  saved = meta.get("data", {})
+  now = _data_position(int(meta["step"]), config)
+  changed = [k for k in ("seed", "batch_size", "block_size") if k in saved and saved[k] != now[k]]
+  if changed:
+    say(f"warning: {', '.join(f'{k} {saved[k]} -> {now[k]}' for k in changed)} since the "
+        "checkpoint: the data order from here differs from the run that saved it")

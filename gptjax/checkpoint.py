@@ -1,0 +1,268 @@
+"""Checkpoints with orbax: async saves, keep-N (and the best), exact resume, faults, export.
+
+A checkpoint is WORKDIR/checkpoints/<step>/ with three items:
+  params  the parameters (orbax StandardSave: sharded arrays, each host writes its shards)
+  train   {step, opt_state, rng}: the rest of the TrainState
+  meta    JSON: step, the data position, elapsed time, the config and the tokenizer
+Batches are a pure function of (seed, step), so the data position is the step itself; with
+the RNG and optimizer state that makes a resumed run identical to one never stopped.
+
+orbax writes a step into a temporary directory and renames it when complete, so a half-written
+checkpoint is never listed. A listed one that fails to restore (truncated or corrupted files)
+is moved to WORKDIR/checkpoints_corrupt/ with a warning and the previous one is used.
+"""
+
+import json
+import os
+import shutil
+import signal
+
+import jax
+import orbax.checkpoint as ocp
+from ml_collections import config_dict
+
+from gptjax import model as model_lib
+from gptjax.errors import UserError
+
+CHECKPOINTS, BEST, CORRUPT, EXPORT = "checkpoints", "checkpoints_best", "checkpoints_corrupt", \
+    "export"
+
+
+def _manager(directory: str, options) -> ocp.CheckpointManager:
+  handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+              "meta": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def _options(keep: int, async_save: bool, best: bool = False):
+  kwargs = dict(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+  if best:
+    kwargs.update(best_fn=lambda metrics: metrics["val_loss"], best_mode="min")
+  return ocp.CheckpointManagerOptions(**kwargs)
+
+
+def with_shardings(abstract, shardings):
+  """Restore targets: each leaf's shape and dtype, laid out as `shardings` (any mesh)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+class Checkpoints:
+  """The workdir's checkpoints: save (async), restore the newest good one, keep the best."""
+
+  def __init__(self, workdir: str, cc=None, warn=print):
+    keep = cc.keep if cc is not None else 3
+    async_save = cc.async_save if cc is not None else False
+    self.workdir, self.warn = workdir, warn
+    self.manager = _manager(os.path.join(workdir, CHECKPOINTS), _options(keep, async_save))
+    self.best = None
+    if cc is not None and cc.keep_best:
+      self.best = _manager(os.path.join(workdir, BEST), _options(1, async_save, best=True))
+    self._best_loss = None
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, state, meta: dict) -> None:
+    """Starts saving `state` at its step; returns once the arrays are copied off the devices."""
+    self.manager.save(int(meta["step"]), args=_save_args(state, meta), force=True)
+
+  def save_best(self, state, meta: dict, val_loss: float) -> None:
+    """Also keeps this state in checkpoints_best/ when val_loss is the lowest so far."""
+    if self.best is None:
+      return
+    if self._best_loss is None:  # a resumed run: the best so far is in the kept one's meta
+      best_step = self.best.latest_step()
+      self._best_loss = float("inf") if best_step is None else float(self.best.restore(
+          best_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["val_loss"])
+    if val_loss < self._best_loss:
+      self._best_loss = val_loss
+      self.best.save(int(meta["step"]), args=_save_args(state, {**meta, "val_loss": val_loss}),
+                     force=True, metrics={"val_loss": float(val_loss)})
+
+  def restore(self, abstract_state, state_shardings):
+    """(state, meta) of the newest checkpoint that restores, onto `state_shardings`; or None.
+
+    Any mesh works: arrays are read and laid out by the target shardings.
+    """
+    targets = with_shardings(abstract_state, state_shardings)
+    for step in reversed(self.steps()):
+      _check_shapes(self.manager, step, abstract_state.params, self.manager.directory)
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(targets.params),
+            train=ocp.args.StandardRestore(
+                {"step": targets.step, "opt_state": targets.opt_state, "rng": targets.rng}),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # truncated, corrupted or unreadable files
+        self._set_aside(step, e)
+        continue
+      train = out["train"]
+      state = abstract_state.replace(step=train["step"], params=out["params"],
+                                     opt_state=train["opt_state"], rng=train["rng"])
+      return state, dict(out["meta"])
+    return None
+
+  def restore_params(self, abstract_params, shardings):
+    """(params, meta) of the newest checkpoint that restores; params only (for inference)."""
+    targets = with_shardings(abstract_params, shardings)
+    for step in reversed(self.steps()):
+      _check_shapes(self.manager, step, abstract_params, self.manager.directory)
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(targets), meta=ocp.args.JsonRestore()))
+      except Exception as e:
+        self._set_aside(step, e)
+        continue
+      return out["params"], dict(out["meta"])
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    reason = " ".join(str(error).split())[:200] or type(error).__name__
+    self.warn(f"warning: checkpoint {step} in {self.manager.directory} cannot be restored "
+              f"({reason}); moved to {CORRUPT}/ and trying the previous one")
+    if jax.process_index() == 0:
+      dest = os.path.join(self.workdir, CORRUPT, str(step))
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      shutil.rmtree(dest, ignore_errors=True)
+      shutil.move(os.path.join(str(self.manager.directory), str(step)), dest)
+    self.manager.reload()  # forget the step it had listed
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+    if self.best is not None:
+      self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+    if self.best is not None:
+      self.best.close()
+
+
+def _save_args(state, meta: dict):
+  return ocp.args.Composite(
+      params=ocp.args.StandardSave(state.params),
+      train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
+                                   "rng": state.rng}),
+      meta=ocp.args.JsonSave(meta))
+
+
+def _check_shapes(manager, step: int, abstract_params, directory) -> None:
+  """UserError naming the first parameter whose saved shape differs from the config's."""
+  try:
+    saved = manager.item_metadata(step)["params"]
+  except Exception:  # unreadable metadata: restore() reports it as a bad checkpoint
+    return
+  saved = getattr(saved, "tree", saved)
+  if saved is None:
+    return
+  want = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  have = {_name(p): tuple(getattr(x, "shape", ()))
+          for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+  fix = ("resume with the config it was trained with (WORKDIR/config.json) or use a fresh "
+         "--workdir")
+  for name, shape in want.items():
+    if name not in have:
+      raise UserError(f"checkpoint {step} in {directory} has no parameter {name} (the config "
+                      f"makes it with shape {shape}); {fix}")
+    if have[name] != shape:
+      raise UserError(f"checkpoint {step} in {directory}: parameter {name} has shape "
+                      f"{have[name]} but the config makes {shape}; {fix}")
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise UserError(f"checkpoint {step} in {directory} has parameter {extra[0]}, which the "
+                    f"config does not make; {fix}")
+
+
+def _name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+class PreemptionWatch:
+  """SIGTERM/SIGINT -> `reached(step)` turns true, so the loop saves that step and stops.
+
+  On several hosts JAX's preemption notifier owns SIGTERM, and `reached` is JAX's sync point:
+  every process returns true at the same step, so all of them save the same checkpoint.
+  """
+
+  def __init__(self):
+    self.received = None
+    self._multi = jax.process_count() > 1
+    self._previous = {}
+    if not self._multi:  # a signal to one host of several would stop only that one
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+          self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals stay as they were
+          pass
+
+  def _handle(self, signum, frame):
+    self.received = signal.Signals(signum).name
+
+  def reached(self, step: int) -> str | None:
+    """The signal's name if the loop should save at `step` and stop, else None."""
+    if self._multi:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.received = "SIGTERM"
+    return self.received
+
+  def close(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+# --- Params-only export (for inference) ----------------------------------------------------
+
+def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, dict]:
+  """Writes the newest checkpoint's params (no optimizer state) with config and tokenizer.
+
+  Restored onto one device: an export is for sampling, wherever the training ran.
+  """
+  abstract_params = model_lib.abstract_params(workdir_config(workdir))
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shardings = jax.tree.map(lambda _: one, abstract_params)
+  restored = Checkpoints(workdir, warn=warn).restore_params(abstract_params, shardings)
+  if restored is None:
+    raise UserError(f"no checkpoint in {os.path.join(workdir, CHECKPOINTS)}; train first "
+                    "(checkpoints are saved every config.checkpoint.every steps and at the end)")
+  params, meta = restored
+  out_dir = os.path.abspath(out_dir or os.path.join(workdir, EXPORT))
+  if os.path.exists(os.path.join(out_dir, "params")):
+    shutil.rmtree(os.path.join(out_dir, "params"))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(out_dir, "params"), params)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    for name in ("config.json", "tokenizer.json"):
+      if os.path.exists(os.path.join(workdir, name)):
+        shutil.copy(os.path.join(workdir, name), os.path.join(out_dir, name))
+    with open(os.path.join(out_dir, "export.json"), "w") as f:
+      json.dump({"step": meta["step"], "from": os.path.abspath(workdir)}, f)
+  return out_dir, meta
+
+
+def workdir_config(workdir: str):
+  """The config a run in `workdir` was trained with (its config.json), as a ConfigDict."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      return config_dict.ConfigDict(json.load(f))
+  except FileNotFoundError:
+    raise UserError(f"{path} not found: {workdir} holds no training run; pass the --workdir "
+                    "of a run") from None
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def load_export(export_dir: str, abstract_params, shardings):
+  """Params from an export directory, laid out by `shardings`."""
+  path = os.path.join(os.path.abspath(export_dir), "params")
+  if not os.path.isdir(path):
+    raise UserError(f"{export_dir} holds no exported params; run --mode=export first")
+  return ocp.StandardCheckpointer().restore(path, with_shardings(abstract_params, shardings))
+
+
+def directory_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(path) for f in files)
