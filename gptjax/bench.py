@@ -1,7 +1,8 @@
 """Benchmarks (figures, not tests): `python -m gptjax.bench WHAT --config=... [--config.k=v]`.
 
   checkpoint  save (blocking part and total) and restore time, and size on disk, of the full
-              train state (params + Adam) of the configured model; random weights.
+              train state (params + Adam) of the configured model; random weights and
+              random (not zero) Adam moments, as after training.
 
 Each prints one JSON line. The vocabulary is config.model.vocab_size (default 50257, GPT-2's),
 so no dataset is read.
@@ -22,12 +23,28 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.", lo
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (default: a temporary one).")
 
 
+def _trained_looking(state, shardings):
+  """Adam's moments start at zero, which compresses to nothing: fill them with noise so the
+  size and write time are those of a state after training."""
+  import jax
+  import jax.numpy as jnp
+
+  def fill(opt_state):
+    leaves, treedef = jax.tree.flatten(opt_state)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    return treedef.unflatten([
+        jax.random.normal(k, x.shape, x.dtype) * 1e-3 if x.ndim else x
+        for k, x in zip(keys, leaves)])
+  return jax.jit(lambda st: st.replace(opt_state=fill(st.opt_state)),
+                 out_shardings=shardings, donate_argnums=0)(state)
+
+
 def bench_checkpoint(config, workdir: str) -> dict:
   import jax
   from gptjax import checkpoint, sharding, train
   mesh = sharding.make_mesh(config.mesh)
   s = train.setup(config, config.model.vocab_size or 50257, mesh, compile=False)
-  state = jax.block_until_ready(s.init(config.seed))
+  state = jax.block_until_ready(_trained_looking(s.init(config.seed), s.state_shardings))
   ckpt = checkpoint.Checkpoints(workdir, config.checkpoint)
   t0 = time.perf_counter()
   ckpt.save(state, {"step": 0})
