@@ -9,6 +9,7 @@ import functools
 
 import flax.linen as nn
 import jax
+from flax.linen.dtypes import promote_dtype
 import jax.numpy as jnp
 
 from gptjax.errors import UserError
@@ -72,7 +73,7 @@ class HeadProjection(nn.Module):
     out_shape, out_axes = self.kernel_shape[self.n_in:], self.kernel_axes[self.n_in:]
     bias = (self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
                        out_shape, cfg.param_dtype) if cfg.bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.dtype)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=cfg.dtype)
     contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
     y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
     return y if bias is None else y + bias

@@ -86,47 +86,65 @@ class Checkpoints:
     Any mesh works: arrays are read and laid out by the target shardings.
     """
     targets = with_shardings(abstract_state, state_shardings)
-    for step in reversed(self.steps()):
-      _check_shapes(self.manager, step, abstract_state.params, self.manager.directory)
-      try:
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(targets.params),
-            train=ocp.args.StandardRestore(
-                {"step": targets.step, "opt_state": targets.opt_state, "rng": targets.rng}),
-            meta=ocp.args.JsonRestore()))
-      except Exception as e:  # truncated, corrupted or unreadable files
-        self._set_aside(step, e)
-        continue
-      train = out["train"]
-      state = abstract_state.replace(step=train["step"], params=out["params"],
-                                     opt_state=train["opt_state"], rng=train["rng"])
-      return state, dict(out["meta"])
-    return None
+    train_target = {"step": targets.step, "opt_state": targets.opt_state, "rng": targets.rng}
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(targets.params),
+                              train=ocp.args.StandardRestore(train_target),
+                              meta=ocp.args.JsonRestore())
+    out = self._restore_newest(args, abstract_state.params, train_target)
+    if out is None:
+      return None
+    train = out["train"]
+    state = abstract_state.replace(step=train["step"], params=out["params"],
+                                   opt_state=train["opt_state"], rng=train["rng"])
+    self._forget_best_after(int(out["meta"]["step"]))
+    return state, dict(out["meta"])
 
-  def restore_params(self, abstract_params, shardings):
+  def restore_params(self, abstract_params, shardings, set_aside: bool = True):
     """(params, meta) of the newest checkpoint that restores; params only (for inference)."""
-    targets = with_shardings(abstract_params, shardings)
-    for step in reversed(self.steps()):
-      _check_shapes(self.manager, step, abstract_params, self.manager.directory)
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(with_shardings(abstract_params, shardings)),
+        meta=ocp.args.JsonRestore())
+    out = self._restore_newest(args, abstract_params, None, set_aside)
+    return None if out is None else (out["params"], dict(out["meta"]))
+
+  def _restore_newest(self, args, abstract_params, train_target, set_aside: bool = True):
+    """Restores the newest step; a step whose files cannot be read is set aside (one host)
+    and the previous one tried. Mismatches with the config and out-of-memory are errors."""
+    steps = self.steps()
+    for step in reversed(steps):
+      _check_shapes(self.manager, step, abstract_params, train_target, self.manager.directory)
       try:
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(targets), meta=ocp.args.JsonRestore()))
-      except Exception as e:
-        self._set_aside(step, e)
-        continue
-      return out["params"], dict(out["meta"])
+        return self.manager.restore(step, args=args)
+      except Exception as e:  # truncated, corrupted or unreadable files
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        if "RESOURCE_EXHAUSTED" in reason:
+          raise UserError(f"out of memory restoring checkpoint {step} ({reason}); restore onto "
+                          "more devices (--config.mesh.shape)") from None
+        if not set_aside or jax.process_count() > 1:  # hosts could disagree on the fallback
+          raise UserError(f"checkpoint {step} in {self.manager.directory} cannot be restored "
+                          f"({reason}); move that step's directory aside and rerun to use "
+                          "the previous one") from None
+        self._set_aside(step, reason)
+    if steps:
+      raise UserError(f"none of the checkpoints {steps} in {self.manager.directory} could be "
+                      f"restored (moved to {CORRUPT}/); use a fresh --workdir or restore them")
     return None
 
-  def _set_aside(self, step: int, error: Exception) -> None:
-    reason = " ".join(str(error).split())[:200] or type(error).__name__
+  def _set_aside(self, step: int, reason: str) -> None:
     self.warn(f"warning: checkpoint {step} in {self.manager.directory} cannot be restored "
               f"({reason}); moved to {CORRUPT}/ and trying the previous one")
-    if jax.process_index() == 0:
-      dest = os.path.join(self.workdir, CORRUPT, str(step))
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      shutil.rmtree(dest, ignore_errors=True)
-      shutil.move(os.path.join(str(self.manager.directory), str(step)), dest)
+    dest = os.path.join(self.workdir, CORRUPT, str(step))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.move(os.path.join(str(self.manager.directory), str(step)), dest)
     self.manager.reload()  # forget the step it had listed
+
+  def _forget_best_after(self, step: int) -> None:
+    """A run resumed at `step` has not reached later best checkpoints (after a fallback)."""
+    if self.best is None:
+      return
+    for later in [s for s in self.best.all_steps() if s > step]:
+      self.best.delete(later)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -147,16 +165,19 @@ def _save_args(state, meta: dict):
       meta=ocp.args.JsonSave(meta))
 
 
-def _check_shapes(manager, step: int, abstract_params, directory) -> None:
-  """UserError naming the first parameter whose saved shape differs from the config's."""
+def _check_shapes(manager, step: int, abstract_params, train_target, directory) -> None:
+  """UserError naming the first parameter whose saved shape differs from the config's, or
+  an optimizer state of another structure (e.g. grad_clip switched on or off)."""
   try:
-    saved = manager.item_metadata(step)["params"]
+    metadata = manager.item_metadata(step)
+    saved = getattr(metadata["params"], "tree", metadata["params"])
+    saved_train = getattr(metadata["train"], "tree", metadata["train"])
   except Exception:  # unreadable metadata: restore() reports it as a bad checkpoint
     return
-  saved = getattr(saved, "tree", saved)
   if saved is None:
     return
-  want = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  want = {_name(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
   have = {_name(p): tuple(getattr(x, "shape", ()))
           for p, x in jax.tree_util.tree_leaves_with_path(saved)}
   fix = ("resume with the config it was trained with (WORKDIR/config.json) or use a fresh "
@@ -172,6 +193,43 @@ def _check_shapes(manager, step: int, abstract_params, directory) -> None:
   if extra:
     raise UserError(f"checkpoint {step} in {directory} has parameter {extra[0]}, which the "
                     f"config does not make; {fix}")
+  if train_target is not None and saved_train is not None:
+    where = _first_difference(_skeleton(saved_train.get("opt_state")),
+                              _skeleton(train_target["opt_state"]), "opt_state")
+    if where is not None:
+      raise UserError(f"checkpoint {step} in {directory} holds an optimizer state of another "
+                      f"structure (first difference at {where}): the optimizer settings "
+                      f"changed (e.g. optim.grad_clip 0 <-> > 0); {fix}")
+
+
+def _skeleton(tree):
+  """A pytree as orbax's metadata shows it: namedtuples as dicts, tuples as lists, empty
+  states as None, arrays as their shapes."""
+  if isinstance(tree, dict):
+    return {k: _skeleton(v) for k, v in tree.items()}
+  if hasattr(tree, "_fields"):
+    return {k: _skeleton(getattr(tree, k)) for k in tree._fields} or None
+  if isinstance(tree, (list, tuple)):
+    return [_skeleton(v) for v in tree]
+  return None if tree is None else tuple(getattr(tree, "shape", ()))
+
+
+def _first_difference(a, b, path: str):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b), key=str):
+      if k not in a or k not in b:
+        return f"{path}/{k}"
+      if (where := _first_difference(a[k], b[k], f"{path}/{k}")) is not None:
+        return where
+    return None
+  if isinstance(a, list) and isinstance(b, list):
+    if len(a) != len(b):
+      return f"{path} ({len(a)} parts saved, {len(b)} in the config)"
+    for i, (x, y) in enumerate(zip(a, b)):
+      if (where := _first_difference(x, y, f"{path}/{i}")) is not None:
+        return where
+    return None
+  return None if a == b else path
 
 
 def _name(path) -> str:
@@ -188,6 +246,7 @@ class PreemptionWatch:
   def __init__(self):
     self.received = None
     self._multi = jax.process_count() > 1
+    self._no_sync = False
     self._previous = {}
     if not self._multi:  # a signal to one host of several would stop only that one
       for sig in (signal.SIGTERM, signal.SIGINT):
@@ -197,19 +256,29 @@ class PreemptionWatch:
           pass
 
   def _handle(self, signum, frame):
+    if self.received:  # a second signal: the step may hang, so stop the usual way
+      self.close()
+      os.kill(os.getpid(), signum)
+      return
     self.received = signal.Signals(signum).name
 
   def reached(self, step: int) -> str | None:
     """The signal's name if the loop should save at `step` and stop, else None."""
-    if self._multi:
+    if self._multi and not self._no_sync:
       from jax.experimental import multihost_utils
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.received = "SIGTERM"
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.received = "SIGTERM"
+      except RuntimeError as e:  # no preemption service (e.g. a pod started without it)
+        self._no_sync = True
+        print(f"warning: preemption sync unavailable ({e}); SIGTERM will not save first",
+              flush=True)
     return self.received
 
   def close(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    self._previous = {}
 
 
 # --- Params-only export (for inference) ----------------------------------------------------
@@ -222,7 +291,8 @@ def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, d
   abstract_params = model_lib.abstract_params(workdir_config(workdir))
   one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shardings = jax.tree.map(lambda _: one, abstract_params)
-  restored = Checkpoints(workdir, warn=warn).restore_params(abstract_params, shardings)
+  restored = Checkpoints(workdir, warn=warn).restore_params(abstract_params, shardings,
+                                                            set_aside=False)
   if restored is None:
     raise UserError(f"no checkpoint in {os.path.join(workdir, CHECKPOINTS)}; train first "
                     "(checkpoints are saved every config.checkpoint.every steps and at the end)")

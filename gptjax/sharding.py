@@ -165,8 +165,9 @@ def process_rows(sharding: NamedSharding, global_shape) -> slice:
   spans = sorted(spans)
   lo, hi = spans[0][0], spans[-1][1]
   if sum(b - a for a, b in spans) != hi - lo:  # only contiguous shares can be assembled
-    raise UserError(f"this process's batch rows {spans} are not contiguous; map batch to the "
-                    "leading mesh axes (--config.mesh.rules.batch=data,fsdp)")
+    raise UserError(f"this process's batch rows {spans} are not contiguous: split the batch "
+                    "across hosts with --config.mesh.dcn_shape.data and within a host with "
+                    "mesh.shape (keep dcn_shape.fsdp=1 and rules.batch=data,fsdp)")
   return slice(lo, hi)
 
 
@@ -299,5 +300,8 @@ def initialize_distributed(dc) -> None:
   try:
     # JAX's own deadline is later: our watchdog fires first with a readable message.
     jax.distributed.initialize(**kwargs, initialization_timeout=int(dc.timeout_s) + 30)
+  except (RuntimeError, ValueError) as e:  # a malformed address, a port already taken, ...
+    raise UserError(f"cannot join {where}: {' '.join(str(e).split())[:200]}; check "
+                    "config.distributed.coordinator_address (host:port)") from None
   finally:
     watchdog.cancel()

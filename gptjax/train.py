@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import uuid
 from typing import Any
 
 import flax
@@ -133,7 +134,7 @@ def evaluate(eval_fn, params, batch_at, num_batches: int) -> float:
 def _prepare_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    probe = os.path.join(workdir, f".write_test.{uuid.uuid4().hex}")  # hosts may share it
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -299,7 +300,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if start >= tc.num_steps:  # exit 0: a restart loop re-running a finished job must stop
     ckpt.close()
     say(f"nothing to do: {workdir} is already trained to step {start} (train.num_steps="
-        f"{tc.num_steps}); raise --config.train.num_steps to continue")
+        f"{tc.num_steps}); to train on, raise --config.train.num_steps (and set "
+        "--config.optim.decay_steps to keep the old learning-rate schedule)")
     path = os.path.join(workdir, "summary.json")
     return json.load(open(path)) if os.path.exists(path) else {"steps": start}
   run_meta = {"config": _resolved_config(config, cfg.vocab_size),
@@ -319,7 +321,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     for step in range(start + 1, tc.num_steps + 1):
       state, m = s.train_step(state, train_at(step - 1))
-      preempted = stop.reached(step)
+      preempted = stop.reached(step) if step < tc.num_steps else None  # the end saves anyway
       save = (every and step % every == 0) or step == tc.num_steps or preempted
       log = step % tc.log_every == 0 or step == tc.num_steps
       if log or save:
@@ -342,6 +344,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         say(metrics_lib.progress_line(step, tc.num_steps, last_log["loss"],
                                       last_log["tokens_per_sec"], eta, last_log["lr"]))
         t_mark, mark_step, eval_s = now, step, 0.0
+      if save:
+        jax.block_until_ready(state.params)  # pending train steps count as training time
       t_pause = time.perf_counter()  # evals and checkpoint copies do not count as train time
       meta = {"step": step, "elapsed_s": elapsed0 + now - t_start,
               "data": _data_position(step, config), **run_meta}

@@ -171,6 +171,11 @@ def test_shape_mismatch_names_the_parameter(tmp_path):
   assert len(error) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert "checkpoint 2" in error[0] and "parameter h_0/attn/key/bias has shape (2, 16)"\
       in error[0] and "the config makes (2, 32)" in error[0], error[0]
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",  # no clipping state
+                 "--config.train.num_steps=4", "--config.optim.grad_clip=0", env=ONE_DEVICE)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "optimizer state of another structure" in proc.stderr, proc.stderr[-2000:]
+  assert os.listdir(workdir / "checkpoints") == ["2"]  # nothing was set aside
 
 
 def test_export_is_params_only_and_keep_best_keeps_the_lowest_val_loss(tmp_path):
