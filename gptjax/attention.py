@@ -85,7 +85,8 @@ class CausalSelfAttention(nn.Module):
   cfg: "gptjax.model.GPTConfig"  # noqa: F821
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool):
+  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool, start_B=None):
+    """start_B given: decoding with the KV cache, rows left-padded to start at start_B."""
     cfg = self.cfg
     head_dim = cfg.d_model // cfg.n_head
     qkv = functools.partial(
@@ -102,7 +103,9 @@ class CausalSelfAttention(nn.Module):
     k_BxTxNxH = nn.with_logical_constraint(k_BxTxNxH, axes)
     v_BxTxNxH = nn.with_logical_constraint(v_BxTxNxH, axes)
 
-    if cfg.attn_dropout > 0 and not deterministic:
+    if start_B is not None:
+      out_BxTxNxH = self._cached(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, start_B)
+    elif cfg.attn_dropout > 0 and not deterministic:
       out_BxTxNxH = _explicit_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH,
                                         nn.Dropout(cfg.attn_dropout), deterministic)
     else:
@@ -114,3 +117,28 @@ class CausalSelfAttention(nn.Module):
     out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
     return HeadProjection(cfg, (cfg.n_head, head_dim, cfg.d_model), ("heads", "kv", "embed"), 2,
                           out_init, name="out")(out_BxTxNxH)
+
+  def _cached(self, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, start_B):
+    """Writes k, v at the cache's next T slots and attends over every valid slot.
+
+    The cache ("cache" collection) is (B, S, N, H) with one shared write index: prompts are
+    left-padded, so row b's tokens occupy slots start_B[b]..index. It is created by `init`
+    with a (B, S) input, which only sets its shape.
+    """
+    ready = self.has_variable("cache", "cached_key")
+    key = self.variable("cache", "cached_key", jnp.zeros, k_BxTxNxH.shape, k_BxTxNxH.dtype)
+    value = self.variable("cache", "cached_value", jnp.zeros, v_BxTxNxH.shape, v_BxTxNxH.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not ready:
+      return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
+    i, t = index.value, q_BxTxNxH.shape[1]
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BxTxNxH, (0, i, 0, 0))
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BxTxNxH, (0, i, 0, 0))
+    index.value = i + t
+    slot_S = jnp.arange(key.value.shape[1])
+    query_T = i + jnp.arange(t)
+    mask_BxTxS = ((slot_S[None, None, :] <= query_T[None, :, None])
+                  & (slot_S[None, None, :] >= start_B[:, None, None]))
+    # Padding queries see no key; XLA's masked softmax keeps them finite (and unused).
+    return jax.nn.dot_product_attention(q_BxTxNxH, key.value, value.value,
+                                        mask=mask_BxTxS[:, None], implementation="xla")

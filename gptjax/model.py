@@ -111,11 +111,11 @@ class Block(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool):
+  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool, start_B=None):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout)
     y = CausalSelfAttention(cfg, name="attn")(_norm(cfg, "ln_1")(x_BxTxD), positions_BxT,
-                                              deterministic)
+                                              deterministic, start_B)
     x_BxTxD = x_BxTxD + drop(y, deterministic=deterministic)
     y = MLP(cfg, name="mlp")(_norm(cfg, "ln_2")(x_BxTxD))
     x_BxTxD = x_BxTxD + drop(y, deterministic=deterministic)
@@ -123,12 +123,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-  """tokens (B, T) int32 -> logits (B, T, padded_vocab) in the compute dtype."""
+  """tokens (B, T) int32 -> logits (B, T, padded_vocab) in the compute dtype.
+
+  With start_B (decoding, see decode.py) attention reads and extends a KV cache held in the
+  "cache" collection; rows are left-padded and row b's first real token is at start_B[b].
+  """
 
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT=None, deterministic: bool = True):
+  def __call__(self, tokens_BxT, positions_BxT=None, deterministic: bool = True, start_B=None):
     cfg = self.cfg
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -145,7 +149,7 @@ class GPT(nn.Module):
     x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
     for i in range(cfg.n_layer):
-      x_BxTxD = Block(cfg, name=f"h_{i}")(x_BxTxD, positions_BxT, deterministic)
+      x_BxTxD = Block(cfg, name=f"h_{i}")(x_BxTxD, positions_BxT, deterministic, start_B)
     x_BxTxD = _norm(cfg, "ln_f")(x_BxTxD)
     if cfg.tie_embeddings:
       logits_BxTxV = wte.attend(x_BxTxD)

@@ -1,0 +1,128 @@
+"""Decoding: the cache matches full recomputation; samplers respect their filters; stops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from gptjax import decode
+from gptjax.errors import UserError
+from gptjax.model import GPT, GPTConfig
+
+VOCAB = 50
+
+
+def _model(positions="learned"):
+  model = GPT(GPTConfig.from_config(tiny_config(model__positions=positions).model, VOCAB))
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))["params"]
+  params = jax.tree.map(lambda x: x * 20 if x.ndim > 1 else x,  # sharper, less tied logits
+                        jax.tree.map(lambda x: x.value, params,
+                                     is_leaf=lambda x: hasattr(x, "value")))
+  return model, params
+
+
+PROMPTS = [[5, 9, 2], [7, 1, 4, 4, 8, 30, 11], [3, 3, 12, 40, 1]]  # ragged
+
+
+def _greedy_by_recomputation(model, params, prompt, n):
+  """No cache: the whole sequence again for every token (right-padded to one shape: the
+  model is causal, so padding after position i never changes logits at i)."""
+  apply = jax.jit(lambda t: model.apply({"params": params}, t))
+  seq = list(prompt)
+  for _ in range(n):
+    padded = np.zeros((1, model.cfg.block_size), np.int32)
+    padded[0, :len(seq)] = seq
+    seq.append(int(jnp.argmax(apply(padded)[0, len(seq) - 1, :VOCAB])))
+  return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_cached_greedy_equals_full_recomputation_for_ragged_prompts(positions):
+  model, params = _model(positions)
+  tokens, start = decode.left_pad(PROMPTS)
+  d = decode.Decoder(model, params)
+  state, out, count = d.generate(d.prefill(tokens, start, 12), 12, decode.Sampling(0.0))
+  assert list(np.asarray(count)) == [12, 12, 12]
+  for b, prompt in enumerate(PROMPTS):
+    assert list(np.asarray(out[b])) == _greedy_by_recomputation(model, params, prompt, 12)
+  assert decode.finish_reasons(state) == ["length"] * 3  # the cache (P + 12 slots) is full
+
+
+def test_generating_in_chunks_equals_one_call():
+  model, params = _model()
+  tokens, start = decode.left_pad(PROMPTS)
+  d = decode.Decoder(model, params)
+  _, whole, _ = d.generate(d.prefill(tokens, start, 12), 12, decode.Sampling(0.0))
+  state, parts = d.prefill(tokens, start, 12), []
+  for _ in range(3):
+    state, out, _ = d.generate(state, 4, decode.Sampling(0.0))
+    parts.append(np.asarray(out))
+  np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
+
+
+def test_stop_tokens_and_sequences_end_rows_independently():
+  model, params = _model()
+  tokens, start = decode.left_pad(PROMPTS)
+  free = decode.Decoder(model, params)
+  _, greedy, _ = free.generate(free.prefill(tokens, start, 12), 12, decode.Sampling(0.0))
+  greedy = np.asarray(greedy)
+  stop = int(greedy[0, 3])
+  d = decode.Decoder(model, params, stop_tokens=[stop])
+  state, out, count = d.generate(d.prefill(tokens, start, 12), 12, decode.Sampling(0.0))
+  reasons = decode.finish_reasons(state)
+  for b in range(3):
+    hits = np.flatnonzero(greedy[b] == stop)
+    expect = hits[0] + 1 if hits.size else 12
+    assert count[b] == expect  # the stop token is emitted, then the row ends
+    np.testing.assert_array_equal(out[b, :expect], greedy[b, :expect])
+    assert (out[b, expect:] == -1).all()
+    assert reasons[b] == ("stop_token" if hits.size else "length")
+  seq = [int(t) for t in greedy[1, 2:4]]
+  d = decode.Decoder(model, params, stop_sequences=[seq])
+  state, _, count = d.generate(d.prefill(tokens, start, 12), 12, decode.Sampling(0.0))
+  assert count[1] <= 4 and decode.finish_reasons(state)[1] == "stop_sequence"
+
+
+LOGITS = jnp.log(jnp.array([[0.05, 0.5, 0.02, 0.3, 0.13]]))  # order: 1, 3, 4, 0, 2
+
+
+def _draws(sampling, n=4000, seed=0):
+  logits = jnp.repeat(LOGITS, n, axis=0)
+  return set(np.asarray(decode.sample(logits, jax.random.PRNGKey(seed), sampling)).tolist())
+
+
+def test_top_k_never_leaves_the_k_most_likely():
+  assert _draws(decode.Sampling(1.0, top_k=2)) == {1, 3}
+  assert _draws(decode.Sampling(3.0, top_k=3)) == {1, 3, 4}  # even when flattened
+
+
+def test_top_p_never_leaves_the_nucleus():
+  assert _draws(decode.Sampling(1.0, top_p=0.7)) == {1, 3}  # 0.5 + 0.3 reaches 0.7
+  assert _draws(decode.Sampling(1.0, top_p=0.5)) == {1}
+  assert _draws(decode.Sampling(1.0, top_p=0.9)) == {1, 3, 4}
+  assert _draws(decode.Sampling(1.0, top_k=2, top_p=0.9)) == {1, 3}  # combined
+  assert _draws(decode.Sampling(1.0)) == {0, 1, 2, 3, 4}
+
+
+def test_temperature_towards_zero_is_greedy_and_seeds_reproduce():
+  model, params = _model()
+  tokens, start = decode.left_pad(PROMPTS)
+  d = decode.Decoder(model, params)
+  run = lambda s, seed=0: np.asarray(d.generate(d.prefill(tokens, start, 10, seed), 10, s)[1])
+  np.testing.assert_array_equal(run(decode.Sampling(1e-4)), run(decode.Sampling(0.0)))
+  hot = decode.Sampling(2.0, top_k=20, top_p=0.95)
+  np.testing.assert_array_equal(run(hot, seed=7), run(hot, seed=7))
+  assert not np.array_equal(run(hot, seed=7), run(hot, seed=8))
+
+
+def test_errors_name_the_problem():
+  model, params = _model()
+  d = decode.Decoder(model, params)
+  tokens, start = decode.left_pad([[1] * 30])
+  with pytest.raises(UserError, match="exceeds the context of 32 tokens"):
+    d.prefill(tokens, start, 5)
+  with pytest.raises(UserError, match=r"top_p=1.5 must be in \(0, 1\]"):
+    decode.Sampling(1.0, top_p=1.5).check(VOCAB)
+  with pytest.raises(UserError, match="at least one token"):
+    decode.left_pad([[1], []])
