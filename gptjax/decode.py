@@ -180,3 +180,40 @@ def _cache_slots(cache):
 def finish_reasons(state: DecodeState) -> list[str]:
   """Each row's finish reason: length, stop_token, stop_sequence, or running."""
   return [FINISH.get(int(c), "running") for c in np.asarray(state.finish_B)]
+
+
+def complete(decoder: Decoder, prompts: list[list[int]], max_new: int, sampling: Sampling,
+             seed: int = 0, on_tokens=None) -> tuple[list[list[int]], list[str]]:
+  """Up to max_new tokens per prompt, past the context window if need be.
+
+  When the cache is full, each row's text so far is cut to its last half-context and
+  prefilled again (nanoGPT's sliding window, one prefill per half-context instead of one per
+  token). on_tokens(new_tokens_per_row) is called after every jitted call (for streaming).
+  """
+  block = decoder.model.cfg.block_size
+  keep = block // 2
+  rows = [list(p)[-(block - 1):] for p in prompts]  # a prompt keeps its last block-1 tokens
+  produced = [[] for _ in prompts]
+  reasons = ["length"] * len(prompts)
+  live = list(range(len(prompts)))
+  for round_ in range(max_new + 1):
+    if not live:
+      break
+    context = [(rows[b] + produced[b])[-(block - 1 if round_ == 0 else keep):] for b in live]
+    tokens, start = left_pad(context)
+    budget = min(block - tokens.shape[1], max_new - max(len(produced[b]) for b in live))
+    if budget <= 0:
+      break
+    state = decoder.prefill(tokens, start, budget, seed + round_)
+    state, out, count = decoder.generate(state, budget, sampling)
+    out, count, finished = np.asarray(out), np.asarray(count), finish_reasons(state)
+    new = {}
+    for i, b in enumerate(live):
+      new[b] = out[i, :count[i]].tolist()
+      produced[b] += new[b]
+      if finished[i] in ("stop_token", "stop_sequence"):
+        reasons[b] = finished[i]
+    if on_tokens:
+      on_tokens(new)
+    live = [b for b in live if reasons[b] == "length" and len(produced[b]) < max_new]
+  return produced, reasons

@@ -17,12 +17,21 @@ _CONFIG = config_flags.DEFINE_config_file(
     "key with --config.a.b=value.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, events, config and data go.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "compile_only", "export"],
+    "mode", "train", ["train", "compile_only", "export", "sample"],
     "train: train and evaluate (resuming from the workdir's newest checkpoint). compile_only: "
     "compile the step for the configured mesh, print per-device memory and exit (non-zero when "
     "it will not fit). export: write the newest checkpoint's params (no optimizer state) with "
-    "config and tokenizer to WORKDIR/export (or --export_dir); needs no --config.")
+    "config and tokenizer to WORKDIR/export (or --export_dir); needs no --config. sample: "
+    "print continuations of --prompt from the newest checkpoint (or export) in WORKDIR.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: where to write.")
+_PROMPT = flags.DEFINE_string("prompt", "", "--mode=sample: the text to continue ('' starts "
+                              "from the end-of-text token).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples to draw (one batch).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate per sample.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens with this mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 _NEEDS_CONFIG = ("train", "compile_only")  # the others read WORKDIR/config.json
@@ -90,6 +99,10 @@ def main(argv) -> None:
       train.compile_only(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "export":
       train.export(_WORKDIR.value, _EXPORT_DIR.value)
+    elif _MODE.value == "sample":
+      from gptjax import sample
+      sample.sample(_WORKDIR.value, _PROMPT.value, _NUM_SAMPLES.value, _MAX_NEW.value,
+                    _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
   except UserError as e:
     _fail(e)
   except jax.errors.JaxRuntimeError as e:
