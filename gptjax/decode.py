@@ -37,8 +37,9 @@ class Sampling:
       raise UserError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
     if not 0 < self.top_p <= 1:
       raise UserError(f"top_p={self.top_p} must be in (0, 1]")
-    if not 0 <= self.top_k <= vocab_size:
-      raise UserError(f"top_k={self.top_k} must be in [0, vocab size {vocab_size}] (0: off)")
+    if self.top_k < 0:
+      raise UserError(f"top_k={self.top_k} must be >= 0 (0: off; above the vocabulary size "
+                      f"{vocab_size} it keeps every token)")
 
 
 def sample(logits_BxV, rng, s: Sampling):
@@ -48,7 +49,7 @@ def sample(logits_BxV, rng, s: Sampling):
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits_BxV = logits_BxV / s.temperature
   neg = jnp.finfo(jnp.float32).min
-  if s.top_k:
+  if s.top_k and s.top_k < logits_BxV.shape[-1]:  # a larger k keeps everything (nanoGPT's)
     kth_Bx1 = jax.lax.top_k(logits_BxV, s.top_k)[0][:, -1:]
     logits_BxV = jnp.where(logits_BxV < kth_Bx1, neg, logits_BxV)
   if s.top_p < 1:

@@ -95,6 +95,7 @@ def _draws(sampling, n=4000, seed=0):
 def test_top_k_never_leaves_the_k_most_likely():
   assert _draws(decode.Sampling(1.0, top_k=2)) == {1, 3}
   assert _draws(decode.Sampling(3.0, top_k=3)) == {1, 3, 4}  # even when flattened
+  assert _draws(decode.Sampling(1.0, top_k=200)) == {0, 1, 2, 3, 4}  # k > vocab: all
 
 
 def test_top_p_never_leaves_the_nucleus():
