@@ -23,6 +23,7 @@ from ml_collections import config_dict
 
 from gptjax import model as model_lib
 from gptjax.errors import UserError
+from gptjax.sharding import format_bytes, param_name
 
 CHECKPOINTS, BEST, CORRUPT, EXPORT = "checkpoints", "checkpoints_best", "checkpoints_corrupt", \
     "export"
@@ -176,9 +177,9 @@ def _check_shapes(manager, step: int, abstract_params, train_target, directory) 
     return
   if saved is None:
     return
-  want = {_name(p): tuple(x.shape)
+  want = {param_name(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
-  have = {_name(p): tuple(getattr(x, "shape", ()))
+  have = {param_name(p): tuple(getattr(x, "shape", ()))
           for p, x in jax.tree_util.tree_leaves_with_path(saved)}
   fix = ("resume with the config it was trained with (WORKDIR/config.json) or use a fresh "
          "--workdir")
@@ -230,10 +231,6 @@ def _first_difference(a, b, path: str):
         return where
     return None
   return None if a == b else path
-
-
-def _name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 class PreemptionWatch:
@@ -309,6 +306,10 @@ def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, d
         shutil.copy(os.path.join(workdir, name), os.path.join(out_dir, name))
     with open(os.path.join(out_dir, "export.json"), "w") as f:
       json.dump({"step": meta["step"], "from": os.path.abspath(workdir)}, f)
+    full = directory_bytes(os.path.join(workdir, CHECKPOINTS, str(meta["step"])))
+    size = directory_bytes(os.path.join(out_dir, "params"))
+    print(f"exported step {meta['step']} params to {out_dir} ({format_bytes(size)}; the "
+          f"training checkpoint is {format_bytes(full)})", flush=True)
   return out_dir, meta
 
 

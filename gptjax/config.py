@@ -5,6 +5,8 @@ differs (nanoGPT's habit). Every key exists here with a sensible default, so ml_
 can type-check `--config.a.b=value` overrides and reject unknown keys by name.
 """
 
+import json
+
 from ml_collections import config_dict
 
 from gptjax.errors import UserError
@@ -153,3 +155,11 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise UserError("config.data.source='text' needs --config.data.path=FILE_OR_GLOB")
   if config.data.source == "text" and not 0.0 < config.data.val_fraction < 1.0:
     raise UserError(f"config.data.val_fraction={config.data.val_fraction} must be in (0, 1)")
+
+
+def resolved(config: config_dict.ConfigDict, vocab_size: int) -> dict:
+  """The config as plain JSON data, the vocabulary size resolved (WORKDIR/config.json)."""
+  out = config.copy_and_resolve_references()
+  with out.unlocked():
+    out.model.vocab_size = vocab_size
+  return json.loads(out.to_json_best_effort())

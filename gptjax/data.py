@@ -213,3 +213,17 @@ def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir):
   if os.path.getsize(bin_path) == 0:
     raise UserError(f"the {split} split is empty; check the data source")
   return np.memmap(bin_path, dtype=dtype, mode="r"), meta["bytes"]
+
+
+def position(step: int, config) -> dict:
+  """Where the data iterator stands (saved in checkpoints): batches are a pure function of
+  (seed, step), so the step is the position; the rest tells whether the order still holds."""
+  return {"next_batch": step, "seed": config.seed, "batch_size": config.train.batch_size,
+          "block_size": config.model.block_size}
+
+
+def position_changes(saved: dict, config) -> list[str]:
+  """What changed since a saved position that alters the order of batches from here."""
+  now = position(saved.get("next_batch", 0), config)
+  return [f"{k} {saved[k]} -> {now[k]}" for k in ("seed", "batch_size", "block_size")
+          if k in saved and saved[k] != now[k]]

@@ -98,7 +98,8 @@ def main(argv) -> None:
     elif _MODE.value == "compile_only":
       train.compile_only(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "export":
-      train.export(_WORKDIR.value, _EXPORT_DIR.value)
+      from gptjax import checkpoint
+      checkpoint.export(_WORKDIR.value, _EXPORT_DIR.value)
     elif _MODE.value == "sample":
       from gptjax import sample
       sample.sample(_WORKDIR.value, _PROMPT.value, _NUM_SAMPLES.value, _MAX_NEW.value,

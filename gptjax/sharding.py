@@ -119,13 +119,17 @@ def check_divisible(boxed_params, mesh: Mesh, logical_rules) -> None:
       axes = (axes,) if isinstance(axes, str) else (axes or ())
       ways = math.prod(mesh.shape[a] for a in axes)
       if size % ways:
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path
-                        if getattr(k, "name", None) != "value")
         raise UserError(
-            f"parameter {name} has {logical} dimension {dim} of size {size}, which the mesh "
+            f"parameter {param_name(path)} has {logical} dimension {dim} of size {size}, which the mesh "
             f"axes {'x'.join(axes)}={ways} do not divide; change the model size or "
             f"--config.mesh.shape, or map {logical} elsewhere with --config.mesh.rules."
             f"{logical}")
+
+
+def param_name(path) -> str:
+  """'h_0/mlp/up/kernel' for a pytree path (boxed leaves' '.value' left out)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path
+                  if getattr(k, "name", None) != "value")
 
 
 def batch_sharding(mesh: Mesh, logical_rules) -> NamedSharding:
@@ -133,10 +137,13 @@ def batch_sharding(mesh: Mesh, logical_rules) -> NamedSharding:
   return nn.logical_to_mesh_sharding(PartitionSpec("batch", None), mesh, logical_rules)
 
 
-def data_parallel_size(mesh: Mesh, logical_rules) -> int:
+def _batch_axes(mesh: Mesh, logical_rules) -> tuple:
   spec = batch_sharding(mesh, logical_rules).spec[0]
-  axes = (spec,) if isinstance(spec, str) else (spec or ())
-  return math.prod(mesh.shape[a] for a in axes)
+  return (spec,) if isinstance(spec, str) else tuple(spec or ())
+
+
+def data_parallel_size(mesh: Mesh, logical_rules) -> int:
+  return math.prod(mesh.shape[a] for a in _batch_axes(mesh, logical_rules))
 
 
 def check_batch(batch_size: int, grad_accum: int, mesh: Mesh, logical_rules) -> None:
@@ -151,9 +158,7 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh, logical_rules) -> 
 
 
 def _dp_axes(mesh, logical_rules) -> str:
-  spec = batch_sharding(mesh, logical_rules).spec[0]
-  axes = (spec,) if isinstance(spec, str) else (spec or ())
-  return " x ".join(f"{a}={mesh.shape[a]}" for a in axes) or "none"
+  return " x ".join(f"{a}={mesh.shape[a]}" for a in _batch_axes(mesh, logical_rules)) or "none"
 
 
 def process_rows(sharding: NamedSharding, global_shape) -> slice:

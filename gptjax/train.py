@@ -143,19 +143,6 @@ def _prepare_workdir(workdir: str) -> None:
                     "--workdir") from None
 
 
-def _resolved_config(config, vocab_size: int) -> dict:
-  """The config as plain JSON data, vocabulary size resolved."""
-  resolved = config.copy_and_resolve_references()
-  with resolved.unlocked():
-    resolved.model.vocab_size = vocab_size
-  return json.loads(resolved.to_json_best_effort())
-
-
-def _write_config(config, workdir: str, vocab_size: int) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(_resolved_config(config, vocab_size), f, indent=2, sort_keys=True)
-
-
 @dataclasses.dataclass
 class Setup:
   """A model laid out on a mesh: its shardings and compiled steps (no data, no files)."""
@@ -263,17 +250,6 @@ def compile_only(config, workdir: str) -> dict:
   return {"compile_s": s.compile_s, "mesh": dict(s.mesh.shape), "memory": s.memory()}
 
 
-def export(workdir: str, out_dir: str | None = None) -> str:
-  """--mode=export: the newest checkpoint's params, config and tokenizer, for inference."""
-  out_dir, meta = checkpoint.export(workdir, out_dir, warn=say)
-  full = checkpoint.directory_bytes(os.path.join(workdir, checkpoint.CHECKPOINTS,
-                                                 str(meta["step"])))
-  size = checkpoint.directory_bytes(os.path.join(out_dir, "params"))
-  say(f"exported step {meta['step']} params to {out_dir} ({sharding.format_bytes(size)}; the "
-      f"training checkpoint is {sharding.format_bytes(full)})")
-  return out_dir
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in workdir, resuming from its newest checkpoint; returns the summary.
 
@@ -293,10 +269,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   else:
     state, meta = restored
     start, elapsed0 = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
-    _check_data_position(meta, config)
+    for change in data_lib.position_changes(meta.get("data", {}), config):
+      say(f"warning: {change} since the checkpoint: the data order from here differs from "
+          "the run that saved it")
     say(f"resumed from checkpoint {start} in {ckpt.manager.directory}")
+  resolved = config_lib.resolved(config, cfg.vocab_size)
   if lead:
-    _write_config(config, workdir, cfg.vocab_size)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(resolved, f, indent=2, sort_keys=True)
   if start >= tc.num_steps:  # exit 0: a restart loop re-running a finished job must stop
     ckpt.close()
     say(f"nothing to do: {workdir} is already trained to step {start} (train.num_steps="
@@ -304,7 +284,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "--config.optim.decay_steps to keep the old learning-rate schedule)")
     path = os.path.join(workdir, "summary.json")
     return json.load(open(path)) if os.path.exists(path) else {"steps": start}
-  run_meta = {"config": _resolved_config(config, cfg.vocab_size),
+  run_meta = {"config": resolved,
               "tokenizer": data.tokenizer.to_dict()}
   rows = s.rows()  # each process loads only the rows its devices hold
   train_at = lambda i: s.batch(data.train.get(i, rows))  # noqa: E731
@@ -348,7 +328,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         jax.block_until_ready(state.params)  # pending train steps count as training time
       t_pause = time.perf_counter()  # evals and checkpoint copies do not count as train time
       meta = {"step": step, "elapsed_s": elapsed0 + now - t_start,
-              "data": _data_position(step, config), **run_meta}
+              "data": data_lib.position(step, config), **run_meta}
       if step % tc.eval_every == 0 or step == tc.num_steps:
         jax.block_until_ready(state.params)  # pending train steps count as training time
         t_pause = time.perf_counter()
@@ -403,17 +383,3 @@ def _summarize(workdir, config, s: Setup, step_ms, val_losses, last_log, t_start
       + (f", final val_loss {summary['final_val_loss']:.4f}" if val_losses else ""))
   return summary
 
-
-def _data_position(step: int, config) -> dict:
-  """Where the data iterator stands: batches are a pure function of (seed, step)."""
-  return {"next_batch": step, "seed": config.seed, "batch_size": config.train.batch_size,
-          "block_size": config.model.block_size}
-
-
-def _check_data_position(meta: dict, config) -> None:
-  saved = meta.get("data", {})
-  now = _data_position(int(meta["step"]), config)
-  changed = [k for k in ("seed", "batch_size", "block_size") if k in saved and saved[k] != now[k]]
-  if changed:
-    say(f"warning: {', '.join(f'{k} {saved[k]} -> {now[k]}' for k in changed)} since the "
-        "checkpoint: the data order from here differs from the run that saved it")
