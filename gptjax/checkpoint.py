@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from ml_collections import config_dict
 
 from gptjax import model as model_lib
-from gptjax.errors import UserError
+from gptjax.errors import UserError, ensure_writable_dir
 from gptjax.sharding import format_bytes, param_name
 
 CHECKPOINTS, BEST, CORRUPT, EXPORT = "checkpoints", "checkpoints_best", "checkpoints_corrupt", \
@@ -295,6 +295,7 @@ def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, d
                     "(checkpoints are saved every config.checkpoint.every steps and at the end)")
   params, meta = restored
   out_dir = os.path.abspath(out_dir or os.path.join(workdir, EXPORT))
+  ensure_writable_dir(out_dir, "--export_dir")
   if os.path.exists(os.path.join(out_dir, "params")):
     shutil.rmtree(os.path.join(out_dir, "params"))
   checkpointer = ocp.StandardCheckpointer()

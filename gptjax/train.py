@@ -10,7 +10,6 @@ import json
 import math
 import os
 import time
-import uuid
 from typing import Any
 
 import flax
@@ -27,7 +26,7 @@ from gptjax import metrics as metrics_lib
 from gptjax import optim
 from gptjax import sharding
 from gptjax.attention import resolve_implementation
-from gptjax.errors import UserError
+from gptjax.errors import UserError, ensure_writable_dir
 from gptjax.model import GPT, GPTConfig, count_params
 
 
@@ -131,18 +130,6 @@ def evaluate(eval_fn, params, batch_at, num_batches: int) -> float:
   return float(jnp.mean(jnp.stack(losses)))
 
 
-def _prepare_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test.{uuid.uuid4().hex}")  # hosts may share it
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"cannot write to workdir {workdir!r} ({e.strerror}); pass a writable "
-                    "--workdir") from None
-
-
 @dataclasses.dataclass
 class Setup:
   """A model laid out on a mesh: its shardings and compiled steps (no data, no files)."""
@@ -223,7 +210,7 @@ def prepare(config, workdir: str) -> tuple[Setup, data_lib.Data]:
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.batch_size, config.optim.grad_accum, mesh,
                        sharding.rules(config.mesh))  # before a long data preparation
-  _prepare_workdir(workdir)
+  ensure_writable_dir(workdir, "--workdir")
   data = data_lib.load(config, workdir)
   s = setup(config, data.tokenizer.vocab_size, mesh)
   cfg = s.model.cfg

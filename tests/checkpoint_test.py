@@ -207,6 +207,17 @@ def test_export_is_params_only_and_keep_best_keeps_the_lowest_val_loss(tmp_path)
     np.testing.assert_array_equal(a, b)
 
 
+def test_export_to_an_unwritable_directory_is_a_one_line_error(tmp_path):
+  workdir = tmp_path / "w"
+  assert run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
+                 "--config.train.num_steps=2", env=ONE_DEVICE).returncode == 0
+  (tmp_path / "file").write_text("not a directory")
+  proc = run_cli("--mode=export", f"--workdir={workdir}", f"--export_dir={tmp_path}/file/x",
+                 env=ONE_DEVICE)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "pass a writable --export_dir" in proc.stderr
+
+
 def test_export_without_a_checkpoint_is_a_one_line_error(tmp_path):
   proc = run_cli("--mode=export", f"--workdir={tmp_path}", env=ONE_DEVICE)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
