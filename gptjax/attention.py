@@ -132,8 +132,12 @@ class CausalSelfAttention(nn.Module):
     if not ready:
       return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
     i, t = index.value, q_BxTxNxH.shape[1]
-    key.value = jax.lax.dynamic_update_slice(key.value, k_BxTxNxH, (0, i, 0, 0))
-    value.value = jax.lax.dynamic_update_slice(value.value, v_BxTxNxH, (0, i, 0, 0))
+    # Under a mesh the cache splits like the activations: batch over data, heads over tensor.
+    cache_axes = ("batch", "length", "heads", "kv")
+    key.value = nn.with_logical_constraint(
+        jax.lax.dynamic_update_slice(key.value, k_BxTxNxH, (0, i, 0, 0)), cache_axes)
+    value.value = nn.with_logical_constraint(
+        jax.lax.dynamic_update_slice(value.value, v_BxTxNxH, (0, i, 0, 0)), cache_axes)
     index.value = i + t
     slot_S = jnp.arange(key.value.shape[1])
     query_T = i + jnp.arange(t)

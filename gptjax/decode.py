@@ -9,6 +9,7 @@ is how chat streams text a few tokens per call. Rows stop independently at a sto
 stop sequence, or the token budget.
 """
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import sharding
 from gptjax.errors import UserError
 from gptjax.model import GPT
 
@@ -86,10 +88,17 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0):
 
 
 class Decoder:
-  """Jitted prefill and generate for one model and its params (sharded or not)."""
+  """Jitted prefill and generate for one model and its params.
 
-  def __init__(self, model: GPT, params, stop_tokens=(), stop_sequences=()):
+  With a mesh (and the rules table), params may be sharded over it (e.g. restored onto the
+  training shardings): the model's logical constraints then split activations and the cache
+  the same way, and XLA inserts the collectives.
+  """
+
+  def __init__(self, model: GPT, params, stop_tokens=(), stop_sequences=(), mesh=None,
+               rules=()):
     self.model, self.params = model, params
+    self.mesh, self.rules = mesh, tuple(rules)
     self.stop_tokens = tuple(int(t) for t in stop_tokens)
     self.stop_sequences = tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s))
     self._prefill = jax.jit(self._prefill_fn, static_argnums=(3,))
@@ -102,13 +111,20 @@ class Decoder:
       raise UserError(f"prompt ({tokens_BxP.shape[1]} tokens) + max_new_tokens ({max_new}) = "
                       f"{total} exceeds the context of {self.model.cfg.block_size} tokens; "
                       "shorten the prompt or lower --max_new_tokens")
-    return self._prefill(self.params, jnp.asarray(tokens_BxP), jnp.asarray(start_B), total,
-                         jax.random.PRNGKey(seed))
+    with self._context():
+      return self._prefill(self.params, jnp.asarray(tokens_BxP), jnp.asarray(start_B), total,
+                           jax.random.PRNGKey(seed))
 
   def generate(self, state: DecodeState, n: int, sampling: Sampling = Sampling()):
     """n more tokens per row -> (state, tokens (B, n) int32, counts (B,)): the rows' new
     tokens are tokens[b, :counts[b]] (a row that finished stops counting)."""
-    return self._generate(self.params, state, n, sampling)
+    with self._context():
+      return self._generate(self.params, state, n, sampling)
+
+  def _context(self):
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return sharding.context(self.mesh, self.rules)
 
   def _prefill_fn(self, params, tokens_BxP, start_B, total: int, rng):
     b, p = tokens_BxP.shape

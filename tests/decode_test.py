@@ -127,3 +127,47 @@ def test_errors_name_the_problem():
     decode.Sampling(1.0, top_p=1.5).check(VOCAB)
   with pytest.raises(UserError, match="at least one token"):
     decode.left_pad([[1], []])
+
+
+def test_decoding_with_params_sharded_over_a_mesh_matches_one_device():
+  from gptjax import sharding
+  config = tiny_config(mesh__shape__data=1, mesh__shape__fsdp=4, mesh__shape__tensor=2)
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+  model, params = _model()
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))
+  shardings = sharding.tree_shardings(boxed["params"], mesh, rules)
+  sharded = jax.device_put(params, shardings)
+  assert tuple(sharded["wte"]["embedding"].sharding.spec) == ("tensor", "fsdp")  # really split
+  prompts = PROMPTS + [[2, 2, 9, 1]]  # 4 rows: the batch splits over fsdp
+  tokens, start = decode.left_pad(prompts)
+  hot = decode.Sampling(1.5, top_k=20, top_p=0.95)
+  results = []
+  for p, m in ((params, None), (sharded, mesh)):
+    d = decode.Decoder(model, p, mesh=m, rules=rules)
+    for s in (decode.Sampling(0.0), hot):
+      state, out, _ = d.generate(d.prefill(tokens, start, 12, seed=3), 12, s)
+      results.append(np.asarray(out))
+  key = state.cache["h_0"]["attn"]["cached_key"]
+  assert "tensor" in str(key.sharding.spec)  # the cache splits its heads over tensor
+  np.testing.assert_array_equal(results[0], results[2])  # greedy
+  np.testing.assert_array_equal(results[1], results[3])  # sampled, same seed
+
+
+def test_bf16_decoding_picks_the_argmax_of_a_bf16_full_forward():
+  """bf16 rounding differs between the cached and the full computation, so tokens may flip on
+  near-ties; each cached greedy choice must be (within bf16 error) the full pass's argmax."""
+  cfg = GPTConfig.from_config(tiny_config(model__dtype="bfloat16").model, VOCAB)
+  model = GPT(cfg)
+  _, params = _model()
+  tokens, start = decode.left_pad(PROMPTS)
+  d = decode.Decoder(model, params)
+  state, out, _ = d.generate(d.prefill(tokens, start, 12), 12, decode.Sampling(0.0))
+  assert state.cache["h_0"]["attn"]["cached_key"].dtype == jnp.bfloat16
+  for b, prompt in enumerate(PROMPTS):
+    seq = np.zeros((1, 32), np.int32)
+    seq[0, :len(prompt) + 12] = prompt + list(np.asarray(out[b]))
+    logits = np.asarray(model.apply({"params": params}, seq)[0, :, :VOCAB], np.float32)
+    for i in range(12):
+      step = logits[len(prompt) - 1 + i]
+      chosen = step[int(out[b, i])]
+      assert chosen >= step.max() - 0.02 * np.abs(step).max(), (b, i)
