@@ -17,21 +17,28 @@ _CONFIG = config_flags.DEFINE_config_file(
     "key with --config.a.b=value.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, events, config and data go.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "compile_only", "export", "sample"],
+    "mode", "train", ["train", "compile_only", "export", "sample", "chat"],
     "train: train and evaluate (resuming from the workdir's newest checkpoint). compile_only: "
     "compile the step for the configured mesh, print per-device memory and exit (non-zero when "
     "it will not fit). export: write the newest checkpoint's params (no optimizer state) with "
     "config and tokenizer to WORKDIR/export (or --export_dir); needs no --config. sample: "
-    "print continuations of --prompt from the newest checkpoint (or export) in WORKDIR.")
+    "print continuations of --prompt from the newest checkpoint (or export) in WORKDIR. "
+    "chat: an interactive conversation on stdin with that model, replies streamed.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: where to write.")
 _PROMPT = flags.DEFINE_string("prompt", "", "--mode=sample: the text to continue ('' starts "
                               "from the end-of-text token).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples to draw (one batch).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate per sample.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate per sample (chat: "
+                                "per reply, default half the context).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens with this mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STREAM_TOKENS = flags.DEFINE_integer("stream_tokens", 8, "--mode=chat: tokens per jitted "
+                                      "call, printed after each call.")
+_USER = flags.DEFINE_string("user_name", "User", "--mode=chat: the user's speaker name.")
+_ASSISTANT = flags.DEFINE_string("assistant_name", "Assistant", "--mode=chat: the model's "
+                                 "speaker name (e.g. ROMEO and JULIET for Shakespeare).")
 
 
 _NEEDS_CONFIG = ("train", "compile_only")  # the others read WORKDIR/config.json
@@ -104,6 +111,11 @@ def main(argv) -> None:
       from gptjax import sample
       sample.sample(_WORKDIR.value, _PROMPT.value, _NUM_SAMPLES.value, _MAX_NEW.value,
                     _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
+    elif _MODE.value == "chat":
+      from gptjax import chat
+      max_new = _MAX_NEW.value if flags.FLAGS["max_new_tokens"].present else None
+      chat.run(_WORKDIR.value, max_new, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
+               _SEED.value, _STREAM_TOKENS.value, _USER.value, _ASSISTANT.value)
   except UserError as e:
     _fail(e)
   except jax.errors.JaxRuntimeError as e:

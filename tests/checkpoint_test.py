@@ -11,11 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli, tiny_config
+from conftest import ONE_DEVICE, REPO, run_cli, tiny_config
 from gptjax import checkpoint, sharding, train
 from gptjax.model import abstract_params
 
-ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # fast subprocesses
 STEPS = 400
 ARGS = ["--config=experiments/tiny.py", f"--config.train.num_steps={STEPS}",
         "--config.train.log_every=1", "--config.train.eval_every=100",

@@ -45,8 +45,21 @@ def corpus(tmp_path):
   return str(path)
 
 
-def run_cli(*args, timeout=240, env=None):
+def run_cli(*args, timeout=240, env=None, stdin=""):
   """Runs `python -m gptjax.main ARGS` from the repo root; returns the CompletedProcess."""
   return subprocess.run([sys.executable, "-m", "gptjax.main", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout,
+                        capture_output=True, text=True, timeout=timeout, input=stdin,
                         env={**os.environ, **(env or {})})
+
+
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # fast subprocesses
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+  """A workdir with the tiny model trained 30 steps on Shakespeare (for sample and chat)."""
+  workdir = tmp_path_factory.mktemp("trained")
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
+                 "--config.train.num_steps=30", env=ONE_DEVICE)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return workdir

@@ -2,22 +2,11 @@
 
 import pytest
 
-from conftest import run_cli
-
-ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+from conftest import ONE_DEVICE, run_cli
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("trained")
-  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
-                 "--config.train.num_steps=30", env=ONE_DEVICE)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  return workdir
-
-
-def test_sample_prints_continuations_of_the_prompt(trained):
-  proc = run_cli("--mode=sample", f"--workdir={trained}", "--prompt=ROMEO:",
+def test_sample_prints_continuations_of_the_prompt(trained_tiny):
+  proc = run_cli("--mode=sample", f"--workdir={trained_tiny}", "--prompt=ROMEO:",
                  "--num_samples=2", "--max_new_tokens=80", "--top_k=10", env=ONE_DEVICE)
   assert proc.returncode == 0, proc.stderr[-2000:]
   samples = proc.stdout.split("---------------\n")
@@ -32,8 +21,8 @@ def test_sample_prints_continuations_of_the_prompt(trained):
     (["--top_p=1.5"], "top_p=1.5 must be in (0, 1]"),
     (["--temperature=-1"], "temperature=-1.0 must be >= 0"),
 ])
-def test_sample_errors(trained, args, fragment):
-  proc = run_cli("--mode=sample", f"--workdir={trained}", *args, env=ONE_DEVICE)
+def test_sample_errors(trained_tiny, args, fragment):
+  proc = run_cli("--mode=sample", f"--workdir={trained_tiny}", *args, env=ONE_DEVICE)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.startswith("gptjax: error:")]
   assert len(lines) == 1 and fragment in lines[0], proc.stderr[-2000:]

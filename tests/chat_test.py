@@ -1,0 +1,67 @@
+"""Chat: replies stream over several jitted calls, stop at the end of a turn, the oldest turns
+are dropped to fit the context, and the CLI session runs on stdin."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ONE_DEVICE, run_cli, tiny_config
+from gptjax import chat, decode, tokenizers
+from gptjax.errors import UserError
+from gptjax.model import GPT, GPTConfig
+
+TOKENIZER = tokenizers.CharTokenizer("abcdefghijklmnopqrstuvwxyzUA:,. \n")
+
+
+def _chat(max_new=10, chunk=2, seed=0):
+  model = GPT(GPTConfig.from_config(tiny_config().model, TOKENIZER.vocab_size))
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32), jnp.int32))["params"]
+  params = jax.tree.map(lambda x: x.value, params, is_leaf=lambda x: hasattr(x, "value"))
+  template = chat.Template("U", "A")
+  stop = TOKENIZER.encode(template.end_of_turn).tolist()
+  decoder = decode.Decoder(model, params, [TOKENIZER.eot_id], [stop])
+  notes = []
+  return chat.Chat(decoder, TOKENIZER, template, max_new, decode.Sampling(1.0), chunk, seed,
+                   notes.append), notes
+
+
+def test_replies_stream_over_several_calls_and_end_at_the_turn():
+  c, _ = _chat(max_new=10, chunk=2)
+  pieces = []
+  reply = c.reply(c.user_turn("hi"), pieces.append)
+  assert "".join(pieces) == reply and "\n\n" not in reply
+  assert len(reply) > 2 and len(pieces) >= 2  # text arrived after more than one call
+  turn = TOKENIZER.decode(c.turns[-1])
+  assert turn == f"A:\n{reply}\n\n" and TOKENIZER.decode(c.turns[0]) == "U:\nhi\n\n"
+
+
+def test_the_oldest_turns_are_dropped_to_fit_the_context():
+  c, notes = _chat(max_new=8)
+  for text in ["one", "two two", "three three", "four four four"]:
+    c.reply(c.user_turn(text), lambda piece: None)
+  prompt = c.context(c.user_turn("five"))
+  assert len(prompt) <= c.width  # prompt + reply budget within the 32-token context
+  assert TOKENIZER.decode(prompt).endswith("U:\nfive\n\nA:\n")
+  assert not TOKENIZER.decode(prompt).startswith("U:\none")
+  assert any("dropped the oldest" in n for n in notes)
+  # One compile per session: the prompt is always padded to the same width.
+  assert c.decoder._prefill._cache_size() == 1 and c.decoder._generate._cache_size() == 1
+
+
+def test_chat_errors():
+  with pytest.raises(UserError, match="in chat use 1..16"):
+    _chat(max_new=30)
+  c, _ = _chat()
+  with pytest.raises(UserError, match="'é'"):
+    c.user_turn("café")
+
+
+def test_chat_session_on_stdin(trained_tiny):
+  proc = run_cli("--mode=chat", f"--workdir={trained_tiny}", "--max_new_tokens=12",
+                 "--user_name=ROMEO", "--assistant_name=JULIET",
+                 stdin="Good morrow.\nCaf\u00e9?\n/reset\nFarewell.\n", env=ONE_DEVICE)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.count("JULIET: ") == 2  # the bad line got no reply, the others did
+  assert "character '\u00e9'" in proc.stderr and "conversation forgotten" in proc.stderr
+  assert "Traceback" not in proc.stderr
