@@ -4,6 +4,10 @@
               train state (params + Adam) of the configured model; random weights and
               random (not zero) Adam moments, as after training.
 
+  decode      prefill and greedy generation with random weights on one device: a batch
+              of --batch_size random prompts of --prompt_len tokens, --new_tokens each;
+              medians over --repeats runs after a compiling run.
+
 Each prints one JSON line. The vocabulary is config.model.vocab_size (default 50257, GPT-2's),
 so no dataset is read.
 """
@@ -14,13 +18,17 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from gptjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (default: a temporary one).")
+_BATCH = flags.DEFINE_integer("batch_size", 1, "decode: prompts per batch.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "decode: tokens per prompt.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "decode: tokens generated per prompt.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "decode: timed runs (the median is reported).")
 
 
 def _trained_looking(state, shardings):
@@ -65,11 +73,64 @@ def bench_checkpoint(config, workdir: str) -> dict:
           "write_gib_per_s": round(size / 2**30 / total, 3)}
 
 
+def bench_decode(config, workdir: str) -> dict:
+  """Times prefill and the generate loop separately; tokens/s counts new tokens only."""
+  del workdir
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from gptjax import decode
+  from gptjax.model import GPT, GPTConfig
+  cfg = GPTConfig.from_config(config.model, config.model.vocab_size or 50257)
+  b, p, n = _BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value
+  if min(b, p, n, _REPEATS.value) < 1:
+    raise UserError("--batch_size, --prompt_len, --new_tokens and --repeats must be >= 1")
+  if p + n > cfg.block_size:
+    raise UserError(f"--prompt_len={p} + --new_tokens={n} exceeds the {cfg.block_size}-token "
+                    "context")
+  model = GPT(cfg)
+  device = jax.local_devices()[0]
+  init = lambda key: jax.tree.map(
+      lambda x: x.value if hasattr(x, "value") else x,
+      model.init(key, jnp.zeros((1, cfg.block_size), jnp.int32))["params"],
+      is_leaf=lambda x: hasattr(x, "value"))
+  with jax.default_device(device):
+    params = jax.jit(init)(jax.random.PRNGKey(config.seed))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, p), dtype=np.int32)
+    start = np.zeros((b,), np.int32)
+    decoder = decode.Decoder(model, params)
+    greedy = decode.Sampling(0.0)
+
+    def run():
+      t0 = time.perf_counter()
+      state = jax.block_until_ready(decoder.prefill(tokens, start, n))
+      t1 = time.perf_counter()
+      _, out, count = jax.block_until_ready(decoder.generate(state, n, greedy))
+      t2 = time.perf_counter()
+      assert int(np.min(count)) == n  # no stop tokens: every row ran the whole budget
+      return t1 - t0, t2 - t1
+
+    t0 = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - t0
+    times = np.array([run() for _ in range(_REPEATS.value)])
+  prefill_s, generate_s = np.median(times[:, 0]), np.median(times[:, 1])
+  return {"bench": "decode", "device": device.device_kind, "n_params": int(
+      sum(x.size for x in jax.tree.leaves(params))), "dtype": jnp.dtype(cfg.dtype).name,
+      "batch": b, "prompt_len": p, "new_tokens": n, "greedy": True,
+      "tokens_per_s": round(b * n / (prefill_s + generate_s), 1),
+      "decode_tokens_per_s": round(b * n / generate_s, 1),
+      "ms_per_step": round(1e3 * generate_s / n, 3), "prefill_ms": round(1e3 * prefill_s, 2),
+      "first_run_s": round(compile_s, 2), "repeats": _REPEATS.value}
+
+
 def main(argv):
-  benches = {"checkpoint": bench_checkpoint}
+  benches = {"checkpoint": bench_checkpoint, "decode": bench_decode}
   if len(argv) != 2 or argv[1] not in benches:
     print(f"gptjax.bench: error: name one benchmark: {', '.join(benches)}", file=sys.stderr)
     sys.exit(1)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   if _CONFIG.value is None:
     print("gptjax.bench: error: --config is required", file=sys.stderr)
     sys.exit(1)

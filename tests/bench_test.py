@@ -20,4 +20,23 @@ def test_checkpoint_bench_prints_one_json_line():
 def test_bench_without_a_name_is_a_one_line_error():
   proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "--config=experiments/tiny.py"],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 1 and "name one benchmark: checkpoint" in proc.stderr
+  assert proc.returncode == 1 and "name one benchmark: checkpoint, decode" in proc.stderr
+
+
+def test_decode_bench_prints_one_json_line():
+  proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "decode",
+                         "--config=experiments/tiny.py", "--batch_size=2", "--prompt_len=8",
+                         "--new_tokens=16", "--repeats=2"], cwd=REPO, capture_output=True,
+                        text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["bench"] == "decode" and result["batch"] == 2 and result["new_tokens"] == 16
+  assert result["decode_tokens_per_s"] >= result["tokens_per_s"] > 0
+  assert result["ms_per_step"] > 0 and result["prefill_ms"] > 0
+
+
+def test_decode_bench_rejects_a_prompt_beyond_the_context():
+  proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "decode",
+                         "--config=experiments/tiny.py", "--prompt_len=30", "--new_tokens=8"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and "exceeds the 32-token context" in proc.stderr
