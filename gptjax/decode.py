@@ -67,7 +67,7 @@ def sample(logits_BxV, rng, s: Sampling):
 
 @flax.struct.dataclass
 class DecodeState:
-  cache: Any  # the model's "cache" collection: (B, S, N, H) keys and values per layer
+  cache: Any  # the model's "cache" collection: (B, N, S, H) keys and values per layer
   logits_BxV: jax.Array  # the next token's logits
   start_B: jax.Array  # first real slot of each row
   done_B: jax.Array  # bool
@@ -191,7 +191,7 @@ def _cache_index(cache):
 
 
 def _cache_slots(cache):
-  return _cache_leaves(cache, "cached_key")[0].shape[1]
+  return _cache_leaves(cache, "cached_key")[0].shape[2]  # (B, N, S, H)
 
 
 def finish_reasons(state: DecodeState) -> list[str]:
