@@ -7,6 +7,9 @@
   decode      prefill and greedy generation with random weights on one device: a batch
               of --batch_size random prompts of --prompt_len tokens, --new_tokens each;
               medians over --repeats runs after a compiling run.
+  sample      `--mode=sample`'s path on a trained run (--workdir, no --config): batch 1,
+              --new_tokens (500) from end-of-text, temperature 0.8, top_k 200, past the
+              context window as needed; median of --repeats after a compiling run.
 
 Each prints one JSON line. The vocabulary is config.model.vocab_size (default 50257, GPT-2's),
 so no dataset is read.
@@ -124,14 +127,36 @@ def bench_decode(config, workdir: str) -> dict:
       "first_run_s": round(compile_s, 2), "repeats": _REPEATS.value}
 
 
+def bench_sample(config, workdir: str) -> dict:
+  del config
+  import numpy as np
+  from gptjax import decode, sample
+  if not _WORKDIR.value:
+    raise UserError("bench sample needs --workdir=DIR of a trained run")
+  model, params, tokenizer, where = sample.load(workdir)
+  decoder = decode.Decoder(model, params, stop_tokens=[tokenizer.eot_id])
+  sampling = decode.Sampling(0.8, 200, 1.0)
+  n = _NEW_TOKENS.value if flags.FLAGS["new_tokens"].present else 500
+  runs = []
+  for seed in range(_REPEATS.value + 1):
+    t0 = time.perf_counter()
+    out, _ = decode.complete(decoder, [[tokenizer.eot_id]], n, sampling, seed)
+    runs.append((len(out[0]), time.perf_counter() - t0))
+  rates = [k / s for k, s in runs[1:]]
+  return {"bench": "sample", "from": where, "block_size": model.cfg.block_size,
+          "new_tokens": n, "tokens_per_s": round(float(np.median(rates)), 1),
+          "tokens_per_s_min": round(min(rates), 1), "tokens_per_s_max": round(max(rates), 1),
+          "first_run_s": round(runs[0][1], 2), "repeats": _REPEATS.value}
+
+
 def main(argv):
-  benches = {"checkpoint": bench_checkpoint, "decode": bench_decode}
+  benches = {"checkpoint": bench_checkpoint, "decode": bench_decode, "sample": bench_sample}
   if len(argv) != 2 or argv[1] not in benches:
     print(f"gptjax.bench: error: name one benchmark: {', '.join(benches)}", file=sys.stderr)
     sys.exit(1)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  if _CONFIG.value is None:
+  if _CONFIG.value is None and argv[1] != "sample":
     print("gptjax.bench: error: --config is required", file=sys.stderr)
     sys.exit(1)
   try:

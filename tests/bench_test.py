@@ -1,10 +1,11 @@
 """Benchmarks run end to end (their figures are recorded in BUILD_NOTES.md, never asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import ONE_DEVICE, REPO
 
 
 def test_checkpoint_bench_prints_one_json_line():
@@ -20,7 +21,7 @@ def test_checkpoint_bench_prints_one_json_line():
 def test_bench_without_a_name_is_a_one_line_error():
   proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "--config=experiments/tiny.py"],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 1 and "name one benchmark: checkpoint, decode" in proc.stderr
+  assert proc.returncode == 1 and "name one benchmark: checkpoint, decode, sample" in proc.stderr
 
 
 def test_decode_bench_prints_one_json_line():
@@ -40,3 +41,14 @@ def test_decode_bench_rejects_a_prompt_beyond_the_context():
                          "--config=experiments/tiny.py", "--prompt_len=30", "--new_tokens=8"],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1 and "exceeds the 32-token context" in proc.stderr
+
+
+def test_sample_bench_times_a_trained_run(trained_tiny):
+  proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "sample",
+                         f"--workdir={trained_tiny}", "--new_tokens=40", "--repeats=2"],
+                        cwd=REPO, capture_output=True, text=True, timeout=240,
+                        env={**os.environ, **ONE_DEVICE})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["bench"] == "sample" and result["from"] == "checkpoint 30"
+  assert result["tokens_per_s_max"] >= result["tokens_per_s"] >= result["tokens_per_s_min"] > 0
