@@ -19,6 +19,14 @@ setup(
         "grain>=0.2.10",  # stateless index_shuffle: epoch permutations with O(1) memory
         "numpy>=1.26",
         "tensorboardX>=2.6",
+        "tokenizers>=0.20",  # GPT-2 BPE from local tokenizer.json / vocab.json + merges.txt
+        "tiktoken>=0.7",  # GPT-2 BPE when its files can be fetched (faster)
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",  # Hugging Face checkpoints in and out
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # torch and transformers only check interop against models built in the tests;
+        # torch reads pytorch_model.bin checkpoints too when installed.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.45"],
+    },
 )

@@ -126,12 +126,13 @@ def _safe_length(text: str, stop: str) -> int:
 
 
 def run(workdir: str, max_new: int | None, temperature: float, top_k: int, top_p: float,
-        seed: int, chunk: int, user: str, assistant: str, stdin=None, stdout=None) -> int:
+        seed: int, chunk: int, user: str, assistant: str, config=None, stdin=None,
+        stdout=None) -> int:
   """The interactive loop; returns the number of replies. /reset forgets the conversation,
   /quit (or end of input, or Ctrl-C) ends the session."""
   from gptjax import sample  # loading is shared with --mode=sample
   stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-  model, params, tokenizer, where = sample.load(workdir)
+  model, params, tokenizer, where = sample.load(workdir, config)
   sampling = decode.Sampling(temperature, top_k, top_p)
   sampling.check(model.cfg.vocab_size)
   template = Template(user, assistant)

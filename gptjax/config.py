@@ -19,7 +19,7 @@ CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "data.source": ("tfds", "text"),
-    "data.tokenizer": ("char", "byte"),
+    "data.tokenizer": ("char", "byte", "bpe", "sentencepiece"),
 }
 
 
@@ -27,6 +27,9 @@ def default_config() -> config_dict.ConfigDict:
   """GPT-2 small on tiny Shakespeare (char level): every key, with its default."""
   c = config_dict.ConfigDict()
   c.seed = 0
+  # Start from other weights: "hf:DIR", a Hugging Face GPT-2 directory (config.json +
+  # model.safetensors or pytorch_model.bin). The model config must have its shapes.
+  c.init_from = config_dict.placeholder(str)
 
   c.model = config_dict.ConfigDict()
   c.model.n_layer = 12
@@ -62,6 +65,9 @@ def default_config() -> config_dict.ConfigDict:
   c.data.path = config_dict.placeholder(str)  # source=text: a file, or a glob of files
   c.data.val_fraction = 0.1  # source=text: the tail of the corpus held out for evals
   c.data.tokenizer = "char"
+  # bpe: a tokenizer.json, or a directory with it or vocab.json + merges.txt (None: the
+  # init_from directory's files if any, else tiktoken's gpt2); sentencepiece: a .model file.
+  c.data.tokenizer_path = config_dict.placeholder(str)
 
   c.optim = config_dict.ConfigDict()
   c.optim.lr = 6e-4
@@ -151,6 +157,9 @@ def validate(config: config_dict.ConfigDict) -> None:
   if t.batch_size % o.grad_accum:
     raise UserError(f"config.train.batch_size={t.batch_size} is not divisible by "
                     f"config.optim.grad_accum={o.grad_accum}")
+  if config.init_from and not config.init_from.startswith("hf:"):
+    raise UserError(f"config.init_from={config.init_from!r} is not understood; use "
+                    "hf:DIR (a Hugging Face GPT-2 directory)")
   if config.data.source == "text" and not config.data.path:
     raise UserError("config.data.source='text' needs --config.data.path=FILE_OR_GLOB")
   if config.data.source == "text" and not 0.0 < config.data.val_fraction < 1.0:

@@ -10,6 +10,7 @@ nothing else.
 import dataclasses
 import functools
 import glob
+import hashlib
 import json
 import os
 import uuid
@@ -87,8 +88,7 @@ def load(config, workdir: str) -> Data:
   if os.path.exists(tok_path):  # a workdir keeps its vocabulary, so ids stay stable
     tokenizer = tokenizers.load(tok_path)
   else:
-    tokenizer = (tokenizers.CharTokenizer.train(docs["train"]()) if dc.tokenizer == "char"
-                 else tokenizers.ByteTokenizer())
+    tokenizer = tokenizers.build(dc.tokenizer, tokenizer_path(config), docs["train"])
     tokenizers.save(tokenizer, tok_path)
   if tokenizer.kind != dc.tokenizer:
     raise UserError(f"{tok_path} holds a {tokenizer.kind} tokenizer but config.data.tokenizer="
@@ -101,6 +101,21 @@ def load(config, workdir: str) -> Data:
     out[split] = (Batches(tokens, batch, config.model.block_size, config.seed, split), n_bytes)
   val, val_bytes = out["val"]
   return Data(tokenizer, out["train"][0], val, val_bytes / len(val.tokens))
+
+
+def tokenizer_path(config) -> str | None:
+  """data.tokenizer_path, else (for bpe) the init_from directory when it has BPE files."""
+  dc = config.data
+  if dc.tokenizer_path or dc.tokenizer != "bpe" or not config.init_from:
+    return dc.tokenizer_path
+  hf_dir = config.init_from[len("hf:"):]
+  has = lambda *names: all(os.path.isfile(os.path.join(hf_dir, n)) for n in names)
+  return hf_dir if has("tokenizer.json") or has("vocab.json", "merges.txt") else None
+
+
+def train_texts(config) -> Iterable[str]:
+  """The documents of the training split (for training a tokenizer)."""
+  return _sources(config.data)["train"]()
 
 
 def _sources(dc) -> dict[str, Callable[[], Iterable[str]]]:
@@ -190,7 +205,8 @@ def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir):
   os.makedirs(cache_dir, exist_ok=True)
   bin_path = os.path.join(cache_dir, f"{split}.bin")
   meta_path = bin_path + ".json"
-  key = {"source": fingerprint, "tokenizer": tokenizer.to_dict()}
+  key = {"source": fingerprint, "tokenizer": hashlib.sha256(
+      json.dumps(tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()}
   dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
   meta = None
   if os.path.exists(meta_path) and os.path.exists(bin_path):
@@ -200,10 +216,11 @@ def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir):
     n_bytes, eot = 0, np.array([tokenizer.eot_id], dtype)
     tmp = f"{bin_path}.{uuid.uuid4().hex}.tmp"  # processes sharing a workdir never collide
     with open(tmp, "wb") as f:  # streamed: constant memory for any corpus
-      for doc in docs():
-        f.write(tokenizer.encode(doc).astype(dtype).tobytes())
-        f.write(eot.tobytes())
-        n_bytes += len(doc.encode("utf-8"))
+      for chunk in _chunks(docs(), 1024):  # library tokenizers encode a chunk in parallel
+        for doc, ids in zip(chunk, tokenizer.encode_batch(chunk)):
+          f.write(ids.astype(dtype).tobytes())
+          f.write(eot.tobytes())
+          n_bytes += len(doc.encode("utf-8"))
     os.replace(tmp, bin_path)
     meta = {"key": key, "bytes": n_bytes}
     tmp = f"{meta_path}.{uuid.uuid4().hex}.tmp"
@@ -213,6 +230,17 @@ def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir):
   if os.path.getsize(bin_path) == 0:
     raise UserError(f"the {split} split is empty; check the data source")
   return np.memmap(bin_path, dtype=dtype, mode="r"), meta["bytes"]
+
+
+def _chunks(items, n: int):
+  chunk = []
+  for item in items:
+    chunk.append(item)
+    if len(chunk) == n:
+      yield chunk
+      chunk = []
+  if chunk:
+    yield chunk
 
 
 def position(step: int, config) -> dict:

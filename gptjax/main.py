@@ -24,7 +24,11 @@ _MODE = flags.DEFINE_enum(
     "config and tokenizer to WORKDIR/export (or --export_dir); needs no --config. sample: "
     "print continuations of --prompt from the newest checkpoint (or export) in WORKDIR. "
     "chat: an interactive conversation on stdin with that model, replies streamed.")
-_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: where to write.")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: where to write "
+                                   "(default WORKDIR/export, or WORKDIR/export_hf).")
+_EXPORT_FORMAT = flags.DEFINE_enum(
+    "export_format", "gptjax", ["gptjax", "hf"], "--mode=export: gptjax (params, config, "
+    "tokenizer) or hf (a GPT2LMHeadModel directory: config.json + model.safetensors).")
 _PROMPT = flags.DEFINE_string("prompt", "", "--mode=sample: the text to continue ('' starts "
                               "from the end-of-text token).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples to draw (one batch).")
@@ -41,7 +45,8 @@ _ASSISTANT = flags.DEFINE_string("assistant_name", "Assistant", "--mode=chat: th
                                  "speaker name (e.g. ROMEO and JULIET for Shakespeare).")
 
 
-_NEEDS_CONFIG = ("train", "compile_only")  # the others read WORKDIR/config.json
+# The others read WORKDIR/config.json; sample and chat take a --config with init_from.
+_NEEDS_CONFIG = ("train", "compile_only")
 
 
 def _fail(message: str) -> None:
@@ -56,10 +61,10 @@ def _parse_flags(argv):
     rest = flags.FLAGS(argv)
     if not flags.FLAGS["verbosity"].present:  # INFO chatter only with --verbosity=0
       logging.set_verbosity(logging.WARNING)
-    if _MODE.value in _NEEDS_CONFIG:
-      if _CONFIG.value is None:
-        raise UserError(f"--mode={_MODE.value} needs --config, e.g. "
-                        "--config=experiments/shakespeare_char.py:cpu")
+    if _MODE.value in _NEEDS_CONFIG and _CONFIG.value is None:
+      raise UserError(f"--mode={_MODE.value} needs --config, e.g. "
+                      "--config=experiments/shakespeare_char.py:cpu")
+    if _CONFIG.value is not None:
       _CONFIG.value.keys()  # the experiment file loads lazily: make its errors surface here
     if not _WORKDIR.value:
       raise UserError("--workdir is required, e.g. --workdir=/tmp/run")
@@ -104,18 +109,21 @@ def main(argv) -> None:
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "compile_only":
       train.compile_only(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "export" and _EXPORT_FORMAT.value == "hf":
+      from gptjax import hf
+      hf.export(_WORKDIR.value, _EXPORT_DIR.value)
     elif _MODE.value == "export":
       from gptjax import checkpoint
       checkpoint.export(_WORKDIR.value, _EXPORT_DIR.value)
     elif _MODE.value == "sample":
       from gptjax import sample
       sample.sample(_WORKDIR.value, _PROMPT.value, _NUM_SAMPLES.value, _MAX_NEW.value,
-                    _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
+                    _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value, _CONFIG.value)
     elif _MODE.value == "chat":
       from gptjax import chat
       max_new = _MAX_NEW.value if flags.FLAGS["max_new_tokens"].present else None
       chat.run(_WORKDIR.value, max_new, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
-               _SEED.value, _STREAM_TOKENS.value, _USER.value, _ASSISTANT.value)
+               _SEED.value, _STREAM_TOKENS.value, _USER.value, _ASSISTANT.value, _CONFIG.value)
   except UserError as e:
     _fail(e)
   except jax.errors.JaxRuntimeError as e:

@@ -6,12 +6,16 @@ import time
 import jax
 
 from gptjax import checkpoint, decode, tokenizers
+from gptjax import config as config_lib
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig, abstract_params
 
 
-def load(workdir: str):
-  """(model, params, tokenizer, where) from a run's newest checkpoint, else its export."""
+def load(workdir: str, config=None):
+  """(model, params, tokenizer, where) from a run's newest checkpoint, else its export;
+  or, given a config with init_from, from those weights and the config's tokenizer."""
+  if config is not None and config.init_from:
+    return _load_init_from(config)
   export_dir = os.path.join(workdir, checkpoint.EXPORT)
   has_export = os.path.isdir(os.path.join(export_dir, "params"))
   config_dir = workdir if os.path.exists(os.path.join(workdir, "config.json")) else export_dir
@@ -35,9 +39,22 @@ def load(workdir: str):
   return model, params, tokenizer, where
 
 
+def _load_init_from(config):
+  from gptjax import data, hf
+  config_lib.validate(config)
+  hf.directory(config.init_from)
+  if config.data.tokenizer == "char":
+    raise UserError("sampling from --config.init_from needs a tokenizer that does not train on "
+                    "the data: set --config.data.tokenizer=bpe (GPT-2's)")
+  tokenizer = tokenizers.build(config.data.tokenizer, data.tokenizer_path(config), None)
+  model = GPT(GPTConfig.from_config(config.model, tokenizer.vocab_size))
+  params = jax.device_put(hf.load_params(config.init_from, model.cfg), jax.local_devices()[0])
+  return model, params, tokenizer, config.init_from
+
+
 def sample(workdir: str, prompt: str, num_samples: int, max_new: int, temperature: float,
-           top_k: int, top_p: float, seed: int) -> list[str]:
-  model, params, tokenizer, where = load(workdir)
+           top_k: int, top_p: float, seed: int, config=None) -> list[str]:
+  model, params, tokenizer, where = load(workdir, config)
   sampling = decode.Sampling(temperature, top_k, top_p)
   sampling.check(model.cfg.vocab_size)
   if num_samples < 1 or max_new < 1:

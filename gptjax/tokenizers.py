@@ -1,11 +1,18 @@
 """Tokenizers behind one small interface: text <-> int32 ids, plus an end-of-text id.
 
-Char (vocabulary built from the training text, saved in the workdir) and byte (256 byte
-values + specials). BPE and SentencePiece join later by implementing the same four members
-and registering in `from_dict`.
+  char           one id per character of the training text (vocabulary saved in the workdir)
+  byte           UTF-8 bytes + end-of-text: every string encodes, nothing to train
+  bpe            GPT-2's byte-level BPE: Hugging Face `tokenizers` from local files
+                 (tokenizer.json, or vocab.json + merges.txt), else tiktoken's "gpt2"
+  sentencepiece  a SentencePiece model (`python -m gptjax.tokenize train` makes one)
+
+End of text is GPT-2's: documents are joined by one `<|endoftext|>` id, which decodes to
+that string (and, for bpe and sentencepiece, encodes from it). A workdir's tokenizer.json
+holds the whole tokenizer (model files embedded), so a run or an export is self-contained.
 """
 
 import abc
+import base64
 import json
 import os
 import uuid
@@ -35,6 +42,10 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def to_dict(self) -> dict:
     """What `from_dict` needs to rebuild this tokenizer (JSON-serialisable)."""
+
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    """encode for many texts (library tokenizers override it to run in parallel)."""
+    return [self.encode(t) for t in texts]
 
 
 class CharTokenizer(Tokenizer):
@@ -99,12 +110,183 @@ class ByteTokenizer(Tokenizer):
     return {"kind": self.kind}
 
 
+class BPETokenizer(Tokenizer):
+  """GPT-2's byte-level BPE, through Hugging Face `tokenizers` or tiktoken (same ids)."""
+
+  kind = "bpe"
+
+  def __init__(self, hf_json: str | None = None, tiktoken_name: str | None = None):
+    self.hf_json, self.tiktoken_name = hf_json, tiktoken_name
+    if tiktoken_name:
+      self._tt = _tiktoken(tiktoken_name)
+      self.vocab_size, self.eot_id = self._tt.n_vocab, self._tt.eot_token
+      return
+    import tokenizers as hf_tokenizers
+    self._hf = hf_tokenizers.Tokenizer.from_str(hf_json)
+    self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
+    self.eot_id = self._hf.token_to_id(EOT)
+    if self.eot_id is None:
+      raise UserError(f"the BPE vocabulary has no {EOT} token; use GPT-2's files or train "
+                      "one with python -m gptjax.tokenize train --kind=bpe")
+
+  @classmethod
+  def from_path(cls, path: str) -> "BPETokenizer":
+    """A tokenizer.json file, or a directory with tokenizer.json or vocab.json + merges.txt."""
+    path = os.path.expanduser(path)
+    json_file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    vocab, merges = (os.path.join(path, f) for f in ("vocab.json", "merges.txt"))
+    if os.path.isfile(json_file):
+      with open(json_file, encoding="utf-8") as f:
+        return cls(hf_json=f.read())
+    if os.path.isfile(vocab) and os.path.isfile(merges):
+      from tokenizers import ByteLevelBPETokenizer
+      bpe = ByteLevelBPETokenizer(vocab, merges)  # GPT-2's pre-tokenizer and decoder
+      if bpe.token_to_id(EOT) is not None:
+        bpe.add_special_tokens([EOT])  # keeps its id; "<|endoftext|>" in text maps to it
+      return cls(hf_json=bpe.to_str())
+    raise UserError(f"no BPE tokenizer files at {path!r}: pass --config.data.tokenizer_path="
+                    "a tokenizer.json, or a directory with tokenizer.json or vocab.json + "
+                    "merges.txt")
+
+  def encode(self, text):
+    return self.encode_batch([text])[0]
+
+  def encode_batch(self, texts):
+    if self.tiktoken_name:
+      return [np.asarray(ids, np.int32)
+              for ids in self._tt.encode_batch(texts, allowed_special="all")]
+    return [np.asarray(e.ids, np.int32) for e in self._hf.encode_batch(texts)]
+
+  def decode(self, ids):
+    ids = np.asarray(ids).tolist()
+    if self.tiktoken_name:
+      return self._tt.decode(ids)
+    return self._hf.decode(ids, skip_special_tokens=False)
+
+  def to_dict(self):
+    if self.tiktoken_name:
+      return {"kind": self.kind, "tiktoken": self.tiktoken_name}
+    return {"kind": self.kind, "tokenizer_json": self.hf_json}
+
+
+def _tiktoken(name: str):
+  import tiktoken
+  try:
+    return tiktoken.get_encoding(name)
+  except Exception as e:  # offline, no cached files: tiktoken's own error is a long traceback
+    reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    raise UserError(f"cannot load tiktoken's {name!r} BPE files ({reason}); offline, pass "
+                    "--config.data.tokenizer_path=DIR holding GPT-2's tokenizer.json or "
+                    "vocab.json + merges.txt") from None
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece model; its `<|endoftext|>` piece is the end-of-text id."""
+
+  kind = "sentencepiece"
+
+  def __init__(self, model_proto: bytes, source: str = "the SentencePiece model"):
+    import sentencepiece as spm
+    self.model_proto = model_proto
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except Exception as e:
+      raise UserError(f"{source} is not a SentencePiece model ({e}); train one with "
+                      "python -m gptjax.tokenize train --kind=sentencepiece") from None
+    self.vocab_size = self._sp.get_piece_size()
+    self.eot_id = self._sp.piece_to_id(EOT)
+    self._bytes = self._sp.piece_to_id("<0x00>") != self._sp.unk_id()  # byte fallback
+    if self.eot_id == self._sp.unk_id():
+      raise UserError(f"{source} has no {EOT} piece; train it with python -m "
+                      "gptjax.tokenize train (or add the piece as a user-defined symbol)")
+
+  @classmethod
+  def from_file(cls, path: str) -> "SentencePieceTokenizer":
+    try:
+      with open(os.path.expanduser(path), "rb") as f:
+        return cls(f.read(), source=path)
+    except FileNotFoundError:
+      raise UserError(f"SentencePiece model {path!r} not found; train one with python -m "
+                      "gptjax.tokenize train --kind=sentencepiece, or fix "
+                      "--config.data.tokenizer_path") from None
+
+  @classmethod
+  def train(cls, texts, vocab_size: int, model_type: str = "bpe") -> "SentencePieceTokenizer":
+    """Trains on an iterable of texts (split into lines, as SentencePiece wants them).
+
+    Lossless for language modelling: no normalisation, whitespace kept, newline a piece of
+    its own, and byte fallback so any string encodes.
+    """
+    import io
+    import sentencepiece as spm
+    lines = (line for text in texts for line in text.split("\n") if line)
+    model = io.BytesIO()
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=lines, model_writer=model, vocab_size=vocab_size,
+          model_type=model_type, user_defined_symbols=[EOT, "\n"], byte_fallback=True,
+          normalization_rule_name="identity", remove_extra_whitespaces=False,
+          allow_whitespace_only_pieces=True, split_digits=True, character_coverage=0.9999,
+          input_sentence_size=2_000_000, shuffle_input_sentence=True, bos_id=-1, eos_id=-1,
+          unk_id=0, num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:
+      raise UserError(f"SentencePiece training failed: {str(e).split('] ')[-1]}") from None
+    return cls(model.getvalue())
+
+  def encode(self, text):
+    return self.encode_batch([text])[0]
+
+  def encode_batch(self, texts):
+    out = [np.asarray(ids, np.int32) for ids in self._sp.encode(list(texts))]
+    if not self._bytes:  # without byte fallback an unknown character would become <unk>
+      for text, ids in zip(texts, out):
+        if (ids == self._sp.unk_id()).any():
+          pieces = self._sp.encode(text, out_type="immutable_proto").pieces
+          ch = next(p.surface for p in pieces if p.id == self._sp.unk_id())[:1]
+          raise UserError(f"character {ch!r} (U+{ord(ch):04X}) is not in the SentencePiece "
+                          "vocabulary (trained without byte fallback); remove it or train "
+                          "with python -m gptjax.tokenize train")
+    return out
+
+  def decode(self, ids):
+    return self._sp.decode(np.asarray(ids).tolist())
+
+  def to_dict(self):
+    return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii")}
+
+
 def from_dict(d: dict) -> Tokenizer:
-  if d.get("kind") == "char":
+  kind = d.get("kind")
+  if kind == "char":
     return CharTokenizer(d["chars"])
-  if d.get("kind") == "byte":
+  if kind == "byte":
     return ByteTokenizer()
-  raise UserError(f"unknown tokenizer kind {d.get('kind')!r}; expected char or byte")
+  if kind == "bpe":
+    return BPETokenizer(d.get("tokenizer_json"), d.get("tiktoken"))
+  if kind == "sentencepiece":
+    return SentencePieceTokenizer(base64.b64decode(d["model"]))
+  raise UserError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+KINDS = ("char", "byte", "bpe", "sentencepiece")
+
+
+def build(kind: str, path: str | None, train_texts) -> Tokenizer:
+  """The tokenizer a config asks for (train_texts: a callable giving the training texts,
+  used only by char)."""
+  if kind == "char":
+    return CharTokenizer.train(train_texts())
+  if kind == "byte":
+    return ByteTokenizer()
+  if kind == "bpe":
+    return BPETokenizer.from_path(path) if path else BPETokenizer(tiktoken_name="gpt2")
+  if kind == "sentencepiece":
+    if not path:
+      raise UserError("data.tokenizer='sentencepiece' needs --config.data.tokenizer_path="
+                      "MODEL; make one with python -m gptjax.tokenize train "
+                      "--kind=sentencepiece")
+    return SentencePieceTokenizer.from_file(path)
+  raise UserError(f"unknown tokenizer {kind!r}; use one of {', '.join(KINDS)}")
 
 
 def save(tokenizer: Tokenizer, path: str) -> None:

@@ -211,6 +211,9 @@ def prepare(config, workdir: str) -> tuple[Setup, data_lib.Data]:
   sharding.check_batch(config.train.batch_size, config.optim.grad_accum, mesh,
                        sharding.rules(config.mesh))  # before a long data preparation
   ensure_writable_dir(workdir, "--workdir")
+  if config.init_from:  # a wrong directory fails before data preparation and compiling
+    from gptjax import hf
+    hf.directory(config.init_from)
   data = data_lib.load(config, workdir)
   s = setup(config, data.tokenizer.vocab_size, mesh)
   cfg = s.model.cfg
@@ -253,6 +256,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       say(f"warning: {workdir} holds metrics but no checkpoint; training starts at step 0 and "
           "appends to metrics.jsonl (use a fresh --workdir to keep runs apart)")
     state, start, elapsed0 = s.init(config.seed), 0, 0.0
+    if config.init_from:  # imported weights, a fresh optimizer (Adam starts at zero anyway)
+      from gptjax import hf
+      params = hf.load_params(config.init_from, cfg)
+      state = state.replace(params=jax.device_put(params, s.state_shardings.params))
+      say(f"initialised the parameters from {config.init_from}")
   else:
     state, meta = restored
     start, elapsed0 = int(meta["step"]), float(meta.get("elapsed_s", 0.0))

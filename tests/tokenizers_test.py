@@ -47,3 +47,122 @@ def test_load_errors(tmp_path):
   (tmp_path / "bad.json").write_text("{not json")
   with pytest.raises(UserError, match="not valid JSON"):
     tokenizers.load(str(tmp_path / "bad.json"))
+
+
+# --- BPE and SentencePiece, trained here on Shakespeare (no downloads) ---
+
+import json
+import os
+
+from conftest import ONE_DEVICE, SHAKESPEARE_DIR, run_cli
+from gptjax import tokenize
+
+UNICODE = ["héllo wörld ✓ 日本語 🙂", "  two  spaces\n\nand\ttabs ", "ROMEO:\nBut, soft!",
+           "a<|endoftext|>b", ""]
+
+
+@pytest.fixture(scope="module")
+def shakespeare():
+  with open(os.path.join(SHAKESPEARE_DIR, "input.txt"), encoding="utf-8") as f:
+    return f.read()[:200_000]
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(shakespeare, tmp_path_factory):
+  """GPT-2-style files: tokenizer.json in one directory, vocab.json + merges.txt in another."""
+  import tokenizers as hf
+  tok = tokenize.train_bpe([shakespeare], 600)
+  root = tmp_path_factory.mktemp("bpe")
+  (root / "json").mkdir()
+  (root / "json" / "tokenizer.json").write_text(tok.hf_json)
+  (root / "files").mkdir()
+  hf.Tokenizer.from_str(tok.hf_json).model.save(str(root / "files"))
+  return root
+
+
+@pytest.mark.parametrize("text", UNICODE)
+def test_bpe_round_trip_from_tokenizer_json_and_from_vocab_merges(bpe_dir, text):
+  a = tokenizers.BPETokenizer.from_path(str(bpe_dir / "json"))
+  b = tokenizers.BPETokenizer.from_path(str(bpe_dir / "files"))
+  ids = a.encode(text)
+  assert ids.dtype == np.int32 and a.decode(ids) == text
+  np.testing.assert_array_equal(b.encode(text), ids)
+  assert a.vocab_size == b.vocab_size == 600 and a.eot_id == b.eot_id
+  if "<|endoftext|>" in text:  # GPT-2: the literal string is the end-of-text id
+    assert (ids == a.eot_id).sum() == 1
+
+
+def _bytes_to_unicode():
+  """GPT-2's printable stand-ins for the 256 byte values (as byte-level BPE vocabularies use)."""
+  keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
+  extra = [b for b in range(256) if b not in keep]
+  return {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
+
+
+def test_tiktoken_path_gives_the_same_ids(bpe_dir, monkeypatch):
+  """tiktoken's gpt2 files cannot be downloaded here: give tiktoken the same vocabulary."""
+  import tiktoken
+  vocab = json.loads((bpe_dir / "files" / "vocab.json").read_text())
+  decoder = {c: b for b, c in _bytes_to_unicode().items()}
+  ranks = {bytes(decoder[c] for c in token): i for token, i in vocab.items()}
+  eot = ranks.pop(b"<|endoftext|>")
+  enc = tiktoken.Encoding(
+      "test", pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+      mergeable_ranks=ranks, special_tokens={"<|endoftext|>": eot})
+  monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc)
+  tt = tokenizers.BPETokenizer(tiktoken_name="gpt2")
+  hf = tokenizers.BPETokenizer.from_path(str(bpe_dir / "json"))
+  assert tt.eot_id == hf.eot_id and tt.vocab_size == hf.vocab_size
+  for text in UNICODE:
+    np.testing.assert_array_equal(tt.encode(text), hf.encode(text))
+    assert tt.decode(tt.encode(text)) == text
+  assert tokenizers.from_dict(tt.to_dict()).to_dict() == {"kind": "bpe", "tiktoken": "gpt2"}
+
+
+@pytest.mark.parametrize("text", UNICODE)
+def test_sentencepiece_train_and_round_trip(shakespeare, text):
+  tok = tokenizers.SentencePieceTokenizer.train([shakespeare], 500)
+  ids = tok.encode(text)
+  assert tok.vocab_size == 500 and tok.decode(ids) == text  # lossless, bytes as fallback
+  assert tok.decode([tok.eot_id]) == tokenizers.EOT
+  again = tokenizers.from_dict(json.loads(json.dumps(tok.to_dict())))
+  np.testing.assert_array_equal(again.encode(text), ids)
+
+
+def test_missing_tokenizer_files_are_named(tmp_path):
+  with pytest.raises(UserError, match="no BPE tokenizer files at .*vocab.json \\+ merges.txt"):
+    tokenizers.BPETokenizer.from_path(str(tmp_path))
+  with pytest.raises(UserError, match="SentencePiece model .*nope.model' not found"):
+    tokenizers.SentencePieceTokenizer.from_file(str(tmp_path / "nope.model"))
+  with pytest.raises(UserError, match="needs --config.data.tokenizer_path"):
+    tokenizers.build("sentencepiece", None, lambda: [])
+  (tmp_path / "junk.model").write_bytes(b"not a model")
+  with pytest.raises(UserError, match="is not a SentencePiece model"):
+    tokenizers.SentencePieceTokenizer.from_file(str(tmp_path / "junk.model"))
+
+
+def test_train_a_sentencepiece_model_and_use_it_in_an_experiment(tmp_path):
+  """The CLI trains a model; a run tokenizes with it and keeps it in its workdir."""
+  import subprocess
+  import sys
+  from conftest import REPO
+  model = tmp_path / "sp.model"
+  proc = subprocess.run(
+      [sys.executable, "-m", "gptjax.tokenize", "train", "--kind=sentencepiece",
+       "--vocab_size=400", f"--input={SHAKESPEARE_DIR}/input.txt", f"--output={model}"],
+      cwd=REPO, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0 and model.exists(), proc.stderr[-2000:]
+  workdir = tmp_path / "run"
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
+                 "--config.train.num_steps=4", "--config.data.tokenizer=sentencepiece",
+                 f"--config.data.tokenizer_path={model}", env=ONE_DEVICE)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads((workdir / "config.json").read_text())["model"]["vocab_size"] == 400
+  saved = tokenizers.load(str(workdir / "tokenizer.json"))
+  assert saved.kind == "sentencepiece" and saved.decode(saved.encode("ROMEO:")) == "ROMEO:"
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={tmp_path / 'run2'}",
+                 "--config.data.tokenizer=sentencepiece",
+                 f"--config.data.tokenizer_path={tmp_path / 'missing.model'}", env=ONE_DEVICE)
+  assert proc.returncode == 1 and "missing.model' not found" in proc.stderr
+  assert "Traceback" not in proc.stderr
