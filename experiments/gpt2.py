@@ -1,8 +1,12 @@
 """GPT-2 shapes (:small 124M, :medium 350M, :large 774M, :xl 1.5B) on a TFDS text dataset.
 
-Data defaults to TFDS `lm1b` (text feature "text"; it has train/test splits only); any TFDS
-text dataset works: --config.data.tfds_name=NAME --config.data.text_feature=FEATURE
---config.data.val_split=SPLIT. Tokens are UTF-8 bytes until the GPT-2 BPE lands.
+Data: TFDS `lm1b`, the One Billion Word benchmark (word-level English news sentences; text
+feature "text", train/test splits only), tokenized with GPT-2's BPE (50,257 ids, padded to
+50,304): tiktoken's gpt2 files, or offline --config.data.tokenizer_path=DIR holding GPT-2's
+tokenizer.json or vocab.json + merges.txt (with --config.init_from=hf:DIR, DIR's own files).
+Any TFDS text dataset works: --config.data.tfds_name=NAME --config.data.text_feature=FEATURE
+--config.data.val_split=SPLIT.
+Fine-tuning GPT-2: --config.init_from=hf:DIR (a local GPT2LMHeadModel of this size).
 Optimizer and schedule follow nanoGPT's train_gpt2 (~0.5M tokens per update: 480 sequences of
 1024 as 40 microbatches of 12; on N devices lower optim.grad_accum by N).
 """
@@ -27,7 +31,7 @@ def get_config(size: str = "small"):
   c.data.source = "tfds"
   c.data.tfds_name = "lm1b"
   c.data.val_split = "test"
-  c.data.tokenizer = "byte"
+  c.data.tokenizer = "bpe"
   c.train.batch_size = 480
   c.optim.grad_accum = 40
   c.train.num_steps = 600_000

@@ -7,7 +7,7 @@ import pytest
 import torch  # the test extra installs torch (CPU) and transformers
 import transformers
 
-from conftest import ONE_DEVICE, run_cli, tiny_config
+from conftest import ONE_DEVICE, SHAKESPEARE_DIR as SHAKESPEARE, run_cli, tiny_config
 from gptjax import decode, hf
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
@@ -130,3 +130,23 @@ def test_init_from_trains_and_exports_through_the_cli(saved, tmp_path):
   proc = run_cli(*common[:-1], "--config.init_from=hf:/nonexistent", f"--workdir={tmp_path}2",
                  env=ONE_DEVICE)
   assert proc.returncode == 1 and "no config.json" in proc.stderr
+
+
+def test_sample_from_an_hf_directory_with_its_bpe_tokenizer(tmp_path):
+  """--mode=sample --config.init_from=hf:DIR reads the weights and DIR's tokenizer.json."""
+  from gptjax import tokenize
+  with open(f"{SHAKESPEARE}/input.txt", encoding="utf-8") as f:
+    bpe = tokenize.train_bpe([f.read()[:100_000]], 300)
+  torch.manual_seed(0)
+  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=300, n_positions=POSITIONS, n_embd=D, n_layer=LAYERS, n_head=HEADS))
+  model.save_pretrained(tmp_path / "hf")
+  (tmp_path / "hf" / "tokenizer.json").write_text(bpe.hf_json)
+  proc = run_cli("--mode=sample", "--config=experiments/gpt2.py:small",
+                 f"--config.model.n_layer={LAYERS}", f"--config.model.n_head={HEADS}",
+                 f"--config.model.d_model={D}", f"--config.model.block_size={POSITIONS}",
+                 f"--config.init_from=hf:{tmp_path / 'hf'}", f"--workdir={tmp_path / 'w'}",
+                 "--prompt=ROMEO:", "--max_new_tokens=12", "--temperature=0", env=ONE_DEVICE)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text, info = proc.stdout.split("---------------\n")
+  assert text.startswith("ROMEO:") and f"from hf:{tmp_path / 'hf'}" in info
