@@ -23,6 +23,7 @@ setup(
         "tiktoken>=0.7",  # GPT-2 BPE when its files can be fetched (faster)
         "sentencepiece>=0.2",
         "safetensors>=0.4",  # Hugging Face checkpoints in and out
+        "matplotlib>=3.8",  # sweep reports: the val-loss plot
     ],
     extras_require={
         # torch and transformers only check interop against models built in the tests;

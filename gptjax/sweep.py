@@ -1,0 +1,191 @@
+"""Run every variant of an experiment's sweep: `python -m gptjax.sweep --config=FILE --workdir=DIR`.
+
+An experiment file declares its variants with `get_sweep()` (the same ARG as get_config),
+returning {variant name: {dotted config key: value}}; `product({key: [values]})` builds the
+cross product of axes. Each variant trains in DIR/<variant>/ through `python -m gptjax.main`
+(a process of its own: one failing variant never stops the others), with its log in
+DIR/<variant>/train.log. Finished variants (summary.json at num_steps) are skipped and
+interrupted ones resume from their newest checkpoint, so rerunning a sweep finishes it.
+
+  --variant=NAME       run only that variant
+  --print_commands     print one launch command per variant instead (for a cluster or pod)
+  --config.a.b=value   applies to every variant (a variant's own value wins)
+"""
+
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from gptjax import config as config_lib
+from gptjax.errors import UserError, ensure_writable_dir
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+,-]*$")
+
+
+def product(axes: dict) -> dict:
+  """{key: [values]} -> every combination, named like 'norm=rmsnorm,positions=rope'."""
+  keys = list(axes)
+  out = {}
+  for values in itertools.product(*(axes[k] for k in keys)):
+    name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values))
+    out[name] = dict(zip(keys, values))
+  return out
+
+
+def load_sweep(spec: str) -> dict:
+  """'experiments/X.py[:ARG]' -> its get_sweep(ARG), checked."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_gptjax_sweep_experiment", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_sweep"):
+    raise UserError(f"{path} declares no sweep; add get_sweep() returning "
+                    "{variant name: {config key: value}} (see gptjax/sweep.py)")
+  variants = module.get_sweep(arg) if arg else module.get_sweep()
+  if not variants:
+    raise UserError(f"{path}'s get_sweep() returned no variants")
+  for name in variants:
+    if not _NAME.match(name):
+      raise UserError(f"variant name {name!r} is not a safe directory name; use letters, "
+                      "digits and _ . = + , -")
+  return variants
+
+
+def _value(v) -> str:
+  return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def variant_config(base, name: str, overrides: dict):
+  """The base config with a variant's overrides; UserError naming the variant and the key."""
+  config = base.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    try:
+      for p in parents:
+        node = node[p]
+      if leaf not in node:
+        raise KeyError(leaf)
+      with node.unlocked():
+        node[leaf] = value
+    except (KeyError, AttributeError):
+      raise UserError(f"variant {name!r}: unknown config key {key!r}") from None
+    except (TypeError, ValueError) as e:
+      raise UserError(f"variant {name!r}: {key}={value!r}: {e}") from None
+  try:
+    config_lib.validate(config)
+  except UserError as e:
+    raise UserError(f"variant {name!r}: {e}") from None
+  return config
+
+
+def command(spec: str, workdir: str, common: list[str], overrides: dict) -> list[str]:
+  return [sys.executable, "-m", "gptjax.main", f"--config={spec}", f"--workdir={workdir}",
+          *common, *(f"--config.{k}={_value(v)}" for k, v in overrides.items())]
+
+
+def finished(workdir: str, num_steps: int) -> bool:
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    summary = json.load(f)
+  return summary.get("steps", 0) >= num_steps and not summary.get("preempted_at")
+
+
+def run(spec: str, base, root: str, common: list[str], only: str | None = None,
+        print_commands: bool = False, say=print) -> dict:
+  """Runs (or prints) every variant; returns {variant: 'finished'|'skipped'|'failed: ...'}."""
+  variants = load_sweep(spec)
+  if only is not None:
+    if only not in variants:
+      raise UserError(f"no variant {only!r} in {spec}; it has {', '.join(variants)}")
+    variants = {only: variants[only]}
+  ensure_writable_dir(root, "--workdir")
+  record = os.path.join(root, "sweep.json")
+  previous = json.load(open(record)) if os.path.exists(record) else {}
+  with open(record, "w") as f:  # what report.py reads: the overrides of every variant
+    json.dump({"config": spec, "common": common,
+               "variants": {**previous.get("variants", {}), **variants}}, f, indent=2)
+  status = {}
+  for name, overrides in variants.items():
+    workdir = os.path.join(root, name)
+    cmd = command(spec, workdir, common, overrides)
+    if print_commands:
+      print(shlex.join(["python", *cmd[1:]]))
+      continue
+    try:
+      config = variant_config(base, name, overrides)
+    except UserError as e:
+      status[name] = f"failed: {e}"
+      say(f"[{name}] error: {e}")
+      continue
+    if finished(workdir, config.train.num_steps):
+      status[name] = "skipped"
+      say(f"[{name}] already finished; skipped")
+      continue
+    os.makedirs(workdir, exist_ok=True)
+    say(f"[{name}] training in {workdir} (log: {workdir}/train.log)")
+    with open(os.path.join(workdir, "train.log"), "a") as log:
+      rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc == 0 and finished(workdir, config.train.num_steps):
+      status[name] = "finished"
+      say(f"[{name}] finished")
+    else:
+      with open(os.path.join(workdir, "train.log")) as log:
+        errors = [l.strip() for l in log if l.startswith("gptjax: error:")]
+      status[name] = f"failed: {errors[-1] if errors else f'exit code {rc}'}"
+      say(f"[{name}] {status[name]}")
+  return status
+
+
+def _split_argv(argv):
+  """The --config.a.b=value flags (absl applies them to the base config; every run gets
+  them too)."""
+  return [a for a in argv[1:] if a.startswith("--config.")]
+
+
+def _define_flags() -> None:
+  """Only when run as a program: experiment files import this module for product()."""
+  config_flags.DEFINE_config_file("config", None, "Experiment file with get_sweep().",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "The sweep's directory (a subdirectory per variant).")
+  flags.DEFINE_string("variant", None, "Run only this variant.")
+  flags.DEFINE_bool("print_commands", False, "Print the launch commands, run nothing.")
+
+
+def main(argv) -> None:
+  f = flags.FLAGS
+  try:
+    if len(argv) > 1:
+      raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+    spec = next((a[len("--config="):] for a in sys.argv if a.startswith("--config=")), None)
+    if not spec or not f.workdir:
+      raise UserError("usage: python -m gptjax.sweep --config=experiments/X.py[:ARG] "
+                      "--workdir=DIR [--variant=NAME] [--print_commands]")
+    if not os.path.isfile(spec.partition(":")[0]):
+      raise UserError(f"experiment file {spec.partition(':')[0]!r} not found")
+    status = run(spec, f.config, f.workdir, _split_argv(sys.argv), f.variant,
+                 f.print_commands)
+  except UserError as e:
+    print(f"gptjax.sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(1)
+  if status:
+    failed = [n for n, s in status.items() if s.startswith("failed")]
+    print(f"sweep: {len(status) - len(failed)} of {len(status)} variants done"
+          + (f"; failed: {', '.join(failed)}" if failed else "")
+          + f". Compare them: python -m gptjax.report {f.workdir}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,126 @@
+"""Sweeps: expansion and names, skip finished, resume interrupted, bad overrides isolated,
+and the report built from each variant's metrics.jsonl."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import flax.linen as nn
+import jax.numpy as jnp
+import pytest
+
+from conftest import ONE_DEVICE, REPO
+from gptjax import report, sweep
+from gptjax.model import GPT, GPTConfig
+
+EXPERIMENT = '''
+import os, sys
+sys.path.insert(0, {experiments!r})
+import tiny
+
+def get_config():
+  c = tiny.get_config()
+  c.train.num_steps, c.train.eval_every, c.checkpoint.every = 12, 6, 6
+  return c
+
+def get_sweep():
+  return {{"base": {{}}, "rms": {{"model.norm": "rmsnorm"}}, "typo": {{"model.nrom": "x"}}}}
+'''
+
+
+def _sweep(tmp_path, *args):
+  return subprocess.run(
+      [sys.executable, "-m", "gptjax.sweep", f"--config={tmp_path / 'exp.py'}",
+       f"--workdir={tmp_path / 'runs'}", *args], cwd=REPO, capture_output=True, text=True,
+      timeout=400, env={**os.environ, **ONE_DEVICE})
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp("sweep")
+  (tmp_path / "exp.py").write_text(
+      EXPERIMENT.format(experiments=os.path.join(REPO, "experiments")))
+  # "rms" was interrupted at step 6: a shorter run left a checkpoint there.
+  pre = subprocess.run(
+      [sys.executable, "-m", "gptjax.main", f"--config={tmp_path / 'exp.py'}",
+       f"--workdir={tmp_path / 'runs' / 'rms'}", "--config.model.norm=rmsnorm",
+       "--config.train.num_steps=6"], cwd=REPO, capture_output=True, text=True, timeout=240,
+      env={**os.environ, **ONE_DEVICE})
+  assert pre.returncode == 0, pre.stderr[-2000:]
+  return tmp_path, _sweep(tmp_path)
+
+
+def test_product_names_every_combination():
+  variants = sweep.product({"model.norm": ["layernorm", "rmsnorm"], "optim.lr": [1e-3, 3e-3]})
+  assert list(variants) == ["norm=layernorm,lr=0.001", "norm=layernorm,lr=0.003",
+                            "norm=rmsnorm,lr=0.001", "norm=rmsnorm,lr=0.003"]
+  assert variants["norm=rmsnorm,lr=0.003"] == {"model.norm": "rmsnorm", "optim.lr": 3e-3}
+
+
+def test_the_ablation_variants_really_change_the_model():
+  spec = os.path.join(REPO, "experiments", "shakespeare_ablation.py")
+  variants = sweep.load_sweep(spec)
+  assert list(variants) == ["baseline", "rmsnorm", "rope", "swiglu"]
+  assert len(sweep.load_sweep(spec + ":product")) == 8
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  import shakespeare_ablation
+  base = shakespeare_ablation.get_config()
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 64), 0, 65)
+  models = {name: GPT(GPTConfig.from_config(
+      sweep.variant_config(base, name, overrides).model, 65)) for name, overrides in
+      variants.items()}
+  init = lambda m: nn.meta.unbox(m.init(jax.random.PRNGKey(0), tokens))
+  baseline = init(models["baseline"])
+  for name in ("rmsnorm", "rope", "swiglu"):
+    params = init(models[name])
+    if jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(baseline):
+      # the same parameters (rmsnorm vs a bias-free layernorm): the function must differ
+      diff = jnp.abs(models[name].apply(params, tokens) - models["baseline"].apply(params, tokens))
+      assert float(diff.max()) > 1e-3, name
+    # otherwise the parameter trees differ (rope: no wpe; swiglu: a gate projection)
+
+
+def test_a_bad_override_fails_its_variant_only(swept):
+  tmp_path, proc = swept
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "[typo] error: variant 'typo': unknown config key 'model.nrom'" in proc.stdout
+  assert "2 of 3 variants done; failed: typo" in proc.stdout
+  for name in ("base", "rms"):
+    summary = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
+    assert summary["steps"] == 12
+
+
+def test_an_interrupted_variant_resumes(swept):
+  tmp_path, _ = swept
+  log = (tmp_path / "runs" / "rms" / "train.log").read_text()
+  assert "resumed from checkpoint 6" in log
+
+
+def test_a_finished_variant_is_skipped(swept):
+  tmp_path, _ = swept
+  before = (tmp_path / "runs" / "base" / "summary.json").stat().st_mtime_ns
+  proc = _sweep(tmp_path, "--variant=base")
+  assert proc.returncode == 0 and "[base] already finished; skipped" in proc.stdout
+  assert (tmp_path / "runs" / "base" / "summary.json").stat().st_mtime_ns == before
+  proc = _sweep(tmp_path, "--print_commands")
+  lines = proc.stdout.splitlines()
+  assert len(lines) == 3 and all(l.startswith("python -m gptjax.main --config=") for l in lines)
+  assert lines[1].endswith("--config.model.norm=rmsnorm")
+
+
+def test_report_reads_every_variants_metrics(swept):
+  tmp_path, _ = swept
+  root = tmp_path / "runs"
+  text = report.report(str(root))
+  rows = {r["variant"]: r for r in report.collect(str(root))}
+  assert set(rows) == {"base", "rms"}  # "typo" never trained
+  for name, row in rows.items():
+    metrics = [json.loads(l) for l in (root / name / "metrics.jsonl").read_text().splitlines()]
+    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert row["best_val_loss"] == min(vals) and row["final_val_loss"] == vals[-1]
+    assert f"{min(vals):.4f}" in text and row["params"] > 0
+  assert "model.norm=rmsnorm" in text
+  assert (root / "report.md").read_text().count("\n| ") == 3  # the header row + 2 variants
+  assert (root / "val_loss.png").stat().st_size > 10_000
