@@ -50,16 +50,15 @@ def read_config(hf_dir: str) -> dict:
   if hf.get("model_type") != "gpt2":
     raise UserError(f"{hf_dir} holds a {found} model (model_type "
                     f"{hf.get('model_type')!r}), not GPT-2; only GPT-2 checkpoints import")
-  unsupported = [(k, v) for k, v in [
-      ("activation_function", hf.get("activation_function", "gelu_new")),
-      ("scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False)),
-      ("scale_attn_weights", hf.get("scale_attn_weights", True)),
-      ("add_cross_attention", hf.get("add_cross_attention", False))]
-      if v not in {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
-                   "scale_attn_weights": (True,)}.get(k, (False,))]
-  if unsupported:
-    raise UserError(f"{hf_dir}/config.json sets {unsupported[0][0]}={unsupported[0][1]!r}, "
-                    "which gptjax's GPT-2 does not implement")
+  supported = {  # key: (HF's default, what gptjax's GPT-2 computes)
+      "activation_function": ("gelu_new", ("gelu_new", "gelu_pytorch_tanh")),
+      "scale_attn_weights": (True, (True,)),
+      "scale_attn_by_inverse_layer_idx": (False, (False,)),
+      "add_cross_attention": (False, (False,))}
+  for key, (default, allowed) in supported.items():
+    if hf.get(key, default) not in allowed:
+      raise UserError(f"{hf_dir}/config.json sets {key}={hf[key]!r}, which gptjax's GPT-2 "
+                      "does not implement")
   return hf
 
 

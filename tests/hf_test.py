@@ -150,3 +150,12 @@ def test_sample_from_an_hf_directory_with_its_bpe_tokenizer(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   text, info = proc.stdout.split("---------------\n")
   assert text.startswith("ROMEO:") and f"from hf:{tmp_path / 'hf'}" in info
+
+
+def test_gpt2_options_gptjax_does_not_compute_are_refused(saved, tmp_path):
+  _, path = saved
+  config = json.loads((path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps(
+      {**config, "scale_attn_by_inverse_layer_idx": True}))
+  with pytest.raises(UserError, match="sets scale_attn_by_inverse_layer_idx=True"):
+    hf.directory(f"hf:{tmp_path}")
