@@ -24,7 +24,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, flags_parser
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (default: a temporary one).")
@@ -168,4 +168,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=flags_parser("gptjax.bench"))

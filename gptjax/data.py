@@ -144,11 +144,11 @@ def _tfds_docs(builder, dc, split):
   return docs
 
 
-def _text_files(path: str, val_fraction: float) -> tuple[str, str]:
-  """Reads a file or glob; the last val_fraction of the characters is the val split."""
+def read_text_files(path: str, flag: str = "config.data.path") -> list[str]:
+  """The contents of a file or of every file a glob matches (sorted), as UTF-8 text."""
   files = sorted(glob.glob(os.path.expanduser(path)))
   if not files:
-    raise UserError(f"no file matches config.data.path={path!r}; check the path or glob")
+    raise UserError(f"no file matches {flag}={path!r}; check the path or glob")
   texts = []
   for f in files:
     try:
@@ -156,7 +156,12 @@ def _text_files(path: str, val_fraction: float) -> tuple[str, str]:
         texts.append(fh.read())
     except (OSError, UnicodeDecodeError) as e:
       raise UserError(f"cannot read text file {f}: {e}; pass a readable UTF-8 file") from None
-  text = "".join(texts)
+  return texts
+
+
+def _text_files(path: str, val_fraction: float) -> tuple[str, str]:
+  """Reads a file or glob; the last val_fraction of the characters is the val split."""
+  text = "".join(read_text_files(path))
   if not text.strip():
     raise UserError(f"config.data.path={path!r} is empty; point it at a non-empty text file")
   cut = int(len(text) * (1 - val_fraction))

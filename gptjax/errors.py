@@ -5,6 +5,7 @@ and keeps its traceback.
 """
 
 import os
+import sys
 import uuid
 
 
@@ -23,3 +24,32 @@ def ensure_writable_dir(path: str, flag: str) -> None:
   except OSError as e:
     raise UserError(f"cannot write to {path!r} ({e.strerror}); pass a writable {flag}") \
         from None
+
+
+def flags_parser(program: str):
+  """An absl flags parser for the side programs (sweep, tokenize, bench): a bad flag, a
+  missing experiment file or one that fails to load is one line and exit 1."""
+  from absl import flags
+
+  def parse(argv):
+    try:
+      for arg in argv:
+        if arg.startswith("--config="):
+          path = arg[len("--config="):].split(":")[0]
+          if not os.path.isfile(path):
+            raise UserError(f"experiment file {path!r} not found; pass "
+                            "--config=experiments/NAME.py")
+      rest = flags.FLAGS(argv)
+      if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+        flags.FLAGS["config"].value.keys()  # loads lazily: make its errors surface here
+      return rest
+    except Exception as e:  # flags.Error, UserError, or the experiment file's own error
+      message = " ".join(str(e).split()) or type(e).__name__
+      if isinstance(e, (AttributeError, KeyError)):  # ml_collections' unknown --config.KEY
+        while e.args and isinstance(e.args[0], BaseException):
+          e = e.args[0]
+        message = ("unknown config key " + " ".join(str(e.args[0] if e.args else e).split())
+                   + "; the keys and their defaults are in gptjax/config.py")
+      print(f"{program}: error: {message}", file=sys.stderr, flush=True)
+      sys.exit(1)
+  return parse

@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gptjax import config as config_lib
-from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.errors import UserError, flags_parser, ensure_writable_dir
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+,-]*$")
 
@@ -188,4 +188,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=flags_parser("gptjax.sweep"))

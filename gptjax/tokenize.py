@@ -10,7 +10,6 @@ The text is --input (a file or glob) or the training split of an experiment's da
 --config.data.tokenizer_path=OUTPUT.
 """
 
-import glob
 import os
 import sys
 
@@ -18,7 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gptjax import tokenizers
-from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.errors import UserError, flags_parser, ensure_writable_dir
 
 _KIND = flags.DEFINE_enum("kind", "sentencepiece", ["sentencepiece", "bpe"], "What to train.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size, specials included.")
@@ -34,19 +33,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "Where to write (.model for senten
 def _texts():
   if bool(_INPUT.value) == bool(_CONFIG.value):
     raise UserError("pass one of --input=FILE_OR_GLOB or --config=experiments/NAME.py")
-  if _INPUT.value:
-    files = sorted(glob.glob(os.path.expanduser(_INPUT.value)))
-    if not files:
-      raise UserError(f"no file matches --input={_INPUT.value!r}; check the path or glob")
-    texts = []
-    for path in files:
-      try:
-        with open(path, encoding="utf-8") as f:
-          texts.append(f.read())
-      except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}; pass readable UTF-8 text") from None
-    return texts
   from gptjax import config as config_lib, data
+  if _INPUT.value:
+    return data.read_text_files(_INPUT.value, "--input")
   config_lib.validate(_CONFIG.value)
   return data.train_texts(_CONFIG.value)
 
@@ -89,4 +78,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=flags_parser("gptjax.tokenize"))

@@ -124,3 +124,16 @@ def test_report_reads_every_variants_metrics(swept):
   assert "model.norm=rmsnorm" in text
   assert (root / "report.md").read_text().count("\n| ") == 3  # the header row + 2 variants
   assert (root / "val_loss.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--config=experiments/nope.py"], "experiment file 'experiments/nope.py' not found"),
+    (["--config=experiments/shakespeare_ablation.py:bad"], "unknown variant 'bad'"),
+    (["--config=experiments/shakespeare_ablation.py", "--config.model.nrom=1"],
+     "unknown config key 'nrom'"),
+])
+def test_sweep_flag_errors_are_one_line(tmp_path, args, fragment):
+  proc = subprocess.run([sys.executable, "-m", "gptjax.sweep", f"--workdir={tmp_path}", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.startswith("gptjax.sweep: error: ") and fragment in proc.stderr
