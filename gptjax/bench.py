@@ -11,6 +11,12 @@
               --new_tokens (500) from end-of-text, temperature 0.8, top_k 200, past the
               context window as needed; median of --repeats after a compiling run.
 
+  train       the real jitted train step (optimizer update included) on synthetic batches
+              (random tokens), on the configured mesh: compile time, then --warmup steps
+              untimed, then --steps steps each synchronised (median / min / max step time),
+              then the same number back to back with one sync at the end (as the training
+              loop runs). Tokens/s, model FLOPs per token and MFU as in gptjax/metrics.py.
+
 Each prints one JSON line. The vocabulary is config.model.vocab_size (default 50257, GPT-2's),
 so no dataset is read.
 """
@@ -32,6 +38,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 1, "decode: prompts per batch.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "decode: tokens per prompt.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "decode: tokens generated per prompt.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "decode: timed runs (the median is reported).")
+_STEPS = flags.DEFINE_integer("steps", 20, "train: timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "train: untimed steps after compiling.")
 
 
 def _trained_looking(state, shardings):
@@ -48,6 +56,75 @@ def _trained_looking(state, shardings):
         for k, x in zip(keys, leaves)])
   return jax.jit(lambda st: st.replace(opt_state=fill(st.opt_state)),
                  out_shardings=shardings, donate_argnums=0)(state)
+
+
+def bench_train(config, workdir: str) -> dict:
+  del workdir
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from gptjax import config as config_lib, metrics, sharding, train
+  from gptjax.model import count_params
+  if _STEPS.value < 1 or _WARMUP.value < 0:
+    raise UserError("--steps must be >= 1 and --warmup >= 0")
+  config_lib.validate(config)
+  sharding.set_xla_flags()
+  sharding.initialize_distributed(config.distributed)
+  mesh = sharding.make_mesh(config.mesh)
+  train.use_compilation_cache(config.compilation_cache_dir)
+  vocab = config.model.vocab_size or 50257
+  s = train.setup(config, vocab, mesh)
+  sharding.check_fits(s.memory())
+  cfg = s.model.cfg
+  state = s.init(config.seed)
+  rows, rng = s.rows(), np.random.default_rng(0)
+  n_rows = len(range(*rows.indices(s.batch_shape[0])))
+  # A few different batches (not one repeated): the step never sees the same input twice in
+  # a row, as in training. Transfers happen here, outside the timed loop.
+  batches = [s.batch(rng.integers(0, cfg.vocab_size, (n_rows,) + s.batch_shape[1:],
+                                  dtype=np.int32)) for _ in range(4)]
+  for i in range(_WARMUP.value):
+    state, m = s.train_step(state, batches[i % 4])
+  jax.block_until_ready(state)
+  times = []
+  for i in range(_STEPS.value):
+    t0 = time.perf_counter()
+    state, m = s.train_step(state, batches[i % 4])
+    jax.block_until_ready(m["loss"])  # the loss is the step's last output to be ready
+    times.append(time.perf_counter() - t0)
+  t0 = time.perf_counter()
+  for i in range(_STEPS.value):
+    state, m = s.train_step(state, batches[i % 4])
+  jax.block_until_ready(state)
+  pipelined_s = (time.perf_counter() - t0) / _STEPS.value
+  if not np.isfinite(float(m["loss"])):
+    raise UserError(f"the benchmarked step gave loss {float(m['loss'])}; check the config")
+  tokens = config.train.batch_size * cfg.block_size
+  median = float(np.median(times))
+  device = jax.devices()[0]
+  speed = metrics.throughput(tokens / median, cfg, jax.device_count(), device.device_kind)
+  try:
+    peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
+  except Exception:  # not every backend has allocator statistics
+    peak = None
+  mem = s.memory()
+  return {"bench": "train", "device": device.device_kind, "devices": jax.device_count(),
+          "mesh": dict(mesh.shape), "n_params": count_params(s.abstract.params),
+          "dtype": jnp.dtype(cfg.dtype).name, "batch": config.train.batch_size,
+          "seq_len": cfg.block_size, "grad_accum": config.optim.grad_accum,
+          "tokens_per_step": tokens, "tokens_per_s": round(tokens / median, 1),
+          "tokens_per_s_pipelined": round(tokens / pipelined_s, 1),
+          "step_ms_median": round(1e3 * median, 3), "step_ms_min": round(1e3 * min(times), 3),
+          "step_ms_max": round(1e3 * max(times), 3),
+          "step_ms_pipelined": round(1e3 * pipelined_s, 3),
+          "flops_per_token": metrics.flops_per_token(cfg),
+          "tflops": round(speed["tflops"], 4),
+          "tflops_per_device": round(speed["tflops_per_device"], 4),
+          "peak_tflops_per_device": metrics.peak_tflops(device.device_kind),
+          "mfu": None if speed["mfu"] is None else round(speed["mfu"], 4),
+          "compile_s": round(s.compile_s, 2), "peak_memory_bytes": peak,
+          "memory_estimate_bytes": mem.get("peak_estimate"),
+          "steps": _STEPS.value, "warmup": _WARMUP.value}
 
 
 def bench_checkpoint(config, workdir: str) -> dict:
@@ -150,7 +227,8 @@ def bench_sample(config, workdir: str) -> dict:
 
 
 def main(argv):
-  benches = {"checkpoint": bench_checkpoint, "decode": bench_decode, "sample": bench_sample}
+  benches = {"train": bench_train, "checkpoint": bench_checkpoint, "decode": bench_decode,
+             "sample": bench_sample}
   if len(argv) != 2 or argv[1] not in benches:
     print(f"gptjax.bench: error: name one benchmark: {', '.join(benches)}", file=sys.stderr)
     sys.exit(1)

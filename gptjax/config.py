@@ -16,6 +16,7 @@ CHOICES = {
     "model.positions": ("learned", "rope"),
     "model.activation": ("gelu", "swiglu"),
     "model.attention": ("auto", "xla", "cudnn"),
+    "model.remat": ("none", "dots", "dots_no_batch", "full"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "data.source": ("tfds", "text"),
@@ -30,6 +31,9 @@ def default_config() -> config_dict.ConfigDict:
   # Start from other weights: "hf:DIR", a Hugging Face GPT-2 directory (config.json +
   # model.safetensors or pytorch_model.bin). The model config must have its shapes.
   c.init_from = config_dict.placeholder(str)
+  # JAX's persistent compilation cache ('' turns it off): reruns and resumed jobs of the
+  # same shapes skip compiling.
+  c.compilation_cache_dir = "~/.cache/gptjax/jax"
 
   c.model = config_dict.ConfigDict()
   c.model.n_layer = 12
@@ -52,6 +56,9 @@ def default_config() -> config_dict.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.attention = "auto"  # auto: cudnn flash attention on GPU with 16-bit compute
   c.model.init_std = 0.02
+  # Activation rematerialisation per block (model.REMAT_POLICIES): none | dots |
+  # dots_no_batch | full. Trades recomputation for memory (bigger batches, longer context).
+  c.model.remat = "none"
 
   c.data = config_dict.ConfigDict()
   c.data.source = "tfds"

@@ -1,13 +1,66 @@
-"""Metric sinks: WORKDIR/metrics.jsonl, TensorBoard events in WORKDIR, and the console.
+"""Metric sinks (WORKDIR/metrics.jsonl, TensorBoard events, the console) and model FLOPs / MFU.
 
 Only the process that owns the logs (process 0 on several hosts) writes; the others get a
 writer that drops everything, so the training loop never branches on the process index.
+
+Model FLOPs per trained token (forward + backward = 3x forward, a multiply-add is 2 FLOPs):
+
+    6 * N  +  12 * n_layer * T * d_model
+
+N counts the weights that take part in matmuls: per layer q, k, v and the output projection
+(4 d^2) and the MLP (2 d d_ff, SwiGLU 3 d d_ff), plus the output head with the *real*
+vocabulary (V d; padding rows are a speed device, not model work). Embedding lookups, biases
+and norms are not matmuls and are left out. The attention term is QK^T and AV over the whole
+T x T square (2 * 2 T d per token per layer forward), as PaLM and nanoGPT count it: a causal
+kernel that skips the upper half reports the same model FLOPs, so MFU stays comparable.
+T is the training sequence length (block_size). MFU = achieved model FLOP/s per device over
+the device's peak dense bf16 FLOP/s (PEAK_TFLOPS; none for CPUs).
 """
 
 import json
 import math
 import os
 import sys
+
+# Dense (no sparsity) bf16 peak TFLOP/s per device, from the vendors' data sheets. Matched
+# against jax's device_kind in order, first match wins (PCIe before plain H100).
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM5
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),  # v5e
+    ("TPU v5e", 197.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5", 459.0),  # v5p reports itself as "TPU v5"
+    ("TPU v6 lite", 918.0),  # v6e (Trillium)
+    ("TPU v6e", 918.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The table's peak for a jax device_kind, or None (CPUs, unknown chips: no MFU)."""
+  for name, tflops in PEAK_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return tflops
+  return None
+
+
+def flops_per_token(cfg) -> float:
+  """Model FLOPs per trained token of a GPTConfig (the formula in this module's docstring)."""
+  d, ff = cfg.d_model, cfg.d_ff
+  mlp = (3 if cfg.activation == "swiglu" else 2) * d * ff
+  n_matmul = cfg.n_layer * (4 * d * d + mlp) + cfg.vocab_size * d
+  return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.block_size * d
+
+
+def throughput(tokens_per_s: float, cfg, devices: int, device_kind: str) -> dict:
+  """Model TFLOP/s (all devices) and MFU (None without a known peak) at tokens_per_s."""
+  tflops = tokens_per_s * flops_per_token(cfg) / 1e12
+  peak = peak_tflops(device_kind)
+  return {"tflops": tflops, "tflops_per_device": tflops / devices,
+          "mfu": tflops / devices / peak if peak else None}
 
 
 class MetricWriter:
@@ -61,10 +114,12 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(step: int, total: int, loss: float, tokens_per_sec: float,
-                  eta_s: float, lr: float) -> str:
+                  eta_s: float, lr: float, mfu: float | None = None) -> str:
   width = len(str(total))
   return (f"step {step:>{width}}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
-          f"{tokens_per_sec / 1e3:.1f}k tok/s | ETA {format_duration(eta_s)}")
+          f"{tokens_per_sec / 1e3:.1f}k tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None
+                                                    else "")
+          + f" | ETA {format_duration(eta_s)}")
 
 
 def _truncate_jsonl(path: str, step: int) -> None:

@@ -18,6 +18,18 @@ from gptjax.errors import UserError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# What each block keeps for the backward pass (config.model.remat); the rest is recomputed.
+#   none   everything (fastest, most memory)
+#   dots   every matmul output, attention's batched ones included; recompute elementwise work
+#   dots_no_batch  the weight matmuls only; recompute attention scores and elementwise work
+#   full   only the block's input: recompute the whole block (least memory, ~+1/3 FLOPs)
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
@@ -43,6 +55,7 @@ class GPTConfig:
   param_dtype: Any = jnp.float32
   attention: str = "auto"
   init_std: float = 0.02
+  remat: str = "none"
 
   @classmethod
   def from_config(cls, m, vocab_size: int) -> "GPTConfig":
@@ -62,7 +75,8 @@ class GPTConfig:
         dropout=m.dropout, attn_dropout=m.attn_dropout, norm=m.norm, norm_eps=m.norm_eps,
         positions=m.positions, rope_theta=m.rope_theta, activation=m.activation,
         tie_embeddings=m.tie_embeddings, bias=m.bias, dtype=_DTYPES[dtype],
-        param_dtype=_DTYPES[m.param_dtype], attention=m.attention, init_std=m.init_std)
+        param_dtype=_DTYPES[m.param_dtype], attention=m.attention, init_std=m.init_std,
+        remat=m.get("remat", "none"))  # runs saved before remat existed
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -148,8 +162,12 @@ class GPT(nn.Module):
       x_BxTxD += _lookup(wpe, positions_BxT, cfg.dtype, (None, None))
     x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    block = Block
+    if cfg.remat != "none" and start_B is None:  # training: recompute in the backward pass
+      # static_argnums counts self as 0: `deterministic` is a Python bool.
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,))
     for i in range(cfg.n_layer):
-      x_BxTxD = Block(cfg, name=f"h_{i}")(x_BxTxD, positions_BxT, deterministic, start_B)
+      x_BxTxD = block(cfg, name=f"h_{i}")(x_BxTxD, positions_BxT, deterministic, start_B)
     x_BxTxD = _norm(cfg, "ln_f")(x_BxTxD)
     if cfg.tie_embeddings:
       logits_BxTxV = wte.attend(x_BxTxD)

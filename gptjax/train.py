@@ -203,19 +203,38 @@ def say(message: str) -> None:
   metrics_lib.console(message, enabled=jax.process_index() == 0)
 
 
-def prepare(config, workdir: str) -> tuple[Setup, data_lib.Data]:
-  """Everything before the first step: processes, mesh, data, compiled steps, memory check."""
+def use_compilation_cache(directory: str | None) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` ('' or None: off).
+
+  A rerun, a resumed job or the next sweep variant of the same shapes then loads its compiled
+  steps from disk instead of compiling them again (minutes for large models). Call before
+  the first compilation.
+  """
+  if not directory:
+    return
+  path = os.path.expanduser(directory)
+  ensure_writable_dir(path, "--config.compilation_cache_dir")
+  jax.config.update("jax_compilation_cache_dir", path)
+
+
+def prepare(config, workdir: str, need_data: bool = True) -> tuple[Setup, data_lib.Data | None]:
+  """Everything before the first step: processes, mesh, data, compiled steps, memory check.
+
+  need_data=False (compile_only with config.model.vocab_size set) reads no data at all.
+  """
   config_lib.validate(config)
+  sharding.set_xla_flags()
   sharding.initialize_distributed(config.distributed)  # before anything starts the backend
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.batch_size, config.optim.grad_accum, mesh,
                        sharding.rules(config.mesh))  # before a long data preparation
   ensure_writable_dir(workdir, "--workdir")
+  use_compilation_cache(config.compilation_cache_dir)
   if config.init_from:  # a wrong directory fails before data preparation and compiling
     from gptjax import hf
     hf.directory(config.init_from)
-  data = data_lib.load(config, workdir)
-  s = setup(config, data.tokenizer.vocab_size, mesh)
+  data = data_lib.load(config, workdir) if need_data else None
+  s = setup(config, data.tokenizer.vocab_size if data else config.model.vocab_size, mesh)
   cfg = s.model.cfg
   n_params = count_params(s.abstract.params)
   say(f"model: {n_params / 1e6:.2f}M parameters ("
@@ -235,7 +254,10 @@ def prepare(config, workdir: str) -> tuple[Setup, data_lib.Data]:
 
 def compile_only(config, workdir: str) -> dict:
   """Lowers and compiles the steps for the configured mesh, reports memory, runs nothing."""
-  s, _ = prepare(config, workdir)
+  if config.model.vocab_size:
+    say(f"compile_only: vocabulary {config.model.vocab_size} from config.model.vocab_size; "
+        "no data is read")
+  s, _ = prepare(config, workdir, need_data=not config.model.vocab_size)
   say("compile_only: the step fits; nothing was run")
   return {"compile_s": s.compile_s, "mesh": dict(s.mesh.shape), "memory": s.memory()}
 
@@ -289,6 +311,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   stop = checkpoint.PreemptionWatch()
 
   tokens_per_step = tc.batch_size * cfg.block_size
+  device_kind = jax.devices()[0].device_kind
   every = config.checkpoint.every
   step_ms, val_losses, last_log, preempted = [], [], {}, None
   t_start = t_mark = time.perf_counter()
@@ -310,14 +333,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if log:
         ms = (now - t_mark - eval_s) * 1e3 / (step - mark_step)
         step_ms.append(ms)
+        speed = metrics_lib.throughput(tokens_per_step / ms * 1e3, cfg, jax.device_count(),
+                                       device_kind)
         last_log = {"loss": float(m["loss"]), "lr": float(m["lr"]),
                     "grad_norm": float(m["grad_norm"]),
                     "tokens_per_sec": tokens_per_step / ms * 1e3, "step_ms": ms,
+                    "tflops_per_device": speed["tflops_per_device"],
+                    **({"mfu": speed["mfu"]} if speed["mfu"] is not None else {}),
                     "elapsed_s": elapsed0 + now - t_start}
         writer.write(step, last_log)
         eta = (tc.num_steps - step) * float(np.median(step_ms)) / 1e3
         say(metrics_lib.progress_line(step, tc.num_steps, last_log["loss"],
-                                      last_log["tokens_per_sec"], eta, last_log["lr"]))
+                                      last_log["tokens_per_sec"], eta, last_log["lr"],
+                                      speed["mfu"]))
         t_mark, mark_step, eval_s = now, step, 0.0
       if save:
         jax.block_until_ready(state.params)  # pending train steps count as training time
@@ -361,6 +389,9 @@ def _summarize(workdir, config, s: Setup, step_ms, val_losses, last_log, t_start
       "mesh": dict(s.mesh.shape), "memory": s.memory(), "compile_s": s.compile_s,
       "wall_s": wall_s, "median_step_ms": median,
       "tokens_per_sec": tokens_per_step / median * 1e3 if median else None,
+      "mfu": (metrics_lib.throughput(tokens_per_step / median * 1e3, s.model.cfg,
+                                     jax.device_count(), jax.devices()[0].device_kind)["mfu"]
+              if median else None),
       "final_loss": last_log.get("loss"),
       "final_val_loss": val_losses[-1] if val_losses else None,
       "best_val_loss": min(val_losses) if val_losses else None,

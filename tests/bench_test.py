@@ -5,13 +5,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ONE_DEVICE, REPO
 
 
 def test_checkpoint_bench_prints_one_json_line():
   proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "checkpoint",
                          "--config=experiments/tiny.py"], cwd=REPO, capture_output=True,
-                        text=True, timeout=240)
+                        text=True, timeout=240, env={**os.environ, **ONE_DEVICE})
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["bench"] == "checkpoint" and result["bytes"] > 0
@@ -21,7 +23,7 @@ def test_checkpoint_bench_prints_one_json_line():
 def test_bench_without_a_name_is_a_one_line_error():
   proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "--config=experiments/tiny.py"],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 1 and "name one benchmark: checkpoint, decode, sample" in proc.stderr
+  assert proc.returncode == 1 and "name one benchmark: train, checkpoint, decode, sample" in proc.stderr
 
 
 def test_decode_bench_prints_one_json_line():
@@ -52,3 +54,19 @@ def test_sample_bench_times_a_trained_run(trained_tiny):
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["bench"] == "sample" and result["from"] == "checkpoint 30"
   assert result["tokens_per_s_max"] >= result["tokens_per_s"] >= result["tokens_per_s_min"] > 0
+
+
+def test_train_bench_times_the_real_step_and_reports_model_flops():
+  proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "train",
+                         "--config=experiments/tiny.py", "--config.model.vocab_size=65",
+                         "--steps=4", "--warmup=1"], cwd=REPO, capture_output=True, text=True,
+                        timeout=240)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["bench"] == "train" and result["devices"] == 8 and result["steps"] == 4
+  assert result["step_ms_max"] >= result["step_ms_median"] >= result["step_ms_min"] > 0
+  assert result["tokens_per_step"] == 8 * 32
+  assert result["tokens_per_s"] == pytest.approx(256 / result["step_ms_median"] * 1e3, rel=1e-3)
+  assert result["flops_per_token"] == 184_512  # the hand count in metrics_test.py
+  assert result["tflops"] > 0 and result["mfu"] is None  # CPUs have no peak in the table
+  assert result["compile_s"] > 0 and result["memory_estimate_bytes"] > 0

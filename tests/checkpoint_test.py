@@ -15,10 +15,10 @@ from conftest import ONE_DEVICE, REPO, run_cli, tiny_config
 from gptjax import checkpoint, sharding, train
 from gptjax.model import abstract_params
 
-STEPS = 400
+STEPS = 200
 ARGS = ["--config=experiments/tiny.py", f"--config.train.num_steps={STEPS}",
-        "--config.train.log_every=1", "--config.train.eval_every=100",
-        "--config.checkpoint.every=50", "--config.model.dropout=0.1"]
+        "--config.train.log_every=1", "--config.train.eval_every=50",
+        "--config.checkpoint.every=25", "--config.model.dropout=0.1"]
 EXACT = ("loss", "lr", "grad_norm", "val_loss", "val_bpb")  # timing fields differ, these not
 
 
@@ -94,7 +94,7 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_matches(tmp_path, un
 
 def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted):
   workdir = tmp_path / "w"
-  args = [a.replace(f"num_steps={STEPS}", "num_steps=30").replace("every=50", "every=10")
+  args = [a.replace(f"num_steps={STEPS}", "num_steps=30").replace("checkpoint.every=25", "checkpoint.every=10")
           for a in ARGS]
   assert run_cli(*args, f"--workdir={workdir}", env=ONE_DEVICE).returncode == 0
   assert _finalized(workdir) == [10, 20, 30]

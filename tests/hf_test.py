@@ -40,6 +40,15 @@ def saved(request, tmp_path_factory):
   return model, path
 
 
+@pytest.fixture(scope="module")
+def saved_safetensors(tmp_path_factory):
+  """One saved model for the CLI tests (the file formats are covered by `saved`)."""
+  model = _hf_model()
+  path = tmp_path_factory.mktemp("hf_cli")
+  model.save_pretrained(path, safe_serialization=True)
+  return model, path
+
+
 def _hf_logits(model, tokens):
   with torch.no_grad():
     return model(torch.tensor(tokens)).logits.numpy()
@@ -109,9 +118,9 @@ def test_shape_mismatch_names_the_tensor(saved):
     hf.load_params(f"hf:{path}", GPTConfig.from_config(_config(norm="rmsnorm").model, VOCAB))
 
 
-def test_init_from_trains_and_exports_through_the_cli(saved, tmp_path):
+def test_init_from_trains_and_exports_through_the_cli(saved_safetensors, tmp_path):
   """--config.init_from=hf:DIR starts training from the weights; export goes back to HF."""
-  _, path = saved
+  _, path = saved_safetensors
   common = ["--config=experiments/tiny.py", f"--config.model.n_layer={LAYERS}",
             f"--config.model.n_head={HEADS}", f"--config.model.d_model={D}",
             f"--config.model.block_size={POSITIONS}", f"--config.model.vocab_size={VOCAB}",

@@ -23,15 +23,18 @@ def test_cli_trains_and_writes_outputs(tmp_path, corpus):
   workdir = tmp_path / "run"
   proc = run_cli(TINY, f"--workdir={workdir}", f"--config.data.path={corpus}",
                  "--config.train.num_steps=12", "--config.train.log_every=4",
-                 "--config.train.eval_every=6", "--config.model.norm=rmsnorm")
+                 "--config.train.eval_every=6", "--config.model.norm=rmsnorm",
+                 f"--config.compilation_cache_dir={tmp_path}/xla_cache",
+                 env={"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 12/12" in proc.stdout and "tok/s" in proc.stdout and "ETA" in proc.stdout
+  assert os.listdir(tmp_path / "xla_cache")  # the persistent compilation cache was written
   lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   train_lines = [l for l in lines if "loss" in l]
   eval_lines = [l for l in lines if "val_loss" in l]
   assert [l["step"] for l in train_lines] == [4, 8, 12]
   assert [l["step"] for l in eval_lines] == [6, 12]
-  for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s"):
+  for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "tflops_per_device", "elapsed_s"):
     assert all(key in l for l in train_lines)
   assert all("val_bpb" in l for l in eval_lines)
   config = json.load(open(workdir / "config.json"))

@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 
 import flax.linen as nn
@@ -102,3 +103,24 @@ def test_gpt2_small_parameter_count():
   model = GPT(GPTConfig.from_config(c.model, vocab_size=50257))
   shapes = jax.eval_shape(lambda: _init(model))
   assert count_params(shapes) == 124_439_808
+
+
+@pytest.mark.parametrize("policy", ["dots", "dots_no_batch", "full"])
+def test_remat_changes_memory_not_results(policy):
+  """Every remat policy gives the plain model's loss and gradients (same parameter tree)."""
+  import optax
+  base = GPTConfig.from_config(tiny_config().model, 65)
+  remat = dataclasses.replace(base, remat=policy)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 33), 0, 65)
+  params = nn.meta.unbox(GPT(base).init(jax.random.PRNGKey(0), tokens[:, :-1])["params"])
+
+  def loss(params, cfg):
+    logits = GPT(cfg).apply({"params": params}, tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, c)
+                        for c in (base, remat))
+  assert jax.tree.structure(GPT(remat).init(jax.random.PRNGKey(0), tokens[:, :-1])) == \
+      jax.tree.structure(GPT(base).init(jax.random.PRNGKey(0), tokens[:, :-1]))
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)

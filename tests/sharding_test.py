@@ -188,3 +188,13 @@ def test_two_processes_match_one_process_with_the_same_four_devices(tmp_path):
   val = lambda d: [json.loads(l)["val_loss"] for l in open(d / "metrics.jsonl")  # noqa: E731
                    if "val_loss" in l]
   np.testing.assert_allclose(val(tmp_path / "two"), val(tmp_path / "one"), rtol=1e-5)
+
+
+def test_xla_flags_are_added_unless_the_user_set_them(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  sharding.set_xla_flags()
+  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
+                                     "--xla_gpu_enable_latency_hiding_scheduler=true")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
+  sharding.set_xla_flags()
+  assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_latency_hiding_scheduler=false"

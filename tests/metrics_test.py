@@ -1,0 +1,59 @@
+"""Model FLOPs per token, the peak table and MFU (gptjax/metrics.py)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import tiny_config
+from gptjax import metrics
+from gptjax.model import GPT, GPTConfig
+
+
+def _cfg(**overrides):
+  return GPTConfig.from_config(tiny_config(**overrides).model, 65)
+
+
+def test_flops_per_token_matches_a_hand_count_for_the_tiny_config():
+  # tiny: 2 layers, d 32, T 32, vocab 65 (padded to 128, which must not count), GELU d_ff 128.
+  per_layer = 4 * 32 * 32 + 2 * 32 * 128  # q, k, v, out + MLP up, down = 12,288
+  n_matmul = 2 * per_layer + 65 * 32  # + the output head over the real vocabulary = 26,656
+  attention = 2 * 3 * 2 * (2 * 32 * 32)  # layers x (fwd+bwd) x (QK^T, AV) x 2 T d = 24,576
+  assert 6 * n_matmul + attention == 184_512
+  assert metrics.flops_per_token(_cfg()) == 184_512
+
+
+def test_flops_per_token_counts_swiglu_three_matrices():
+  cfg = _cfg(model__activation="swiglu")
+  assert cfg.d_ff == 128  # 8/3 * 32 rounded up to 64
+  assert metrics.flops_per_token(cfg) == 6 * (2 * (4 * 32 * 32 + 3 * 32 * 128) + 65 * 32) + 24_576
+
+
+def test_flops_per_token_is_a_third_forward_as_xla_counts_it():
+  """XLA's own count of the compiled forward pass agrees with formula / 3 (elementwise work,
+  softmax and norms add a little on top of the matmuls)."""
+  c = tiny_config(model__n_layer=2, model__n_head=4, model__d_model=128, model__block_size=64)
+  cfg = GPTConfig.from_config(c.model, 128)  # no vocab padding: XLA sees the real head
+  model = GPT(cfg)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64), jnp.int32))
+  tokens = jax.ShapeDtypeStruct((2, 64), jnp.int32)
+  cost = jax.jit(model.apply).lower(params, tokens).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  ratio = cost["flops"] / (metrics.flops_per_token(cfg) / 3 * 2 * 64)
+  assert 1.0 <= ratio < 1.1, ratio
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("TPU v4", 275.0), ("TPU v5 lite", 197.0),
+    ("TPU v5p", 459.0), ("TPU v6 lite", 918.0), ("cpu", None)])
+def test_peak_table(kind, peak):
+  assert metrics.peak_tflops(kind) == peak
+
+
+def test_mfu_is_model_flops_per_device_over_the_peak():
+  cfg = _cfg()
+  tokens_per_s = 989e12 / metrics.flops_per_token(cfg)  # exactly one H100's peak, in total
+  speed = metrics.throughput(tokens_per_s, cfg, 4, "NVIDIA H100 80GB HBM3")
+  assert speed["tflops"] == pytest.approx(989.0)
+  assert speed["mfu"] == pytest.approx(0.25)  # spread over 4 devices
+  assert metrics.throughput(tokens_per_s, cfg, 1, "cpu")["mfu"] is None
