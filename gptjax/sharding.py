@@ -251,16 +251,51 @@ def format_bytes(n: int) -> str:
 # --- Start-up: XLA flags, several hosts ---------------------------------------------------
 
 # XLA flags gptjax sets unless XLA_FLAGS already names them (read once, when the backend
-# starts; other platforms ignore GPU flags). The latency-hiding scheduler lets XLA overlap
-# FSDP's all-gathers / reduce-scatters and data parallelism's all-reduces with compute on
-# several GPUs (on one GPU it changes nothing measurable).
+# starts). GPU: the latency-hiding scheduler lets XLA overlap FSDP's all-gathers /
+# reduce-scatters and data parallelism's all-reduces with compute on several GPUs (on one
+# GPU it changes nothing measurable); other platforms ignore it.
 XLA_GPU_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
+# CPU-only hosts (no GPU/TPU plugin installed), jaxlib 0.10 (where measured): YNNPACK takes
+# the matmuls only; XLA's own loops do reductions and elementwise work, which YNNPACK ran
+# slower (tiny Shakespeare :cpu, 2 cores: 68-76 -> 54-59 ms/step).
+XLA_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                        "jax_rocm7_plugin", "libtpu")
 
 
-def set_xla_flags() -> None:
-  """Adds XLA_GPU_FLAGS to the XLA_FLAGS environment variable; call before JAX starts."""
+def cpu_only() -> bool:
+  """True when JAX will run on the CPU: JAX_PLATFORMS says cpu, or no accelerator plugin."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  import importlib.util
+  return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
+
+
+def cpu_device_count(requested: int, batch_size: int) -> int:
+  """config.cpu_devices -> devices to simulate: -1 is one per core, as many as divide the
+  batch (XLA's per-op threading costs more than one all-reduce of the gradients)."""
+  if requested != -1:
+    return requested
+  cores = os.cpu_count() or 1
+  return max(n for n in range(1, min(cores, batch_size) + 1) if batch_size % n == 0)
+
+
+def set_xla_flags(cpu_devices: int = 0) -> None:
+  """Adds gptjax's XLA flags to XLA_FLAGS; call before JAX starts its backend.
+
+  cpu_devices > 0 on a CPU-only host splits the CPU into that many JAX devices (the mesh's
+  data axis then runs one batch shard per core), unless XLA_FLAGS already sets a count.
+  """
+  import jaxlib.version
+  flags = list(XLA_GPU_FLAGS)
+  if cpu_only():
+    if jaxlib.version.__version__.startswith("0.10."):
+      flags += XLA_CPU_FLAGS
+    if cpu_devices > 0:
+      flags.append(f"--xla_force_host_platform_device_count={cpu_devices}")
   current = os.environ.get("XLA_FLAGS", "")
-  extra = [f for f in XLA_GPU_FLAGS if f.split("=")[0] not in current]
+  extra = [f for f in flags if f.split("=")[0] not in current]
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 

@@ -223,7 +223,8 @@ def prepare(config, workdir: str, need_data: bool = True) -> tuple[Setup, data_l
   need_data=False (compile_only with config.model.vocab_size set) reads no data at all.
   """
   config_lib.validate(config)
-  sharding.set_xla_flags()
+  sharding.set_xla_flags(sharding.cpu_device_count(
+      config.cpu_devices, config.train.batch_size // config.optim.grad_accum))
   sharding.initialize_distributed(config.distributed)  # before anything starts the backend
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.batch_size, config.optim.grad_accum, mesh,

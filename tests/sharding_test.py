@@ -191,10 +191,30 @@ def test_two_processes_match_one_process_with_the_same_four_devices(tmp_path):
 
 
 def test_xla_flags_are_added_unless_the_user_set_them(monkeypatch):
+  import jaxlib.version
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  cpu = (["--xla_cpu_experimental_ynn_fusion_type=dot"]
+         if jaxlib.version.__version__.startswith("0.10.") else [])
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  sharding.set_xla_flags()
-  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
-                                     "--xla_gpu_enable_latency_hiding_scheduler=true")
+  sharding.set_xla_flags(cpu_devices=2)  # the user's device count wins
+  assert os.environ["XLA_FLAGS"].split() == [
+      "--xla_force_host_platform_device_count=8",
+      "--xla_gpu_enable_latency_hiding_scheduler=true", *cpu]
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
-  sharding.set_xla_flags()
-  assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_latency_hiding_scheduler=false"
+  sharding.set_xla_flags(cpu_devices=2)
+  assert os.environ["XLA_FLAGS"].split() == [
+      "--xla_gpu_enable_latency_hiding_scheduler=false", *cpu,
+      "--xla_force_host_platform_device_count=2"]
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # no CPU flags where JAX runs on a GPU
+  monkeypatch.setenv("XLA_FLAGS", "")
+  sharding.set_xla_flags(cpu_devices=2)
+  assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_latency_hiding_scheduler=true"
+
+
+@pytest.mark.parametrize("requested, cores, batch, devices", [
+    (-1, 2, 12, 2), (-1, 16, 12, 12), (-1, 5, 12, 4), (-1, 8, 7, 7), (3, 2, 12, 3),
+    (1, 2, 12, 1)])
+def test_cpu_devices_one_per_core_dividing_the_batch(monkeypatch, requested, cores, batch,
+                                                     devices):
+  monkeypatch.setattr(os, "cpu_count", lambda: cores)
+  assert sharding.cpu_device_count(requested, batch) == devices
