@@ -87,7 +87,8 @@ def test_bad_choice(tmp_path):
     ("--config.optim.lr=-0.1", "optim.lr"), ("--config.optim.b2=1.5", "optim.b2"),
     ("--config.model.vocab_size=10", "vocab_size=10"),
     ("--config.optim.grad_accum=3", "grad_accum=3"),
-    ("--config.model.attention=cudnn", "cudnn")])
+    ("--config.model.attention=cudnn", "cudnn"), ("--config.model.remat=all", "model.remat"),
+    ("--config.cpu_devices=0", "cpu_devices=0")])
 def test_bad_values_are_named(tmp_path, corpus, override, fragment):
   _assert_one_line_error(
       run_cli(TINY, f"--workdir={tmp_path}/w", f"--config.data.path={corpus}", override),
