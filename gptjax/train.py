@@ -213,7 +213,11 @@ def use_compilation_cache(directory: str | None) -> None:
   if not directory:
     return
   path = os.path.expanduser(directory)
-  ensure_writable_dir(path, "--config.compilation_cache_dir")
+  try:
+    ensure_writable_dir(path, "--config.compilation_cache_dir")
+  except UserError as e:  # a cache is an optimisation: say so and go on without it
+    metrics_lib.console(f"warning: no compilation cache ({e})")
+    return
   jax.config.update("jax_compilation_cache_dir", path)
 
 

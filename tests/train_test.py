@@ -63,3 +63,11 @@ def test_train_step_is_deterministic():
     state, m = step(state, batch)
     results.append(float(m["loss"]))
   assert results[0] == results[1]
+
+
+def test_an_unwritable_compilation_cache_is_a_warning_not_a_failure(capsys):
+  import jax
+  before = jax.config.jax_compilation_cache_dir
+  train.use_compilation_cache("/proc/no_cache_here")
+  assert "warning: no compilation cache" in capsys.readouterr().out
+  assert jax.config.jax_compilation_cache_dir == before
