@@ -17,6 +17,7 @@ from that table and the abstract state (jax.eval_shape), never per parameter by 
 import contextlib
 import math
 import os
+import re
 import sys
 import threading
 
@@ -289,12 +290,15 @@ def set_xla_flags(cpu_devices: int = 0) -> None:
   """
   import jaxlib.version
   flags = list(XLA_GPU_FLAGS)
+  current = os.environ.get("XLA_FLAGS", "")
+  count = re.search(r"--xla_force_host_platform_device_count=(\d+)", current)
   if cpu_only():
-    if jaxlib.version.__version__.startswith("0.10."):
+    devices = int(count.group(1)) if count else cpu_devices
+    # Measured with one CPU device only; several in-process devices are left as XLA has them.
+    if jaxlib.version.__version__.startswith("0.10.") and devices <= 1:
       flags += XLA_CPU_FLAGS
     if cpu_devices > 0:
       flags.append(f"--xla_force_host_platform_device_count={cpu_devices}")
-  current = os.environ.get("XLA_FLAGS", "")
   extra = [f for f in flags if f.split("=")[0] not in current]
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()

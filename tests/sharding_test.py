@@ -196,15 +196,19 @@ def test_xla_flags_are_added_unless_the_user_set_them(monkeypatch):
   cpu = (["--xla_cpu_experimental_ynn_fusion_type=dot"]
          if jaxlib.version.__version__.startswith("0.10.") else [])
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  sharding.set_xla_flags(cpu_devices=2)  # the user's device count wins
+  sharding.set_xla_flags(cpu_devices=2)  # the user's device count wins; no CPU flag for 8
   assert os.environ["XLA_FLAGS"].split() == [
       "--xla_force_host_platform_device_count=8",
-      "--xla_gpu_enable_latency_hiding_scheduler=true", *cpu]
+      "--xla_gpu_enable_latency_hiding_scheduler=true"]
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
-  sharding.set_xla_flags(cpu_devices=2)
+  sharding.set_xla_flags(cpu_devices=1)
   assert os.environ["XLA_FLAGS"].split() == [
       "--xla_gpu_enable_latency_hiding_scheduler=false", *cpu,
-      "--xla_force_host_platform_device_count=2"]
+      "--xla_force_host_platform_device_count=1"]
+  monkeypatch.setenv("XLA_FLAGS", "")
+  sharding.set_xla_flags(cpu_devices=2)
+  assert os.environ["XLA_FLAGS"].split() == [
+      "--xla_gpu_enable_latency_hiding_scheduler=true", "--xla_force_host_platform_device_count=2"]
   monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # no CPU flags where JAX runs on a GPU
   monkeypatch.setenv("XLA_FLAGS", "")
   sharding.set_xla_flags(cpu_devices=2)
