@@ -256,7 +256,7 @@ def format_bytes(n: int) -> str:
 # reduce-scatters and data parallelism's all-reduces with compute on several GPUs (on one
 # GPU it changes nothing measurable); other platforms ignore it.
 XLA_GPU_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
-# CPU-only hosts (no GPU/TPU plugin installed), jaxlib 0.10 (where measured): YNNPACK takes
+# One-device runs on CPU-only hosts (no GPU/TPU plugin), jaxlib 0.10 (where measured): YNNPACK takes
 # the matmuls only; XLA's own loops do reductions and elementwise work, which YNNPACK ran
 # slower (tiny Shakespeare :cpu, 2 cores: 68-76 -> 54-59 ms/step).
 XLA_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
