@@ -68,11 +68,7 @@ def bench_train(config, workdir: str) -> dict:
   if _STEPS.value < 1 or _WARMUP.value < 0:
     raise UserError("--steps must be >= 1 and --warmup >= 0")
   config_lib.validate(config)
-  sharding.set_xla_flags(sharding.cpu_device_count(
-      config.cpu_devices, config.train.batch_size // config.optim.grad_accum))
-  sharding.initialize_distributed(config.distributed)
-  mesh = sharding.make_mesh(config.mesh)
-  train.use_compilation_cache(config.compilation_cache_dir)
+  mesh = sharding.start(config)
   vocab = config.model.vocab_size or 50257
   s = train.setup(config, vocab, mesh)
   sharding.check_fits(s.memory())

@@ -26,6 +26,23 @@ def ensure_writable_dir(path: str, flag: str) -> None:
         from None
 
 
+def check_config_file(argv) -> None:
+  """A --config=PATH[:ARG] whose file does not exist is a UserError (before absl loads it)."""
+  for arg in argv:
+    if arg.startswith("--config="):
+      path = arg[len("--config="):].split(":")[0]
+      if not os.path.isfile(path):
+        raise UserError(f"experiment file {path!r} not found; pass "
+                        "--config=experiments/NAME.py (relative to the current directory)")
+
+
+def innermost_message(e: BaseException) -> str:
+  """ml_collections nests a KeyError inside an AttributeError; its text is the key's name."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  return str(e.args[0]) if e.args else str(e)
+
+
 def flags_parser(program: str):
   """An absl flags parser for the side programs (sweep, tokenize, bench): a bad flag, a
   missing experiment file or one that fails to load is one line and exit 1."""
@@ -33,12 +50,7 @@ def flags_parser(program: str):
 
   def parse(argv):
     try:
-      for arg in argv:
-        if arg.startswith("--config="):
-          path = arg[len("--config="):].split(":")[0]
-          if not os.path.isfile(path):
-            raise UserError(f"experiment file {path!r} not found; pass "
-                            "--config=experiments/NAME.py")
+      check_config_file(argv)
       rest = flags.FLAGS(argv)
       if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
         flags.FLAGS["config"].value.keys()  # loads lazily: make its errors surface here
@@ -46,9 +58,7 @@ def flags_parser(program: str):
     except Exception as e:  # flags.Error, UserError, or the experiment file's own error
       message = " ".join(str(e).split()) or type(e).__name__
       if isinstance(e, (AttributeError, KeyError)):  # ml_collections' unknown --config.KEY
-        while e.args and isinstance(e.args[0], BaseException):
-          e = e.args[0]
-        message = ("unknown config key " + " ".join(str(e.args[0] if e.args else e).split())
+        message = ("unknown config key " + " ".join(innermost_message(e).split())
                    + "; the keys and their defaults are in gptjax/config.py")
       print(f"{program}: error: {message}", file=sys.stderr, flush=True)
       sys.exit(1)

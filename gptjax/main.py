@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, check_config_file, innermost_message
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/shakespeare_char.py:cpu; override any "
@@ -57,7 +57,7 @@ def _fail(message: str) -> None:
 def _parse_flags(argv):
   """absl's parser, but each bad flag or config override is a one-line error."""
   try:
-    _check_config_file(argv)
+    check_config_file(argv)
     rest = flags.FLAGS(argv)
     if not flags.FLAGS["verbosity"].present:  # INFO chatter only with --verbosity=0
       logging.set_verbosity(logging.WARNING)
@@ -72,7 +72,7 @@ def _parse_flags(argv):
   except (flags.Error, UserError) as e:
     _fail(e)
   except (AttributeError, KeyError) as e:  # ml_collections' word for an unknown key
-    lines = _innermost_message(e).splitlines()
+    lines = innermost_message(e).splitlines()
     name = lines[0].strip("'\"")
     keys = [a.split("=")[0][len("--"):] for a in argv if a.startswith("--config.")]
     key = next((k for k in keys if name in k.split(".")), name)
@@ -81,22 +81,6 @@ def _parse_flags(argv):
           "gptjax/config.py")
   except Exception as e:  # an experiment file that fails to load, or a bad variant name
     _fail(f"cannot load the experiment config: {type(e).__name__}: {e}")
-
-
-def _innermost_message(e: BaseException) -> str:
-  """ml_collections nests a KeyError inside an AttributeError; its text is the key's name."""
-  while e.args and isinstance(e.args[0], BaseException):
-    e = e.args[0]
-  return str(e.args[0]) if e.args else str(e)
-
-
-def _check_config_file(argv) -> None:
-  for arg in argv:
-    if arg.startswith("--config="):
-      path = arg[len("--config="):].split(":")[0]
-      if not os.path.isfile(path):
-        raise UserError(f"experiment file {path!r} not found; pass "
-                        "--config=experiments/NAME.py (relative to the current directory)")
 
 
 def main(argv) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, ensure_writable_dir
 
 AXES = ("data", "fsdp", "tensor")
 # Rule precedence: a mesh axis serves at most one dimension of an array, and earlier names
@@ -285,7 +285,7 @@ def cpu_device_count(requested: int, batch_size: int) -> int:
 def set_xla_flags(cpu_devices: int = 0) -> None:
   """Adds gptjax's XLA flags to XLA_FLAGS; call before JAX starts its backend.
 
-  cpu_devices > 0 on a CPU-only host splits the CPU into that many JAX devices (the mesh's
+  cpu_devices > 1 on a CPU-only host splits the CPU into that many JAX devices (the mesh's
   data axis then runs one batch shard per core), unless XLA_FLAGS already sets a count.
   """
   import jaxlib.version
@@ -297,12 +297,40 @@ def set_xla_flags(cpu_devices: int = 0) -> None:
     # Measured with one CPU device only; several in-process devices are left as XLA has them.
     if jaxlib.version.__version__.startswith("0.10.") and devices <= 1:
       flags += XLA_CPU_FLAGS
-    if cpu_devices > 0:
+    if cpu_devices > 1:
       flags.append(f"--xla_force_host_platform_device_count={cpu_devices}")
   extra = [f for f in flags if f.split("=")[0] not in current]
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
+
+def use_compilation_cache(directory: str | None) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` ('' or None: off).
+
+  A rerun, a resumed job or the next sweep variant of the same shapes then loads its compiled
+  steps from disk instead of compiling them again (minutes for large models). Call before
+  the first compilation.
+  """
+  if not directory:
+    return
+  path = os.path.expanduser(directory)
+  try:
+    ensure_writable_dir(path, "--config.compilation_cache_dir")
+  except UserError as e:  # a cache is an optimisation: say so and go on without it
+    print(f"warning: no compilation cache ({e})", flush=True)
+    return
+  jax.config.update("jax_compilation_cache_dir", path)
+
+
+def start(config) -> Mesh:
+  """XLA flags, the processes of a multi-host job, the mesh and the compilation cache, in the
+  order JAX needs them (flags before the backend starts, the cache before compiling)."""
+  set_xla_flags(cpu_device_count(config.cpu_devices,
+                                 config.train.batch_size // config.optim.grad_accum))
+  initialize_distributed(config.distributed)
+  mesh = make_mesh(config.mesh)
+  use_compilation_cache(config.compilation_cache_dir)
+  return mesh
 
 
 def _detected_cluster() -> str | None:

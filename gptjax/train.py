@@ -203,38 +203,16 @@ def say(message: str) -> None:
   metrics_lib.console(message, enabled=jax.process_index() == 0)
 
 
-def use_compilation_cache(directory: str | None) -> None:
-  """Turns on JAX's persistent compilation cache in `directory` ('' or None: off).
-
-  A rerun, a resumed job or the next sweep variant of the same shapes then loads its compiled
-  steps from disk instead of compiling them again (minutes for large models). Call before
-  the first compilation.
-  """
-  if not directory:
-    return
-  path = os.path.expanduser(directory)
-  try:
-    ensure_writable_dir(path, "--config.compilation_cache_dir")
-  except UserError as e:  # a cache is an optimisation: say so and go on without it
-    metrics_lib.console(f"warning: no compilation cache ({e})")
-    return
-  jax.config.update("jax_compilation_cache_dir", path)
-
-
 def prepare(config, workdir: str, need_data: bool = True) -> tuple[Setup, data_lib.Data | None]:
   """Everything before the first step: processes, mesh, data, compiled steps, memory check.
 
   need_data=False (compile_only with config.model.vocab_size set) reads no data at all.
   """
   config_lib.validate(config)
-  sharding.set_xla_flags(sharding.cpu_device_count(
-      config.cpu_devices, config.train.batch_size // config.optim.grad_accum))
-  sharding.initialize_distributed(config.distributed)  # before anything starts the backend
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.start(config)
   sharding.check_batch(config.train.batch_size, config.optim.grad_accum, mesh,
                        sharding.rules(config.mesh))  # before a long data preparation
   ensure_writable_dir(workdir, "--workdir")
-  use_compilation_cache(config.compilation_cache_dir)
   if config.init_from:  # a wrong directory fails before data preparation and compiling
     from gptjax import hf
     hf.directory(config.init_from)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from gptjax import optim, train
+from gptjax import optim, sharding, train
 from gptjax.model import GPT, GPTConfig
 
 
@@ -68,6 +68,6 @@ def test_train_step_is_deterministic():
 def test_an_unwritable_compilation_cache_is_a_warning_not_a_failure(capsys):
   import jax
   before = jax.config.jax_compilation_cache_dir
-  train.use_compilation_cache("/proc/no_cache_here")
+  sharding.use_compilation_cache("/proc/no_cache_here")
   assert "warning: no compilation cache" in capsys.readouterr().out
   assert jax.config.jax_compilation_cache_dir == before
