@@ -101,6 +101,9 @@ def default_config() -> config_dict.ConfigDict:
   c.train.eval_every = 250
   c.train.eval_batches = 20
   c.train.label_smoothing = 0.0
+  # 0: the whole (B, T, V) logits, then the loss. N > 0: the LM head and the loss N positions
+  # at a time, gradients in the same pass (gptjax/loss.py): no full logits in memory.
+  c.train.loss_chunk = 0
 
   # Checkpoints (gptjax/checkpoint.py): also saved at the end and on SIGTERM/SIGINT.
   c.checkpoint = config_dict.ConfigDict()
@@ -126,6 +129,10 @@ def default_config() -> config_dict.ConfigDict:
   c.distributed.timeout_s = 300  # how long to wait for every process to join
   c.distributed.auto = True  # join a detected SLURM / Open MPI job of more than one task
   return c
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+  return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
 def validate(config: config_dict.ConfigDict) -> None:
@@ -158,6 +165,11 @@ def validate(config: config_dict.ConfigDict) -> None:
                      ("train.label_smoothing", t.label_smoothing)]:
     if not 0.0 <= value < 1.0:
       raise UserError(f"config.{key}={value} must be in [0, 1)")
+  chunk = t.get("loss_chunk", 0)  # absent from runs saved before it existed
+  if chunk < 0 or (chunk and m.block_size % chunk):
+    raise UserError(f"config.train.loss_chunk={chunk} must be 0 (off) or divide "
+                    f"config.model.block_size={m.block_size}; e.g. --config.train.loss_chunk="
+                    f"{_largest_divisor(m.block_size, 256)}")
   if config.cpu_devices == 0 or config.cpu_devices < -1:
     raise UserError(f"config.cpu_devices={config.cpu_devices} must be -1 (one per core) or "
                     "at least 1")

@@ -139,6 +139,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
   """tokens (B, T) int32 -> logits (B, T, padded_vocab) in the compute dtype.
 
+  return_hidden=True gives (final hidden states (B, T, D), output embedding (V, D)) instead.
+
   With start_B (decoding, see decode.py) attention reads and extends a KV cache held in the
   "cache" collection; rows are left-padded and row b's first real token is at start_B[b].
   """
@@ -146,7 +148,8 @@ class GPT(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT=None, deterministic: bool = True, start_B=None):
+  def __call__(self, tokens_BxT, positions_BxT=None, deterministic: bool = True, start_B=None,
+               return_hidden: bool = False):
     cfg = self.cfg
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -169,18 +172,36 @@ class GPT(nn.Module):
     for i in range(cfg.n_layer):
       x_BxTxD = block(cfg, name=f"h_{i}")(x_BxTxD, positions_BxT, deterministic, start_B)
     x_BxTxD = _norm(cfg, "ln_f")(x_BxTxD)
-    if cfg.tie_embeddings:
-      logits_BxTxV = wte.attend(x_BxTxD)
-    else:
-      logits_BxTxV = nn.Dense(
-          cfg.padded_vocab, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-          kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")),
-          name="lm_head")(x_BxTxD)
-    logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
-    if cfg.padded_vocab > cfg.vocab_size:  # padding rows exist for speed, never as predictions
-      real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
-      logits_BxTxV = jnp.where(real_V, logits_BxTxV, jnp.finfo(logits_BxTxV.dtype).min)
-    return logits_BxTxV
+    # The output embedding (V, D): the input table when tied, else lm_head's (D, V) kernel.
+    w_VxD = wte.embedding if cfg.tie_embeddings else _Unembed(cfg, name="lm_head")().T
+    if return_hidden:  # a loss that applies the head itself, a chunk at a time (loss.py)
+      return x_BxTxD, w_VxD
+    return vocab_logits(x_BxTxD, w_VxD, cfg)
+
+
+class _Unembed(nn.Module):
+  """The untied lm_head's (D, V) kernel (laid out as nn.Dense's, so checkpoints match)."""
+
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self):
+    init = nn.with_logical_partitioning(nn.initializers.normal(self.cfg.init_std),
+                                        ("embed", "vocab"))
+    return self.param("kernel", init, (self.cfg.d_model, self.cfg.padded_vocab),
+                      self.cfg.param_dtype)
+
+
+def vocab_logits(x_BxTxD, w_VxD, cfg: GPTConfig, out_dtype=None):
+  """Final hidden states (B, T, D) -> logits (B, T, padded_vocab), in the compute dtype unless
+  out_dtype says otherwise; padding entries are masked so they are never predicted."""
+  logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD.astype(cfg.dtype), w_VxD.astype(cfg.dtype),
+                            preferred_element_type=out_dtype)
+  logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
+  if cfg.padded_vocab > cfg.vocab_size:  # padding rows exist for speed, never as predictions
+    real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+    logits_BxTxV = jnp.where(real_V, logits_BxTxV, jnp.finfo(logits_BxTxV.dtype).min)
+  return logits_BxTxV
 
 
 def _lookup(embed: nn.Embed, ids_BxT, dtype, table_axes):

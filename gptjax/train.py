@@ -27,6 +27,7 @@ from gptjax import optim
 from gptjax import sharding
 from gptjax.attention import resolve_implementation
 from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.loss import cross_entropy, fused_cross_entropy
 from gptjax.model import GPT, GPTConfig, count_params
 
 
@@ -63,27 +64,23 @@ def init_state(model: GPT, tx: optax.GradientTransformation, seed: int,
   return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
-def cross_entropy(logits_BxTxV, targets_BxT, vocab_size: int, label_smoothing: float = 0.0):
-  """Per-token loss in nats, float32, shape (B, T); padded vocab entries never count."""
-  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-  lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-  target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-  loss_BxT = lse_BxT - target_BxT
-  if label_smoothing:
-    uniform_BxT = lse_BxT - jnp.mean(logits_BxTxV[..., :vocab_size], axis=-1)
-    loss_BxT = (1 - label_smoothing) * loss_BxT + label_smoothing * uniform_BxT
-  return loss_BxT
-
-
-def _loss(params, model: GPT, batch_BxT1, rng, deterministic: bool, label_smoothing: float):
+def _loss(params, model: GPT, batch_BxT1, rng, deterministic: bool, label_smoothing: float,
+          loss_chunk: int = 0):
+  """Mean next-token loss; loss_chunk > 0 applies the LM head and the loss that many
+  positions at a time (loss.fused_cross_entropy) instead of materialising all logits."""
   inputs_BxT, targets_BxT = batch_BxT1[:, :-1], batch_BxT1[:, 1:]
-  logits_BxTxV = model.apply({"params": params}, inputs_BxT, deterministic=deterministic,
-                             rngs=None if deterministic else {"dropout": rng})
-  return cross_entropy(logits_BxTxV, targets_BxT, model.cfg.vocab_size, label_smoothing).mean()
+  out = model.apply({"params": params}, inputs_BxT, deterministic=deterministic,
+                    rngs=None if deterministic else {"dropout": rng},
+                    return_hidden=bool(loss_chunk))
+  if loss_chunk:
+    x_BxTxD, w_VxD = out
+    return fused_cross_entropy(x_BxTxD, w_VxD, targets_BxT, model.cfg, loss_chunk,
+                               label_smoothing)
+  return cross_entropy(out, targets_BxT, model.cfg.vocab_size, label_smoothing).mean()
 
 
 def train_step(state: TrainState, batch_BxT1, *, model: GPT, tx, lr_schedule,
-               grad_accum: int = 1, label_smoothing: float = 0.0):
+               grad_accum: int = 1, label_smoothing: float = 0.0, loss_chunk: int = 0):
   """One optimizer update over a (B, T+1) batch -> (new state, metrics).
 
   With grad_accum > 1 the batch is split into microbatches whose gradients a lax.scan
@@ -93,7 +90,8 @@ def train_step(state: TrainState, batch_BxT1, *, model: GPT, tx, lr_schedule,
   grad_fn = jax.value_and_grad(_loss)
   deterministic = model.cfg.dropout == 0 and model.cfg.attn_dropout == 0
   if grad_accum == 1:
-    loss, grads = grad_fn(state.params, model, batch_BxT1, rng, deterministic, label_smoothing)
+    loss, grads = grad_fn(state.params, model, batch_BxT1, rng, deterministic, label_smoothing,
+                          loss_chunk)
   else:
     # Microbatch i takes rows i, i+A, i+2A, ...: each device's rows split evenly among the
     # microbatches, so every microbatch stays spread over all data-parallel devices.
@@ -103,7 +101,7 @@ def train_step(state: TrainState, batch_BxT1, *, model: GPT, tx, lr_schedule,
     def accumulate(carry, i_and_micro):
       i, micro_bxT1 = i_and_micro
       loss_i, grads_i = grad_fn(state.params, model, micro_bxT1, jax.random.fold_in(rng, i),
-                                deterministic, label_smoothing)
+                                deterministic, label_smoothing, loss_chunk)
       return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
@@ -116,9 +114,9 @@ def train_step(state: TrainState, batch_BxT1, *, model: GPT, tx, lr_schedule,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch_BxT1, *, model: GPT):
+def eval_step(params, batch_BxT1, *, model: GPT, loss_chunk: int = 0):
   """Mean next-token loss (nats) of a (B, T+1) batch, dropout off."""
-  return _loss(params, model, batch_BxT1, None, True, 0.0)
+  return _loss(params, model, batch_BxT1, None, True, 0.0, loss_chunk)
 
 
 def evaluate(eval_fn, params, batch_at, num_batches: int) -> float:
@@ -181,6 +179,7 @@ def setup(config, vocab_size: int, mesh: jax.sharding.Mesh, compile: bool = True
   shape = (tc.batch_size, model.cfg.block_size + 1)
   batch_spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  loss_chunk = tc.get("loss_chunk", 0)  # runs saved before it existed
   t0 = time.perf_counter()
   if not compile:
     return Setup(model, tx, mesh, abstract, state_sh, batch_sh, shape, None, None, 0.0)
@@ -188,10 +187,10 @@ def setup(config, vocab_size: int, mesh: jax.sharding.Mesh, compile: bool = True
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
                           grad_accum=config.optim.grad_accum,
-                          label_smoothing=tc.label_smoothing),
+                          label_smoothing=tc.label_smoothing, loss_chunk=loss_chunk),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
         donate_argnums=0).lower(abstract, batch_spec).compile()
-    eval_fn = jax.jit(functools.partial(eval_step, model=model),
+    eval_fn = jax.jit(functools.partial(eval_step, model=model, loss_chunk=loss_chunk),
                       in_shardings=(state_sh.params, batch_sh),
                       out_shardings=replicated).lower(abstract.params, batch_spec).compile()
   return Setup(model, tx, mesh, abstract, state_sh, batch_sh, shape, step_fn, eval_fn,

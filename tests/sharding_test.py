@@ -47,11 +47,13 @@ def one_device_run():
   return _run(c, _mesh(c, devices=jax.devices()[:1]))
 
 
-@pytest.mark.parametrize("shape", [dict(data=8), dict(fsdp=8), dict(tensor=8),
-                                   dict(data=2, fsdp=2, tensor=2)],
-                         ids=["data8", "fsdp8", "tensor8", "2x2x2"])
-def test_losses_match_the_one_device_run(shape, one_device_run):
-  c = _config()
+@pytest.mark.parametrize("shape,loss_chunk", [(dict(data=8), 0), (dict(fsdp=8), 0),
+                                              (dict(tensor=8), 0),
+                                              (dict(data=2, fsdp=2, tensor=2), 0),
+                                              (dict(data=2, fsdp=2, tensor=2), 8)],
+                         ids=["data8", "fsdp8", "tensor8", "2x2x2", "2x2x2-loss_chunk"])
+def test_losses_match_the_one_device_run(shape, loss_chunk, one_device_run):
+  c = _config(train__loss_chunk=loss_chunk)  # chunked: the fused head + loss, vocab-split
   losses, eval_loss = _run(c, _mesh(c, **shape))
   np.testing.assert_allclose(losses, one_device_run[0], rtol=1e-5)
   np.testing.assert_allclose(eval_loss, one_device_run[1], rtol=1e-5)
