@@ -183,6 +183,9 @@ def _check_shapes(manager, step: int, abstract_params, train_target, directory) 
           for p, x in jax.tree_util.tree_leaves_with_path(saved)}
   fix = ("resume with the config it was trained with (WORKDIR/config.json) or use a fresh "
          "--workdir")
+  scanned = [any(n.startswith("h/") for n in names) for names in (have, want)]
+  if scanned[0] != scanned[1]:  # the layer layout differs: stacked (h) vs per layer (h_i)
+    fix = f"set --config.model.scan_layers={scanned[0]} as it was trained, or use a fresh --workdir"
   for name, shape in want.items():
     if name not in have:
       raise UserError(f"checkpoint {step} in {directory} has no parameter {name} (the config "

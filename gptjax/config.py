@@ -65,6 +65,10 @@ def default_config() -> config_dict.ConfigDict:
   # Activation rematerialisation per block (model.REMAT_POLICIES): none | dots |
   # dots_no_batch | full. Trades recomputation for memory (bigger batches, longer context).
   c.model.remat = "none"
+  # nn.scan over the blocks: parameters (and KV caches) stacked on a leading "layers" axis.
+  # Compiles one block instead of n_layer (deep models compile in seconds) and lets FSDP
+  # gather one layer's weights at a time. Checkpoints differ in layout (h vs h_0..h_{L-1}).
+  c.model.scan_layers = False
 
   c.data = config_dict.ConfigDict()
   c.data.source = "tfds"
@@ -119,7 +123,7 @@ def default_config() -> config_dict.ConfigDict:
   # slices (TPU multi-slice) or hosts (GPU): the slow links; mesh.shape is within one.
   c.mesh.rules = config_dict.ConfigDict({  # comma-separated mesh axes; '' = replicated
       "batch": "data,fsdp", "length": "", "vocab": "tensor", "embed": "fsdp",
-      "heads": "tensor", "kv": "", "mlp": "tensor"})
+      "heads": "tensor", "kv": "", "mlp": "tensor", "layers": ""})
 
   # Several processes (hosts): set all three, or run under SLURM / Open MPI with auto on.
   c.distributed = config_dict.ConfigDict()

@@ -187,11 +187,12 @@ def _cache_leaves(cache, name):
 
 
 def _cache_index(cache):
-  return _cache_leaves(cache, "cache_index")[0]  # every layer's index moves together
+  # Every layer's index moves together (scan_layers stacks them: (L,)).
+  return jnp.ravel(_cache_leaves(cache, "cache_index")[0])[0]
 
 
 def _cache_slots(cache):
-  return _cache_leaves(cache, "cached_key")[0].shape[2]  # (B, N, S, H)
+  return _cache_leaves(cache, "cached_key")[0].shape[-2]  # ([L,] B, N, S, H)
 
 
 def finish_reasons(state: DecodeState) -> list[str]:

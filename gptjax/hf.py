@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.model import stack_layers, unstack_layers
 
 _PREFIX = "transformer."
 # gptjax settings a GPT-2 checkpoint needs: (config key, GPTConfig field, value).
@@ -146,7 +147,8 @@ def to_params(tensors: dict, cfg, hf_config: dict) -> dict:
                 "down": {"kernel": get(p + "mlp.c_proj.weight", (cfg.d_ff, d)),
                          "bias": get(p + "mlp.c_proj.bias", (d,))}}}
   dtype = np.dtype(cfg.param_dtype)
-  return _map(lambda x: np.ascontiguousarray(x, dtype), params)
+  params = _map(lambda x: np.ascontiguousarray(x, dtype), params)
+  return stack_layers(params, cfg.n_layer, np) if cfg.scan_layers else params
 
 
 def _norm(get, name, d):
@@ -166,6 +168,8 @@ def load_params(init_from: str, cfg) -> dict:
 def from_params(params, cfg) -> dict[str, np.ndarray]:
   """gptjax params -> HF tensors (float32, names with 'transformer.')."""
   check_layout(cfg)
+  if "h" in params:  # scan_layers: one stacked "h"
+    params = unstack_layers(params)
   p = _map(lambda x: np.asarray(x, np.float32), params)
   d = cfg.d_model
   out = {"wte.weight": p["wte"]["embedding"][:cfg.vocab_size],

@@ -56,6 +56,7 @@ class GPTConfig:
   attention: str = "auto"
   init_std: float = 0.02
   remat: str = "none"
+  scan_layers: bool = False
 
   @classmethod
   def from_config(cls, m, vocab_size: int) -> "GPTConfig":
@@ -76,7 +77,8 @@ class GPTConfig:
         positions=m.positions, rope_theta=m.rope_theta, activation=m.activation,
         tie_embeddings=m.tie_embeddings, bias=m.bias, dtype=_DTYPES[dtype],
         param_dtype=_DTYPES[m.param_dtype], attention=m.attention, init_std=m.init_std,
-        remat=m.get("remat", "none"))  # runs saved before remat existed
+        # .get: runs saved before these keys existed
+        remat=m.get("remat", "none"), scan_layers=m.get("scan_layers", False))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -169,8 +171,21 @@ class GPT(nn.Module):
     if cfg.remat != "none" and start_B is None:  # training: recompute in the backward pass
       # static_argnums counts self as 0: `deterministic` is a Python bool.
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,))
-    for i in range(cfg.n_layer):
-      x_BxTxD = block(cfg, name=f"h_{i}")(x_BxTxD, positions_BxT, deterministic, start_B)
+    if cfg.scan_layers:
+      # One block compiled once and looped n_layer times over stacked parameters (and KV
+      # caches) with a leading "layers" axis: compile time no longer grows with depth, and
+      # an FSDP step gathers one layer's weights at a time.
+      def body(blk, x_BxTxD, positions_BxT, start_B):
+        return blk(x_BxTxD, positions_BxT, deterministic, start_B), None
+
+      x_BxTxD, _ = nn.scan(
+          body, variable_axes={"params": 0, "cache": 0},
+          split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
+          length=cfg.n_layer, metadata_params={nn.PARTITION_NAME: "layers"},
+      )(block(cfg, name="h"), x_BxTxD, positions_BxT, start_B)
+    else:
+      for i in range(cfg.n_layer):
+        x_BxTxD = block(cfg, name=f"h_{i}")(x_BxTxD, positions_BxT, deterministic, start_B)
     x_BxTxD = _norm(cfg, "ln_f")(x_BxTxD)
     # The output embedding (V, D): the input table when tied, else lm_head's (D, V) kernel.
     w_VxD = wte.embedding if cfg.tie_embeddings else _Unembed(cfg, name="lm_head")().T
@@ -202,6 +217,24 @@ def vocab_logits(x_BxTxD, w_VxD, cfg: GPTConfig, out_dtype=None):
     real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
     logits_BxTxV = jnp.where(real_V, logits_BxTxV, jnp.finfo(logits_BxTxV.dtype).min)
   return logits_BxTxV
+
+
+def stack_layers(params, n_layer: int, xp=jnp) -> dict:
+  """Per-layer params (h_0 ... h_{L-1}) -> the scan_layers layout (h, leading L axis).
+
+  xp: the array module that stacks (numpy keeps host arrays on the host)."""
+  out = {k: v for k, v in params.items() if not k.startswith("h_")}
+  out["h"] = jax.tree.map(lambda *xs: xp.stack(xs), *[params[f"h_{i}"] for i in range(n_layer)])
+  return out
+
+
+def unstack_layers(params) -> dict:
+  """The scan_layers layout (h, leading L axis) -> per-layer params h_0 ... h_{L-1}."""
+  out = {k: v for k, v in params.items() if k != "h"}
+  n_layer = jax.tree.leaves(params["h"])[0].shape[0]
+  for i in range(n_layer):
+    out[f"h_{i}"] = jax.tree.map(lambda x: x[i], params["h"])
+  return out
 
 
 def _lookup(embed: nn.Embed, ids_BxT, dtype, table_axes):

@@ -9,9 +9,10 @@ Every axis is `AxisType.Auto`: XLA's partitioner propagates shardings from jit's
 shardings and the model's logical constraints, so Linen code needs no per-op annotation
 (Explicit axes would make every op's sharding part of its type).
 
-The model names its dimensions (batch, length, vocab, embed, heads, kv, mlp); one table,
-`config.mesh.rules`, maps those names to mesh axes. Shardings of the whole train state come
-from that table and the abstract state (jax.eval_shape), never per parameter by hand.
+The model names its dimensions (batch, length, vocab, embed, heads, kv, mlp; layers with
+scan_layers); one table, `config.mesh.rules`, maps those names to mesh axes. Shardings of
+the whole train state come from that table and the abstract state (jax.eval_shape), never
+per parameter by hand.
 """
 
 import contextlib
@@ -33,14 +34,14 @@ AXES = ("data", "fsdp", "tensor")
 # Rule precedence: a mesh axis serves at most one dimension of an array, and earlier names
 # claim theirs first. batch comes first so activations (batch, length, embed) split the batch
 # over (data, fsdp) and leave embed whole, while parameters (vocab, embed) split embed.
-LOGICAL_AXES = ("batch", "length", "vocab", "embed", "heads", "kv", "mlp")
+LOGICAL_AXES = ("batch", "length", "vocab", "embed", "heads", "kv", "mlp", "layers")
 
 
 def rules(mc) -> tuple:
   """config.mesh.rules as flax's ordered (logical name, mesh axes) pairs."""
   out = []
   for name in LOGICAL_AXES:
-    spec = mc.rules[name] or ""
+    spec = mc.rules.get(name) or ""  # .get: runs saved before "layers" existed
     axes = tuple(a.strip() for a in spec.split(",") if a.strip())
     for a in axes:
       if a not in AXES:

@@ -174,6 +174,11 @@ def test_shape_mismatch_names_the_parameter(tmp_path):
                  "--config.train.num_steps=4", "--config.optim.grad_clip=0", env=ONE_DEVICE)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert "optimizer state of another structure" in proc.stderr, proc.stderr[-2000:]
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",  # stacked layers
+                 "--config.train.num_steps=4", "--config.model.scan_layers=true", env=ONE_DEVICE)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "set --config.model.scan_layers=False as it was trained" in proc.stderr, \
+      proc.stderr[-2000:]
   assert os.listdir(workdir / "checkpoints") == ["2"]  # nothing was set aside
 
 

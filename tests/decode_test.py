@@ -171,3 +171,20 @@ def test_bf16_decoding_picks_the_argmax_of_a_bf16_full_forward():
       step = logits[len(prompt) - 1 + i]
       chosen = step[int(out[b, i])]
       assert chosen >= step.max() - 0.02 * np.abs(step).max(), (b, i)
+
+
+def test_scan_layers_decodes_as_the_loop():
+  """Stacked KV caches ((L, B, N, S, H), scan_layers) give the per-layer caches' tokens."""
+  import dataclasses
+  from gptjax.model import stack_layers
+  model, params = _model()
+  scan = GPT(dataclasses.replace(model.cfg, scan_layers=True))
+  tokens, start = decode.left_pad(PROMPTS)
+  outs = []
+  for m, p in ((model, params), (scan, stack_layers(params, model.cfg.n_layer))):
+    d = decode.Decoder(m, p)
+    state = d.prefill(tokens, start, 12)
+    for _ in range(2):  # twice: the stacked index must carry over between calls
+      state, out, _ = d.generate(state, 6, decode.Sampling(0.0))
+      outs.append(np.asarray(out))
+  np.testing.assert_array_equal(np.concatenate(outs[:2], 1), np.concatenate(outs[2:], 1))

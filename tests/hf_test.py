@@ -168,3 +168,15 @@ def test_gpt2_options_gptjax_does_not_compute_are_refused(saved, tmp_path):
       {**config, "scale_attn_by_inverse_layer_idx": True}))
   with pytest.raises(UserError, match="sets scale_attn_by_inverse_layer_idx=True"):
     hf.directory(f"hf:{tmp_path}")
+
+
+def test_scan_layers_imports_and_exports_the_same_model(saved_safetensors, tmp_path):
+  hf_model, path = saved_safetensors
+  model, params = _gptjax(path, scan_layers=True)
+  assert "h" in params and params["h"]["mlp"]["up"]["kernel"].shape == (LAYERS, D, 4 * D)
+  theirs = _hf_logits(hf_model, TOKENS)
+  ours = np.asarray(model.apply({"params": params}, TOKENS))[..., :VOCAB]
+  assert np.abs(ours - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
+  hf.save(params, model.cfg, str(tmp_path))
+  back = _hf_logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval(), TOKENS)
+  assert np.abs(back - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())

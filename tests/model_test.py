@@ -124,3 +124,30 @@ def test_remat_changes_memory_not_results(policy):
       jax.tree.structure(GPT(base).init(jax.random.PRNGKey(0), tokens[:, :-1]))
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scan_layers_equals_the_loop_over_stacked_parameters(remat):
+  """nn.scan over the blocks: the same loss and gradients from the same (stacked) weights."""
+  import optax
+  from gptjax.model import stack_layers, unstack_layers
+  loop = dataclasses.replace(GPTConfig.from_config(tiny_config(model__n_layer=3).model, 65),
+                             remat=remat)
+  scan = dataclasses.replace(loop, scan_layers=True)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 33), 0, 65)
+  boxed = GPT(scan).init(jax.random.PRNGKey(0), tokens[:, :-1])["params"]
+  kernel = boxed["h"]["mlp"]["up"]["kernel"]
+  assert kernel.names == ("layers", "embed", "mlp") and kernel.value.shape == (3, 32, 128)
+  params = nn.meta.unbox(GPT(loop).init(jax.random.PRNGKey(0), tokens[:, :-1])["params"])
+  stacked = stack_layers(params, 3)
+  assert jax.tree.structure(stacked) == jax.tree.structure(nn.meta.unbox(boxed))
+
+  def loss(params, cfg):
+    logits = GPT(cfg).apply({"params": params}, tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  l0, g0 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, loop)
+  l1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(stacked, scan)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               g0, unstack_layers(g1))

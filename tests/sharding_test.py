@@ -223,3 +223,17 @@ def test_cpu_devices_one_per_core_dividing_the_batch(monkeypatch, requested, cor
                                                      devices):
   monkeypatch.setattr(os, "cpu_count", lambda: cores)
   assert sharding.cpu_device_count(requested, batch) == devices
+
+
+def test_scan_layers_shards_each_layer_like_the_loop_and_trains_the_same_everywhere():
+  c = _config(model__scan_layers=True)
+  s = train.setup(c, 60, _mesh(c, data=2, fsdp=2, tensor=2), compile=False)
+  P = jax.sharding.PartitionSpec
+  # The stacked "layers" axis stays whole: every device holds its shard of every layer.
+  assert s.state_shardings.params["h"]["mlp"]["up"]["kernel"].spec == P(None, "fsdp", "tensor")
+  losses, eval_loss = _run(c, _mesh(c, data=2, fsdp=2, tensor=2), steps=4)
+  one_losses, one_eval = _run(_config(model__scan_layers=True),
+                              _mesh(c, devices=jax.devices()[:1]), steps=4)
+  np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
+  np.testing.assert_allclose(eval_loss, one_eval, rtol=1e-5)
+  assert losses[-1] < losses[0]
