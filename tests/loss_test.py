@@ -89,7 +89,7 @@ def test_fused_loss_needs_a_chunk_that_divides_the_sequence():
 def test_training_with_a_chunked_loss_matches_the_whole_logits():
   """Same losses, gradient norms and parameters after 3 steps with an untied lm_head (the
   tied head, sharded 2x2x2 through train.setup, is in sharding_test)."""
-  c = tiny_config(model__tie_embeddings=False)
+  c = tiny_config(model__tie_embeddings=False, model__n_layer=1)
   model = GPT(GPTConfig.from_config(c.model, 60))
   tx = optim.make(c.optim, 10)
   batches = np.random.default_rng(0).integers(0, 60, (3, 8, 33)).astype(np.int32)

@@ -47,13 +47,11 @@ def one_device_run():
   return _run(c, _mesh(c, devices=jax.devices()[:1]))
 
 
-@pytest.mark.parametrize("shape,loss_chunk", [(dict(data=8), 0), (dict(fsdp=8), 0),
-                                              (dict(tensor=8), 0),
-                                              (dict(data=2, fsdp=2, tensor=2), 0),
-                                              (dict(data=2, fsdp=2, tensor=2), 8)],
-                         ids=["data8", "fsdp8", "tensor8", "2x2x2", "2x2x2-loss_chunk"])
-def test_losses_match_the_one_device_run(shape, loss_chunk, one_device_run):
-  c = _config(train__loss_chunk=loss_chunk)  # chunked: the fused head + loss, vocab-split
+@pytest.mark.parametrize("shape", [dict(data=8), dict(fsdp=8), dict(tensor=8),
+                                   dict(data=2, fsdp=2, tensor=2)],
+                         ids=["data8", "fsdp8", "tensor8", "2x2x2"])
+def test_losses_match_the_one_device_run(shape, one_device_run):
+  c = _config()
   losses, eval_loss = _run(c, _mesh(c, **shape))
   np.testing.assert_allclose(losses, one_device_run[0], rtol=1e-5)
   np.testing.assert_allclose(eval_loss, one_device_run[1], rtol=1e-5)
@@ -225,8 +223,10 @@ def test_cpu_devices_one_per_core_dividing_the_batch(monkeypatch, requested, cor
   assert sharding.cpu_device_count(requested, batch) == devices
 
 
-def test_scan_layers_shards_each_layer_like_the_loop_and_trains_the_same_everywhere():
-  c = _config(model__scan_layers=True)
+def test_scan_layers_and_the_chunked_loss_train_on_2x2x2_as_on_one_device():
+  """scan_layers (stacked layers) with the fused head + loss (vocab split over tensor),
+  gradient accumulation and dropout, against scan_layers alone with whole logits."""
+  c = _config(model__scan_layers=True, train__loss_chunk=8)
   s = train.setup(c, 60, _mesh(c, data=2, fsdp=2, tensor=2), compile=False)
   P = jax.sharding.PartitionSpec
   # The stacked "layers" axis stays whole: every device holds its shard of every layer.
