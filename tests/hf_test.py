@@ -119,9 +119,13 @@ def test_shape_mismatch_names_the_tensor(saved):
 
 
 def test_init_from_trains_and_exports_through_the_cli(saved_safetensors, tmp_path):
-  """--config.init_from=hf:DIR starts training from the weights; export goes back to HF."""
+  """--config.init_from=hf:DIR starts training from the weights; export goes back to HF.
+
+  With scan_layers (stacked layers) on the way in and out: the per-layer layout is what
+  the other tests here import and export."""
   _, path = saved_safetensors
-  common = ["--config=experiments/tiny.py", f"--config.model.n_layer={LAYERS}",
+  common = ["--config=experiments/tiny.py", "--config.model.scan_layers=true",
+            f"--config.model.n_layer={LAYERS}",
             f"--config.model.n_head={HEADS}", f"--config.model.d_model={D}",
             f"--config.model.block_size={POSITIONS}", f"--config.model.vocab_size={VOCAB}",
             f"--config.init_from=hf:{path}"]  # char tokens (66 ids) under a 96-id vocabulary
