@@ -223,8 +223,14 @@ def stack_layers(params, n_layer: int, xp=jnp) -> dict:
   """Per-layer params (h_0 ... h_{L-1}) -> the scan_layers layout (h, leading L axis).
 
   xp: the array module that stacks (numpy keeps host arrays on the host)."""
+  def stack(*xs):  # boxed leaves (logical names) gain the leading "layers" name, as nn.scan's
+    if isinstance(xs[0], nn.Partitioned):
+      return xs[0].replace(value=xp.stack([x.value for x in xs]), names=("layers",) + xs[0].names)
+    return xp.stack(xs)
+
   out = {k: v for k, v in params.items() if not k.startswith("h_")}
-  out["h"] = jax.tree.map(lambda *xs: xp.stack(xs), *[params[f"h_{i}"] for i in range(n_layer)])
+  out["h"] = jax.tree.map(stack, *[params[f"h_{i}"] for i in range(n_layer)],
+                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
   return out
 
 

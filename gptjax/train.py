@@ -28,7 +28,7 @@ from gptjax import sharding
 from gptjax.attention import resolve_implementation
 from gptjax.errors import UserError, ensure_writable_dir
 from gptjax.loss import cross_entropy, fused_cross_entropy
-from gptjax.model import GPT, GPTConfig, count_params
+from gptjax.model import GPT, GPTConfig, count_params, stack_layers
 
 
 @flax.struct.dataclass
@@ -43,7 +43,12 @@ def _boxed_init(model: GPT, tx: optax.GradientTransformation, rng) -> TrainState
   """The initial state with params (and Adam's moments) still boxed in their logical names."""
   init_rng, dropout_rng = jax.random.split(rng)
   tokens_1xT = jnp.zeros((1, model.cfg.block_size), jnp.int32)
-  params = model.init(init_rng, tokens_1xT)["params"]
+  if model.cfg.scan_layers:  # the loop's initial values, stacked: scanning changes how the
+    # step compiles, never where a run starts
+    loop = GPT(dataclasses.replace(model.cfg, scan_layers=False))
+    params = stack_layers(loop.init(init_rng, tokens_1xT)["params"], model.cfg.n_layer)
+  else:
+    params = model.init(init_rng, tokens_1xT)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=dropout_rng)
 

@@ -225,7 +225,8 @@ def test_cpu_devices_one_per_core_dividing_the_batch(monkeypatch, requested, cor
 
 def test_scan_layers_and_the_chunked_loss_train_on_2x2x2_as_on_one_device():
   """scan_layers (stacked layers) with the fused head + loss (vocab split over tensor),
-  gradient accumulation and dropout, against scan_layers alone with whole logits."""
+  gradient accumulation and dropout, against scan_layers alone with whole logits. (Scanned
+  dropout masks differ from the loop's, so the loop's one-device run is not the reference.)"""
   c = _config(model__scan_layers=True, train__loss_chunk=8)
   s = train.setup(c, 60, _mesh(c, data=2, fsdp=2, tensor=2), compile=False)
   P = jax.sharding.PartitionSpec
@@ -236,4 +237,3 @@ def test_scan_layers_and_the_chunked_loss_train_on_2x2x2_as_on_one_device():
                               _mesh(c, devices=jax.devices()[:1]), steps=4)
   np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
   np.testing.assert_allclose(eval_loss, one_eval, rtol=1e-5)
-  assert losses[-1] < losses[0]

@@ -61,3 +61,18 @@ def test_an_unwritable_compilation_cache_is_a_warning_not_a_failure(capsys):
   sharding.use_compilation_cache("/proc/no_cache_here")
   assert "warning: no compilation cache" in capsys.readouterr().out
   assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_scan_layers_starts_from_the_loops_initial_parameters():
+  """Scanning is a compilation choice: the same seed gives the same (stacked) weights."""
+  from gptjax.model import unstack_layers
+  c = tiny_config()
+  loop = GPT(GPTConfig.from_config(c.model, 50))
+  c.model.scan_layers = True
+  scan = GPT(GPTConfig.from_config(c.model, 50))
+  tx = optim.make(c.optim, 10)
+  want = train.init_state(loop, tx, 0).params
+  got = unstack_layers(train.init_state(scan, tx, 0).params)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
