@@ -168,7 +168,7 @@ def load_params(init_from: str, cfg) -> dict:
 def from_params(params, cfg) -> dict[str, np.ndarray]:
   """gptjax params -> HF tensors (float32, names with 'transformer.')."""
   check_layout(cfg)
-  if "h" in params:  # scan_layers: one stacked "h"
+  if cfg.scan_layers:  # one stacked "h", as to_params makes it
     params = unstack_layers(params)
   p = _map(lambda x: np.asarray(x, np.float32), params)
   d = cfg.d_model

@@ -19,7 +19,12 @@ from gptjax.model import GPTConfig, vocab_logits
 def cross_entropy(logits_BxTxV, targets_BxT, vocab_size: int, label_smoothing: float = 0.0):
   """Per-token loss in nats, float32, shape (B, T); padded vocab entries never count."""
   logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-  lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  return _from_lse(logits_BxTxV, jax.nn.logsumexp(logits_BxTxV, axis=-1), targets_BxT,
+                   vocab_size, label_smoothing)
+
+
+def _from_lse(logits_BxTxV, lse_BxT, targets_BxT, vocab_size: int, label_smoothing: float):
+  """cross_entropy given float32 logits and their logsumexp (the fused form reuses it)."""
   target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
   loss_BxT = lse_BxT - target_BxT
   if label_smoothing:
@@ -62,12 +67,14 @@ def _unchunk(a_NxBxC):
 def _chunk_loss(cfg, label_smoothing, x_BxCxD, w_VxD, t_BxC, weights_BxC, with_grads: bool):
   """Weighted loss sum of one chunk; with_grads adds d(sum)/dx (B, C, D) and d(sum)/dw (V, D)."""
   logits_BxCxV = vocab_logits(x_BxCxD, w_VxD, cfg, out_dtype=jnp.float32)
-  loss = jnp.sum(weights_BxC * cross_entropy(logits_BxCxV, t_BxC, cfg.vocab_size,
-                                             label_smoothing))
+  lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+  loss = jnp.sum(weights_BxC * _from_lse(logits_BxCxV, lse_BxC, t_BxC, cfg.vocab_size,
+                                         label_smoothing))
   if not with_grads:
     return loss
-  # d loss / d logits = softmax - (1 - ls) * onehot(target) - ls * uniform over real tokens.
-  probs_BxCxV = jax.nn.softmax(logits_BxCxV, axis=-1)
+  # d loss / d logits = softmax - (1 - ls) * onehot(target) - ls * uniform over real tokens;
+  # the softmax from the logsumexp already taken, not a second pass over the vocabulary.
+  probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
   V = cfg.padded_vocab
   hit_BxCxV = jax.nn.one_hot(t_BxC, V, dtype=jnp.float32)
   dlogits_BxCxV = probs_BxCxV - (1 - label_smoothing) * hit_BxCxV
