@@ -13,7 +13,7 @@ the 4-variant sweep takes a few minutes on a 2-core CPU.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import shakespeare_char  # noqa: E402
 
 from gptjax.errors import UserError  # noqa: E402

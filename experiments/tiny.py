@@ -7,7 +7,7 @@ import os
 
 from gptjax.config import default_config
 
-SHARED_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+SHARED_TEXT = os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "shared",
                            "data", "tinyshakespeare", "input.txt")
 
 

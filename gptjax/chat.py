@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from gptjax import decode
+from gptjax import decode, tokenizers
 from gptjax.errors import UserError
 
 
@@ -42,13 +42,20 @@ class Template:
 class Chat:
   """One conversation: its turns as token ids, and reply() to add a user turn and answer it."""
 
-  def __init__(self, decoder: decode.Decoder, tokenizer, template: Template, max_new: int,
-               sampling: decode.Sampling, chunk: int = 8, seed: int = 0, notify=None):
+  def __init__(self, decoder: decode.Decoder, tokenizer, template: Template,
+               max_new: int | None, sampling: decode.Sampling, chunk: int = 8, seed: int = 0,
+               notify=None):
+    """max_new None: half the context, or less where the conversation needs the room."""
     block = decoder.model.cfg.block_size
     self.prefix = tokenizer.encode(template.reply_prefix()).tolist()
-    if max_new < 1 or max_new + len(self.prefix) + 1 > block * 3 // 4:
+    most = longest_reply(block, len(self.prefix))
+    if most < 1:
+      raise UserError(f"the model's {block}-token context is too short for a conversation "
+                      "in this template; use --mode=sample")
+    max_new = min(block // 2, most) if max_new is None else max_new
+    if not 1 <= max_new <= most:
       raise UserError(f"--max_new_tokens={max_new} leaves too little of the {block}-token "
-                      f"context for the conversation; in chat use 1..{block // 2}")
+                      f"context for the conversation; in chat use 1..{most}")
     if chunk < 1:
       raise UserError(f"--stream_tokens={chunk} must be at least 1")
     self.decoder, self.tokenizer, self.template = decoder, tokenizer, template
@@ -112,6 +119,12 @@ class Chat:
     return reply
 
 
+def longest_reply(block: int, prefix: int) -> int:
+  """The most tokens a reply may take: a quarter of the context stays for the conversation
+  (the user's turn, the reply prefix and at least one token of history)."""
+  return block * 3 // 4 - prefix - 1
+
+
 def _safe_length(text: str, stop: str) -> int:
   """How much of a growing reply can be shown: not a tail that may become the stop string,
   nor an incomplete UTF-8 character (decoded as U+FFFD)."""
@@ -136,13 +149,16 @@ def run(workdir: str, max_new: int | None, temperature: float, top_k: int, top_p
   sampling = decode.Sampling(temperature, top_k, top_p)
   sampling.check(model.cfg.vocab_size)
   template = Template(user, assistant)
-  tokenizer.encode(template.turn(user, "") + template.reply_prefix())  # names a bad character
+  try:
+    tokenizer.encode(template.turn(user, "") + template.reply_prefix())
+  except tokenizers.UnknownCharacter as e:
+    raise UserError(f"{e.problem}: use a --user_name and --assistant_name this model can "
+                    "read") from None
   stop = tokenizer.encode(template.end_of_turn).tolist()
   decoder = decode.Decoder(model, params, stop_tokens=[tokenizer.eot_id], stop_sequences=[stop])
   block = model.cfg.block_size
   notify = lambda message: print(f"[{message}]", file=sys.stderr, flush=True)
-  chat = Chat(decoder, tokenizer, template, block // 2 if max_new is None else max_new,
-              sampling, chunk, seed, notify)
+  chat = Chat(decoder, tokenizer, template, max_new, sampling, chunk, seed, notify)
   notify(f"chatting with {where} of {workdir} ({block}-token context, replies up to "
          f"{chat.max_new} tokens); /reset forgets the conversation, /quit ends")
   write = lambda piece: (stdout.write(piece), stdout.flush())
@@ -164,8 +180,8 @@ def run(workdir: str, max_new: int | None, temperature: float, top_k: int, top_p
         continue
       try:
         user_ids = chat.user_turn(text)
-      except UserError as e:
-        notify(f"error: {e}; type the message again")
+      except tokenizers.UnknownCharacter as e:
+        notify(f"error: {e.problem}; type the message again without it")
         continue
       write(f"{assistant}: ")
       chat.reply(user_ids, write)

@@ -8,21 +8,33 @@ Batches are a pure function of (seed, step), so the data position is the step it
 the RNG and optimizer state that makes a resumed run identical to one never stopped.
 
 orbax writes a step into a temporary directory and renames it when complete, so a half-written
-checkpoint is never listed. A listed one that fails to restore (truncated or corrupted files)
-is moved to WORKDIR/checkpoints_corrupt/ with a warning and the previous one is used.
+checkpoint is never listed. A state that is not finite is never saved, and a save that would
+not fit on the disk is refused before it starts. A listed checkpoint that fails to restore
+(truncated or corrupted files, or non-finite values) is skipped with a warning once an older
+one restores (so the fault is in those files, not in the setup); training moves it to
+WORKDIR/checkpoints_corrupt/.
 """
 
+import atexit
+import contextlib
+import errno
+import glob
 import json
+import logging
 import os
 import shutil
 import signal
+import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from ml_collections import config_dict
 
 from gptjax import model as model_lib
-from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.errors import UserError, describe, ensure_writable_dir
 from gptjax.sharding import format_bytes, param_name
 
 CHECKPOINTS, BEST, CORRUPT, EXPORT = "checkpoints", "checkpoints_best", "checkpoints_corrupt", \
@@ -36,7 +48,10 @@ def _manager(directory: str, options) -> ocp.CheckpointManager:
 
 
 def _options(keep: int, async_save: bool, best: bool = False):
-  kwargs = dict(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+  # cleanup_tmp_directories: a save cut short (a killed run, a full disk) leaves no
+  # N.orbax-checkpoint-tmp directory behind once the run restarts
+  kwargs = dict(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                cleanup_tmp_directories=True)
   if best:
     kwargs.update(best_fn=lambda metrics: metrics["val_loss"], best_mode="min")
   return ocp.CheckpointManagerOptions(**kwargs)
@@ -60,13 +75,65 @@ class Checkpoints:
     if cc is not None and cc.keep_best:
       self.best = _manager(os.path.join(workdir, BEST), _options(1, async_save, best=True))
     self._best_loss = None
+    self._needed = 0  # bytes the last save needed
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def finished_steps(self) -> list[int]:
+    """The steps whose saves completed, read from the directory (not orbax's cached list)."""
+    directory = str(self.manager.directory)
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) \
+        if os.path.isdir(directory) else []
+
   def save(self, state, meta: dict) -> None:
-    """Starts saving `state` at its step; returns once the arrays are copied off the devices."""
-    self.manager.save(int(meta["step"]), args=_save_args(state, meta), force=True)
+    """Starts saving `state` at its step; returns once the arrays are copied off the devices.
+
+    UserError, before anything is written, when the disk cannot hold it.
+    """
+    step = int(meta["step"])
+    # + per-array metadata and file-system blocks (measured ~3 KiB an array), and the JSON
+    self._needed = int(1.05 * tree_bytes(state)) + 4096 * len(jax.tree.leaves(state)) + \
+        (64 << 10)
+    self._check_space(step)
+    with self._disk_errors():
+      self.manager.save(step, args=_save_args(state, meta), force=True)
+
+  def _check_space(self, step: int) -> None:
+    if self.manager.is_saving_in_progress():  # its bytes are not on the disk yet (rare: a
+      self.wait()  # save has `every` steps to finish)
+    free = shutil.disk_usage(str(self.manager.directory)).free
+    if free < self._needed:
+      raise UserError(self._disk_full_message(step))
+
+  def _disk_full_message(self, step: int | None = None) -> str:
+    """step None: a save already under way ran out of space (which one orbax does not say)."""
+    directory = str(self.manager.directory)
+    kept = self.finished_steps()
+    intact = (f"checkpoint {max(kept)} is intact and rerunning resumes from it" if kept
+              else "no checkpoint was saved yet")
+    what = "a checkpoint" if step is None else f"checkpoint {step}"
+    return (f"not enough disk space to save {what} in {directory}: it needs "
+            f"~{format_bytes(self._needed)} and "
+            f"{format_bytes(shutil.disk_usage(directory).free)} is free; free some space (or "
+            f"lower --config.checkpoint.keep, or use another --workdir); {intact}")
+
+  @contextlib.contextmanager
+  def _disk_errors(self):
+    """A write that hit a full disk -> a UserError, with its temporary files removed."""
+    try:
+      yield
+    except Exception as e:
+      if not _is_disk_full(e):
+        raise
+      self._remove_unfinished()
+      atexit.register(self._remove_unfinished)  # again once orbax's stragglers are done
+      raise UserError(self._disk_full_message()) from None
+
+  def check_for_errors(self) -> None:
+    """Raises the error of a background save that failed (a full disk as a UserError)."""
+    with self._disk_errors():
+      self.manager.check_for_errors()
 
   def save_best(self, state, meta: dict, val_loss: float) -> None:
     """Also keeps this state in checkpoints_best/ when val_loss is the lowest so far."""
@@ -109,31 +176,53 @@ class Checkpoints:
     return None if out is None else (out["params"], dict(out["meta"]))
 
   def _restore_newest(self, args, abstract_params, train_target, set_aside: bool = True):
-    """Restores the newest step; a step whose files cannot be read is set aside (one host)
-    and the previous one tried. Mismatches with the config and out-of-memory are errors."""
-    steps = self.steps()
+    """Restores the newest step that reads back whole and finite.
+
+    A step that fails is only called bad once an older one restores: then the fault is in
+    its files, not in the setup (a wrong path, a missing library), and it is skipped with a
+    warning (training also moves it to checkpoints_corrupt/). When no step restores, nothing
+    is moved and the error names the newest one's fault. Mismatches with the config and
+    out-of-memory are errors at once.
+    """
+    steps, failed = self.steps(), []
     for step in reversed(steps):
       _check_shapes(self.manager, step, abstract_params, train_target, self.manager.directory)
       try:
-        return self.manager.restore(step, args=args)
+        out = self.manager.restore(step, args=args)
+        if not is_finite(out["params"] if train_target is None
+                         else (out["params"], out["train"]["opt_state"])):
+          raise _NotFinite("its parameters or optimizer state hold NaN or inf")
       except Exception as e:  # truncated, corrupted or unreadable files
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        reason = describe(e)
         if "RESOURCE_EXHAUSTED" in reason:
           raise UserError(f"out of memory restoring checkpoint {step} ({reason}); restore onto "
                           "more devices (--config.mesh.shape)") from None
-        if not set_aside or jax.process_count() > 1:  # hosts could disagree on the fallback
+        if jax.process_count() > 1:  # hosts could disagree on the fallback
           raise UserError(f"checkpoint {step} in {self.manager.directory} cannot be restored "
                           f"({reason}); move that step's directory aside and rerun to use "
                           "the previous one") from None
-        self._set_aside(step, reason)
-    if steps:
-      raise UserError(f"none of the checkpoints {steps} in {self.manager.directory} could be "
-                      f"restored (moved to {CORRUPT}/); use a fresh --workdir or restore them")
+        failed.append((step, reason))
+        continue
+      for bad, reason in failed:
+        self._skip(bad, reason, step, set_aside)
+      return out
+    if failed:
+      step, reason = failed[0]
+      raise UserError(f"no checkpoint in {self.manager.directory} can be restored (newest, "
+                      f"{step}: {reason}); nothing was moved: check the path and the "
+                      "installation, or use a fresh --workdir")
     return None
+
+  def _skip(self, step: int, reason: str, using: int, set_aside: bool) -> None:
+    if not set_aside:  # inference only reads: the files stay where they are
+      self.warn(f"warning: checkpoint {step} in {self.manager.directory} cannot be restored "
+                f"({reason}); using checkpoint {using}")
+      return
+    self._set_aside(step, reason)
 
   def _set_aside(self, step: int, reason: str) -> None:
     self.warn(f"warning: checkpoint {step} in {self.manager.directory} cannot be restored "
-              f"({reason}); moved to {CORRUPT}/ and trying the previous one")
+              f"({reason}); moved to {CORRUPT}/ and resuming from the previous one")
     dest = os.path.join(self.workdir, CORRUPT, str(step))
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     shutil.rmtree(dest, ignore_errors=True)
@@ -148,14 +237,90 @@ class Checkpoints:
       self.best.delete(later)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
-    if self.best is not None:
-      self.best.wait_until_finished()
+    with self._disk_errors():
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+      if self.best is not None:
+        self.best.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.close()
-    if self.best is not None:
-      self.best.close()
+    with self._disk_errors():
+      try:
+        self.manager.close()
+        if self.best is not None:
+          self.best.close()
+      finally:
+        self._remove_unfinished()
+
+  def _remove_unfinished(self) -> None:
+    """Temporary directories of saves that failed (nothing is in flight after close)."""
+    if jax.process_index() == 0:
+      for tmp in glob.glob(os.path.join(self.manager.directory, "*.orbax-checkpoint-tmp*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _NotFinite(Exception):
+  pass
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every float leaf of `tree` is finite (one fused reduction when jitted)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else \
+      jnp.array(True)
+
+
+def is_finite(tree) -> bool:
+  """all_finite of a (possibly sharded, multi-host) tree, the same answer on every host."""
+  sharding = jax.tree.leaves(tree)[0].sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return bool(jax.jit(all_finite, out_shardings=sharding)(tree))
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array of `tree` (global sizes: what a checkpoint of it holds)."""
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+
+
+def _is_disk_full(e: BaseException) -> bool:
+  while e is not None:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _quiet_closed_loops(unraisable) -> None:
+  """A failed restore leaves tensorstore reads in flight whose callbacks find orbax's event
+  loop closed; those echoes (hundreds of them) say nothing the restore's error has not."""
+  text = f"{unraisable.exc_value!r} {unraisable.object!r}"
+  if "Event loop is closed" in text or "coroutine" in text:
+    return
+  _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+sys.unraisablehook = _quiet_closed_loops
+
+
+class _QuietIoEchoes(logging.Filter):
+  """A write that hit a full disk, or a restore of unreadable files, fails many of orbax's
+  asyncio tasks at once; orbax and asyncio log each with its traceback. Checkpoints reports
+  the fault in one line, so those echoes are dropped."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+    if "No space left on device" in text or "cannot schedule new futures" in text:
+      return False
+    return not (record.name == "asyncio" and "orbax" in text)
+
+
+for _logger in (absl_logging.get_absl_logger(), logging.getLogger("asyncio")):
+  _logger.addFilter(_QuietIoEchoes())
 
 
 def _save_args(state, meta: dict):
@@ -261,6 +426,11 @@ class PreemptionWatch:
       os.kill(os.getpid(), signum)
       return
     self.received = signal.Signals(signum).name
+
+  def pending(self) -> str | None:
+    """The signal's name as soon as one arrived (one host only: several hosts must agree on
+    where to stop, so they only stop at reached()'s sync points)."""
+    return None if self._multi else self.received
 
   def reached(self, step: int) -> str | None:
     """The signal's name if the loop should save at `step` and stop, else None."""

@@ -6,6 +6,7 @@ can type-check `--config.a.b=value` overrides and reject unknown keys by name.
 """
 
 import json
+import math
 
 from ml_collections import config_dict
 
@@ -131,6 +132,10 @@ def default_config() -> config_dict.ConfigDict:
   c.distributed.num_processes = config_dict.placeholder(int)
   c.distributed.process_id = config_dict.placeholder(int)
   c.distributed.timeout_s = 300  # how long to wait for every process to join
+  # A process whose heartbeats stop this long is dead (JAX's heartbeat timeout; its default
+  # is 100). gptjax's own watch names it at half this and the others exit in one line; a
+  # failed collective says so sooner.
+  c.distributed.heartbeat_timeout_s = 60
   c.distributed.auto = True  # join a detected SLURM / Open MPI job of more than one task
   return c
 
@@ -141,6 +146,10 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 def validate(config: config_dict.ConfigDict) -> None:
   """Raise UserError naming the first bad value and its fix."""
+  for key, value in _leaves(config):  # NaN passes every `<` check below: refuse it first
+    if isinstance(value, float) and not math.isfinite(value):
+      raise UserError(f"config.{key}={value} is not a finite number; pass a finite "
+                      f"--config.{key}")
   for key, allowed in CHOICES.items():
     section, name = key.split(".")
     value = config[section][name]
@@ -196,6 +205,15 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise UserError("config.data.source='text' needs --config.data.path=FILE_OR_GLOB")
   if config.data.source == "text" and not 0.0 < config.data.val_fraction < 1.0:
     raise UserError(f"config.data.val_fraction={config.data.val_fraction} must be in (0, 1)")
+
+
+def _leaves(node, prefix: str = ""):
+  """(dotted key, value) of every leaf of a ConfigDict."""
+  for key, value in node.items():
+    if isinstance(value, config_dict.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
 
 
 def resolved(config: config_dict.ConfigDict, vocab_size: int) -> dict:

@@ -8,11 +8,13 @@ nothing else.
 """
 
 import dataclasses
+import errno
 import functools
 import glob
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -21,6 +23,7 @@ from grain.experimental import index_shuffle
 
 from gptjax import tokenizers
 from gptjax.errors import UserError
+from gptjax.sharding import format_bytes
 
 _STREAM = {"train": 0, "val": 1}
 
@@ -84,23 +87,43 @@ def load(config, workdir: str) -> Data:
   """Builds (or reuses) the tokenizer and token files in workdir; returns the batches."""
   dc = config.data
   docs = _sources(dc)
-  tok_path = os.path.join(workdir, "tokenizer.json")
-  if os.path.exists(tok_path):  # a workdir keeps its vocabulary, so ids stay stable
+  tok_path = tokenizer_file(workdir)
+  kept = os.path.exists(tok_path)
+  if kept:  # a trained workdir keeps its vocabulary, so ids stay stable
     tokenizer = tokenizers.load(tok_path)
-  else:
+  else:  # saved with the first checkpoint (save_tokenizer): a failed start leaves none
     tokenizer = tokenizers.build(dc.tokenizer, tokenizer_path(config), docs["train"])
-    tokenizers.save(tokenizer, tok_path)
   if tokenizer.kind != dc.tokenizer:
     raise UserError(f"{tok_path} holds a {tokenizer.kind} tokenizer but config.data.tokenizer="
                     f"{dc.tokenizer!r}; use a fresh --workdir")
   out = {}
   for split in ("train", "val"):
-    tokens, n_bytes = _tokenize_cached(docs[split], tokenizer, split, _fingerprint(dc),
-                                       os.path.join(workdir, "data"))
+    try:
+      tokens, n_bytes = _tokenize_cached(docs[split], tokenizer, split, _fingerprint(dc),
+                                         os.path.join(workdir, "data"))
+    except tokenizers.UnknownCharacter as e:
+      if not kept:
+        raise
+      raise UserError(f"{e.problem} of {tok_path}, which an earlier run in this workdir "
+                      "left (built from other text); delete that file, or use a fresh "
+                      "--workdir") from None
     batch = config.train.batch_size
     out[split] = (Batches(tokens, batch, config.model.block_size, config.seed, split), n_bytes)
   val, val_bytes = out["val"]
   return Data(tokenizer, out["train"][0], val, val_bytes / len(val.tokens))
+
+
+def tokenizer_file(workdir: str) -> str:
+  return os.path.join(workdir, "tokenizer.json")
+
+
+def save_tokenizer(tokenizer, workdir: str) -> None:
+  """Writes the workdir's vocabulary once (with its first checkpoint)."""
+  path = tokenizer_file(workdir)
+  if not os.path.exists(path):
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    tokenizers.save(tokenizer, tmp)
+    os.replace(tmp, path)
 
 
 def tokenizer_path(config) -> str | None:
@@ -220,21 +243,43 @@ def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir):
   if meta is None or meta.get("key") != json.loads(json.dumps(key)):
     n_bytes, eot = 0, np.array([tokenizer.eot_id], dtype)
     tmp = f"{bin_path}.{uuid.uuid4().hex}.tmp"  # processes sharing a workdir never collide
-    with open(tmp, "wb") as f:  # streamed: constant memory for any corpus
-      for chunk in _chunks(docs(), 1024):  # library tokenizers encode a chunk in parallel
-        for doc, ids in zip(chunk, tokenizer.encode_batch(chunk)):
-          f.write(ids.astype(dtype).tobytes())
-          f.write(eot.tobytes())
-          n_bytes += len(doc.encode("utf-8"))
-    os.replace(tmp, bin_path)
-    meta = {"key": key, "bytes": n_bytes}
-    tmp = f"{meta_path}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(meta, f)
-    os.replace(tmp, meta_path)
+    try:
+      with open(tmp, "wb") as f:  # streamed: constant memory for any corpus
+        for chunk in _chunks(docs(), 1024):  # library tokenizers encode a chunk in parallel
+          for doc, ids in zip(chunk, tokenizer.encode_batch(chunk)):
+            f.write(ids.astype(dtype).tobytes())
+            f.write(eot.tobytes())
+            n_bytes += len(doc.encode("utf-8"))
+      os.replace(tmp, bin_path)
+      meta = {"key": key, "bytes": n_bytes}
+      with open(tmp, "w") as f:
+        json.dump(meta, f)
+      os.replace(tmp, meta_path)
+    except OSError as e:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      if e.errno != errno.ENOSPC:
+        raise UserError(f"cannot write the {split} tokens to {bin_path} ({e.strerror}); pass "
+                        "a writable --workdir") from None
+      free = shutil.disk_usage(cache_dir).free
+      raise UserError(
+          f"disk full writing the {split} tokens to {bin_path}: it needs up to "
+          f"{format_bytes(_most_bytes(docs, np.dtype(dtype).itemsize))} and "
+          f"{format_bytes(free)} is free (nothing was kept); free some space or "
+          "use a --workdir on a larger disk") from None
+    except BaseException:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
   if os.path.getsize(bin_path) == 0:
     raise UserError(f"the {split} split is empty; check the data source")
   return np.memmap(bin_path, dtype=dtype, mode="r"), meta["bytes"]
+
+
+def _most_bytes(docs, itemsize: int) -> int:
+  """An upper bound on a split's token file: no tokenizer makes more tokens than UTF-8
+  bytes, plus one end-of-text token per document."""
+  return sum((len(d.encode("utf-8")) + 1) * itemsize for d in docs())
 
 
 def _chunks(items, n: int):

@@ -12,6 +12,7 @@ stop sequence, or the token budget.
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax
@@ -35,10 +36,11 @@ class Sampling:
   top_p: float = 1.0
 
   def check(self, vocab_size: int) -> None:
-    if self.temperature < 0:
-      raise UserError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
-    if not 0 < self.top_p <= 1:
-      raise UserError(f"top_p={self.top_p} must be in (0, 1]")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails `< 0`
+      raise UserError(f"--temperature={self.temperature} must be a finite number >= 0 (0 is "
+                      "greedy)")
+    if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+      raise UserError(f"--top_p={self.top_p} must be in (0, 1]")
     if self.top_k < 0:
       raise UserError(f"top_k={self.top_k} must be >= 0 (0: off; above the vocabulary size "
                       f"{vocab_size} it keeps every token)")

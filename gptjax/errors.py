@@ -4,7 +4,9 @@ main turns a UserError into a one-line message and exit code 1; anything else is
 and keeps its traceback.
 """
 
+import ast
 import os
+import re
 import sys
 import uuid
 
@@ -15,6 +17,9 @@ class UserError(Exception):
 
 def ensure_writable_dir(path: str, flag: str) -> None:
   """Creates `path` if needed and proves it writable, or names `flag` as the fix."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"{flag}={path} is a file, not a directory; pass a directory (it is "
+                    "created if missing)")
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_test.{uuid.uuid4().hex}")  # hosts may share it
@@ -34,6 +39,27 @@ def check_config_file(argv) -> None:
       if not os.path.isfile(path):
         raise UserError(f"experiment file {path!r} not found; pass "
                         "--config=experiments/NAME.py (relative to the current directory)")
+      _check_defines_get_config(path)
+
+
+def _check_defines_get_config(path: str) -> None:
+  """ml_collections reports a file without get_config() as a missing attribute, which reads
+  like an unknown config key: look before it loads the file."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read(), path)
+  except SyntaxError as e:
+    raise UserError(f"experiment file {path} has a syntax error at line {e.lineno}: "
+                    f"{e.msg}") from None
+  names = {node.name for node in tree.body
+           if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+  names |= {t.id for node in tree.body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name)}
+  names |= {(a.asname or a.name) for node in tree.body if isinstance(node, ast.ImportFrom)
+            for a in node.names}
+  if "get_config" not in names:
+    raise UserError(f"experiment file {path} defines no get_config(); an experiment file "
+                    "returns its ConfigDict from get_config() (see experiments/tiny.py)")
 
 
 def innermost_message(e: BaseException) -> str:
@@ -54,6 +80,8 @@ def flags_parser(program: str):
       rest = flags.FLAGS(argv)
       if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
         flags.FLAGS["config"].value.keys()  # loads lazily: make its errors surface here
+      from gptjax import workdir
+      workdir.normalize_flags(flags.FLAGS)
       return rest
     except Exception as e:  # flags.Error, UserError, or the experiment file's own error
       message = " ".join(str(e).split()) or type(e).__name__
@@ -63,3 +91,16 @@ def flags_parser(program: str):
       print(f"{program}: error: {message}", file=sys.stderr, flush=True)
       sys.exit(1)
   return parse
+
+
+def describe(e: BaseException) -> str:
+  """An exception as a short readable reason: its first sentence of substance, without
+  tensorstore's JSON specs or Python object reprs, cut at a word boundary."""
+  text = " ".join(str(e).split())
+  text = text.split(" [tensorstore_spec")[0]
+  text = re.sub(r"<[^<>]*(object|method|function)[^<>]*>", "", text).strip(" :;,")
+  if not text:
+    return type(e).__name__
+  if len(text) > 240:
+    text = text[:240].rsplit(" ", 1)[0] + " ..."
+  return text

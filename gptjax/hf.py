@@ -15,29 +15,61 @@ N = heads, H = D / N, F = d_ff, V = vocabulary):
   transformer.h.{i}.mlp.c_fc.weight / bias   h_{i}/mlp/up/kernel (D, F) / bias
   transformer.h.{i}.mlp.c_proj.weight / bias h_{i}/mlp/down/kernel (F, D) / bias
   transformer.ln_f.weight / bias           ln_f/scale / bias
-  lm_head.weight                           tied to wte (read never, written never)
+  lm_head.weight (V, D)                    tie_word_embeddings=True (transformers' default):
+                                           wte, never read or written; False: lm_head/kernel
+                                           (D, padded V), padding columns zero
+
+What the tensors cannot say comes from config.json and must match the gptjax config
+(check_config): n_head, tie_word_embeddings, layer_norm_epsilon.
 """
 
 import json
+import math
 import os
+import pickle
+import zipfile
 
 import numpy as np
 
-from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.errors import UserError, describe, ensure_writable_dir
 from gptjax.model import stack_layers, unstack_layers
 
 _PREFIX = "transformer."
+_HEAD = "lm_head.weight"  # the one name outside "transformer."
+_SINGLE, _INDEX, _BINARY = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
+_RESAVE = "re-save the model with save_pretrained"
+_TORCH_LEGACY = b"\x80\x02\x8a\x0a"  # torch.save before 1.6: a pickled magic number first
 # gptjax settings a GPT-2 checkpoint needs: (config key, GPTConfig field, value).
 _LAYOUT = [("model.norm", "norm", "layernorm"), ("model.positions", "positions", "learned"),
-           ("model.activation", "activation", "gelu"),
-           ("model.tie_embeddings", "tie_embeddings", True), ("model.bias", "bias", True)]
+           ("model.activation", "activation", "gelu"), ("model.bias", "bias", True)]
 
 
-def directory(init_from: str) -> str:
-  """'hf:DIR' -> DIR, checked to be a GPT-2 directory."""
+def directory(init_from: str, model=None) -> str:
+  """'hf:DIR' -> DIR, checked to be a GPT-2 directory with its weight files, cheaply (config
+  and safetensors headers only), so a wrong one fails before data preparation and compiling.
+
+  model: config.model or a GPTConfig, to check against config.json too (check_config)."""
   path = os.path.expanduser(init_from[len("hf:"):])
-  read_config(path)
+  hf_config = read_config(path)
+  for file in weight_files(path):
+    if file.endswith(".safetensors"):
+      _read_safetensors(file, tensors=False)
+    else:
+      _check_bin(file)
+  if model is not None:
+    check_config(model, hf_config)
   return path
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      out = json.load(f)
+  except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+    raise UserError(f"{path} is not readable JSON ({describe(e)}); {_RESAVE}") from None
+  if not isinstance(out, dict):
+    raise UserError(f"{path} holds a JSON {type(out).__name__}, not an object; {_RESAVE}")
+  return out
 
 
 def read_config(hf_dir: str) -> dict:
@@ -45,13 +77,14 @@ def read_config(hf_dir: str) -> dict:
   if not os.path.isfile(path):
     raise UserError(f"{hf_dir!r} is not a Hugging Face model directory (no config.json); "
                     "pass --config.init_from=hf:DIR with a saved GPT2LMHeadModel")
-  with open(path) as f:
-    hf = json.load(f)
+  hf = _read_json(path)
   found = ", ".join(hf.get("architectures") or []) or hf.get("model_type", "unknown")
   if hf.get("model_type") != "gpt2":
     raise UserError(f"{hf_dir} holds a {found} model (model_type "
                     f"{hf.get('model_type')!r}), not GPT-2; only GPT-2 checkpoints import")
-  supported = {  # key: (HF's default, what gptjax's GPT-2 computes)
+  # key: (HF's default, what gptjax's GPT-2 computes). reorder_and_upcast_attn is accepted:
+  # it only computes attention scores in float32, as gptjax always does.
+  supported = {
       "activation_function": ("gelu_new", ("gelu_new", "gelu_pytorch_tanh")),
       "scale_attn_weights": (True, (True,)),
       "scale_attn_by_inverse_layer_idx": (False, (False,)),
@@ -63,64 +96,127 @@ def read_config(hf_dir: str) -> dict:
   return hf
 
 
+def weight_files(hf_dir: str) -> list[str]:
+  """The checkpoint's weight files, each checked to exist: model.safetensors, else the shards
+  its index names, else pytorch_model.bin."""
+  single, index, binary = (os.path.join(hf_dir, n) for n in (_SINGLE, _INDEX, _BINARY))
+  if os.path.isfile(single):
+    return [single]
+  if os.path.isfile(index):
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise UserError(f"{index} has no weight_map; {_RESAVE}")
+    files = sorted({os.path.join(hf_dir, v) for v in weight_map.values()})
+    missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+    if missing:
+      raise UserError(f"{index} names shard {missing[0]}, which is not in {hf_dir} "
+                      f"({len(missing)} of {len(files)} shards missing); copy every shard there")
+    return files
+  if os.path.isfile(binary):
+    return [binary]
+  raise UserError(f"{hf_dir} has config.json but no weights (looked for {_SINGLE}, {_INDEX} "
+                  f"and {_BINARY}); save the model there with save_pretrained")
+
+
 def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
   """Every tensor of the checkpoint as float32 numpy, names without 'transformer.'."""
-  single = os.path.join(hf_dir, "model.safetensors")
-  index = os.path.join(hf_dir, "model.safetensors.index.json")
-  binary = os.path.join(hf_dir, "pytorch_model.bin")
-  if os.path.isfile(single) or os.path.isfile(index):
-    from safetensors import safe_open
-    if os.path.isfile(single):
-      files = [single]
-    else:
-      with open(index) as f:
-        files = sorted({os.path.join(hf_dir, v) for v in json.load(f)["weight_map"].values()})
-    out = {}
-    for path in files:
-      with safe_open(path, framework="flax") as f:  # jax arrays: bfloat16 files read too
-        for k in f.keys():
-          out[k] = np.asarray(f.get_tensor(k), np.float32)
-  elif os.path.isfile(binary):
-    try:
-      import torch
-    except ImportError:
-      raise UserError(f"{binary} needs torch to read (pip install torch), or save the "
-                      "model with safe_serialization=True") from None
-    state = torch.load(binary, map_location="cpu", weights_only=True)
-    out = {k: v.float().numpy() for k, v in state.items()}
-  else:
-    raise UserError(f"{hf_dir} has no model.safetensors, model.safetensors.index.json or "
-                    "pytorch_model.bin")
+  out = {}
+  for file in weight_files(hf_dir):
+    out |= _read_safetensors(file) if file.endswith(".safetensors") else _read_bin(file)
   return {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: v for k, v in out.items()}
 
 
-def check_layout(cfg) -> None:
-  """GPT-2 weights only fit a GPT-2-layout model; name the first setting that differs."""
+def _read_safetensors(path: str, tensors: bool = True) -> dict[str, np.ndarray]:
+  """The file's tensors; tensors=False checks its header only (nothing else is read)."""
+  from safetensors import SafetensorError, safe_open
+  try:
+    with safe_open(path, framework="flax") as f:  # jax arrays: bfloat16 files read too
+      return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()} if tensors else {}
+  except (SafetensorError, OSError) as e:
+    raise UserError(f"{path} is not a readable safetensors file ({describe(e)}); {_RESAVE}") \
+        from None
+
+
+def _check_bin(path: str) -> None:
+  """torch.save writes a zip archive (legacy: a pickle); seen from a few bytes, not loaded."""
+  with open(path, "rb") as f:
+    legacy = f.read(len(_TORCH_LEGACY)) == _TORCH_LEGACY
+  if not (legacy or zipfile.is_zipfile(path)):
+    raise UserError(f"{path} is not a readable PyTorch state dict (neither torch.save's zip "
+                    f"archive nor its legacy pickle); {_RESAVE}")
+
+
+def _read_bin(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise UserError(f"{path} needs torch to read (pip install torch), or {_RESAVE} "
+                    "(safe_serialization=True)") from None
+  try:  # weights_only: tensors and plain containers, never arbitrary pickled code
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+    # torch's own message for a refused pickle advises weights_only=False: never repeat it
+    why = "not a pickled dict of tensors" if "weights_only" in str(e) else describe(e)
+    raise UserError(f"{path} is not a readable PyTorch state dict ({why}); {_RESAVE}") \
+        from None
+  if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+    raise UserError(f"{path} holds a {type(state).__name__}, not a state dict of tensors "
+                    f"(torch.save(model.state_dict(), ...)); {_RESAVE}")
+  return {k: v.float().numpy() for k, v in state.items()}
+
+
+def check_layout(cfg, exporting: bool = False) -> None:
+  """GPT-2 weights only fit a GPT-2-layout model; name the first setting that differs.
+
+  Importing, the user's config is the fix; exporting, the run is what it is."""
   for key, field, want in _LAYOUT:
-    if getattr(cfg, field) != want:
-      raise UserError(f"config.{key}={getattr(cfg, field)!r}, but GPT-2 weights need "
-                      f"{want!r}; drop that override")
+    have = getattr(cfg, field)
+    if have == want:
+      continue
+    if exporting:
+      raise UserError(f"this run was trained with config.{key}={have!r}, which Hugging Face "
+                      f"GPT-2 cannot hold (it needs {want!r}); export it with "
+                      "--export_format=gptjax instead")
+    raise UserError(f"config.{key}={have!r}, but GPT-2 weights need {want!r}; drop that "
+                    "override")
+
+
+def check_config(cfg, hf_config: dict) -> None:
+  """The gptjax settings config.json fixes, checked. cfg: a GPTConfig or config.model (the
+  same field names). A mismatch is refused, naming the flag, since the caller builds its
+  model from cfg: applying config.json here would leave that model out of step."""
+  check_layout(cfg)
+  if hf_config.get("n_head") != cfg.n_head:
+    raise UserError(f"the checkpoint has n_head={hf_config.get('n_head')} but "
+                    f"config.model.n_head={cfg.n_head}; use the experiment with its shape")
+  tied = bool(hf_config.get("tie_word_embeddings", True))  # transformers' default
+  if tied != cfg.tie_embeddings:
+    raise UserError(f"the checkpoint has tie_word_embeddings={tied} but "
+                    f"config.model.tie_embeddings={cfg.tie_embeddings}; pass "
+                    f"--config.model.tie_embeddings={str(tied).lower()}")
+  eps = hf_config.get("layer_norm_epsilon", 1e-5)  # transformers' default
+  if not math.isclose(eps, cfg.norm_eps, rel_tol=1e-6):
+    raise UserError(f"the checkpoint has layer_norm_epsilon={eps} but config.model.norm_eps="
+                    f"{cfg.norm_eps}; pass --config.model.norm_eps={eps}")
 
 
 def to_params(tensors: dict, cfg, hf_config: dict) -> dict:
   """HF tensors -> a gptjax params tree (numpy, cfg.param_dtype), every shape checked."""
-  check_layout(cfg)
+  check_config(cfg, hf_config)
   d, n, v = cfg.d_model, cfg.n_head, cfg.vocab_size
-  if hf_config.get("n_head") != n:
-    raise UserError(f"the checkpoint has n_head={hf_config.get('n_head')} but "
-                    f"config.model.n_head={n}; use the experiment with its shape")
   layers = {int(k.split(".")[1]) for k in tensors if k.startswith("h.")}
   if layers and max(layers) + 1 > cfg.n_layer:
     raise UserError(f"the checkpoint has {max(layers) + 1} layers (tensor "
                     f"transformer.h.{max(layers)}.*) but config.model.n_layer={cfg.n_layer}")
 
   def get(name, shape):
+    full = name if name == _HEAD else _PREFIX + name
     if name not in tensors:
-      raise UserError(f"tensor {_PREFIX}{name} is missing from the checkpoint (config.model."
+      raise UserError(f"tensor {full} is missing from the checkpoint (config.model."
                       f"n_layer={cfg.n_layer}, d_model={d}); use the experiment with its shape")
     x = tensors[name]
     if x.shape != tuple(shape):
-      raise UserError(f"tensor {_PREFIX}{name} has shape {x.shape} but the config needs "
+      raise UserError(f"tensor {full} has shape {x.shape} but the config needs "
                       f"{tuple(shape)} (n_layer={cfg.n_layer}, n_head={n}, d_model={d}, "
                       f"d_ff={cfg.d_ff}, vocab={v}, block_size={cfg.block_size}); use the "
                       "experiment with the checkpoint's shape")
@@ -132,6 +228,9 @@ def to_params(tensors: dict, cfg, hf_config: dict) -> dict:
   params = {"wte": {"embedding": np.pad(wte, ((0, cfg.padded_vocab - v), (0, 0)))},
             "wpe": {"embedding": wpe[:cfg.block_size]},
             "ln_f": _norm(get, "ln_f", d)}
+  if not cfg.tie_embeddings:  # nn.Linear's (V, D) -> our (D, padded V) kernel
+    params["lm_head"] = {"kernel": np.pad(get(_HEAD, (v, d)).T,
+                                          ((0, 0), (0, cfg.padded_vocab - v)))}
   for i in range(cfg.n_layer):
     p = f"h.{i}."
     qkv_w = get(p + "attn.c_attn.weight", (d, 3 * d)).reshape(d, 3, n, d // n)
@@ -166,8 +265,9 @@ def load_params(init_from: str, cfg) -> dict:
 
 
 def from_params(params, cfg) -> dict[str, np.ndarray]:
-  """gptjax params -> HF tensors (float32, names with 'transformer.')."""
-  check_layout(cfg)
+  """gptjax params -> HF tensors (float32, names with 'transformer.', lm_head.weight when
+  untied)."""
+  check_layout(cfg, exporting=True)
   if cfg.scan_layers:  # one stacked "h", as to_params makes it
     params = unstack_layers(params)
   p = _map(lambda x: np.asarray(x, np.float32), params)
@@ -191,15 +291,18 @@ def from_params(params, cfg) -> dict[str, np.ndarray]:
         pre + "mlp.c_fc.bias": h["mlp"]["up"]["bias"],
         pre + "mlp.c_proj.weight": h["mlp"]["down"]["kernel"],
         pre + "mlp.c_proj.bias": h["mlp"]["down"]["bias"]}
-  return {_PREFIX + k: np.ascontiguousarray(v) for k, v in out.items()}
+  out = {_PREFIX + k: v for k, v in out.items()}
+  if not cfg.tie_embeddings:
+    out[_HEAD] = p["lm_head"]["kernel"][:, :cfg.vocab_size].T
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
 def save(params, cfg, out_dir: str, tokenizer=None) -> None:
   """Writes a GPT2LMHeadModel directory: config.json, model.safetensors (+ tokenizer.json
   when the tokenizer is a Hugging Face BPE)."""
   from safetensors.numpy import save_file
+  tensors = from_params(params, cfg)  # a model GPT-2 cannot hold fails before any mkdir
   ensure_writable_dir(out_dir, "--export_dir")
-  tensors = from_params(params, cfg)
   eot = tokenizer.eot_id if tokenizer is not None else cfg.vocab_size - 1
   config = {
       "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -209,7 +312,7 @@ def save(params, cfg, out_dir: str, tokenizer=None) -> None:
       "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
       "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attn_dropout,
       "initializer_range": cfg.init_std, "bos_token_id": eot, "eos_token_id": eot,
-      "tie_word_embeddings": True, "scale_attn_weights": True, "use_cache": True,
+      "tie_word_embeddings": cfg.tie_embeddings, "scale_attn_weights": True, "use_cache": True,
       "torch_dtype": "float32"}
   save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(out_dir, "config.json"), "w") as f:

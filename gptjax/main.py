@@ -10,6 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gptjax import workdir
 from gptjax.errors import UserError, check_config_file, innermost_message
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -68,6 +69,7 @@ def _parse_flags(argv):
       _CONFIG.value.keys()  # the experiment file loads lazily: make its errors surface here
     if not _WORKDIR.value:
       raise UserError("--workdir is required, e.g. --workdir=/tmp/run")
+    workdir.normalize_flags(flags.FLAGS)
     return rest
   except (flags.Error, UserError) as e:
     _fail(e)

@@ -22,6 +22,8 @@ import math
 import os
 import sys
 
+from gptjax.errors import UserError
+
 # Dense (no sparsity) bf16 peak TFLOP/s per device, from the vendors' data sheets. Matched
 # against jax's device_kind in order, first match wins (PCIe before plain H100).
 PEAK_TFLOPS = (
@@ -84,16 +86,27 @@ class MetricWriter:
     if not self.enabled:
       return
     clean = {k: _finite_or_str(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-    self._jsonl.flush()  # a killed run keeps every line it logged
+    try:
+      self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+      self._jsonl.flush()  # a killed run keeps every line it logged
+    except OSError as e:
+      raise UserError(f"cannot write {self._jsonl.name} ({e.strerror}); free some space or "
+                      "use another --workdir") from None
     for name, value in clean.items():
       if isinstance(value, (int, float)):
         self._tb.add_scalar(name, value, int(step))
 
   def close(self) -> None:
+    """Closes both files; on a full disk the last lines are lost, not the exit's message."""
     if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+      for close in (self._jsonl.close, self._tb.close):
+        try:
+          close()
+        except OSError:
+          pass
+      writer = getattr(self._tb, "file_writer", None)
+      if writer is not None:  # else tensorboardX's atexit hook retries the failed flush
+        writer.event_writer._closed = True
 
 
 def _finite_or_str(v):

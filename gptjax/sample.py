@@ -19,6 +19,10 @@ def load(workdir: str, config=None):
   export_dir = os.path.join(workdir, checkpoint.EXPORT)
   has_export = os.path.isdir(os.path.join(export_dir, "params"))
   config_dir = workdir if os.path.exists(os.path.join(workdir, "config.json")) else export_dir
+  if not os.path.exists(os.path.join(config_dir, "config.json")):
+    raise UserError(f"{workdir} holds no training run (no config.json, checkpoints or export); "
+                    "pass the --workdir of a run, or --config=... with "
+                    "--config.init_from=hf:DIR")
   config = checkpoint.workdir_config(config_dir)
   model = GPT(GPTConfig.from_config(config.model, config.model.vocab_size))
   target = abstract_params(config)
@@ -42,7 +46,7 @@ def load(workdir: str, config=None):
 def _load_init_from(config):
   from gptjax import data, hf
   config_lib.validate(config)
-  hf.directory(config.init_from)
+  hf.directory(config.init_from, config.model)
   if config.data.tokenizer == "char":
     raise UserError("sampling from --config.init_from needs a tokenizer that does not train on "
                     "the data: set --config.data.tokenizer=bpe (GPT-2's)")
@@ -59,7 +63,11 @@ def sample(workdir: str, prompt: str, num_samples: int, max_new: int, temperatur
   sampling.check(model.cfg.vocab_size)
   if num_samples < 1 or max_new < 1:
     raise UserError("--num_samples and --max_new_tokens must be at least 1")
-  ids = tokenizer.encode(prompt).tolist() if prompt else [tokenizer.eot_id]
+  try:
+    ids = tokenizer.encode(prompt).tolist() if prompt else [tokenizer.eot_id]
+  except tokenizers.UnknownCharacter as e:
+    raise UserError(f"{e.problem}: this model cannot read it; remove it from --prompt") \
+        from None
   if len(ids) >= model.cfg.block_size:
     print(f"warning: the prompt has {len(ids)} tokens; the model sees only the last "
           f"{model.cfg.block_size - 1} (its context is {model.cfg.block_size})", flush=True)

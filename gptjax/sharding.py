@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import threading
+import time
 
 import flax.linen as nn
 import jax
@@ -329,6 +330,7 @@ def start(config) -> Mesh:
   set_xla_flags(cpu_device_count(config.cpu_devices,
                                  config.train.batch_size // config.optim.grad_accum))
   initialize_distributed(config.distributed)
+  watch_peers(config.distributed.heartbeat_timeout_s / 2)
   mesh = make_mesh(config.mesh)
   use_compilation_cache(config.compilation_cache_dir)
   return mesh
@@ -383,14 +385,74 @@ def initialize_distributed(dc) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process
   except Exception:  # the option may be gone in a later JAX; gloo is its default
     pass
+  if dc.heartbeat_timeout_s <= 0:
+    raise UserError(f"config.distributed.heartbeat_timeout_s={dc.heartbeat_timeout_s} must be "
+                    "above 0")
   watchdog = threading.Timer(dc.timeout_s, give_up)
   watchdog.daemon = True
   watchdog.start()
   try:
     # JAX's own deadline is later: our watchdog fires first with a readable message.
-    jax.distributed.initialize(**kwargs, initialization_timeout=int(dc.timeout_s) + 30)
+    jax.distributed.initialize(**kwargs, initialization_timeout=int(dc.timeout_s) + 30,
+                               heartbeat_timeout_seconds=int(dc.heartbeat_timeout_s))
   except (RuntimeError, ValueError) as e:  # a malformed address, a port already taken, ...
     raise UserError(f"cannot join {where}: {' '.join(str(e).split())[:200]}; check "
                     "config.distributed.coordinator_address (host:port)") from None
   finally:
     watchdog.cancel()
+
+
+# --- A process of a multi-process run dies ------------------------------------------------
+
+# What rerunning does (the training loop sets it to name its newest checkpoint).
+resume_hint = lambda: "rerunning the same command on every process resumes from the newest " \
+    "checkpoint"  # noqa: E731
+
+
+def exit_lost_peer(who: str, reason: str) -> None:
+  """One line naming the lost process, then exit at once: JAX's own exit would wait for the
+  dead peer (its heartbeat timeout) and abort with a stack dump, and no checkpoint can be
+  saved without every process."""
+  me, n = jax.process_index(), jax.process_count()
+  print(f"gptjax: error: process {me}: {who} of this {n}-process run stopped responding "
+        f"({reason}); this process stops too; {resume_hint()}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(1)
+
+
+def watch_peers(timeout_s: float) -> None:
+  """A daemon thread per process: bump a counter in JAX's key-value store, and exit with
+  exit_lost_peer when the next process's counter (in a ring: O(1) reads per process, for
+  pods of any size) stands still for timeout_s.
+
+  A peer that dies inside a barrier (a checkpoint save) is otherwise found only by JAX's
+  heartbeat timeout, whose handler aborts every process with a stack dump; this fires at
+  half that timeout, first. (A coordinator that dies is still JAX's to report: its client
+  aborts at once.)
+  """
+  from jax._src import distributed
+  client, me, n = distributed.global_state.client, jax.process_index(), jax.process_count()
+  if client is None or n < 2:
+    return
+  interval = max(timeout_s / 10, 0.2)
+
+  def run():
+    peer, beat, last, since = (me + 1) % n, 0, None, time.monotonic()
+    while True:
+      beat += 1
+      try:
+        client.key_value_set(f"gptjax/alive/{me}", str(beat), allow_overwrite=True)
+        try:
+          value = client.key_value_try_get(f"gptjax/alive/{peer}")
+        except Exception:  # not started yet (one that never starts is JAX's to find)
+          value = None
+      except Exception:  # the coordinator is gone: JAX's client reports that itself
+        return
+      now = time.monotonic()
+      if value != last:
+        last, since = value, now
+      elif value is not None and now - since > timeout_s:
+        exit_lost_peer(f"process {peer}", f"no sign of life for {timeout_s:.0f}s")
+      time.sleep(interval)
+
+  threading.Thread(target=run, name="gptjax-peer-watch", daemon=True).start()

@@ -24,6 +24,16 @@ from gptjax.errors import UserError
 EOT = "<|endoftext|>"
 
 
+
+class UnknownCharacter(UserError):
+  """Text with a character the vocabulary lacks. `fix` suits training data; callers that
+  encode something else (a prompt, a chat message) say their own fix with `problem`."""
+
+  def __init__(self, char: str, vocabulary: str, fix: str):
+    self.char, self.problem = char, f"character {char!r} (U+{ord(char):04X}) is not in the " \
+        f"{vocabulary}"
+    super().__init__(f"{self.problem}; {fix}")
+
 class Tokenizer(abc.ABC):
   """Maps text to ids and back. `eot_id` separates documents (GPT-2 style)."""
 
@@ -72,10 +82,8 @@ class CharTokenizer(Tokenizer):
     try:
       return np.fromiter(map(self._stoi.__getitem__, text), np.int32, count=len(text))
     except KeyError as e:
-      ch = e.args[0]
-      raise UserError(
-          f"character {ch!r} (U+{ord(ch):04X}) is not in the char vocabulary built from "
-          "the training text; remove it or use --config.data.tokenizer=byte") from None
+      raise UnknownCharacter(e.args[0], "char vocabulary built from the training text",
+                             "remove it or use --config.data.tokenizer=byte") from None
 
   def decode(self, ids):
     return "".join(self.chars[i] if i < self.eot_id else EOT for i in np.asarray(ids).tolist())
@@ -243,9 +251,9 @@ class SentencePieceTokenizer(Tokenizer):
         if (ids == self._sp.unk_id()).any():
           pieces = self._sp.encode(text, out_type="immutable_proto").pieces
           ch = next(p.surface for p in pieces if p.id == self._sp.unk_id())[:1]
-          raise UserError(f"character {ch!r} (U+{ord(ch):04X}) is not in the SentencePiece "
-                          "vocabulary (trained without byte fallback); remove it or train "
-                          "with python -m gptjax.tokenize train")
+          raise UnknownCharacter(ch, "SentencePiece vocabulary (trained without byte "
+                                 "fallback)", "remove it or train with python -m "
+                                 "gptjax.tokenize train")
     return out
 
   def decode(self, ids):

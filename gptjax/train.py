@@ -25,8 +25,9 @@ from gptjax import data as data_lib
 from gptjax import metrics as metrics_lib
 from gptjax import optim
 from gptjax import sharding
+from gptjax import workdir as workdir_lib
 from gptjax.attention import resolve_implementation
-from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.errors import UserError, describe, ensure_writable_dir
 from gptjax.loss import cross_entropy, fused_cross_entropy
 from gptjax.model import GPT, GPTConfig, count_params, stack_layers
 
@@ -115,7 +116,9 @@ def train_step(state: TrainState, batch_BxT1, *, model: GPT, tx, lr_schedule,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
-             "lr": lr_schedule(state.step)}
+             "lr": lr_schedule(state.step),
+             # what a checkpoint of the new state would hold: never save NaN or inf
+             "finite": checkpoint.all_finite((params, opt_state))}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -124,12 +127,19 @@ def eval_step(params, batch_BxT1, *, model: GPT, loss_chunk: int = 0):
   return _loss(params, model, batch_BxT1, None, True, 0.0, loss_chunk)
 
 
-def evaluate(eval_fn, params, batch_at, num_batches: int) -> float:
+def evaluate(eval_fn, params, batch_at, num_batches: int, stop=lambda: False) -> float | None:
   """Mean loss over the first num_batches validation batches (the same ones every time).
 
   batch_at(i) gives batch i; on several hosts every process calls this with its share.
+  None when stop() turns true first (a preemption notice leaves ~30 s to save).
   """
-  losses = [eval_fn(params, batch_at(i)) for i in range(num_batches)]
+  losses = []
+  for i in range(num_batches):
+    if stop():
+      return None
+    losses.append(eval_fn(params, batch_at(i)))
+    if i:  # at most two batches in flight: stop() is seen within a batch or two
+      losses[-2].block_until_ready()
   return float(jnp.mean(jnp.stack(losses)))
 
 
@@ -207,19 +217,34 @@ def say(message: str) -> None:
   metrics_lib.console(message, enabled=jax.process_index() == 0)
 
 
-def prepare(config, workdir: str, need_data: bool = True) -> tuple[Setup, data_lib.Data | None]:
+def prepare(config, workdir: str, need_data: bool = True,
+            lock: bool = False) -> tuple[Setup, data_lib.Data | None, workdir_lib.Lock | None]:
   """Everything before the first step: processes, mesh, data, compiled steps, memory check.
 
   need_data=False (compile_only with config.model.vocab_size set) reads no data at all.
+  lock=True: process 0 holds the workdir's lock (returned) before writing anything there.
   """
   config_lib.validate(config)
   mesh = sharding.start(config)
   sharding.check_batch(config.train.batch_size, config.optim.grad_accum, mesh,
                        sharding.rules(config.mesh))  # before a long data preparation
   ensure_writable_dir(workdir, "--workdir")
+  if jax.process_count() > 1:
+    workdir_lib.check_shared(workdir)
+  held = workdir_lib.Lock(workdir) if lock and jax.process_index() == 0 else None
+  try:
+    s, data = _prepare_model(config, workdir, mesh, need_data)
+  except BaseException:
+    if held:
+      held.release()
+    raise
+  return s, data, held
+
+
+def _prepare_model(config, workdir: str, mesh, need_data: bool):
   if config.init_from:  # a wrong directory fails before data preparation and compiling
     from gptjax import hf
-    hf.directory(config.init_from)
+    hf.directory(config.init_from, config.model)
   data = data_lib.load(config, workdir) if need_data else None
   s = setup(config, data.tokenizer.vocab_size if data else config.model.vocab_size, mesh)
   cfg = s.model.cfg
@@ -244,7 +269,7 @@ def compile_only(config, workdir: str) -> dict:
   if config.model.vocab_size:
     say(f"compile_only: vocabulary {config.model.vocab_size} from config.model.vocab_size; "
         "no data is read")
-  s, _ = prepare(config, workdir, need_data=not config.model.vocab_size)
+  s, _, _ = prepare(config, workdir, need_data=not config.model.vocab_size)
   say("compile_only: the step fits; nothing was run")
   return {"compile_s": s.compile_s, "mesh": dict(s.mesh.shape), "memory": s.memory()}
 
@@ -255,10 +280,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Saves every config.checkpoint.every steps, at the end, and on SIGTERM/SIGINT (then returns
   with summary["preempted_at"] set). A non-finite loss stops the run before any save.
   """
-  s, data = prepare(config, workdir)
+  s, data, lock = prepare(config, workdir, lock=True)
+  try:
+    return _train(config, workdir, s, data)
+  except Exception as e:
+    _exit_if_peer_lost(e)
+    raise
+  finally:
+    if lock:
+      lock.release()
+
+
+def _train(config, workdir: str, s: Setup, data: data_lib.Data) -> dict:
   tc, cfg, mesh = config.train, s.model.cfg, s.mesh
   lead = jax.process_index() == 0
   ckpt = checkpoint.Checkpoints(workdir, config.checkpoint, warn=say)
+  sharding.resume_hint = lambda: _resume_note(ckpt, "the same command on every process")
   restored = ckpt.restore(s.abstract, s.state_shardings)
   if restored is None:
     if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
@@ -314,8 +351,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
           raise UserError(f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step "
                           f"{step}; nothing from this state was saved. Lower "
-                          "--config.optim.lr or check the data; rerunning resumes from the "
-                          "last checkpoint")
+                          f"--config.optim.lr or check the data; {_resume_note(ckpt)}")
+        if not m["finite"]:
+          raise UserError(f"the parameters or optimizer state became NaN or inf at step "
+                          f"{step} (loss {m['loss']:.4f} before the update); nothing from "
+                          "this state was saved. Lower --config.optim.lr (or raise "
+                          f"--config.optim.eps); {_resume_note(ckpt)}")
+        ckpt.check_for_errors()  # a background save that failed surfaces now, not a save late
       now = time.perf_counter()
       if log:
         ms = (now - t_mark - eval_s) * 1e3 / (step - mark_step)
@@ -342,27 +384,64 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step % tc.eval_every == 0 or step == tc.num_steps:
         jax.block_until_ready(state.params)  # pending train steps count as training time
         t_pause = time.perf_counter()
-        val_loss = evaluate(s.eval_step, state.params, val_at, tc.eval_batches)
-        bpb = val_loss / math.log(2) / data.val_bytes_per_token
-        val_losses.append(val_loss)
-        writer.write(step, {"val_loss": val_loss, "val_bpb": bpb,
-                            "elapsed_s": elapsed0 + time.perf_counter() - t_start})
-        say(f"eval step {step} | val_loss {val_loss:.4f} | val bits/byte {bpb:.4f}")
-        ckpt.save_best(state, meta, val_loss)
+        val_loss = evaluate(s.eval_step, state.params, val_at, tc.eval_batches, stop.pending)
+        if val_loss is None:  # a signal during the eval: save now, evaluate after resuming
+          preempted, save = stop.received, True
+        else:
+          bpb = val_loss / math.log(2) / data.val_bytes_per_token
+          val_losses.append(val_loss)
+          writer.write(step, {"val_loss": val_loss, "val_bpb": bpb,
+                              "elapsed_s": elapsed0 + time.perf_counter() - t_start})
+          say(f"eval step {step} | val_loss {val_loss:.4f} | val bits/byte {bpb:.4f}")
+          if lead and ckpt.best is not None:
+            data_lib.save_tokenizer(data.tokenizer, workdir)
+          ckpt.save_best(state, meta, val_loss)
       if save:
         ckpt.save(state, meta)
+        if lead:
+          data_lib.save_tokenizer(data.tokenizer, workdir)
       eval_s += time.perf_counter() - t_pause
       if preempted:
         say(f"{preempted} received: saved checkpoint {step} and stopped; run the same command "
             "to resume")
         break
+  except Exception as e:
+    _exit_if_peer_lost(e)  # now, not after the finally's wait on a barrier with the dead
+    raise
   finally:
     stop.close()
-    ckpt.wait()  # a checkpoint being written completes, even when the loop failed
-    ckpt.close()
-    writer.close()
+    try:
+      ckpt.wait()  # a checkpoint being written completes, even when the loop failed
+    finally:
+      ckpt.close()
+      writer.close()
   return _summarize(workdir, config, s, step_ms, val_losses, last_log, t_start, preempted and
                     step)
+
+
+_PEER_FAILURES = ("Gloo", "Barrier failed", "heartbeat", "Connection reset", "UNAVAILABLE",
+                  "NCCL", "DEADLINE_EXCEEDED")
+
+
+def _exit_if_peer_lost(e: Exception) -> None:
+  """In a multi-process run, an error of a collective or a barrier means a peer died or was
+  stopped: name it in one line and exit (sharding.exit_lost_peer)."""
+  if jax.process_count() < 2 or isinstance(e, UserError):
+    return
+  text = " ".join(str(e).split())
+  if "RESOURCE_EXHAUSTED" in text or not (isinstance(e, jax.errors.JaxRuntimeError) or
+                                          any(m in text for m in _PEER_FAILURES)):
+    return
+  n, me = jax.process_count(), jax.process_index()
+  sharding.exit_lost_peer(f"process {1 - me}" if n == 2 else "another process",
+                          describe(RuntimeError(
+                              text.split("Error dispatching computation: ")[-1])))
+
+
+def _resume_note(ckpt: checkpoint.Checkpoints, what: str = "the same command") -> str:
+  steps = ckpt.finished_steps()
+  return (f"rerunning {what} resumes from checkpoint {steps[-1]}" if steps
+          else f"no checkpoint was saved yet, so rerunning {what} starts from step 0")
 
 
 def _summarize(workdir, config, s: Setup, step_ms, val_losses, last_log, t_start,

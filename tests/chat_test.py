@@ -50,8 +50,10 @@ def test_the_oldest_turns_are_dropped_to_fit_the_context():
 
 
 def test_chat_errors():
-  with pytest.raises(UserError, match="in chat use 1..16"):
-    _chat(max_new=30)
+  with pytest.raises(UserError, match="in chat use 1..20"):  # 24 - len("A:\n") - 1
+    _chat(max_new=21)
+  assert _chat(max_new=20)[0].max_new == 20
+  assert _chat(max_new=None)[0].max_new == 16  # half the context
   c, _ = _chat()
   with pytest.raises(UserError, match="'é'"):
     c.user_turn("café")
@@ -65,3 +67,13 @@ def test_chat_session_on_stdin(trained_tiny):
   assert proc.stdout.count("JULIET: ") == 2  # the bad line got no reply, the others did
   assert "character '\u00e9'" in proc.stderr and "conversation forgotten" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_chat_default_reply_length_fits_a_small_context(trained_tiny):
+  """The default (half the 32-token context) left too little room beside JULIET's reply
+  prefix, and chat refused its own default; now it shortens to what fits."""
+  proc = run_cli("--mode=chat", f"--workdir={trained_tiny}", "--user_name=ROMEO",
+                 "--assistant_name=JULIET", stdin="Good morrow.\n", env=ONE_DEVICE)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "replies up to 15 tokens" in proc.stderr  # 24 - len("JULIET:\n") - 1
+  assert proc.stdout.count("JULIET: ") == 1

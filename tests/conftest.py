@@ -13,6 +13,10 @@ _DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES_FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# CLI subprocesses compile the same tiny steps again and again: JAX's persistent cache (on by
+# default in gptjax, ~/.cache/gptjax/jax) skips that, but only for compiles over 1 s unless
+# told otherwise.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "tinyshakespeare"))
@@ -63,3 +67,29 @@ def trained_tiny(tmp_path_factory):
                  "--config.train.num_steps=30", env=ONE_DEVICE)
   assert proc.returncode == 0, proc.stderr[-2000:]
   return workdir
+
+
+def run_cli_on_tmpfs(mountpoint, size, *args, env=None, timeout=240, copy_to=None,
+                     program=("-m", "gptjax.main")):
+  """Runs the CLI with a `size` tmpfs (e.g. "1600k") mounted at `mountpoint`: a small disk
+  that really fills. A private mount namespace (unshare) keeps it from the host and unmounts
+  it when the command ends; copy_to gets a copy of what was left on it."""
+  os.makedirs(mountpoint, exist_ok=True)
+  keep = f'; cp -a "{mountpoint}/." "{copy_to}/"' if copy_to else ""
+  script = (f'mount -t tmpfs -o size={size} tmpfs "{mountpoint}" || exit 99; '
+            f'"{sys.executable}" "$@"; rc=$?{keep}; exit $rc')
+  proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *program, *args],
+                        cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, **(env or {})})
+  assert proc.returncode != 99, f"cannot mount a tmpfs: {proc.stderr}"
+  return proc
+
+
+def one_line_error(proc) -> str:
+  """The single `gptjax: error:` line of a failed CLI run (exit 1, no traceback)."""
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("gptjax: error:")]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  return lines[0]

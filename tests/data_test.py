@@ -3,7 +3,9 @@ import os
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE_DIR, tiny_config
+from conftest import ONE_DEVICE, SHAKESPEARE_DIR, one_line_error, run_cli, run_cli_on_tmpfs, \
+    tiny_config
+from gptjax import tokenizers
 from gptjax import data
 from gptjax.errors import UserError
 
@@ -51,7 +53,10 @@ def test_text_split_and_tokenizer_saved(tmp_path, corpus):
   n = len(open(corpus).read())
   assert len(d.train.tokens) == int(n * 0.75) + 1  # + EOT
   assert len(d.val.tokens) == n - int(n * 0.75) + 1
-  assert os.path.exists(tmp_path / "work" / "tokenizer.json")
+  assert not os.path.exists(tmp_path / "work" / "tokenizer.json")  # saved with a checkpoint
+  data.save_tokenizer(d.tokenizer, str(tmp_path / "work"))
+  assert data.load(tiny_config(data__path=corpus, data__val_fraction=0.25),
+                   str(tmp_path / "work")).tokenizer.to_dict() == d.tokenizer.to_dict()
   assert d.val_bytes_per_token == pytest.approx(1.0, abs=0.01)
 
 
@@ -96,3 +101,36 @@ def test_tfds_unknown_dataset(tmp_path):
   with pytest.raises(UserError, match="no dataset 'no_such_dataset'"):
     _load(tmp_path, data__source="tfds", data__tfds_name="no_such_dataset",
           data__data_dir=str(tmp_path / "tfds"))
+
+
+def test_a_run_that_fails_before_training_leaves_no_vocabulary(tmp_path):
+  (tmp_path / "short.txt").write_text("too short for a window of 33 tokens" * 2)
+  line = one_line_error(run_cli("--config=experiments/tiny.py", f"--workdir={tmp_path}/w",
+                                f"--config.data.path={tmp_path}/short.txt", env=ONE_DEVICE))
+  assert "fewer than one window" in line
+  assert not os.path.exists(tmp_path / "w" / "tokenizer.json")
+
+
+def test_a_stale_vocabulary_is_named(tmp_path, corpus):
+  """A tokenizer.json an earlier run left (another corpus) is named as the culprit."""
+  (tmp_path / "w").mkdir()
+  tokenizers.save(tokenizers.CharTokenizer("abc "), str(tmp_path / "w" / "tokenizer.json"))
+  line = one_line_error(run_cli("--config=experiments/tiny.py", f"--workdir={tmp_path}/w",
+                                f"--config.data.path={corpus}", env=ONE_DEVICE))
+  assert "is not in the char vocabulary" in line
+  assert f"of {tmp_path}/w/tokenizer.json, which an earlier run" in line
+  assert "tokenizer=byte" not in line
+
+
+def test_tokenizing_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path):
+  disk, left = tmp_path / "disk", tmp_path / "left"
+  left.mkdir()
+  text = tmp_path / "corpus.txt"
+  with open(os.path.join(SHAKESPEARE_DIR, "input.txt")) as f:
+    text.write_text(f.read(60000))
+  proc = run_cli_on_tmpfs(disk, "80k", "--config=experiments/tiny.py", f"--workdir={disk}/w",
+                          f"--config.data.path={text}", env=ONE_DEVICE, copy_to=left)
+  line = one_line_error(proc)
+  assert f"disk full writing the train tokens to {disk}/w/data/train.bin" in line
+  assert "it needs up to 105.5 KiB" in line and "is free" in line  # 54k chars, uint16
+  assert os.listdir(left / "w" / "data") == []

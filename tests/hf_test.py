@@ -1,6 +1,9 @@
 """Hugging Face GPT-2 interop against models built here (random weights, torch 2.13 CPU)."""
 
+import dataclasses
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +16,9 @@ from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
 
 VOCAB, D, LAYERS, HEADS, POSITIONS = 96, 64, 2, 4, 64
+SHAPE = [f"--config.model.n_layer={LAYERS}", f"--config.model.n_head={HEADS}",
+         f"--config.model.d_model={D}", f"--config.model.block_size={POSITIONS}",
+         f"--config.model.vocab_size={VOCAB}"]  # the CLI flags for _hf_model's shape
 
 
 def _hf_model(seed=0, **overrides):
@@ -34,9 +40,15 @@ def _config(**overrides):
 
 @pytest.fixture(scope="module", params=["safetensors", "bin"])
 def saved(request, tmp_path_factory):
+  """A saved model, as model.safetensors or (alone) pytorch_model.bin."""
   model = _hf_model()
   path = tmp_path_factory.mktemp(f"hf_{request.param}")
-  model.save_pretrained(path, safe_serialization=request.param == "safetensors")
+  if request.param == "safetensors":
+    model.save_pretrained(path)
+  else:  # transformers 5 writes safetensors whatever safe_serialization says
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    model.config.to_json_file(path / "config.json")
+    assert sorted(os.listdir(path)) == ["config.json", "pytorch_model.bin"]
   return model, path
 
 
@@ -64,6 +76,8 @@ TOKENS = np.random.default_rng(0).integers(0, VOCAB, (3, 40)).astype(np.int32)
 
 def test_import_matches_transformers_logits(saved):
   hf_model, path = saved
+  assert [os.path.basename(f) for f in hf.weight_files(str(path))] == [
+      n for n in os.listdir(path) if n.endswith((".safetensors", ".bin"))]
   model, params = _gptjax(path)
   ours = np.asarray(model.apply({"params": params}, TOKENS))[..., :VOCAB]
   theirs = _hf_logits(hf_model, TOKENS)
@@ -165,12 +179,20 @@ def test_sample_from_an_hf_directory_with_its_bpe_tokenizer(tmp_path):
   assert text.startswith("ROMEO:") and f"from hf:{tmp_path / 'hf'}" in info
 
 
-def test_gpt2_options_gptjax_does_not_compute_are_refused(saved, tmp_path):
-  _, path = saved
+@pytest.mark.parametrize("key, value", [
+    ("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+    ("activation_function", "gelu"), ("activation_function", "relu"),
+    ("add_cross_attention", True)])
+def test_gpt2_options_gptjax_does_not_compute_are_refused(saved_safetensors, tmp_path, key,
+                                                          value):
+  """Each changes the numbers (gelu: erf, not tanh); reorder_and_upcast_attn does not (it
+  upcasts attention scores to float32, as gptjax always does) and imports: see
+  test_random_gpt2_configs_import_and_export_exactly."""
+  _, path = saved_safetensors
+  shutil.copy(path / "model.safetensors", tmp_path)
   config = json.loads((path / "config.json").read_text())
-  (tmp_path / "config.json").write_text(json.dumps(
-      {**config, "scale_attn_by_inverse_layer_idx": True}))
-  with pytest.raises(UserError, match="sets scale_attn_by_inverse_layer_idx=True"):
+  (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+  with pytest.raises(UserError, match=f"sets {key}={value!r}, which gptjax's GPT-2 does not"):
     hf.directory(f"hf:{tmp_path}")
 
 
@@ -184,3 +206,197 @@ def test_scan_layers_imports_and_exports_the_same_model(saved_safetensors, tmp_p
   hf.save(params, model.cfg, str(tmp_path))
   back = _hf_logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval(), TOKENS)
   assert np.abs(back - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
+
+
+def _assert_one_line_error(proc, *fragments):  # as in main_test
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("gptjax: error:")]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def saved_untied(tmp_path_factory):
+  model = _hf_model(seed=1, tie_word_embeddings=False)
+  path = tmp_path_factory.mktemp("hf_untied")
+  model.save_pretrained(path)
+  return model, path
+
+
+def test_an_untied_head_imports_and_exports(saved_untied, saved_safetensors, tmp_path):
+  """tie_word_embeddings=False: lm_head.weight is the head, in and out."""
+  hf_model, path = saved_untied
+  theirs = _hf_logits(hf_model, TOKENS)
+  for scan in (False, True):
+    model, params = _gptjax(path, tie_embeddings=False, scan_layers=scan)
+    assert params["lm_head"]["kernel"].shape == (D, model.cfg.padded_vocab)
+    ours = np.asarray(model.apply({"params": params}, TOKENS))[..., :VOCAB]
+    assert np.abs(ours - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
+    out = tmp_path / f"scan_{scan}"
+    hf.save(params, model.cfg, str(out))
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    back = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert not torch.equal(back.lm_head.weight, back.transformer.wte.weight)
+    assert np.abs(_hf_logits(back, TOKENS) - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
+  with pytest.raises(UserError, match="tie_word_embeddings=False .*pass --config.model."
+                                      "tie_embeddings=false$"):
+    _gptjax(path)
+  with pytest.raises(UserError, match="tie_word_embeddings=True .*pass --config.model."
+                                      "tie_embeddings=true$"):
+    _gptjax(saved_safetensors[1], tie_embeddings=False)
+
+
+def test_an_untied_checkpoint_under_a_tied_config_is_one_line(saved_untied, tmp_path):
+  _, path = saved_untied
+  _assert_one_line_error(
+      run_cli("--config=experiments/tiny.py", *SHAPE, f"--config.init_from=hf:{path}",
+              f"--workdir={tmp_path}", "--config.train.num_steps=1", env=ONE_DEVICE),
+      "tie_word_embeddings=False", "--config.model.tie_embeddings=false")
+
+
+def test_layer_norm_epsilon_is_read(tmp_path):
+  """An eps other than the config's is refused with the flag that matches it (the caller
+  built its model from the config), and imports exactly under that flag."""
+  hf_model = _hf_model(layer_norm_epsilon=1e-3)
+  hf_model.save_pretrained(tmp_path)
+  with pytest.raises(UserError, match=r"layer_norm_epsilon=0.001 but config.model.norm_eps="
+                                      r"1e-05; pass --config.model.norm_eps=0.001$"):
+    _gptjax(tmp_path)
+  with pytest.raises(UserError, match=r"pass --config.model.norm_eps=0.001$"):
+    hf.directory(f"hf:{tmp_path}", _config().model)  # config.model: before any data or compile
+  model, params = _gptjax(tmp_path, norm_eps=1e-3)
+  theirs = _hf_logits(hf_model, TOKENS)
+  ours = np.asarray(model.apply({"params": params}, TOKENS))[..., :VOCAB]
+  assert np.abs(ours - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_gpt2_configs_import_and_export_exactly(seed, tmp_path):
+  """Every GPT2Config field that touches the forward pass, at random non-default values (the
+  booleans alternate with the seed), matches transformers' logits in and out."""
+  rng = np.random.default_rng(seed)
+  n_head = int(rng.choice([2, 3, 6]))
+  n_embd, vocab = n_head * int(rng.choice([8, 16])), int(rng.integers(70, 200))
+  n_positions = int(rng.integers(20, 60))
+  fields = dict(
+      n_embd=n_embd, n_head=n_head, n_layer=int(rng.integers(1, 4)), vocab_size=vocab,
+      n_inner=int(rng.integers(1, 6)) * 24, n_positions=n_positions,
+      layer_norm_epsilon=float(10 ** rng.uniform(-3.5, -1.5)),  # far enough from 1e-5 to show
+      activation_function=("gelu_pytorch_tanh", "gelu_new")[seed % 2],
+      tie_word_embeddings=bool(seed % 2), reorder_and_upcast_attn=not seed % 2,
+      initializer_range=float(rng.uniform(0.1, 0.3)),  # larger weights: sharper logits
+      bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+  torch.manual_seed(seed)
+  # eager: the only attention reorder_and_upcast_attn changes
+  config = transformers.GPT2Config(attn_implementation="eager", **fields)
+  hf_model = transformers.GPT2LMHeadModel(config).eval()
+  hf_model.save_pretrained(tmp_path / "in")
+  c = tiny_config(model__n_layer=fields["n_layer"], model__n_head=n_head, model__d_model=n_embd,
+                  model__d_ff=fields["n_inner"], model__block_size=n_positions,
+                  model__vocab_size=vocab, model__norm_eps=fields["layer_norm_epsilon"],
+                  model__tie_embeddings=fields["tie_word_embeddings"])
+  cfg = GPTConfig.from_config(c.model, vocab)
+  with pytest.raises(UserError, match=f"pass --config.model.norm_eps="
+                                      f"{fields['layer_norm_epsilon']}$"):
+    hf.load_params(f"hf:{tmp_path / 'in'}", dataclasses.replace(cfg, norm_eps=1e-5))
+  model, params = GPT(cfg), hf.load_params(f"hf:{tmp_path / 'in'}", cfg)
+  tokens = np.random.default_rng(seed).integers(0, vocab, (2, n_positions)).astype(np.int32)
+  theirs = _hf_logits(hf_model, tokens)
+  ours = np.asarray(model.apply({"params": params}, tokens))[..., :vocab]
+  assert np.abs(ours - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
+  hf.save(params, cfg, str(tmp_path / "out"))
+  back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out",
+                                                      attn_implementation="eager").eval()
+  assert np.abs(_hf_logits(back, tokens) - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
+  written = json.loads((tmp_path / "out" / "config.json").read_text())
+  for key in ("n_embd", "n_head", "n_layer", "vocab_size", "n_inner", "n_positions",
+              "layer_norm_epsilon", "tie_word_embeddings"):
+    assert written[key] == fields[key], key
+
+
+def test_pytorch_model_bin_formats(saved_safetensors, tmp_path):
+  """torch.save's legacy format reads; what weights_only torch.load refuses (a pickled module)
+  or what is no state dict is one line, never with torch's advice to unpickle anything."""
+  hf_model, path = saved_safetensors
+  shutil.copy(path / "config.json", tmp_path)
+  binary = tmp_path / "pytorch_model.bin"
+  torch.save(hf_model.state_dict(), binary, _use_new_zipfile_serialization=False)
+  hf.directory(f"hf:{tmp_path}")
+  want = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+  got = hf.read_tensors(str(tmp_path))
+  assert sorted(got) == sorted(k.removeprefix("transformer.") for k in want)
+  np.testing.assert_array_equal(got["wte.weight"], want["transformer.wte.weight"])
+  for obj, match in [(hf_model, r"not a pickled dict of tensors\); re-save"),
+                     ({"model": hf_model.state_dict()}, "holds a dict, not a state dict")]:
+    torch.save(obj, binary)
+    hf.directory(f"hf:{tmp_path}")  # a zip archive: only loading tells
+    with pytest.raises(UserError, match=f"pytorch_model.bin .*{match}") as e:
+      hf.read_tensors(str(tmp_path))
+    assert "weights_only" not in str(e.value)
+
+
+def _broken(kind, src, dst):
+  """An HF directory broken one way, from the good one at src."""
+  os.makedirs(dst)
+  config = (src / "config.json").read_text()
+  weights = (src / "model.safetensors").read_bytes()
+  if kind == "config_not_json":
+    (dst / "config.json").write_text(config[:len(config) // 2])
+    (dst / "model.safetensors").write_bytes(weights)
+    return
+  (dst / "config.json").write_text(config)
+  if kind == "safetensors_garbage":
+    (dst / "model.safetensors").write_bytes(b"not a safetensors file" * 10)
+  elif kind == "safetensors_truncated":
+    (dst / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+  elif kind == "bin_garbage":
+    (dst / "pytorch_model.bin").write_bytes(b"not a pickle" * 10)
+  elif kind == "missing_shard":
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (dst / shards[0]).write_bytes(weights)
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"transformer.wte.weight": shards[0],
+                                        "transformer.wpe.weight": shards[1]}}))
+  elif kind == "refused_option":
+    (dst / "config.json").write_text(json.dumps(
+        {**json.loads(config), "scale_attn_by_inverse_layer_idx": True}))
+    (dst / "model.safetensors").write_bytes(weights)
+
+
+@pytest.mark.parametrize("kind, fragments", [
+    ("no_weights", ["has config.json but no weights", "model.safetensors,",
+                    "model.safetensors.index.json", "pytorch_model.bin"]),
+    ("safetensors_garbage", ["model.safetensors is not a readable safetensors file"]),
+    ("safetensors_truncated", ["model.safetensors is not a readable safetensors file"]),
+    ("bin_garbage", ["pytorch_model.bin is not a readable PyTorch state dict"]),
+    ("config_not_json", ["config.json is not readable JSON"]),
+    ("missing_shard", ["model.safetensors.index.json names shard "
+                       "model-00002-of-00002.safetensors"]),
+    ("refused_option", ["sets scale_attn_by_inverse_layer_idx=True"])])
+def test_a_broken_hf_directory_fails_fast_in_one_line(saved_safetensors, tmp_path, kind,
+                                                      fragments):
+  """Before the data is tokenized (WORKDIR/data) or a step compiled, naming the file."""
+  hf_dir, workdir = tmp_path / "hf", tmp_path / "run"
+  _broken(kind, saved_safetensors[1], hf_dir)
+  proc = run_cli("--config=experiments/tiny.py", *SHAPE, f"--config.init_from=hf:{hf_dir}",
+                 f"--workdir={workdir}", "--config.train.num_steps=1", env=ONE_DEVICE)
+  _assert_one_line_error(proc, str(hf_dir), *fragments)
+  assert "weights_only" not in proc.stderr  # torch's advice to unpickle anything: never
+  assert not (workdir / "data").exists() and not (workdir / "tokenizer.json").exists()
+
+
+def test_exporting_a_layout_gpt2_cannot_hold_is_one_line(tmp_path, corpus):
+  """A bias-free run: the message names the run's setting and --export_format=gptjax (the
+  user gave no override to drop), and no empty export directory is left behind."""
+  workdir = tmp_path / "run"
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
+                 f"--config.data.path={corpus}", "--config.model.bias=false",
+                 "--config.train.num_steps=2", env=ONE_DEVICE)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = run_cli("--mode=export", "--export_format=hf", f"--workdir={workdir}",
+                 env=ONE_DEVICE)
+  _assert_one_line_error(proc, "trained with config.model.bias=False",
+                         "Hugging Face GPT-2 cannot hold", "--export_format=gptjax")
+  assert not (workdir / "export_hf").exists()

@@ -141,3 +141,12 @@ def test_compile_only_reports_memory_and_runs_nothing(tmp_path, corpus):
   assert "mesh {'data': 4, 'fsdp': 2, 'tensor': 1}" in proc.stdout
   assert "per device: params" in proc.stdout and "step temporaries" in proc.stdout
   assert "step 1/" not in proc.stdout and not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_an_experiment_file_without_get_config(tmp_path):
+  (tmp_path / "exp.py").write_text("def config():\n  return None\n")
+  _assert_one_line_error(run_cli(f"--config={tmp_path}/exp.py", f"--workdir={tmp_path}/w"),
+                         f"experiment file {tmp_path}/exp.py defines no get_config()")
+  (tmp_path / "bad.py").write_text("def get_config(:\n")
+  _assert_one_line_error(run_cli(f"--config={tmp_path}/bad.py", f"--workdir={tmp_path}/w"),
+                         "has a syntax error at line 1")

@@ -1,8 +1,12 @@
 """--mode=sample end to end, and its errors as one line each."""
 
+import re
+
 import pytest
 
-from conftest import ONE_DEVICE, run_cli
+from conftest import ONE_DEVICE, one_line_error, run_cli
+from gptjax import decode
+from gptjax.errors import UserError
 
 
 def test_sample_prints_continuations_of_the_prompt(trained_tiny):
@@ -17,17 +21,28 @@ def test_sample_prints_continuations_of_the_prompt(trained_tiny):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--prompt=caf\u00e9 \u20ac"], "character '\u00e9' (U+00E9) is not in the char vocabulary"),
+    (["--prompt=caf\u00e9 \u20ac"], "character '\u00e9' (U+00E9) is not in the char vocabulary"
+     " built from the training text: this model cannot read it; remove it from --prompt"),
     (["--top_p=1.5"], "top_p=1.5 must be in (0, 1]"),
-    (["--temperature=-1"], "temperature=-1.0 must be >= 0"),
+    (["--temperature=nan"], "temperature=nan must be a finite number >= 0"),
 ])
 def test_sample_errors(trained_tiny, args, fragment):
-  proc = run_cli("--mode=sample", f"--workdir={trained_tiny}", *args, env=ONE_DEVICE)
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("gptjax: error:")]
-  assert len(lines) == 1 and fragment in lines[0], proc.stderr[-2000:]
+  line = one_line_error(run_cli("--mode=sample", f"--workdir={trained_tiny}", *args,
+                                env=ONE_DEVICE))
+  assert fragment in line and "tokenizer=byte" not in line
 
 
 def test_sample_without_a_checkpoint(tmp_path):
-  proc = run_cli("--mode=sample", f"--workdir={tmp_path}", env=ONE_DEVICE)
-  assert proc.returncode == 1 and "holds no training run" in proc.stderr
+  line = one_line_error(run_cli("--mode=sample", f"--workdir={tmp_path}", env=ONE_DEVICE))
+  assert f"{tmp_path} holds no training run" in line and "export/config.json" not in line
+
+
+@pytest.mark.parametrize("sampling, fragment", [
+    (decode.Sampling(temperature=-1.0), "temperature=-1.0 must be a finite number >= 0"),
+    (decode.Sampling(temperature=float("inf")), "temperature=inf must be a finite number"),
+    (decode.Sampling(top_p=float("nan")), "top_p=nan must be in (0, 1]"),
+    (decode.Sampling(top_p=0.0), "top_p=0.0 must be in (0, 1]"),
+])
+def test_sampling_values_are_checked(sampling, fragment):
+  with pytest.raises(UserError, match=re.escape(fragment)):
+    sampling.check(64)

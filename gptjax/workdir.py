@@ -1,0 +1,126 @@
+"""The workdir and other paths a user types: normalised once, locked while a run trains.
+
+Paths from flags are made absolute (and `~` expanded) where the flags are read: orbax
+refuses relative paths, and a run must not depend on the directory it was started from.
+A training run holds an exclusive lock on its workdir, so a second run there is refused
+at once, naming the first; the lock is an flock, which the kernel drops when its process
+dies, so a killed run never leaves a stale lock behind.
+"""
+
+import datetime
+import fcntl
+import os
+import socket
+
+from gptjax.errors import UserError
+
+LOCK = ".gptjax.lock"
+
+
+def is_url(path: str) -> bool:
+  return "://" in path
+
+
+def normalize(path: str | None) -> str | None:
+  """`~` expanded and absolute (URLs such as gs://bucket/x are left as they are)."""
+  if not path or is_url(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+# Config keys that hold local paths (or globs); init_from's path follows its "hf:".
+CONFIG_PATHS = ("data.path", "data.data_dir", "data.manual_dir", "data.tokenizer_path",
+                "compilation_cache_dir")
+
+
+def normalize_config(config) -> None:
+  """Every path in `config` made absolute in place (the config may be locked: no new keys)."""
+  for key in CONFIG_PATHS:
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    if node[leaf]:
+      node[leaf] = normalize(node[leaf])
+  if config.get("init_from") and config.init_from.startswith("hf:"):
+    config.init_from = "hf:" + normalize(config.init_from[len("hf:"):])
+
+
+# Flags that name paths, in gptjax.main and the side programs (tokenize's --input is a glob).
+PATH_FLAGS = ("workdir", "export_dir", "input", "output")
+
+
+def normalize_flags(flag_values) -> None:
+  """The path flags and the --config's paths made absolute, once, right after parsing."""
+  for name in PATH_FLAGS:
+    if name in flag_values and flag_values[name].value:
+      flag_values[name].value = normalize(flag_values[name].value)
+  if "config" in flag_values and flag_values["config"].value is not None:
+    normalize_config(flag_values["config"].value)
+  if "workdir" in flag_values and flag_values["workdir"].value:
+    path = flag_values["workdir"].value
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise UserError(f"--workdir={path} is a file, not a directory; pass a directory (it "
+                      "is created if missing)")
+
+
+class Lock:
+  """An exclusive lock on a workdir for the life of a training run (one process takes it)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK)
+    self._file = open(self.path, "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "another process"
+      self._file.close()
+      raise UserError(f"{workdir} is in use by {holder}; wait for that run to end (or stop "
+                      "it), or pass another --workdir") from None
+    self._file.seek(0)
+    self._file.truncate()
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    self._file.write(f"pid {os.getpid()} on host {socket.gethostname()} (since {started})")
+    self._file.flush()
+
+  def release(self) -> None:
+    if not self._file.closed:
+      self._file.truncate(0)
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+
+
+def check_shared(path: str, wait_s: float = 5.0) -> None:
+  """On several processes: UserError on every process unless all of them see one directory.
+
+  Process 0 writes a marker file; the others look for it (for up to wait_s, for network
+  file systems' caches). Separate local directories would otherwise hang at the first
+  checkpoint, whose finalisation waits for a file only process 0 can see.
+  """
+  import time
+  import uuid
+
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
+  if jax.process_index() == 0:
+    with open(os.path.join(path, f".gptjax.shared.{token.tobytes().hex()}"), "w") as f:
+      f.write(socket.gethostname())
+  token = np.asarray(multihost_utils.broadcast_one_to_all(token))  # also a barrier
+  marker = os.path.join(path, f".gptjax.shared.{token.astype(np.uint8).tobytes().hex()}")
+  deadline = time.monotonic() + wait_s
+  while not os.path.exists(marker) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  seen = multihost_utils.process_allgather(np.array(os.path.exists(marker)))
+  if jax.process_index() == 0:
+    os.remove(marker)
+  blind = [i for i, ok in enumerate(np.asarray(seen).reshape(-1)) if not ok]
+  if blind:
+    raise UserError(
+        f"--workdir={path} is not one shared directory: process(es) "
+        f"{', '.join(map(str, blind))} cannot see the files process 0 writes there (a local "
+        "directory on each host?); give every process the same shared directory (e.g. on a "
+        "network file system)")

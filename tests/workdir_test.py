@@ -1,0 +1,136 @@
+"""The workdir as a user types it: relative, with ~, a file, locked, shared by every process."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+
+from conftest import ONE_DEVICE, REPO, one_line_error, run_cli
+
+TINY = "--config=experiments/tiny.py"
+
+
+def _as_user(cwd, *args, env=None):
+  """`python -m gptjax.main ARGS` typed in `cwd`, where experiments/ is the repo's (the
+  README's relative paths, from a directory that is not the repo)."""
+  if not os.path.exists(cwd / "experiments"):
+    os.symlink(os.path.join(REPO, "experiments"), cwd / "experiments")
+  return subprocess.run([sys.executable, "-m", "gptjax.main", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=240,
+                        env={**os.environ, **ONE_DEVICE, **(env or {})})
+
+
+def test_a_relative_workdir_checkpoints_and_resumes(tmp_path):
+  args = [TINY, "--workdir=runs/x", "--config.checkpoint.every=3"]
+  first = _as_user(tmp_path, *args, "--config.train.num_steps=6")
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "runs/x/checkpoints")) == ["3", "6"]
+  again = _as_user(tmp_path, *args, "--config.train.num_steps=9")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from checkpoint 6" in again.stdout
+  assert not os.path.exists(tmp_path / "runs/x/checkpoints_corrupt")
+  assert sorted(os.listdir(tmp_path / "runs/x/checkpoints")) == ["3", "6", "9"]
+
+
+def test_a_tilde_workdir_is_the_home_directory(tmp_path):
+  home = tmp_path / "home"
+  proc = _as_user(tmp_path, TINY, "--workdir=~/x", "--mode=compile_only",
+                  "--config.model.vocab_size=64", env={"HOME": str(home)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.path.isdir(home / "x") and not os.path.exists(tmp_path / "~")
+
+
+def test_a_workdir_that_is_a_file(tmp_path):
+  (tmp_path / "f").write_text("not a directory")
+  line = one_line_error(run_cli(TINY, f"--workdir={tmp_path}/f", env=ONE_DEVICE))
+  assert "is a file, not a directory" in line and "File exists" not in line
+
+
+def _start(workdir, *extra):
+  return subprocess.Popen([sys.executable, "-m", "gptjax.main", TINY, f"--workdir={workdir}",
+                           "--config.train.num_steps=100000", *extra], cwd=REPO,
+                          env={**os.environ, **ONE_DEVICE}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_line(proc, text, timeout=120):
+  deadline = time.time() + timeout
+  for line in proc.stdout:
+    if text in line:
+      return
+    assert time.time() < deadline, f"no {text!r} from the run"
+  raise AssertionError(f"the run ended before printing {text!r}: {proc.stderr.read()[-2000:]}")
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+  first = _start(tmp_path / "w")
+  try:
+    _wait_for_line(first, "| loss")
+    line = one_line_error(run_cli(TINY, f"--workdir={tmp_path}/w", env=ONE_DEVICE))
+    assert f"is in use by pid {first.pid} on host {socket.gethostname()}" in line
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  finally:
+    first.kill()
+  lines = open(tmp_path / "w" / "metrics.jsonl").read().splitlines()
+  assert lines == sorted(set(lines), key=lines.index)  # one writer: nothing interleaved
+  again = run_cli(TINY, f"--workdir={tmp_path}/w", "--config.train.num_steps=5", env=ONE_DEVICE)
+  assert again.returncode == 0, again.stderr[-3000:]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(workdirs, *extra):
+  port = _free_port()
+  return [subprocess.Popen(
+      [sys.executable, "-m", "gptjax.main", TINY, f"--workdir={workdirs[i]}",
+       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+       "--config.distributed.timeout_s=60", *extra],
+      cwd=REPO, env={**os.environ, **ONE_DEVICE}, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def test_processes_with_separate_local_workdirs_are_refused_at_once(tmp_path):
+  procs = _two_processes([tmp_path / "host0", tmp_path / "host1"])
+  try:
+    results = [p.communicate(timeout=180) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, results):
+    line = one_line_error(types.SimpleNamespace(returncode=p.returncode, stderr=err))
+    assert "is not one shared directory: process(es) 1 cannot see" in line
+  assert not os.path.exists(tmp_path / "host0" / "checkpoints")
+
+
+def test_a_dead_peer_stops_the_survivor_in_one_line_naming_it(tmp_path):
+  # Killed between steps, a failed all-reduce names it at once; killed inside a save's
+  # barrier, gptjax's watch names it at half the heartbeat timeout (JAX alone: 100 s, then
+  # an abort with a stack dump).
+  procs = _two_processes([tmp_path / "w"] * 2, "--config.train.num_steps=100000",
+                         "--config.checkpoint.every=5", "--config.train.eval_every=100000",
+                         "--config.distributed.heartbeat_timeout_s=20")
+  try:
+    ckpts = tmp_path / "w" / "checkpoints"
+    deadline = time.time() + 180
+    while not (ckpts.is_dir() and any(n.isdigit() for n in os.listdir(ckpts))):
+      for p in procs:
+        assert time.time() < deadline and p.poll() is None, p.stderr.read()[-2000:]
+      time.sleep(0.1)
+    procs[1].kill()
+    out, err = procs[0].communicate(timeout=60)
+  finally:
+    for p in procs:
+      p.kill()
+  line = one_line_error(types.SimpleNamespace(returncode=procs[0].returncode, stderr=err))
+  assert "process 0: process 1 of this 2-process run stopped responding" in line
+  assert "resumes from checkpoint" in line
+  assert "Fatal Python error" not in err and "Check failure" not in err
