@@ -316,7 +316,8 @@ class _QuietIoEchoes(logging.Filter):
     text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
     if "No space left on device" in text or "cannot schedule new futures" in text:
       return False
-    return not (record.name == "asyncio" and "orbax" in text)
+    return not (record.name == "asyncio" and any(m in text for m in ("orbax", "OCDBT",
+                                                                   "tensorstore")))
 
 
 for _logger in (absl_logging.get_absl_logger(), logging.getLogger("asyncio")):
