@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ONE_DEVICE, REPO, one_line_error, run_cli, run_cli_on_tmpfs, tiny_config
+from conftest import ONE_DEVICE, REPO, one_line_error, run_cli, run_cli_on_tmpfs, \
+    tiny_config
 from gptjax import checkpoint, sharding, train
 from gptjax import config as config_lib
 from gptjax.errors import UserError

@@ -1,6 +1,7 @@
 """Shared test helpers: small configs, a generated corpus, and a CLI runner."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -86,10 +87,20 @@ def run_cli_on_tmpfs(mountpoint, size, *args, env=None, timeout=240, copy_to=Non
   return proc
 
 
-def one_line_error(proc) -> str:
-  """The single `gptjax: error:` line of a failed CLI run (exit 1, no traceback)."""
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 nobody listens on (for a coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def one_line_error(proc, *fragments) -> str:
+  """The single `gptjax: error:` line of a failed CLI run (exit 1, no traceback), checked to
+  hold every fragment."""
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   lines = [l for l in proc.stderr.splitlines() if l.startswith("gptjax: error:")]
   assert len(lines) == 1, proc.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
   return lines[0]

@@ -10,7 +10,8 @@ import pytest
 import torch  # the test extra installs torch (CPU) and transformers
 import transformers
 
-from conftest import ONE_DEVICE, SHAKESPEARE_DIR as SHAKESPEARE, run_cli, tiny_config
+from conftest import ONE_DEVICE, SHAKESPEARE_DIR as SHAKESPEARE, one_line_error, run_cli, \
+    tiny_config
 from gptjax import decode, hf
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
@@ -208,15 +209,6 @@ def test_scan_layers_imports_and_exports_the_same_model(saved_safetensors, tmp_p
   assert np.abs(back - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
 
 
-def _assert_one_line_error(proc, *fragments):  # as in main_test
-  assert proc.returncode == 1, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("gptjax: error:")]
-  assert len(lines) == 1, proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
-
-
 @pytest.fixture(scope="module")
 def saved_untied(tmp_path_factory):
   model = _hf_model(seed=1, tie_word_embeddings=False)
@@ -250,7 +242,7 @@ def test_an_untied_head_imports_and_exports(saved_untied, saved_safetensors, tmp
 
 def test_an_untied_checkpoint_under_a_tied_config_is_one_line(saved_untied, tmp_path):
   _, path = saved_untied
-  _assert_one_line_error(
+  one_line_error(
       run_cli("--config=experiments/tiny.py", *SHAPE, f"--config.init_from=hf:{path}",
               f"--workdir={tmp_path}", "--config.train.num_steps=1", env=ONE_DEVICE),
       "tie_word_embeddings=False", "--config.model.tie_embeddings=false")
@@ -382,7 +374,7 @@ def test_a_broken_hf_directory_fails_fast_in_one_line(saved_safetensors, tmp_pat
   _broken(kind, saved_safetensors[1], hf_dir)
   proc = run_cli("--config=experiments/tiny.py", *SHAPE, f"--config.init_from=hf:{hf_dir}",
                  f"--workdir={workdir}", "--config.train.num_steps=1", env=ONE_DEVICE)
-  _assert_one_line_error(proc, str(hf_dir), *fragments)
+  one_line_error(proc, str(hf_dir), *fragments)
   assert "weights_only" not in proc.stderr  # torch's advice to unpickle anything: never
   assert not (workdir / "data").exists() and not (workdir / "tokenizer.json").exists()
 
@@ -397,6 +389,6 @@ def test_exporting_a_layout_gpt2_cannot_hold_is_one_line(tmp_path, corpus):
   assert proc.returncode == 0, proc.stderr[-2000:]
   proc = run_cli("--mode=export", "--export_format=hf", f"--workdir={workdir}",
                  env=ONE_DEVICE)
-  _assert_one_line_error(proc, "trained with config.model.bias=False",
+  one_line_error(proc, "trained with config.model.bias=False",
                          "Hugging Face GPT-2 cannot hold", "--export_format=gptjax")
   assert not (workdir / "export_hf").exists()

@@ -5,18 +5,9 @@ import os
 
 import pytest
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 
 TINY = "--config=experiments/tiny.py"
-
-
-def _assert_one_line_error(proc, *fragments):
-  assert proc.returncode == 1, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("gptjax: error:")]
-  assert len(lines) == 1, proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
 
 
 def test_cli_trains_and_writes_outputs(tmp_path, corpus):
@@ -53,33 +44,33 @@ def test_cli_trains_and_writes_outputs(tmp_path, corpus):
 
 
 def test_unknown_config_key(tmp_path):
-  _assert_one_line_error(run_cli(TINY, f"--workdir={tmp_path}", "--config.model.n_layers=3"),
+  one_line_error(run_cli(TINY, f"--workdir={tmp_path}", "--config.model.n_layers=3"),
                          "n_layers")
 
 
 def test_wrong_type_for_config_key(tmp_path):
-  _assert_one_line_error(run_cli(TINY, f"--workdir={tmp_path}", "--config.model.n_layer=abc"),
+  one_line_error(run_cli(TINY, f"--workdir={tmp_path}", "--config.model.n_layer=abc"),
                          "n_layer")
 
 
 def test_unknown_experiment_variant(tmp_path):
-  _assert_one_line_error(
+  one_line_error(
       run_cli("--config=experiments/shakespeare_char.py:gpu2", f"--workdir={tmp_path}"),
       "gpu2")
 
 
 def test_missing_experiment_file(tmp_path):
-  _assert_one_line_error(run_cli("--config=experiments/nope.py", f"--workdir={tmp_path}"),
+  one_line_error(run_cli("--config=experiments/nope.py", f"--workdir={tmp_path}"),
                          "nope.py")
 
 
 def test_d_model_not_divisible_by_n_head(tmp_path):
-  _assert_one_line_error(run_cli(TINY, f"--workdir={tmp_path}", "--config.model.n_head=3"),
+  one_line_error(run_cli(TINY, f"--workdir={tmp_path}", "--config.model.n_head=3"),
                          "d_model=32", "n_head=3")
 
 
 def test_bad_choice(tmp_path):
-  _assert_one_line_error(run_cli(TINY, f"--workdir={tmp_path}", "--config.model.norm=batchnorm"),
+  one_line_error(run_cli(TINY, f"--workdir={tmp_path}", "--config.model.norm=batchnorm"),
                          "model.norm", "rmsnorm")
 
 
@@ -90,27 +81,27 @@ def test_bad_choice(tmp_path):
     ("--config.model.attention=cudnn", "cudnn"), ("--config.model.remat=all", "model.remat"),
     ("--config.cpu_devices=0", "cpu_devices=0")])
 def test_bad_values_are_named(tmp_path, corpus, override, fragment):
-  _assert_one_line_error(
+  one_line_error(
       run_cli(TINY, f"--workdir={tmp_path}/w", f"--config.data.path={corpus}", override),
       fragment)
 
 
 def test_missing_text_file(tmp_path):
-  _assert_one_line_error(
+  one_line_error(
       run_cli(TINY, f"--workdir={tmp_path}/w", f"--config.data.path={tmp_path}/missing.txt"),
       "missing.txt")
 
 
 def test_empty_text_file(tmp_path):
   (tmp_path / "empty.txt").write_text("")
-  _assert_one_line_error(
+  one_line_error(
       run_cli(TINY, f"--workdir={tmp_path}/w", f"--config.data.path={tmp_path}/empty.txt"),
       "empty")
 
 
 def test_corpus_shorter_than_one_window(tmp_path):
   (tmp_path / "short.txt").write_text("a short line\n" * 4)
-  _assert_one_line_error(
+  one_line_error(
       run_cli(TINY, f"--workdir={tmp_path}/w", f"--config.data.path={tmp_path}/short.txt",
               "--config.data.val_fraction=0.5"),
       "fewer than one window", "block_size")
@@ -118,16 +109,16 @@ def test_corpus_shorter_than_one_window(tmp_path):
 
 def test_unwritable_workdir(tmp_path):
   (tmp_path / "a_file").write_text("")  # a directory cannot live under a file, even for root
-  _assert_one_line_error(run_cli(TINY, f"--workdir={tmp_path}/a_file/run"), "workdir")
+  one_line_error(run_cli(TINY, f"--workdir={tmp_path}/a_file/run"), "workdir")
 
 
 def test_missing_workdir_flag():
-  _assert_one_line_error(run_cli(TINY), "--workdir")
+  one_line_error(run_cli(TINY), "--workdir")
 
 
 def test_tfds_dataset_that_cannot_be_downloaded(tmp_path):
   """Offline, TFDS's download fails (fast: no retries)."""
-  _assert_one_line_error(
+  one_line_error(
       run_cli("--config=experiments/shakespeare_char.py:cpu", f"--workdir={tmp_path}/w",
               f"--config.data.data_dir={tmp_path}/tfds", "--config.data.download_retries=0",
               "--config.mesh.shape.tensor=2"),  # data=4: batch 12 on 8 devices
@@ -145,8 +136,8 @@ def test_compile_only_reports_memory_and_runs_nothing(tmp_path, corpus):
 
 def test_an_experiment_file_without_get_config(tmp_path):
   (tmp_path / "exp.py").write_text("def config():\n  return None\n")
-  _assert_one_line_error(run_cli(f"--config={tmp_path}/exp.py", f"--workdir={tmp_path}/w"),
+  one_line_error(run_cli(f"--config={tmp_path}/exp.py", f"--workdir={tmp_path}/w"),
                          f"experiment file {tmp_path}/exp.py defines no get_config()")
   (tmp_path / "bad.py").write_text("def get_config(:\n")
-  _assert_one_line_error(run_cli(f"--config={tmp_path}/bad.py", f"--workdir={tmp_path}/w"),
+  one_line_error(run_cli(f"--config={tmp_path}/bad.py", f"--workdir={tmp_path}/w"),
                          "has a syntax error at line 1")

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli, tiny_config
+from conftest import REPO, free_port, one_line_error, run_cli, tiny_config
 from gptjax import sharding, train
 from gptjax.errors import UserError
 
@@ -117,37 +116,23 @@ def test_rules_reject_an_unknown_mesh_axis():
     sharding.rules(c.mesh)
 
 
-def _assert_one_line_error(proc, *fragments):
-  assert proc.returncode == 1, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("gptjax: error:")]
-  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
-
-
 def test_cli_errors_for_meshes_that_do_not_fit(tmp_path):
-  _assert_one_line_error(run_cli(TINY, f"--workdir={tmp_path}/a", "--config.mesh.shape.data=3"),
+  one_line_error(run_cli(TINY, f"--workdir={tmp_path}/a", "--config.mesh.shape.data=3"),
                          "needs 3 devices but 8", "--config.mesh.shape")
-  _assert_one_line_error(run_cli(TINY, f"--workdir={tmp_path}/b", "--config.train.batch_size=12"),
+  one_line_error(run_cli(TINY, f"--workdir={tmp_path}/b", "--config.train.batch_size=12"),
                          "batch_size=12", "data-parallel size 8", "data=8")
-  _assert_one_line_error(  # tiny has 2 heads: 8-way tensor parallelism cannot split them
+  one_line_error(  # tiny has 2 heads: 8-way tensor parallelism cannot split them
       run_cli(TINY, f"--workdir={tmp_path}/c", "--config.mesh.shape.data=1",
               "--config.mesh.shape.tensor=8"),
       "parameter h_0/attn/key/bias", "heads dimension 0 of size 2", "tensor=8")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_cli_error_when_the_coordinator_cannot_be_reached(tmp_path):
   proc = run_cli(TINY, f"--workdir={tmp_path}/w",
-                 f"--config.distributed.coordinator_address=127.0.0.1:{_free_port()}",
+                 f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}",
                  "--config.distributed.num_processes=2", "--config.distributed.process_id=1",
                  "--config.distributed.timeout_s=3", timeout=120)
-  _assert_one_line_error(proc, "could not reach the coordinator at 127.0.0.1:", "within 3s")
+  one_line_error(proc, "could not reach the coordinator at 127.0.0.1:", "within 3s")
 
 
 def _train_lines(workdir):
@@ -162,7 +147,7 @@ def test_two_processes_match_one_process_with_the_same_four_devices(tmp_path):
   single = run_cli(*args, "--config.mesh.shape.data=2", f"--workdir={tmp_path}/one", env=env)
   assert single.returncode == 0, single.stderr[-2000:]
 
-  port = _free_port()
+  port = free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   procs = [subprocess.Popen(
       [sys.executable, "-m", "gptjax.main", *args, f"--workdir={tmp_path}/two",

@@ -8,7 +8,7 @@ import sys
 import time
 import types
 
-from conftest import ONE_DEVICE, REPO, one_line_error, run_cli
+from conftest import ONE_DEVICE, REPO, free_port, one_line_error, run_cli
 
 TINY = "--config=experiments/tiny.py"
 
@@ -81,14 +81,9 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_killed_run_leaves_no_lock(tm
   assert again.returncode == 0, again.stderr[-3000:]
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 def _two_processes(workdirs, *extra):
-  port = _free_port()
+  port = free_port()
   return [subprocess.Popen(
       [sys.executable, "-m", "gptjax.main", TINY, f"--workdir={workdirs[i]}",
        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
