@@ -91,7 +91,7 @@ def load(config, workdir: str) -> Data:
   kept = os.path.exists(tok_path)
   if kept:  # a trained workdir keeps its vocabulary, so ids stay stable
     tokenizer = tokenizers.load(tok_path)
-  else:  # saved with the first checkpoint (save_tokenizer): a failed start leaves none
+  else:  # saved after the first training step (save_tokenizer): a failed start leaves none
     tokenizer = tokenizers.build(dc.tokenizer, tokenizer_path(config), docs["train"])
   if tokenizer.kind != dc.tokenizer:
     raise UserError(f"{tok_path} holds a {tokenizer.kind} tokenizer but config.data.tokenizer="
@@ -118,7 +118,7 @@ def tokenizer_file(workdir: str) -> str:
 
 
 def save_tokenizer(tokenizer, workdir: str) -> None:
-  """Writes the workdir's vocabulary once (with its first checkpoint)."""
+  """Writes the workdir's vocabulary once (after its first training step)."""
   path = tokenizer_file(workdir)
   if not os.path.exists(path):
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"

@@ -343,6 +343,8 @@ def _train(config, workdir: str, s: Setup, data: data_lib.Data) -> dict:
   try:
     for step in range(start + 1, tc.num_steps + 1):
       state, m = s.train_step(state, train_at(step - 1))
+      if step == start + 1 and lead:  # the vocabulary of a run that trained (idempotent)
+        data_lib.save_tokenizer(data.tokenizer, workdir)
       preempted = stop.reached(step) if step < tc.num_steps else None  # the end saves anyway
       save = (every and step % every == 0) or step == tc.num_steps or preempted
       log = step % tc.log_every == 0 or step == tc.num_steps
@@ -393,13 +395,9 @@ def _train(config, workdir: str, s: Setup, data: data_lib.Data) -> dict:
           writer.write(step, {"val_loss": val_loss, "val_bpb": bpb,
                               "elapsed_s": elapsed0 + time.perf_counter() - t_start})
           say(f"eval step {step} | val_loss {val_loss:.4f} | val bits/byte {bpb:.4f}")
-          if lead and ckpt.best is not None:
-            data_lib.save_tokenizer(data.tokenizer, workdir)
           ckpt.save_best(state, meta, val_loss)
       if save:
         ckpt.save(state, meta)
-        if lead:
-          data_lib.save_tokenizer(data.tokenizer, workdir)
       eval_s += time.perf_counter() - t_pause
       if preempted:
         say(f"{preempted} received: saved checkpoint {step} and stopped; run the same command "

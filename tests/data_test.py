@@ -53,7 +53,7 @@ def test_text_split_and_tokenizer_saved(tmp_path, corpus):
   n = len(open(corpus).read())
   assert len(d.train.tokens) == int(n * 0.75) + 1  # + EOT
   assert len(d.val.tokens) == n - int(n * 0.75) + 1
-  assert not os.path.exists(tmp_path / "work" / "tokenizer.json")  # saved with a checkpoint
+  assert not os.path.exists(tmp_path / "work" / "tokenizer.json")  # saved once training starts
   data.save_tokenizer(d.tokenizer, str(tmp_path / "work"))
   assert data.load(tiny_config(data__path=corpus, data__val_fraction=0.25),
                    str(tmp_path / "work")).tokenizer.to_dict() == d.tokenizer.to_dict()
