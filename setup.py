@@ -1,33 +1,38 @@
 from setuptools import find_packages, setup
 
 setup(
-    name="gptjax",
-    version="0.1.0",
-    description="GPT-style language models in JAX/Flax: sharded, resumable, launched by flag.",
-    packages=find_packages(include=["gptjax", "gptjax.*"]),
-    python_requires=">=3.10",
-    install_requires=[
-        "jax>=0.10,<0.12",  # 0.10.x from the registry, 0.11.x on the GPU image
-        "flax>=0.12,<0.14",
-        "optax>=0.2.5",
-        "orbax-checkpoint>=0.11",
-        "tensorflow-datasets>=4.9.8",
-        "tensorflow-cpu>=2.18",  # TFDS needs TF to prepare datasets; the CPU build never takes a GPU
-        "importlib_resources",  # TFDS imports it and does not declare it
-        "absl-py>=2.1",
-        "ml_collections>=1.0",
-        "grain>=0.2.10",  # stateless index_shuffle: epoch permutations with O(1) memory
-        "numpy>=1.26",
-        "tensorboardX>=2.6",
-        "tokenizers>=0.20",  # GPT-2 BPE from local tokenizer.json / vocab.json + merges.txt
-        "tiktoken>=0.7",  # GPT-2 BPE when its files can be fetched (faster)
-        "sentencepiece>=0.2",
-        "safetensors>=0.4",  # Hugging Face checkpoints in and out
-        "matplotlib>=3.8",  # sweep reports: the val-loss plot
+  name="gptjax",
+  version="0.1.0",
+  description="GPT-style language models in JAX/Flax: sharded, resumable, launched by flag.",
+  packages=find_packages(include=["gptjax", "gptjax.*"]),
+  python_requires=">=3.10",
+  install_requires=[
+    "jax>=0.10,<0.12",  # 0.10.x from the registry, 0.11.x on the GPU image
+    "flax>=0.12,<0.14",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "tensorflow-datasets>=4.9.8",
+    "tensorflow-cpu>=2.18",  # TFDS needs TF to prepare datasets; the CPU build never takes a GPU
+    "importlib_resources",  # TFDS imports it and does not declare it
+    "absl-py>=2.1",
+    "ml_collections>=1.0",
+    "grain>=0.2.10",  # stateless index_shuffle: epoch permutations with O(1) memory
+    "numpy>=1.26",
+    "tensorboardX>=2.6",
+    "tokenizers>=0.20",  # GPT-2 BPE from local tokenizer.json / vocab.json + merges.txt
+    "tiktoken>=0.7",  # GPT-2 BPE when its files can be fetched (faster)
+    "sentencepiece>=0.2",
+    "safetensors>=0.4",  # Hugging Face checkpoints in and out
+    "matplotlib>=3.8",  # sweep reports: the val-loss plot
+  ],
+  extras_require={
+    # torch and transformers only check interop against models built in the tests;
+    # torch reads pytorch_model.bin checkpoints too when installed.
+    "test": [
+      "pytest>=8",
+      "torch==2.13.0",
+      "transformers>=4.45",
+      "ruff==0.17.6",  # pinned: the formatter's output changes between releases
     ],
-    extras_require={
-        # torch and transformers only check interop against models built in the tests;
-        # torch reads pytorch_model.bin checkpoints too when installed.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.45"],
-    },
+  },
 )

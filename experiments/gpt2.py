@@ -17,10 +17,10 @@ from gptjax.config import default_config
 from gptjax.errors import UserError
 
 SHAPES = {  # n_layer, n_head, d_model
-    "small": (12, 12, 768),
-    "medium": (24, 16, 1024),
-    "large": (36, 20, 1280),
-    "xl": (48, 25, 1600),
+  "small": (12, 12, 768),
+  "medium": (24, 16, 1024),
+  "large": (36, 20, 1280),
+  "xl": (48, 25, 1600),
 }
 
 

@@ -18,14 +18,16 @@ import shakespeare_char  # noqa: E402
 
 from gptjax.errors import UserError  # noqa: E402
 
-AXES = {"model.norm": ["layernorm", "rmsnorm"], "model.positions": ["learned", "rope"],
-        "model.activation": ["gelu", "swiglu"]}
+AXES = {
+  "model.norm": ["layernorm", "rmsnorm"],
+  "model.positions": ["learned", "rope"],
+  "model.activation": ["gelu", "swiglu"],
+}
 
 
 def get_config(variant: str = ""):
   if variant not in ("", "product"):
-    raise UserError(f"unknown variant {variant!r} of shakespeare_ablation.py; use :product or "
-                    "none")
+    raise UserError(f"unknown variant {variant!r} of shakespeare_ablation.py; use :product or none")
   c = shakespeare_char.get_config("cpu")
   c.train.num_steps = c.optim.decay_steps = 300
   c.train.eval_every, c.train.eval_batches = 50, 20
@@ -35,7 +37,12 @@ def get_config(variant: str = ""):
 
 def get_sweep(variant: str = ""):
   from gptjax.sweep import product
+
   if variant == "product":
     return product(AXES)
-  return {"baseline": {}, "rmsnorm": {"model.norm": "rmsnorm"},
-          "rope": {"model.positions": "rope"}, "swiglu": {"model.activation": "swiglu"}}
+  return {
+    "baseline": {},
+    "rmsnorm": {"model.norm": "rmsnorm"},
+    "rope": {"model.positions": "rope"},
+    "swiglu": {"model.activation": "swiglu"},
+  }

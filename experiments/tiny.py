@@ -7,8 +7,15 @@ import os
 
 from gptjax.config import default_config
 
-SHARED_TEXT = os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "shared",
-                           "data", "tinyshakespeare", "input.txt")
+SHARED_TEXT = os.path.join(
+  os.path.dirname(os.path.realpath(__file__)),
+  "..",
+  "..",
+  "shared",
+  "data",
+  "tinyshakespeare",
+  "input.txt",
+)
 
 
 def get_config():

@@ -9,8 +9,8 @@ import functools
 
 import flax.linen as nn
 import jax
-from flax.linen.dtypes import promote_dtype
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from gptjax.errors import UserError
 
@@ -22,9 +22,11 @@ def resolve_implementation(requested: str, dtype) -> str:
   if requested == "auto":
     return "cudnn" if on_gpu and half else "xla"
   if requested == "cudnn" and not (on_gpu and half):
-    raise UserError("model.attention='cudnn' needs an NVIDIA GPU and bfloat16/float16 compute "
-                    f"(backend {jax.default_backend()}, dtype {jnp.dtype(dtype).name}); use "
-                    "--config.model.attention=auto or xla")
+    raise UserError(
+      "model.attention='cudnn' needs an NVIDIA GPU and bfloat16/float16 compute "
+      f"(backend {jax.default_backend()}, dtype {jnp.dtype(dtype).name}); use "
+      "--config.model.attention=auto or xla"
+    )
   return requested
 
 
@@ -68,11 +70,23 @@ class HeadProjection(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                        self.kernel_shape, cfg.param_dtype)
-    out_shape, out_axes = self.kernel_shape[self.n_in:], self.kernel_axes[self.n_in:]
-    bias = (self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
-                       out_shape, cfg.param_dtype) if cfg.bias else None)
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+      self.kernel_shape,
+      cfg.param_dtype,
+    )
+    out_shape, out_axes = self.kernel_shape[self.n_in :], self.kernel_axes[self.n_in :]
+    bias = (
+      self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
+        out_shape,
+        cfg.param_dtype,
+      )
+      if cfg.bias
+      else None
+    )
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=cfg.dtype)
     contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
     y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
@@ -90,8 +104,13 @@ class CausalSelfAttention(nn.Module):
     cfg = self.cfg
     head_dim = cfg.d_model // cfg.n_head
     qkv = functools.partial(
-        HeadProjection, cfg, (cfg.d_model, cfg.n_head, head_dim), ("embed", "heads", "kv"), 1,
-        nn.initializers.normal(cfg.init_std))
+      HeadProjection,
+      cfg,
+      (cfg.d_model, cfg.n_head, head_dim),
+      ("embed", "heads", "kv"),
+      1,
+      nn.initializers.normal(cfg.init_std),
+    )
     q_BxTxNxH = qkv(name="query")(x_BxTxD)
     k_BxTxNxH = qkv(name="key")(x_BxTxD)
     v_BxTxNxH = qkv(name="value")(x_BxTxD)
@@ -106,17 +125,23 @@ class CausalSelfAttention(nn.Module):
     if start_B is not None:
       out_BxTxNxH = self._cached(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, start_B)
     elif cfg.attn_dropout > 0 and not deterministic:
-      out_BxTxNxH = _explicit_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH,
-                                        nn.Dropout(cfg.attn_dropout), deterministic)
+      out_BxTxNxH = _explicit_attention(
+        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, nn.Dropout(cfg.attn_dropout), deterministic
+      )
     else:
       out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True,
-          implementation=resolve_implementation(cfg.attention, cfg.dtype))
+        q_BxTxNxH,
+        k_BxTxNxH,
+        v_BxTxNxH,
+        is_causal=True,
+        implementation=resolve_implementation(cfg.attention, cfg.dtype),
+      )
     out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, axes)
     # GPT-2: residual projections start smaller, std / sqrt(2 * n_layer).
     out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
-    return HeadProjection(cfg, (cfg.n_head, head_dim, cfg.d_model), ("heads", "kv", "embed"), 2,
-                          out_init, name="out")(out_BxTxNxH)
+    return HeadProjection(
+      cfg, (cfg.n_head, head_dim, cfg.d_model), ("heads", "kv", "embed"), 2, out_init, name="out"
+    )(out_BxTxNxH)
 
   def _cached(self, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, start_B):
     """Writes k, v at the cache's next T slots and attends over every valid slot.
@@ -138,15 +163,19 @@ class CausalSelfAttention(nn.Module):
     # Under a mesh the cache splits like the activations: batch over data, heads over tensor.
     cache_axes = ("batch", "heads", "length", "kv")
     for var, new_BxTxNxH in ((key, k_BxTxNxH), (value, v_BxTxNxH)):
-      var.value = nn.with_logical_constraint(jax.lax.dynamic_update_slice(
-          var.value, new_BxTxNxH.transpose(0, 2, 1, 3), (0, 0, i, 0)), cache_axes)
+      var.value = nn.with_logical_constraint(
+        jax.lax.dynamic_update_slice(var.value, new_BxTxNxH.transpose(0, 2, 1, 3), (0, 0, i, 0)),
+        cache_axes,
+      )
     index.value = i + t
     slot_S = jnp.arange(key.value.shape[2])
     query_T = i + jnp.arange(t)
-    mask_Bx1xTxS = ((slot_S[None, None, None, :] <= query_T[None, None, :, None])
-                    & (slot_S[None, None, None, :] >= start_B[:, None, None, None]))
-    logits_BxNxTxS = jnp.einsum("btnh,bnsh->bnts", q_BxTxNxH * h ** -0.5, key.value,
-                                preferred_element_type=jnp.float32)
+    mask_Bx1xTxS = (slot_S[None, None, None, :] <= query_T[None, None, :, None]) & (
+      slot_S[None, None, None, :] >= start_B[:, None, None, None]
+    )
+    logits_BxNxTxS = jnp.einsum(
+      "btnh,bnsh->bnts", q_BxTxNxH * h**-0.5, key.value, preferred_element_type=jnp.float32
+    )
     # A padding query sees no key: its row is all `min`, softmax stays finite (and unused).
     logits_BxNxTxS = jnp.where(mask_Bx1xTxS, logits_BxNxTxS, jnp.finfo(jnp.float32).min)
     probs_BxNxTxS = jax.nn.softmax(logits_BxNxTxS, axis=-1).astype(value.value.dtype)

@@ -46,16 +46,17 @@ def _trained_looking(state, shardings):
   """Adam's moments start at zero, which compresses to nothing: fill them with noise so the
   size and write time are those of a state after training."""
   import jax
-  import jax.numpy as jnp
 
   def fill(opt_state):
     leaves, treedef = jax.tree.flatten(opt_state)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    return treedef.unflatten([
-        jax.random.normal(k, x.shape, x.dtype) * 1e-3 if x.ndim else x
-        for k, x in zip(keys, leaves)])
-  return jax.jit(lambda st: st.replace(opt_state=fill(st.opt_state)),
-                 out_shardings=shardings, donate_argnums=0)(state)
+    return treedef.unflatten(
+      [jax.random.normal(k, x.shape, x.dtype) * 1e-3 if x.ndim else x for k, x in zip(keys, leaves)]
+    )
+
+  return jax.jit(
+    lambda st: st.replace(opt_state=fill(st.opt_state)), out_shardings=shardings, donate_argnums=0
+  )(state)
 
 
 def bench_train(config, workdir: str) -> dict:
@@ -63,8 +64,11 @@ def bench_train(config, workdir: str) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from gptjax import config as config_lib, metrics, sharding, train
+
+  from gptjax import config as config_lib
+  from gptjax import metrics, sharding, train
   from gptjax.model import count_params
+
   if _STEPS.value < 1 or _WARMUP.value < 0:
     raise UserError("--steps must be >= 1 and --warmup >= 0")
   config_lib.validate(config)
@@ -78,8 +82,10 @@ def bench_train(config, workdir: str) -> dict:
   n_rows = len(range(*rows.indices(s.batch_shape[0])))
   # A few different batches (not one repeated): the step never sees the same input twice in
   # a row, as in training. Transfers happen here, outside the timed loop.
-  batches = [s.batch(rng.integers(0, cfg.vocab_size, (n_rows,) + s.batch_shape[1:],
-                                  dtype=np.int32)) for _ in range(4)]
+  batches = [
+    s.batch(rng.integers(0, cfg.vocab_size, (n_rows,) + s.batch_shape[1:], dtype=np.int32))
+    for _ in range(4)
+  ]
   for i in range(_WARMUP.value):
     state, m = s.train_step(state, batches[i % 4])
   jax.block_until_ready(state)
@@ -105,28 +111,41 @@ def bench_train(config, workdir: str) -> dict:
   except Exception:  # not every backend has allocator statistics
     peak = None
   mem = s.memory()
-  return {"bench": "train", "device": device.device_kind, "devices": jax.device_count(),
-          "mesh": dict(mesh.shape), "n_params": count_params(s.abstract.params),
-          "dtype": jnp.dtype(cfg.dtype).name, "batch": config.train.batch_size,
-          "seq_len": cfg.block_size, "grad_accum": config.optim.grad_accum,
-          "tokens_per_step": tokens, "tokens_per_s": round(tokens / median, 1),
-          "tokens_per_s_pipelined": round(tokens / pipelined_s, 1),
-          "step_ms_median": round(1e3 * median, 3), "step_ms_min": round(1e3 * min(times), 3),
-          "step_ms_max": round(1e3 * max(times), 3),
-          "step_ms_pipelined": round(1e3 * pipelined_s, 3),
-          "flops_per_token": metrics.flops_per_token(cfg),
-          "tflops": round(speed["tflops"], 4),
-          "tflops_per_device": round(speed["tflops_per_device"], 4),
-          "peak_tflops_per_device": metrics.peak_tflops(device.device_kind),
-          "mfu": None if speed["mfu"] is None else round(speed["mfu"], 4),
-          "compile_s": round(s.compile_s, 2), "peak_memory_bytes": peak,
-          "memory_estimate_bytes": mem.get("peak_estimate"),
-          "steps": _STEPS.value, "warmup": _WARMUP.value}
+  return {
+    "bench": "train",
+    "device": device.device_kind,
+    "devices": jax.device_count(),
+    "mesh": dict(mesh.shape),
+    "n_params": count_params(s.abstract.params),
+    "dtype": jnp.dtype(cfg.dtype).name,
+    "batch": config.train.batch_size,
+    "seq_len": cfg.block_size,
+    "grad_accum": config.optim.grad_accum,
+    "tokens_per_step": tokens,
+    "tokens_per_s": round(tokens / median, 1),
+    "tokens_per_s_pipelined": round(tokens / pipelined_s, 1),
+    "step_ms_median": round(1e3 * median, 3),
+    "step_ms_min": round(1e3 * min(times), 3),
+    "step_ms_max": round(1e3 * max(times), 3),
+    "step_ms_pipelined": round(1e3 * pipelined_s, 3),
+    "flops_per_token": metrics.flops_per_token(cfg),
+    "tflops": round(speed["tflops"], 4),
+    "tflops_per_device": round(speed["tflops_per_device"], 4),
+    "peak_tflops_per_device": metrics.peak_tflops(device.device_kind),
+    "mfu": None if speed["mfu"] is None else round(speed["mfu"], 4),
+    "compile_s": round(s.compile_s, 2),
+    "peak_memory_bytes": peak,
+    "memory_estimate_bytes": mem.get("peak_estimate"),
+    "steps": _STEPS.value,
+    "warmup": _WARMUP.value,
+  }
 
 
 def bench_checkpoint(config, workdir: str) -> dict:
   import jax
+
   from gptjax import checkpoint, sharding, train
+
   mesh = sharding.make_mesh(config.mesh)
   s = train.setup(config, config.model.vocab_size or 50257, mesh, compile=False)
   state = jax.block_until_ready(_trained_looking(s.init(config.seed), s.state_shardings))
@@ -143,11 +162,19 @@ def bench_checkpoint(config, workdir: str) -> dict:
   restore = time.perf_counter() - t0
   ckpt.close()
   n = sum(x.size for x in jax.tree.leaves(state.params))
-  return {"bench": "checkpoint", "n_params": int(n), "devices": jax.device_count(),
-          "mesh": dict(mesh.shape), "async": bool(config.checkpoint.async_save),
-          "save_blocking_s": round(blocking, 3), "save_total_s": round(total, 3),
-          "restore_s": round(restore, 3), "bytes": size, "gib": round(size / 2**30, 3),
-          "write_gib_per_s": round(size / 2**30 / total, 3)}
+  return {
+    "bench": "checkpoint",
+    "n_params": int(n),
+    "devices": jax.device_count(),
+    "mesh": dict(mesh.shape),
+    "async": bool(config.checkpoint.async_save),
+    "save_blocking_s": round(blocking, 3),
+    "save_total_s": round(total, 3),
+    "restore_s": round(restore, 3),
+    "bytes": size,
+    "gib": round(size / 2**30, 3),
+    "write_gib_per_s": round(size / 2**30 / total, 3),
+  }
 
 
 def bench_decode(config, workdir: str) -> dict:
@@ -156,21 +183,25 @@ def bench_decode(config, workdir: str) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from gptjax import decode
   from gptjax.model import GPT, GPTConfig
+
   cfg = GPTConfig.from_config(config.model, config.model.vocab_size or 50257)
   b, p, n = _BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value
   if min(b, p, n, _REPEATS.value) < 1:
     raise UserError("--batch_size, --prompt_len, --new_tokens and --repeats must be >= 1")
   if p + n > cfg.block_size:
-    raise UserError(f"--prompt_len={p} + --new_tokens={n} exceeds the {cfg.block_size}-token "
-                    "context")
+    raise UserError(
+      f"--prompt_len={p} + --new_tokens={n} exceeds the {cfg.block_size}-token context"
+    )
   model = GPT(cfg)
   device = jax.local_devices()[0]
   init = lambda key: jax.tree.map(
-      lambda x: x.value if hasattr(x, "value") else x,
-      model.init(key, jnp.zeros((1, cfg.block_size), jnp.int32))["params"],
-      is_leaf=lambda x: hasattr(x, "value"))
+    lambda x: x.value if hasattr(x, "value") else x,
+    model.init(key, jnp.zeros((1, cfg.block_size), jnp.int32))["params"],
+    is_leaf=lambda x: hasattr(x, "value"),
+  )
   with jax.default_device(device):
     params = jax.jit(init)(jax.random.PRNGKey(config.seed))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, p), dtype=np.int32)
@@ -192,19 +223,30 @@ def bench_decode(config, workdir: str) -> dict:
     compile_s = time.perf_counter() - t0
     times = np.array([run() for _ in range(_REPEATS.value)])
   prefill_s, generate_s = np.median(times[:, 0]), np.median(times[:, 1])
-  return {"bench": "decode", "device": device.device_kind, "n_params": int(
-      sum(x.size for x in jax.tree.leaves(params))), "dtype": jnp.dtype(cfg.dtype).name,
-      "batch": b, "prompt_len": p, "new_tokens": n, "greedy": True,
-      "tokens_per_s": round(b * n / (prefill_s + generate_s), 1),
-      "decode_tokens_per_s": round(b * n / generate_s, 1),
-      "ms_per_step": round(1e3 * generate_s / n, 3), "prefill_ms": round(1e3 * prefill_s, 2),
-      "first_run_s": round(compile_s, 2), "repeats": _REPEATS.value}
+  return {
+    "bench": "decode",
+    "device": device.device_kind,
+    "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
+    "dtype": jnp.dtype(cfg.dtype).name,
+    "batch": b,
+    "prompt_len": p,
+    "new_tokens": n,
+    "greedy": True,
+    "tokens_per_s": round(b * n / (prefill_s + generate_s), 1),
+    "decode_tokens_per_s": round(b * n / generate_s, 1),
+    "ms_per_step": round(1e3 * generate_s / n, 3),
+    "prefill_ms": round(1e3 * prefill_s, 2),
+    "first_run_s": round(compile_s, 2),
+    "repeats": _REPEATS.value,
+  }
 
 
 def bench_sample(config, workdir: str) -> dict:
   del config
   import numpy as np
+
   from gptjax import decode, sample
+
   if not _WORKDIR.value:
     raise UserError("bench sample needs --workdir=DIR of a trained run")
   model, params, tokenizer, where = sample.load(workdir)
@@ -217,15 +259,26 @@ def bench_sample(config, workdir: str) -> dict:
     out, _ = decode.complete(decoder, [[tokenizer.eot_id]], n, sampling, seed)
     runs.append((len(out[0]), time.perf_counter() - t0))
   rates = [k / s for k, s in runs[1:]]
-  return {"bench": "sample", "from": where, "block_size": model.cfg.block_size,
-          "new_tokens": n, "tokens_per_s": round(float(np.median(rates)), 1),
-          "tokens_per_s_min": round(min(rates), 1), "tokens_per_s_max": round(max(rates), 1),
-          "first_run_s": round(runs[0][1], 2), "repeats": _REPEATS.value}
+  return {
+    "bench": "sample",
+    "from": where,
+    "block_size": model.cfg.block_size,
+    "new_tokens": n,
+    "tokens_per_s": round(float(np.median(rates)), 1),
+    "tokens_per_s_min": round(min(rates), 1),
+    "tokens_per_s_max": round(max(rates), 1),
+    "first_run_s": round(runs[0][1], 2),
+    "repeats": _REPEATS.value,
+  }
 
 
 def main(argv):
-  benches = {"train": bench_train, "checkpoint": bench_checkpoint, "decode": bench_decode,
-             "sample": bench_sample}
+  benches = {
+    "train": bench_train,
+    "checkpoint": bench_checkpoint,
+    "decode": bench_decode,
+    "sample": bench_sample,
+  }
   if len(argv) != 2 or argv[1] not in benches:
     print(f"gptjax.bench: error: name one benchmark: {', '.join(benches)}", file=sys.stderr)
     sys.exit(1)

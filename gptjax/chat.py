@@ -42,20 +42,32 @@ class Template:
 class Chat:
   """One conversation: its turns as token ids, and reply() to add a user turn and answer it."""
 
-  def __init__(self, decoder: decode.Decoder, tokenizer, template: Template,
-               max_new: int | None, sampling: decode.Sampling, chunk: int = 8, seed: int = 0,
-               notify=None):
+  def __init__(
+    self,
+    decoder: decode.Decoder,
+    tokenizer,
+    template: Template,
+    max_new: int | None,
+    sampling: decode.Sampling,
+    chunk: int = 8,
+    seed: int = 0,
+    notify=None,
+  ):
     """max_new None: half the context, or less where the conversation needs the room."""
     block = decoder.model.cfg.block_size
     self.prefix = tokenizer.encode(template.reply_prefix()).tolist()
     most = longest_reply(block, len(self.prefix))
     if most < 1:
-      raise UserError(f"the model's {block}-token context is too short for a conversation "
-                      "in this template; use --mode=sample")
+      raise UserError(
+        f"the model's {block}-token context is too short for a conversation "
+        "in this template; use --mode=sample"
+      )
     max_new = min(block // 2, most) if max_new is None else max_new
     if not 1 <= max_new <= most:
-      raise UserError(f"--max_new_tokens={max_new} leaves too little of the {block}-token "
-                      f"context for the conversation; in chat use 1..{most}")
+      raise UserError(
+        f"--max_new_tokens={max_new} leaves too little of the {block}-token "
+        f"context for the conversation; in chat use 1..{most}"
+      )
     if chunk < 1:
       raise UserError(f"--stream_tokens={chunk} must be at least 1")
     self.decoder, self.tokenizer, self.template = decoder, tokenizer, template
@@ -82,8 +94,10 @@ class Chat:
       used += len(ids)
     if len(kept) < len(self.turns):
       dropped = len(self.turns) - len(kept)
-      self.notify(f"dropped the oldest {dropped} turn{'s' * (dropped > 1)} to fit the "
-                  f"{self.decoder.model.cfg.block_size}-token context")
+      self.notify(
+        f"dropped the oldest {dropped} turn{'s' * (dropped > 1)} to fit the "
+        f"{self.decoder.model.cfg.block_size}-token context"
+      )
       self.turns = kept
     return [t for ids in kept for t in ids] + user_ids + self.prefix
 
@@ -95,15 +109,15 @@ class Chat:
     """Answers a user turn, calling write(piece) as the reply's text grows; returns it."""
     prompt = self.context(user_ids)
     tokens = np.zeros((1, self.width), np.int32)
-    tokens[0, self.width - len(prompt):] = prompt
+    tokens[0, self.width - len(prompt) :] = prompt
     start = np.array([self.width - len(prompt)], np.int32)
     state = self.decoder.prefill(tokens, start, self.max_new, self.seed + self.replies)
     self.replies += 1
     ids, shown, stop = [], 0, self.template.end_of_turn
     while True:
       state, out, count = self.decoder.generate(state, self.chunk, self.sampling)
-      ids += np.asarray(out)[0, :int(count[0])].tolist()
-      ids = ids[:self.max_new]
+      ids += np.asarray(out)[0, : int(count[0])].tolist()
+      ids = ids[: self.max_new]
       body = [t for t in ids if t != self.tokenizer.eot_id]
       reply = self.tokenizer.decode(body)
       finished = bool(state.done_B[0]) or len(ids) >= self.max_new or stop in reply
@@ -138,12 +152,24 @@ def _safe_length(text: str, stop: str) -> int:
   return n
 
 
-def run(workdir: str, max_new: int | None, temperature: float, top_k: int, top_p: float,
-        seed: int, chunk: int, user: str, assistant: str, config=None, stdin=None,
-        stdout=None) -> int:
+def run(
+  workdir: str,
+  max_new: int | None,
+  temperature: float,
+  top_k: int,
+  top_p: float,
+  seed: int,
+  chunk: int,
+  user: str,
+  assistant: str,
+  config=None,
+  stdin=None,
+  stdout=None,
+) -> int:
   """The interactive loop; returns the number of replies. /reset forgets the conversation,
   /quit (or end of input, or Ctrl-C) ends the session."""
   from gptjax import sample  # loading is shared with --mode=sample
+
   stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
   model, params, tokenizer, where = sample.load(workdir, config)
   sampling = decode.Sampling(temperature, top_k, top_p)
@@ -152,15 +178,18 @@ def run(workdir: str, max_new: int | None, temperature: float, top_k: int, top_p
   try:
     tokenizer.encode(template.turn(user, "") + template.reply_prefix())
   except tokenizers.UnknownCharacter as e:
-    raise UserError(f"{e.problem}: use a --user_name and --assistant_name this model can "
-                    "read") from None
+    raise UserError(
+      f"{e.problem}: use a --user_name and --assistant_name this model can read"
+    ) from None
   stop = tokenizer.encode(template.end_of_turn).tolist()
   decoder = decode.Decoder(model, params, stop_tokens=[tokenizer.eot_id], stop_sequences=[stop])
   block = model.cfg.block_size
   notify = lambda message: print(f"[{message}]", file=sys.stderr, flush=True)
   chat = Chat(decoder, tokenizer, template, max_new, sampling, chunk, seed, notify)
-  notify(f"chatting with {where} of {workdir} ({block}-token context, replies up to "
-         f"{chat.max_new} tokens); /reset forgets the conversation, /quit ends")
+  notify(
+    f"chatting with {where} of {workdir} ({block}-token context, replies up to "
+    f"{chat.max_new} tokens); /reset forgets the conversation, /quit ends"
+  )
   write = lambda piece: (stdout.write(piece), stdout.flush())
   try:
     while True:

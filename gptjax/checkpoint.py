@@ -37,21 +37,32 @@ from gptjax import model as model_lib
 from gptjax.errors import UserError, describe, ensure_writable_dir
 from gptjax.sharding import format_bytes, param_name
 
-CHECKPOINTS, BEST, CORRUPT, EXPORT = "checkpoints", "checkpoints_best", "checkpoints_corrupt", \
-    "export"
+CHECKPOINTS, BEST, CORRUPT, EXPORT = (
+  "checkpoints",
+  "checkpoints_best",
+  "checkpoints_corrupt",
+  "export",
+)
 
 
 def _manager(directory: str, options) -> ocp.CheckpointManager:
-  handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
-              "meta": ocp.JsonCheckpointHandler()}
+  handlers = {
+    "params": ocp.StandardCheckpointHandler(),
+    "train": ocp.StandardCheckpointHandler(),
+    "meta": ocp.JsonCheckpointHandler(),
+  }
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def _options(keep: int, async_save: bool, best: bool = False):
   # cleanup_tmp_directories: a save cut short (a killed run, a full disk) leaves no
   # N.orbax-checkpoint-tmp directory behind once the run restarts
-  kwargs = dict(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-                cleanup_tmp_directories=True)
+  kwargs = dict(
+    max_to_keep=keep,
+    enable_async_checkpointing=async_save,
+    create=True,
+    cleanup_tmp_directories=True,
+  )
   if best:
     kwargs.update(best_fn=lambda metrics: metrics["val_loss"], best_mode="min")
   return ocp.CheckpointManagerOptions(**kwargs)
@@ -59,8 +70,9 @@ def _options(keep: int, async_save: bool, best: bool = False):
 
 def with_shardings(abstract, shardings):
   """Restore targets: each leaf's shape and dtype, laid out as `shardings` (any mesh)."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 class Checkpoints:
@@ -83,8 +95,11 @@ class Checkpoints:
   def finished_steps(self) -> list[int]:
     """The steps whose saves completed, read from the directory (not orbax's cached list)."""
     directory = str(self.manager.directory)
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) \
-        if os.path.isdir(directory) else []
+    return (
+      sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+      if os.path.isdir(directory)
+      else []
+    )
 
   def save(self, state, meta: dict) -> None:
     """Starts saving `state` at its step; returns once the arrays are copied off the devices.
@@ -93,8 +108,7 @@ class Checkpoints:
     """
     step = int(meta["step"])
     # + per-array metadata and file-system blocks (measured ~3 KiB an array), and the JSON
-    self._needed = int(1.05 * tree_bytes(state)) + 4096 * len(jax.tree.leaves(state)) + \
-        (64 << 10)
+    self._needed = int(1.05 * tree_bytes(state)) + 4096 * len(jax.tree.leaves(state)) + (64 << 10)
     self._check_space(step)
     with self._disk_errors():
       self.manager.save(step, args=_save_args(state, meta), force=True)
@@ -110,13 +124,18 @@ class Checkpoints:
     """step None: a save already under way ran out of space (which one orbax does not say)."""
     directory = str(self.manager.directory)
     kept = self.finished_steps()
-    intact = (f"checkpoint {max(kept)} is intact and rerunning resumes from it" if kept
-              else "no checkpoint was saved yet")
+    intact = (
+      f"checkpoint {max(kept)} is intact and rerunning resumes from it"
+      if kept
+      else "no checkpoint was saved yet"
+    )
     what = "a checkpoint" if step is None else f"checkpoint {step}"
-    return (f"not enough disk space to save {what} in {directory}: it needs "
-            f"~{format_bytes(self._needed)} and "
-            f"{format_bytes(shutil.disk_usage(directory).free)} is free; free some space (or "
-            f"lower --config.checkpoint.keep, or use another --workdir); {intact}")
+    return (
+      f"not enough disk space to save {what} in {directory}: it needs "
+      f"~{format_bytes(self._needed)} and "
+      f"{format_bytes(shutil.disk_usage(directory).free)} is free; free some space (or "
+      f"lower --config.checkpoint.keep, or use another --workdir); {intact}"
+    )
 
   @contextlib.contextmanager
   def _disk_errors(self):
@@ -141,12 +160,23 @@ class Checkpoints:
       return
     if self._best_loss is None:  # a resumed run: the best so far is in the kept one's meta
       best_step = self.best.latest_step()
-      self._best_loss = float("inf") if best_step is None else float(self.best.restore(
-          best_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["val_loss"])
+      self._best_loss = (
+        float("inf")
+        if best_step is None
+        else float(
+          self.best.restore(best_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+          ]["val_loss"]
+        )
+      )
     if val_loss < self._best_loss:
       self._best_loss = val_loss
-      self.best.save(int(meta["step"]), args=_save_args(state, {**meta, "val_loss": val_loss}),
-                     force=True, metrics={"val_loss": float(val_loss)})
+      self.best.save(
+        int(meta["step"]),
+        args=_save_args(state, {**meta, "val_loss": val_loss}),
+        force=True,
+        metrics={"val_loss": float(val_loss)},
+      )
 
   def restore(self, abstract_state, state_shardings):
     """(state, meta) of the newest checkpoint that restores, onto `state_shardings`; or None.
@@ -155,23 +185,27 @@ class Checkpoints:
     """
     targets = with_shardings(abstract_state, state_shardings)
     train_target = {"step": targets.step, "opt_state": targets.opt_state, "rng": targets.rng}
-    args = ocp.args.Composite(params=ocp.args.StandardRestore(targets.params),
-                              train=ocp.args.StandardRestore(train_target),
-                              meta=ocp.args.JsonRestore())
+    args = ocp.args.Composite(
+      params=ocp.args.StandardRestore(targets.params),
+      train=ocp.args.StandardRestore(train_target),
+      meta=ocp.args.JsonRestore(),
+    )
     out = self._restore_newest(args, abstract_state.params, train_target)
     if out is None:
       return None
     train = out["train"]
-    state = abstract_state.replace(step=train["step"], params=out["params"],
-                                   opt_state=train["opt_state"], rng=train["rng"])
+    state = abstract_state.replace(
+      step=train["step"], params=out["params"], opt_state=train["opt_state"], rng=train["rng"]
+    )
     self._forget_best_after(int(out["meta"]["step"]))
     return state, dict(out["meta"])
 
   def restore_params(self, abstract_params, shardings, set_aside: bool = True):
     """(params, meta) of the newest checkpoint that restores; params only (for inference)."""
     args = ocp.args.Composite(
-        params=ocp.args.StandardRestore(with_shardings(abstract_params, shardings)),
-        meta=ocp.args.JsonRestore())
+      params=ocp.args.StandardRestore(with_shardings(abstract_params, shardings)),
+      meta=ocp.args.JsonRestore(),
+    )
     out = self._restore_newest(args, abstract_params, None, set_aside)
     return None if out is None else (out["params"], dict(out["meta"]))
 
@@ -189,18 +223,23 @@ class Checkpoints:
       _check_shapes(self.manager, step, abstract_params, train_target, self.manager.directory)
       try:
         out = self.manager.restore(step, args=args)
-        if not is_finite(out["params"] if train_target is None
-                         else (out["params"], out["train"]["opt_state"])):
+        if not is_finite(
+          out["params"] if train_target is None else (out["params"], out["train"]["opt_state"])
+        ):
           raise _NotFinite("its parameters or optimizer state hold NaN or inf")
       except Exception as e:  # truncated, corrupted or unreadable files
         reason = describe(e)
         if "RESOURCE_EXHAUSTED" in reason:
-          raise UserError(f"out of memory restoring checkpoint {step} ({reason}); restore onto "
-                          "more devices (--config.mesh.shape)") from None
+          raise UserError(
+            f"out of memory restoring checkpoint {step} ({reason}); restore onto "
+            "more devices (--config.mesh.shape)"
+          ) from None
         if jax.process_count() > 1:  # hosts could disagree on the fallback
-          raise UserError(f"checkpoint {step} in {self.manager.directory} cannot be restored "
-                          f"({reason}); move that step's directory aside and rerun to use "
-                          "the previous one") from None
+          raise UserError(
+            f"checkpoint {step} in {self.manager.directory} cannot be restored "
+            f"({reason}); move that step's directory aside and rerun to use "
+            "the previous one"
+          ) from None
         failed.append((step, reason))
         continue
       for bad, reason in failed:
@@ -208,21 +247,27 @@ class Checkpoints:
       return out
     if failed:
       step, reason = failed[0]
-      raise UserError(f"no checkpoint in {self.manager.directory} can be restored (newest, "
-                      f"{step}: {reason}); nothing was moved: check the path and the "
-                      "installation, or use a fresh --workdir")
+      raise UserError(
+        f"no checkpoint in {self.manager.directory} can be restored (newest, "
+        f"{step}: {reason}); nothing was moved: check the path and the "
+        "installation, or use a fresh --workdir"
+      )
     return None
 
   def _skip(self, step: int, reason: str, using: int, set_aside: bool) -> None:
     if not set_aside:  # inference only reads: the files stay where they are
-      self.warn(f"warning: checkpoint {step} in {self.manager.directory} cannot be restored "
-                f"({reason}); using checkpoint {using}")
+      self.warn(
+        f"warning: checkpoint {step} in {self.manager.directory} cannot be restored "
+        f"({reason}); using checkpoint {using}"
+      )
       return
     self._set_aside(step, reason)
 
   def _set_aside(self, step: int, reason: str) -> None:
-    self.warn(f"warning: checkpoint {step} in {self.manager.directory} cannot be restored "
-              f"({reason}); moved to {CORRUPT}/ and resuming from the previous one")
+    self.warn(
+      f"warning: checkpoint {step} in {self.manager.directory} cannot be restored "
+      f"({reason}); moved to {CORRUPT}/ and resuming from the previous one"
+    )
     dest = os.path.join(self.workdir, CORRUPT, str(step))
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     shutil.rmtree(dest, ignore_errors=True)
@@ -266,8 +311,7 @@ class _NotFinite(Exception):
 def all_finite(tree) -> jax.Array:
   """True when every float leaf of `tree` is finite (one fused reduction when jitted)."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else \
-      jnp.array(True)
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.array(True)
 
 
 def is_finite(tree) -> bool:
@@ -280,8 +324,11 @@ def is_finite(tree) -> bool:
 
 def tree_bytes(tree) -> int:
   """Bytes of every array of `tree` (global sizes: what a checkpoint of it holds)."""
-  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+  return sum(
+    int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(tree)
+    if hasattr(x, "shape")
+  )
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -316,8 +363,9 @@ class _QuietIoEchoes(logging.Filter):
     text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
     if "No space left on device" in text or "cannot schedule new futures" in text:
       return False
-    return not (record.name == "asyncio" and any(m in text for m in ("orbax", "OCDBT",
-                                                                   "tensorstore")))
+    return not (
+      record.name == "asyncio" and any(m in text for m in ("orbax", "OCDBT", "tensorstore"))
+    )
 
 
 for _logger in (absl_logging.get_absl_logger(), logging.getLogger("asyncio")):
@@ -326,10 +374,12 @@ for _logger in (absl_logging.get_absl_logger(), logging.getLogger("asyncio")):
 
 def _save_args(state, meta: dict):
   return ocp.args.Composite(
-      params=ocp.args.StandardSave(state.params),
-      train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
-                                   "rng": state.rng}),
-      meta=ocp.args.JsonSave(meta))
+    params=ocp.args.StandardSave(state.params),
+    train=ocp.args.StandardSave(
+      {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    ),
+    meta=ocp.args.JsonSave(meta),
+  )
 
 
 def _check_shapes(manager, step: int, abstract_params, train_target, directory) -> None:
@@ -343,33 +393,44 @@ def _check_shapes(manager, step: int, abstract_params, train_target, directory) 
     return
   if saved is None:
     return
-  want = {param_name(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
-  have = {param_name(p): tuple(getattr(x, "shape", ()))
-          for p, x in jax.tree_util.tree_leaves_with_path(saved)}
-  fix = ("resume with the config it was trained with (WORKDIR/config.json) or use a fresh "
-         "--workdir")
+  want = {
+    param_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)
+  }
+  have = {
+    param_name(p): tuple(getattr(x, "shape", ()))
+    for p, x in jax.tree_util.tree_leaves_with_path(saved)
+  }
+  fix = "resume with the config it was trained with (WORKDIR/config.json) or use a fresh --workdir"
   scanned = [any(n.startswith("h/") for n in names) for names in (have, want)]
   if scanned[0] != scanned[1]:  # the layer layout differs: stacked (h) vs per layer (h_i)
     fix = f"set --config.model.scan_layers={scanned[0]} as it was trained, or use a fresh --workdir"
   for name, shape in want.items():
     if name not in have:
-      raise UserError(f"checkpoint {step} in {directory} has no parameter {name} (the config "
-                      f"makes it with shape {shape}); {fix}")
+      raise UserError(
+        f"checkpoint {step} in {directory} has no parameter {name} (the config "
+        f"makes it with shape {shape}); {fix}"
+      )
     if have[name] != shape:
-      raise UserError(f"checkpoint {step} in {directory}: parameter {name} has shape "
-                      f"{have[name]} but the config makes {shape}; {fix}")
+      raise UserError(
+        f"checkpoint {step} in {directory}: parameter {name} has shape "
+        f"{have[name]} but the config makes {shape}; {fix}"
+      )
   extra = sorted(set(have) - set(want))
   if extra:
-    raise UserError(f"checkpoint {step} in {directory} has parameter {extra[0]}, which the "
-                    f"config does not make; {fix}")
+    raise UserError(
+      f"checkpoint {step} in {directory} has parameter {extra[0]}, which the "
+      f"config does not make; {fix}"
+    )
   if train_target is not None and saved_train is not None:
-    where = _first_difference(_skeleton(saved_train.get("opt_state")),
-                              _skeleton(train_target["opt_state"]), "opt_state")
+    where = _first_difference(
+      _skeleton(saved_train.get("opt_state")), _skeleton(train_target["opt_state"]), "opt_state"
+    )
     if where is not None:
-      raise UserError(f"checkpoint {step} in {directory} holds an optimizer state of another "
-                      f"structure (first difference at {where}): the optimizer settings "
-                      f"changed (e.g. optim.grad_clip 0 <-> > 0); {fix}")
+      raise UserError(
+        f"checkpoint {step} in {directory} holds an optimizer state of another "
+        f"structure (first difference at {where}): the optimizer settings "
+        f"changed (e.g. optim.grad_clip 0 <-> > 0); {fix}"
+      )
 
 
 def _skeleton(tree):
@@ -437,13 +498,15 @@ class PreemptionWatch:
     """The signal's name if the loop should save at `step` and stop, else None."""
     if self._multi and not self._no_sync:
       from jax.experimental import multihost_utils
+
       try:
         if multihost_utils.reached_preemption_sync_point(step):
           self.received = "SIGTERM"
       except RuntimeError as e:  # no preemption service (e.g. a pod started without it)
         self._no_sync = True
-        print(f"warning: preemption sync unavailable ({e}); SIGTERM will not save first",
-              flush=True)
+        print(
+          f"warning: preemption sync unavailable ({e}); SIGTERM will not save first", flush=True
+        )
     return self.received
 
   def close(self) -> None:
@@ -454,6 +517,7 @@ class PreemptionWatch:
 
 # --- Params-only export (for inference) ----------------------------------------------------
 
+
 def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, dict]:
   """Writes the newest checkpoint's params (no optimizer state) with config and tokenizer.
 
@@ -462,11 +526,14 @@ def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, d
   abstract_params = model_lib.abstract_params(workdir_config(workdir))
   one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shardings = jax.tree.map(lambda _: one, abstract_params)
-  restored = Checkpoints(workdir, warn=warn).restore_params(abstract_params, shardings,
-                                                            set_aside=False)
+  restored = Checkpoints(workdir, warn=warn).restore_params(
+    abstract_params, shardings, set_aside=False
+  )
   if restored is None:
-    raise UserError(f"no checkpoint in {os.path.join(workdir, CHECKPOINTS)}; train first "
-                    "(checkpoints are saved every config.checkpoint.every steps and at the end)")
+    raise UserError(
+      f"no checkpoint in {os.path.join(workdir, CHECKPOINTS)}; train first "
+      "(checkpoints are saved every config.checkpoint.every steps and at the end)"
+    )
   params, meta = restored
   out_dir = os.path.abspath(out_dir or os.path.join(workdir, EXPORT))
   ensure_writable_dir(out_dir, "--export_dir")
@@ -483,8 +550,11 @@ def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, d
       json.dump({"step": meta["step"], "from": os.path.abspath(workdir)}, f)
     full = directory_bytes(os.path.join(workdir, CHECKPOINTS, str(meta["step"])))
     size = directory_bytes(os.path.join(out_dir, "params"))
-    print(f"exported step {meta['step']} params to {out_dir} ({format_bytes(size)}; the "
-          f"training checkpoint is {format_bytes(full)})", flush=True)
+    print(
+      f"exported step {meta['step']} params to {out_dir} ({format_bytes(size)}; the "
+      f"training checkpoint is {format_bytes(full)})",
+      flush=True,
+    )
   return out_dir, meta
 
 
@@ -495,8 +565,9 @@ def workdir_config(workdir: str):
     with open(path) as f:
       return config_dict.ConfigDict(json.load(f))
   except FileNotFoundError:
-    raise UserError(f"{path} not found: {workdir} holds no training run; pass the --workdir "
-                    "of a run") from None
+    raise UserError(
+      f"{path} not found: {workdir} holds no training run; pass the --workdir of a run"
+    ) from None
   except json.JSONDecodeError as e:
     raise UserError(f"{path} is not valid JSON ({e})") from None
 
@@ -510,5 +581,6 @@ def load_export(export_dir: str, abstract_params, shardings):
 
 
 def directory_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f))
-             for root, _, files in os.walk(path) for f in files)
+  return sum(
+    os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+  )

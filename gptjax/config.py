@@ -13,15 +13,15 @@ from ml_collections import config_dict
 from gptjax.errors import UserError
 
 CHOICES = {
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.positions": ("learned", "rope"),
-    "model.activation": ("gelu", "swiglu"),
-    "model.attention": ("auto", "xla", "cudnn"),
-    "model.remat": ("none", "dots", "dots_no_batch", "full"),
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "data.source": ("tfds", "text"),
-    "data.tokenizer": ("char", "byte", "bpe", "sentencepiece"),
+  "model.norm": ("layernorm", "rmsnorm"),
+  "model.positions": ("learned", "rope"),
+  "model.activation": ("gelu", "swiglu"),
+  "model.attention": ("auto", "xla", "cudnn"),
+  "model.remat": ("none", "dots", "dots_no_batch", "full"),
+  "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+  "model.param_dtype": ("float32", "bfloat16"),
+  "data.source": ("tfds", "text"),
+  "data.tokenizer": ("char", "byte", "bpe", "sentencepiece"),
 }
 
 
@@ -122,9 +122,18 @@ def default_config() -> config_dict.ConfigDict:
   c.mesh.shape = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: fill
   c.mesh.dcn_shape = config_dict.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})  # across
   # slices (TPU multi-slice) or hosts (GPU): the slow links; mesh.shape is within one.
-  c.mesh.rules = config_dict.ConfigDict({  # comma-separated mesh axes; '' = replicated
-      "batch": "data,fsdp", "length": "", "vocab": "tensor", "embed": "fsdp",
-      "heads": "tensor", "kv": "", "mlp": "tensor", "layers": ""})
+  c.mesh.rules = config_dict.ConfigDict(
+    {  # comma-separated mesh axes; '' = replicated
+      "batch": "data,fsdp",
+      "length": "",
+      "vocab": "tensor",
+      "embed": "fsdp",
+      "heads": "tensor",
+      "kv": "",
+      "mlp": "tensor",
+      "layers": "",
+    }
+  )
 
   # Several processes (hosts): set all three, or run under SLURM / Open MPI with auto on.
   c.distributed = config_dict.ConfigDict()
@@ -148,59 +157,85 @@ def validate(config: config_dict.ConfigDict) -> None:
   """Raise UserError naming the first bad value and its fix."""
   for key, value in _leaves(config):  # NaN passes every `<` check below: refuse it first
     if isinstance(value, float) and not math.isfinite(value):
-      raise UserError(f"config.{key}={value} is not a finite number; pass a finite "
-                      f"--config.{key}")
+      raise UserError(f"config.{key}={value} is not a finite number; pass a finite --config.{key}")
   for key, allowed in CHOICES.items():
     section, name = key.split(".")
     value = config[section][name]
     if value not in allowed:
-      raise UserError(f"config.{key}={value!r} is not one of {', '.join(allowed)}; "
-                      f"pass --config.{key}=<one of those>")
+      raise UserError(
+        f"config.{key}={value!r} is not one of {', '.join(allowed)}; "
+        f"pass --config.{key}=<one of those>"
+      )
   m, t, o = config.model, config.train, config.optim
-  for key, value in [("model.n_layer", m.n_layer), ("model.n_head", m.n_head),
-                     ("model.d_model", m.d_model), ("model.block_size", m.block_size),
-                     ("model.vocab_multiple", m.vocab_multiple),
-                     ("train.batch_size", t.batch_size), ("train.num_steps", t.num_steps),
-                     ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
-                     ("train.eval_batches", t.eval_batches),
-                     ("optim.grad_accum", o.grad_accum),
-                     ("checkpoint.keep", config.checkpoint.keep)]:
+  for key, value in [
+    ("model.n_layer", m.n_layer),
+    ("model.n_head", m.n_head),
+    ("model.d_model", m.d_model),
+    ("model.block_size", m.block_size),
+    ("model.vocab_multiple", m.vocab_multiple),
+    ("train.batch_size", t.batch_size),
+    ("train.num_steps", t.num_steps),
+    ("train.log_every", t.log_every),
+    ("train.eval_every", t.eval_every),
+    ("train.eval_batches", t.eval_batches),
+    ("optim.grad_accum", o.grad_accum),
+    ("checkpoint.keep", config.checkpoint.keep),
+  ]:
     if value < 1:
       raise UserError(f"config.{key}={value} must be at least 1")
   if m.d_model % m.n_head:
-    raise UserError(f"config.model.d_model={m.d_model} is not divisible by "
-                    f"config.model.n_head={m.n_head}; pick a d_model that is a multiple of "
-                    "n_head")
+    raise UserError(
+      f"config.model.d_model={m.d_model} is not divisible by "
+      f"config.model.n_head={m.n_head}; pick a d_model that is a multiple of "
+      "n_head"
+    )
   if m.positions == "rope" and (m.d_model // m.n_head) % 2:
-    raise UserError(f"rope needs an even head size, got d_model/n_head="
-                    f"{m.d_model // m.n_head}; change d_model or n_head")
-  for key, value in [("model.dropout", m.dropout), ("model.attn_dropout", m.attn_dropout),
-                     ("train.label_smoothing", t.label_smoothing)]:
+    raise UserError(
+      f"rope needs an even head size, got d_model/n_head="
+      f"{m.d_model // m.n_head}; change d_model or n_head"
+    )
+  for key, value in [
+    ("model.dropout", m.dropout),
+    ("model.attn_dropout", m.attn_dropout),
+    ("train.label_smoothing", t.label_smoothing),
+  ]:
     if not 0.0 <= value < 1.0:
       raise UserError(f"config.{key}={value} must be in [0, 1)")
   chunk = t.get("loss_chunk", 0)  # absent from runs saved before it existed
   if chunk < 0 or (chunk and m.block_size % chunk):
-    raise UserError(f"config.train.loss_chunk={chunk} must be 0 (off) or divide "
-                    f"config.model.block_size={m.block_size}; e.g. --config.train.loss_chunk="
-                    f"{_largest_divisor(m.block_size, 256)}")
+    raise UserError(
+      f"config.train.loss_chunk={chunk} must be 0 (off) or divide "
+      f"config.model.block_size={m.block_size}; e.g. --config.train.loss_chunk="
+      f"{_largest_divisor(m.block_size, 256)}"
+    )
   if config.cpu_devices == 0 or config.cpu_devices < -1:
-    raise UserError(f"config.cpu_devices={config.cpu_devices} must be -1 (one per core) or "
-                    "at least 1")
+    raise UserError(
+      f"config.cpu_devices={config.cpu_devices} must be -1 (one per core) or at least 1"
+    )
   if o.lr <= 0:
     raise UserError(f"config.optim.lr={o.lr} must be above 0")
-  for key, value in [("checkpoint.every", config.checkpoint.every), ("optim.min_lr", o.min_lr), ("optim.weight_decay", o.weight_decay),
-                     ("optim.grad_clip", o.grad_clip), ("optim.warmup_steps", o.warmup_steps)]:
+  for key, value in [
+    ("checkpoint.every", config.checkpoint.every),
+    ("optim.min_lr", o.min_lr),
+    ("optim.weight_decay", o.weight_decay),
+    ("optim.grad_clip", o.grad_clip),
+    ("optim.warmup_steps", o.warmup_steps),
+  ]:
     if value < 0:
       raise UserError(f"config.{key}={value} must be at least 0")
   for key, value in [("optim.b1", o.b1), ("optim.b2", o.b2)]:
     if not 0.0 <= value < 1.0:
       raise UserError(f"config.{key}={value} must be in [0, 1)")
   if t.batch_size % o.grad_accum:
-    raise UserError(f"config.train.batch_size={t.batch_size} is not divisible by "
-                    f"config.optim.grad_accum={o.grad_accum}")
+    raise UserError(
+      f"config.train.batch_size={t.batch_size} is not divisible by "
+      f"config.optim.grad_accum={o.grad_accum}"
+    )
   if config.init_from and not config.init_from.startswith("hf:"):
-    raise UserError(f"config.init_from={config.init_from!r} is not understood; use "
-                    "hf:DIR (a Hugging Face GPT-2 directory)")
+    raise UserError(
+      f"config.init_from={config.init_from!r} is not understood; use "
+      "hf:DIR (a Hugging Face GPT-2 directory)"
+    )
   if config.data.source == "text" and not config.data.path:
     raise UserError("config.data.source='text' needs --config.data.path=FILE_OR_GLOB")
   if config.data.source == "text" and not 0.0 < config.data.val_fraction < 1.0:

@@ -38,23 +38,23 @@ class Batches:
   worth of steps. Window i of the whole run belongs to batch i // batch_size.
   """
 
-  def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
-               split: str):
+  def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, split: str):
     self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
     self.seed, self.split = seed, split
     slack = len(tokens) - (seq_len + 1)  # room to slide one window
     if slack < 0:
       raise UserError(
-          f"the {split} split has {len(tokens)} tokens, fewer than one window of "
-          f"block_size+1={seq_len + 1}; use a longer corpus or a smaller "
-          "--config.model.block_size")
+        f"the {split} split has {len(tokens)} tokens, fewer than one window of "
+        f"block_size+1={seq_len + 1}; use a longer corpus or a smaller "
+        "--config.model.block_size"
+      )
     self.windows_per_epoch = slack // seq_len + 1
     self.max_phase = slack - (self.windows_per_epoch - 1) * seq_len  # in [0, seq_len)
 
-  @functools.lru_cache(maxsize=8)  # a batch spans at most two epochs; saves a hash per row
+  @functools.lru_cache(maxsize=8)  # noqa: B019 (Batches live as long as the run)
+  # a batch spans at most two epochs; saves a hash per row
   def _epoch_seed(self, epoch: int) -> int:
-    return int(np.random.SeedSequence((self.seed, _STREAM[self.split], epoch))
-               .generate_state(1)[0])
+    return int(np.random.SeedSequence((self.seed, _STREAM[self.split], epoch)).generate_state(1)[0])
 
   def starts(self, step: int, rows: slice = slice(None)) -> np.ndarray:
     """Token offsets of the windows of batch `step` (rows: this process's share)."""
@@ -94,19 +94,24 @@ def load(config, workdir: str) -> Data:
   else:  # saved after the first training step (save_tokenizer): a failed start leaves none
     tokenizer = tokenizers.build(dc.tokenizer, tokenizer_path(config), docs["train"])
   if tokenizer.kind != dc.tokenizer:
-    raise UserError(f"{tok_path} holds a {tokenizer.kind} tokenizer but config.data.tokenizer="
-                    f"{dc.tokenizer!r}; use a fresh --workdir")
+    raise UserError(
+      f"{tok_path} holds a {tokenizer.kind} tokenizer but config.data.tokenizer="
+      f"{dc.tokenizer!r}; use a fresh --workdir"
+    )
   out = {}
   for split in ("train", "val"):
     try:
-      tokens, n_bytes = _tokenize_cached(docs[split], tokenizer, split, _fingerprint(dc),
-                                         os.path.join(workdir, "data"))
+      tokens, n_bytes = _tokenize_cached(
+        docs[split], tokenizer, split, _fingerprint(dc), os.path.join(workdir, "data")
+      )
     except tokenizers.UnknownCharacter as e:
       if not kept:
         raise
-      raise UserError(f"{e.problem} of {tok_path}, which an earlier run in this workdir "
-                      "left (built from other text); delete that file, or use a fresh "
-                      "--workdir") from None
+      raise UserError(
+        f"{e.problem} of {tok_path}, which an earlier run in this workdir "
+        "left (built from other text); delete that file, or use a fresh "
+        "--workdir"
+      ) from None
     batch = config.train.batch_size
     out[split] = (Batches(tokens, batch, config.model.block_size, config.seed, split), n_bytes)
   val, val_bytes = out["val"]
@@ -131,7 +136,7 @@ def tokenizer_path(config) -> str | None:
   dc = config.data
   if dc.tokenizer_path or dc.tokenizer != "bpe" or not config.init_from:
     return dc.tokenizer_path
-  hf_dir = config.init_from[len("hf:"):]
+  hf_dir = config.init_from[len("hf:") :]
   has = lambda *names: all(os.path.isfile(os.path.join(hf_dir, n)) for n in names)
   return hf_dir if has("tokenizer.json") or has("vocab.json", "merges.txt") else None
 
@@ -153,17 +158,23 @@ def _sources(dc) -> dict[str, Callable[[], Iterable[str]]]:
 def _tfds_docs(builder, dc, split):
   name = dc.train_split if split == "train" else dc.val_split
   if name not in builder.info.splits:
-    raise UserError(f"TFDS dataset {dc.tfds_name!r} has no split {name!r} (it has "
-                    f"{', '.join(builder.info.splits)}); set --config.data.{split}_split")
+    raise UserError(
+      f"TFDS dataset {dc.tfds_name!r} has no split {name!r} (it has "
+      f"{', '.join(builder.info.splits)}); set --config.data.{split}_split"
+    )
   if dc.text_feature not in builder.info.features:
-    raise UserError(f"TFDS dataset {dc.tfds_name!r} has no feature {dc.text_feature!r} (it has "
-                    f"{', '.join(builder.info.features)}); set --config.data.text_feature")
+    raise UserError(
+      f"TFDS dataset {dc.tfds_name!r} has no feature {dc.text_feature!r} (it has "
+      f"{', '.join(builder.info.features)}); set --config.data.text_feature"
+    )
 
   def docs():
     import tensorflow_datasets as tfds
+
     ds = builder.as_dataset(split=name, shuffle_files=False)
     for example in tfds.as_numpy(ds):
       yield example[dc.text_feature].decode("utf-8")
+
   return docs
 
 
@@ -195,36 +206,52 @@ def _tfds_builder(dc):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf
   import tensorflow_datasets as tfds
+
   tf.config.set_visible_devices([], "GPU")  # TF only reads data; the accelerators are JAX's
   try:
     builder = tfds.builder(dc.tfds_name, data_dir=dc.data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    raise UserError(f"TFDS has no dataset {dc.tfds_name!r}; check --config.data.tfds_name") \
-        from None
+    raise UserError(
+      f"TFDS has no dataset {dc.tfds_name!r}; check --config.data.tfds_name"
+    ) from None
   if dc.manual_dir and not os.path.isdir(dc.manual_dir):
     raise UserError(f"config.data.manual_dir={dc.manual_dir!r} is not a directory")
   download = tfds.download.DownloadConfig(manual_dir=dc.manual_dir) if dc.manual_dir else None
   if dc.download_retries is not None:  # TFDS has no setting for it; its default waits ~3 min
     from tensorflow_datasets.core.download import downloader
+
     downloader.MAX_RETRIES = dc.download_retries
   try:
     builder.download_and_prepare(download_config=download)
   except Exception as e:  # network, checksum or manual-file failures all end the same way
     reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     raise UserError(
-        f"cannot download or prepare TFDS dataset {dc.tfds_name!r} ({reason}); pass "
-        "--config.data.manual_dir=DIR with its source files (for tiny_shakespeare the "
-        "folder holding input.txt), or use --config.data.source=text "
-        "--config.data.path=FILE") from None
+      f"cannot download or prepare TFDS dataset {dc.tfds_name!r} ({reason}); pass "
+      "--config.data.manual_dir=DIR with its source files (for tiny_shakespeare the "
+      "folder holding input.txt), or use --config.data.source=text "
+      "--config.data.path=FILE"
+    ) from None
   return builder
 
 
 def _fingerprint(dc) -> dict:
-  fp = {k: dc[k] for k in ("source", "tfds_name", "train_split", "val_split", "text_feature",
-                           "path", "val_fraction")}
+  fp = {
+    k: dc[k]
+    for k in (
+      "source",
+      "tfds_name",
+      "train_split",
+      "val_split",
+      "text_feature",
+      "path",
+      "val_fraction",
+    )
+  }
   if dc.source == "text":  # a changed file must be re-tokenized
-    fp["files"] = [(f, os.path.getsize(f), os.path.getmtime(f))
-                   for f in sorted(glob.glob(os.path.expanduser(dc.path)))]
+    fp["files"] = [
+      (f, os.path.getsize(f), os.path.getmtime(f))
+      for f in sorted(glob.glob(os.path.expanduser(dc.path)))
+    ]
   return fp
 
 
@@ -233,8 +260,12 @@ def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir):
   os.makedirs(cache_dir, exist_ok=True)
   bin_path = os.path.join(cache_dir, f"{split}.bin")
   meta_path = bin_path + ".json"
-  key = {"source": fingerprint, "tokenizer": hashlib.sha256(
-      json.dumps(tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()}
+  key = {
+    "source": fingerprint,
+    "tokenizer": hashlib.sha256(
+      json.dumps(tokenizer.to_dict(), sort_keys=True).encode()
+    ).hexdigest(),
+  }
   dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
   meta = None
   if os.path.exists(meta_path) and os.path.exists(bin_path):
@@ -259,14 +290,16 @@ def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir):
       if os.path.exists(tmp):
         os.remove(tmp)
       if e.errno != errno.ENOSPC:
-        raise UserError(f"cannot write the {split} tokens to {bin_path} ({e.strerror}); pass "
-                        "a writable --workdir") from None
+        raise UserError(
+          f"cannot write the {split} tokens to {bin_path} ({e.strerror}); pass a writable --workdir"
+        ) from None
       free = shutil.disk_usage(cache_dir).free
       raise UserError(
-          f"disk full writing the {split} tokens to {bin_path}: it needs up to "
-          f"{format_bytes(_most_bytes(docs, np.dtype(dtype).itemsize))} and "
-          f"{format_bytes(free)} is free (nothing was kept); free some space or "
-          "use a --workdir on a larger disk") from None
+        f"disk full writing the {split} tokens to {bin_path}: it needs up to "
+        f"{format_bytes(_most_bytes(docs, np.dtype(dtype).itemsize))} and "
+        f"{format_bytes(free)} is free (nothing was kept); free some space or "
+        "use a --workdir on a larger disk"
+      ) from None
     except BaseException:
       if os.path.exists(tmp):
         os.remove(tmp)
@@ -296,12 +329,19 @@ def _chunks(items, n: int):
 def position(step: int, config) -> dict:
   """Where the data iterator stands (saved in checkpoints): batches are a pure function of
   (seed, step), so the step is the position; the rest tells whether the order still holds."""
-  return {"next_batch": step, "seed": config.seed, "batch_size": config.train.batch_size,
-          "block_size": config.model.block_size}
+  return {
+    "next_batch": step,
+    "seed": config.seed,
+    "batch_size": config.train.batch_size,
+    "block_size": config.model.block_size,
+  }
 
 
 def position_changes(saved: dict, config) -> list[str]:
   """What changed since a saved position that alters the order of batches from here."""
   now = position(saved.get("next_batch", 0), config)
-  return [f"{k} {saved[k]} -> {now[k]}" for k in ("seed", "batch_size", "block_size")
-          if k in saved and saved[k] != now[k]]
+  return [
+    f"{k} {saved[k]} -> {now[k]}"
+    for k in ("seed", "batch_size", "block_size")
+    if k in saved and saved[k] != now[k]
+  ]

@@ -37,13 +37,16 @@ class Sampling:
 
   def check(self, vocab_size: int) -> None:
     if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails `< 0`
-      raise UserError(f"--temperature={self.temperature} must be a finite number >= 0 (0 is "
-                      "greedy)")
+      raise UserError(
+        f"--temperature={self.temperature} must be a finite number >= 0 (0 is greedy)"
+      )
     if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
       raise UserError(f"--top_p={self.top_p} must be in (0, 1]")
     if self.top_k < 0:
-      raise UserError(f"top_k={self.top_k} must be >= 0 (0: off; above the vocabulary size "
-                      f"{vocab_size} it keeps every token)")
+      raise UserError(
+        f"top_k={self.top_k} must be >= 0 (0: off; above the vocabulary size "
+        f"{vocab_size} it keeps every token)"
+      )
 
 
 def sample(logits_BxV, rng, s: Sampling):
@@ -85,7 +88,7 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0):
   p = max(len(x) for x in prompts)
   tokens = np.full((len(prompts), p), pad_id, np.int32)
   for b, x in enumerate(prompts):
-    tokens[b, p - len(x):] = x
+    tokens[b, p - len(x) :] = x
   return tokens, np.array([p - len(x) for x in prompts], np.int32)
 
 
@@ -97,8 +100,7 @@ class Decoder:
   the same way, and XLA inserts the collectives.
   """
 
-  def __init__(self, model: GPT, params, stop_tokens=(), stop_sequences=(), mesh=None,
-               rules=()):
+  def __init__(self, model: GPT, params, stop_tokens=(), stop_sequences=(), mesh=None, rules=()):
     self.model, self.params = model, params
     self.mesh, self.rules = mesh, tuple(rules)
     self.stop_tokens = tuple(int(t) for t in stop_tokens)
@@ -110,12 +112,15 @@ class Decoder:
     """Runs the prompts through the model (one call); the cache holds P + max_new slots."""
     total = tokens_BxP.shape[1] + max_new
     if total > self.model.cfg.block_size:
-      raise UserError(f"prompt ({tokens_BxP.shape[1]} tokens) + max_new_tokens ({max_new}) = "
-                      f"{total} exceeds the context of {self.model.cfg.block_size} tokens; "
-                      "shorten the prompt or lower --max_new_tokens")
+      raise UserError(
+        f"prompt ({tokens_BxP.shape[1]} tokens) + max_new_tokens ({max_new}) = "
+        f"{total} exceeds the context of {self.model.cfg.block_size} tokens; "
+        "shorten the prompt or lower --max_new_tokens"
+      )
     with self._context():
-      return self._prefill(self.params, jnp.asarray(tokens_BxP), jnp.asarray(start_B), total,
-                           jax.random.PRNGKey(seed))
+      return self._prefill(
+        self.params, jnp.asarray(tokens_BxP), jnp.asarray(start_B), total, jax.random.PRNGKey(seed)
+      )
 
   def generate(self, state: DecodeState, n: int, sampling: Sampling = Sampling()):
     """n more tokens per row -> (state, tokens (B, n) int32, counts (B,)): the rows' new
@@ -130,18 +135,30 @@ class Decoder:
 
   def _prefill_fn(self, params, tokens_BxP, start_B, total: int, rng):
     b, p = tokens_BxP.shape
-    shapes = jax.eval_shape(functools.partial(self.model.init, start_B=start_B),
-                            jax.random.PRNGKey(0), jnp.zeros((b, total), jnp.int32))["cache"]
+    shapes = jax.eval_shape(
+      functools.partial(self.model.init, start_B=start_B),
+      jax.random.PRNGKey(0),
+      jnp.zeros((b, total), jnp.int32),
+    )["cache"]
     cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
     positions_BxP = jnp.maximum(jnp.arange(p)[None, :] - start_B[:, None], 0)
     logits_BxPxV, mutated = self.model.apply(
-        {"params": params, "cache": cache}, tokens_BxP, positions_BxP, start_B=start_B,
-        mutable=["cache"])
+      {"params": params, "cache": cache},
+      tokens_BxP,
+      positions_BxP,
+      start_B=start_B,
+      mutable=["cache"],
+    )
     width = max([len(s) for s in self.stop_sequences], default=1)
-    return DecodeState(cache=mutated["cache"], logits_BxV=logits_BxPxV[:, -1],
-                       start_B=start_B, done_B=jnp.zeros((b,), bool),
-                       finish_B=jnp.full((b,), -1, jnp.int32),
-                       recent_BxL=jnp.full((b, width), -1, jnp.int32), rng=rng)
+    return DecodeState(
+      cache=mutated["cache"],
+      logits_BxV=logits_BxPxV[:, -1],
+      start_B=start_B,
+      done_B=jnp.zeros((b,), bool),
+      finish_B=jnp.full((b,), -1, jnp.int32),
+      recent_BxL=jnp.full((b, width), -1, jnp.int32),
+      rng=rng,
+    )
 
   def _generate_fn(self, params, state: DecodeState, n: int, sampling: Sampling):
     b = state.start_B.shape[0]
@@ -163,29 +180,41 @@ class Decoder:
         hit_B = jnp.isin(token_B, jnp.array(self.stop_tokens))
         finish_B = jnp.where(live_B & hit_B & (finish_B < 0), 1, finish_B)
       for seq in self.stop_sequences:
-        tail_BxL = recent_BxL[:, recent_BxL.shape[1] - len(seq):]
+        tail_BxL = recent_BxL[:, recent_BxL.shape[1] - len(seq) :]
         hit_B = jnp.all(tail_BxL == jnp.array(seq), axis=1)
         finish_B = jnp.where(live_B & hit_B & (finish_B < 0), 2, finish_B)
       index = _cache_index(st.cache)
       positions_Bx1 = (index - st.start_B)[:, None]
       logits_Bx1xV, mutated = self.model.apply(
-          {"params": params, "cache": st.cache}, token_B[:, None], positions_Bx1,
-          start_B=st.start_B, mutable=["cache"])
+        {"params": params, "cache": st.cache},
+        token_B[:, None],
+        positions_Bx1,
+        start_B=st.start_B,
+        mutable=["cache"],
+      )
       full = index + 1 >= _cache_slots(st.cache)
       finish_B = jnp.where(live_B & (finish_B < 0) & full, 0, finish_B)
-      st = st.replace(cache=mutated["cache"], logits_BxV=logits_Bx1xV[:, 0],
-                      done_B=finish_B >= 0, finish_B=finish_B, recent_BxL=recent_BxL, rng=rng)
+      st = st.replace(
+        cache=mutated["cache"],
+        logits_BxV=logits_Bx1xV[:, 0],
+        done_B=finish_B >= 0,
+        finish_B=finish_B,
+        recent_BxL=recent_BxL,
+        rng=rng,
+      )
       return t + 1, st, out_BxN, count_B
 
     out_BxN = jnp.full((b, n), -1, jnp.int32)
     _, state, out_BxN, count_B = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), state, out_BxN, jnp.zeros((b,), jnp.int32)))
+      cond, body, (jnp.int32(0), state, out_BxN, jnp.zeros((b,), jnp.int32))
+    )
     return state, out_BxN, count_B
 
 
 def _cache_leaves(cache, name):
-  return [x for p, x in jax.tree_util.tree_leaves_with_path(cache)
-          if getattr(p[-1], "key", None) == name]
+  return [
+    x for p, x in jax.tree_util.tree_leaves_with_path(cache) if getattr(p[-1], "key", None) == name
+  ]
 
 
 def _cache_index(cache):
@@ -202,8 +231,14 @@ def finish_reasons(state: DecodeState) -> list[str]:
   return [FINISH.get(int(c), "running") for c in np.asarray(state.finish_B)]
 
 
-def complete(decoder: Decoder, prompts: list[list[int]], max_new: int, sampling: Sampling,
-             seed: int = 0, on_tokens=None) -> tuple[list[list[int]], list[str]]:
+def complete(
+  decoder: Decoder,
+  prompts: list[list[int]],
+  max_new: int,
+  sampling: Sampling,
+  seed: int = 0,
+  on_tokens=None,
+) -> tuple[list[list[int]], list[str]]:
   """Up to max_new tokens per prompt, past the context window if need be.
 
   When the cache is full, each row's text so far is cut to its last half-context and
@@ -212,14 +247,14 @@ def complete(decoder: Decoder, prompts: list[list[int]], max_new: int, sampling:
   """
   block = decoder.model.cfg.block_size
   keep = block // 2
-  rows = [list(p)[-(block - 1):] for p in prompts]  # a prompt keeps its last block-1 tokens
+  rows = [list(p)[-(block - 1) :] for p in prompts]  # a prompt keeps its last block-1 tokens
   produced = [[] for _ in prompts]
   reasons = ["length"] * len(prompts)
   live = list(range(len(prompts)))
   for round_ in range(max_new + 1):
     if not live:
       break
-    context = [(rows[b] + produced[b])[-(block - 1 if round_ == 0 else keep):] for b in live]
+    context = [(rows[b] + produced[b])[-(block - 1 if round_ == 0 else keep) :] for b in live]
     tokens, start = left_pad(context)
     budget = min(block - tokens.shape[1], max_new - max(len(produced[b]) for b in live))
     if budget <= 0:
@@ -229,7 +264,7 @@ def complete(decoder: Decoder, prompts: list[list[int]], max_new: int, sampling:
     out, count, finished = np.asarray(out), np.asarray(count), finish_reasons(state)
     new = {}
     for i, b in enumerate(live):
-      new[b] = out[i, :count[i]].tolist()
+      new[b] = out[i, : count[i]].tolist()
       produced[b] += new[b]
       if finished[i] in ("stop_token", "stop_sequence"):
         reasons[b] = finished[i]

@@ -18,8 +18,9 @@ class UserError(Exception):
 def ensure_writable_dir(path: str, flag: str) -> None:
   """Creates `path` if needed and proves it writable, or names `flag` as the fix."""
   if os.path.exists(path) and not os.path.isdir(path):
-    raise UserError(f"{flag}={path} is a file, not a directory; pass a directory (it is "
-                    "created if missing)")
+    raise UserError(
+      f"{flag}={path} is a file, not a directory; pass a directory (it is created if missing)"
+    )
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_test.{uuid.uuid4().hex}")  # hosts may share it
@@ -27,18 +28,19 @@ def ensure_writable_dir(path: str, flag: str) -> None:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise UserError(f"cannot write to {path!r} ({e.strerror}); pass a writable {flag}") \
-        from None
+    raise UserError(f"cannot write to {path!r} ({e.strerror}); pass a writable {flag}") from None
 
 
 def check_config_file(argv) -> None:
   """A --config=PATH[:ARG] whose file does not exist is a UserError (before absl loads it)."""
   for arg in argv:
     if arg.startswith("--config="):
-      path = arg[len("--config="):].split(":")[0]
+      path = arg[len("--config=") :].split(":")[0]
       if not os.path.isfile(path):
-        raise UserError(f"experiment file {path!r} not found; pass "
-                        "--config=experiments/NAME.py (relative to the current directory)")
+        raise UserError(
+          f"experiment file {path!r} not found; pass "
+          "--config=experiments/NAME.py (relative to the current directory)"
+        )
       _check_defines_get_config(path)
 
 
@@ -49,17 +51,30 @@ def _check_defines_get_config(path: str) -> None:
     with open(path, encoding="utf-8") as f:
       tree = ast.parse(f.read(), path)
   except SyntaxError as e:
-    raise UserError(f"experiment file {path} has a syntax error at line {e.lineno}: "
-                    f"{e.msg}") from None
-  names = {node.name for node in tree.body
-           if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
-  names |= {t.id for node in tree.body if isinstance(node, ast.Assign)
-            for t in node.targets if isinstance(t, ast.Name)}
-  names |= {(a.asname or a.name) for node in tree.body if isinstance(node, ast.ImportFrom)
-            for a in node.names}
+    raise UserError(
+      f"experiment file {path} has a syntax error at line {e.lineno}: {e.msg}"
+    ) from None
+  names = {
+    node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+  }
+  names |= {
+    t.id
+    for node in tree.body
+    if isinstance(node, ast.Assign)
+    for t in node.targets
+    if isinstance(t, ast.Name)
+  }
+  names |= {
+    (a.asname or a.name)
+    for node in tree.body
+    if isinstance(node, ast.ImportFrom)
+    for a in node.names
+  }
   if "get_config" not in names:
-    raise UserError(f"experiment file {path} defines no get_config(); an experiment file "
-                    "returns its ConfigDict from get_config() (see experiments/tiny.py)")
+    raise UserError(
+      f"experiment file {path} defines no get_config(); an experiment file "
+      "returns its ConfigDict from get_config() (see experiments/tiny.py)"
+    )
 
 
 def innermost_message(e: BaseException) -> str:
@@ -81,15 +96,20 @@ def flags_parser(program: str):
       if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
         flags.FLAGS["config"].value.keys()  # loads lazily: make its errors surface here
       from gptjax import workdir
+
       workdir.normalize_flags(flags.FLAGS)
       return rest
     except Exception as e:  # flags.Error, UserError, or the experiment file's own error
       message = " ".join(str(e).split()) or type(e).__name__
       if isinstance(e, (AttributeError, KeyError)):  # ml_collections' unknown --config.KEY
-        message = ("unknown config key " + " ".join(innermost_message(e).split())
-                   + "; the keys and their defaults are in gptjax/config.py")
+        message = (
+          "unknown config key "
+          + " ".join(innermost_message(e).split())
+          + "; the keys and their defaults are in gptjax/config.py"
+        )
       print(f"{program}: error: {message}", file=sys.stderr, flush=True)
       sys.exit(1)
+
   return parse
 
 

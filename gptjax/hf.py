@@ -40,8 +40,12 @@ _SINGLE, _INDEX, _BINARY = "model.safetensors", "model.safetensors.index.json", 
 _RESAVE = "re-save the model with save_pretrained"
 _TORCH_LEGACY = b"\x80\x02\x8a\x0a"  # torch.save before 1.6: a pickled magic number first
 # gptjax settings a GPT-2 checkpoint needs: (config key, GPTConfig field, value).
-_LAYOUT = [("model.norm", "norm", "layernorm"), ("model.positions", "positions", "learned"),
-           ("model.activation", "activation", "gelu"), ("model.bias", "bias", True)]
+_LAYOUT = [
+  ("model.norm", "norm", "layernorm"),
+  ("model.positions", "positions", "learned"),
+  ("model.activation", "activation", "gelu"),
+  ("model.bias", "bias", True),
+]
 
 
 def directory(init_from: str, model=None) -> str:
@@ -49,7 +53,7 @@ def directory(init_from: str, model=None) -> str:
   and safetensors headers only), so a wrong one fails before data preparation and compiling.
 
   model: config.model or a GPTConfig, to check against config.json too (check_config)."""
-  path = os.path.expanduser(init_from[len("hf:"):])
+  path = os.path.expanduser(init_from[len("hf:") :])
   hf_config = read_config(path)
   for file in weight_files(path):
     if file.endswith(".safetensors"):
@@ -75,24 +79,30 @@ def _read_json(path: str) -> dict:
 def read_config(hf_dir: str) -> dict:
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
-    raise UserError(f"{hf_dir!r} is not a Hugging Face model directory (no config.json); "
-                    "pass --config.init_from=hf:DIR with a saved GPT2LMHeadModel")
+    raise UserError(
+      f"{hf_dir!r} is not a Hugging Face model directory (no config.json); "
+      "pass --config.init_from=hf:DIR with a saved GPT2LMHeadModel"
+    )
   hf = _read_json(path)
   found = ", ".join(hf.get("architectures") or []) or hf.get("model_type", "unknown")
   if hf.get("model_type") != "gpt2":
-    raise UserError(f"{hf_dir} holds a {found} model (model_type "
-                    f"{hf.get('model_type')!r}), not GPT-2; only GPT-2 checkpoints import")
+    raise UserError(
+      f"{hf_dir} holds a {found} model (model_type "
+      f"{hf.get('model_type')!r}), not GPT-2; only GPT-2 checkpoints import"
+    )
   # key: (HF's default, what gptjax's GPT-2 computes). reorder_and_upcast_attn is accepted:
   # it only computes attention scores in float32, as gptjax always does.
   supported = {
-      "activation_function": ("gelu_new", ("gelu_new", "gelu_pytorch_tanh")),
-      "scale_attn_weights": (True, (True,)),
-      "scale_attn_by_inverse_layer_idx": (False, (False,)),
-      "add_cross_attention": (False, (False,))}
+    "activation_function": ("gelu_new", ("gelu_new", "gelu_pytorch_tanh")),
+    "scale_attn_weights": (True, (True,)),
+    "scale_attn_by_inverse_layer_idx": (False, (False,)),
+    "add_cross_attention": (False, (False,)),
+  }
   for key, (default, allowed) in supported.items():
     if hf.get(key, default) not in allowed:
-      raise UserError(f"{hf_dir}/config.json sets {key}={hf[key]!r}, which gptjax's GPT-2 "
-                      "does not implement")
+      raise UserError(
+        f"{hf_dir}/config.json sets {key}={hf[key]!r}, which gptjax's GPT-2 does not implement"
+      )
   return hf
 
 
@@ -109,13 +119,17 @@ def weight_files(hf_dir: str) -> list[str]:
     files = sorted({os.path.join(hf_dir, v) for v in weight_map.values()})
     missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
     if missing:
-      raise UserError(f"{index} names shard {missing[0]}, which is not in {hf_dir} "
-                      f"({len(missing)} of {len(files)} shards missing); copy every shard there")
+      raise UserError(
+        f"{index} names shard {missing[0]}, which is not in {hf_dir} "
+        f"({len(missing)} of {len(files)} shards missing); copy every shard there"
+      )
     return files
   if os.path.isfile(binary):
     return [binary]
-  raise UserError(f"{hf_dir} has config.json but no weights (looked for {_SINGLE}, {_INDEX} "
-                  f"and {_BINARY}); save the model there with save_pretrained")
+  raise UserError(
+    f"{hf_dir} has config.json but no weights (looked for {_SINGLE}, {_INDEX} "
+    f"and {_BINARY}); save the model there with save_pretrained"
+  )
 
 
 def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
@@ -123,18 +137,20 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
   out = {}
   for file in weight_files(hf_dir):
     out |= _read_safetensors(file) if file.endswith(".safetensors") else _read_bin(file)
-  return {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: v for k, v in out.items()}
+  return {k[len(_PREFIX) :] if k.startswith(_PREFIX) else k: v for k, v in out.items()}
 
 
 def _read_safetensors(path: str, tensors: bool = True) -> dict[str, np.ndarray]:
   """The file's tensors; tensors=False checks its header only (nothing else is read)."""
   from safetensors import SafetensorError, safe_open
+
   try:
     with safe_open(path, framework="flax") as f:  # jax arrays: bfloat16 files read too
       return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()} if tensors else {}
   except (SafetensorError, OSError) as e:
-    raise UserError(f"{path} is not a readable safetensors file ({describe(e)}); {_RESAVE}") \
-        from None
+    raise UserError(
+      f"{path} is not a readable safetensors file ({describe(e)}); {_RESAVE}"
+    ) from None
 
 
 def _check_bin(path: str) -> None:
@@ -142,26 +158,30 @@ def _check_bin(path: str) -> None:
   with open(path, "rb") as f:
     legacy = f.read(len(_TORCH_LEGACY)) == _TORCH_LEGACY
   if not (legacy or zipfile.is_zipfile(path)):
-    raise UserError(f"{path} is not a readable PyTorch state dict (neither torch.save's zip "
-                    f"archive nor its legacy pickle); {_RESAVE}")
+    raise UserError(
+      f"{path} is not a readable PyTorch state dict (neither torch.save's zip "
+      f"archive nor its legacy pickle); {_RESAVE}"
+    )
 
 
 def _read_bin(path: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError:
-    raise UserError(f"{path} needs torch to read (pip install torch), or {_RESAVE} "
-                    "(safe_serialization=True)") from None
+    raise UserError(
+      f"{path} needs torch to read (pip install torch), or {_RESAVE} (safe_serialization=True)"
+    ) from None
   try:  # weights_only: tensors and plain containers, never arbitrary pickled code
     state = torch.load(path, map_location="cpu", weights_only=True)
   except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
     # torch's own message for a refused pickle advises weights_only=False: never repeat it
     why = "not a pickled dict of tensors" if "weights_only" in str(e) else describe(e)
-    raise UserError(f"{path} is not a readable PyTorch state dict ({why}); {_RESAVE}") \
-        from None
+    raise UserError(f"{path} is not a readable PyTorch state dict ({why}); {_RESAVE}") from None
   if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
-    raise UserError(f"{path} holds a {type(state).__name__}, not a state dict of tensors "
-                    f"(torch.save(model.state_dict(), ...)); {_RESAVE}")
+    raise UserError(
+      f"{path} holds a {type(state).__name__}, not a state dict of tensors "
+      f"(torch.save(model.state_dict(), ...)); {_RESAVE}"
+    )
   return {k: v.float().numpy() for k, v in state.items()}
 
 
@@ -174,11 +194,12 @@ def check_layout(cfg, exporting: bool = False) -> None:
     if have == want:
       continue
     if exporting:
-      raise UserError(f"this run was trained with config.{key}={have!r}, which Hugging Face "
-                      f"GPT-2 cannot hold (it needs {want!r}); export it with "
-                      "--export_format=gptjax instead")
-    raise UserError(f"config.{key}={have!r}, but GPT-2 weights need {want!r}; drop that "
-                    "override")
+      raise UserError(
+        f"this run was trained with config.{key}={have!r}, which Hugging Face "
+        f"GPT-2 cannot hold (it needs {want!r}); export it with "
+        "--export_format=gptjax instead"
+      )
+    raise UserError(f"config.{key}={have!r}, but GPT-2 weights need {want!r}; drop that override")
 
 
 def check_config(cfg, hf_config: dict) -> None:
@@ -187,17 +208,23 @@ def check_config(cfg, hf_config: dict) -> None:
   model from cfg: applying config.json here would leave that model out of step."""
   check_layout(cfg)
   if hf_config.get("n_head") != cfg.n_head:
-    raise UserError(f"the checkpoint has n_head={hf_config.get('n_head')} but "
-                    f"config.model.n_head={cfg.n_head}; use the experiment with its shape")
+    raise UserError(
+      f"the checkpoint has n_head={hf_config.get('n_head')} but "
+      f"config.model.n_head={cfg.n_head}; use the experiment with its shape"
+    )
   tied = bool(hf_config.get("tie_word_embeddings", True))  # transformers' default
   if tied != cfg.tie_embeddings:
-    raise UserError(f"the checkpoint has tie_word_embeddings={tied} but "
-                    f"config.model.tie_embeddings={cfg.tie_embeddings}; pass "
-                    f"--config.model.tie_embeddings={str(tied).lower()}")
+    raise UserError(
+      f"the checkpoint has tie_word_embeddings={tied} but "
+      f"config.model.tie_embeddings={cfg.tie_embeddings}; pass "
+      f"--config.model.tie_embeddings={str(tied).lower()}"
+    )
   eps = hf_config.get("layer_norm_epsilon", 1e-5)  # transformers' default
   if not math.isclose(eps, cfg.norm_eps, rel_tol=1e-6):
-    raise UserError(f"the checkpoint has layer_norm_epsilon={eps} but config.model.norm_eps="
-                    f"{cfg.norm_eps}; pass --config.model.norm_eps={eps}")
+    raise UserError(
+      f"the checkpoint has layer_norm_epsilon={eps} but config.model.norm_eps="
+      f"{cfg.norm_eps}; pass --config.model.norm_eps={eps}"
+    )
 
 
 def to_params(tensors: dict, cfg, hf_config: dict) -> dict:
@@ -206,45 +233,68 @@ def to_params(tensors: dict, cfg, hf_config: dict) -> dict:
   d, n, v = cfg.d_model, cfg.n_head, cfg.vocab_size
   layers = {int(k.split(".")[1]) for k in tensors if k.startswith("h.")}
   if layers and max(layers) + 1 > cfg.n_layer:
-    raise UserError(f"the checkpoint has {max(layers) + 1} layers (tensor "
-                    f"transformer.h.{max(layers)}.*) but config.model.n_layer={cfg.n_layer}")
+    raise UserError(
+      f"the checkpoint has {max(layers) + 1} layers (tensor "
+      f"transformer.h.{max(layers)}.*) but config.model.n_layer={cfg.n_layer}"
+    )
 
   def get(name, shape):
     full = name if name == _HEAD else _PREFIX + name
     if name not in tensors:
-      raise UserError(f"tensor {full} is missing from the checkpoint (config.model."
-                      f"n_layer={cfg.n_layer}, d_model={d}); use the experiment with its shape")
+      raise UserError(
+        f"tensor {full} is missing from the checkpoint (config.model."
+        f"n_layer={cfg.n_layer}, d_model={d}); use the experiment with its shape"
+      )
     x = tensors[name]
     if x.shape != tuple(shape):
-      raise UserError(f"tensor {full} has shape {x.shape} but the config needs "
-                      f"{tuple(shape)} (n_layer={cfg.n_layer}, n_head={n}, d_model={d}, "
-                      f"d_ff={cfg.d_ff}, vocab={v}, block_size={cfg.block_size}); use the "
-                      "experiment with the checkpoint's shape")
+      raise UserError(
+        f"tensor {full} has shape {x.shape} but the config needs "
+        f"{tuple(shape)} (n_layer={cfg.n_layer}, n_head={n}, d_model={d}, "
+        f"d_ff={cfg.d_ff}, vocab={v}, block_size={cfg.block_size}); use the "
+        "experiment with the checkpoint's shape"
+      )
     return x
 
   wte = get("wte.weight", (v, d))
   positions = tensors["wpe.weight"].shape[0] if "wpe.weight" in tensors else cfg.block_size
   wpe = get("wpe.weight", (max(positions, cfg.block_size), d))  # a shorter context is fine
-  params = {"wte": {"embedding": np.pad(wte, ((0, cfg.padded_vocab - v), (0, 0)))},
-            "wpe": {"embedding": wpe[:cfg.block_size]},
-            "ln_f": _norm(get, "ln_f", d)}
+  params = {
+    "wte": {"embedding": np.pad(wte, ((0, cfg.padded_vocab - v), (0, 0)))},
+    "wpe": {"embedding": wpe[: cfg.block_size]},
+    "ln_f": _norm(get, "ln_f", d),
+  }
   if not cfg.tie_embeddings:  # nn.Linear's (V, D) -> our (D, padded V) kernel
-    params["lm_head"] = {"kernel": np.pad(get(_HEAD, (v, d)).T,
-                                          ((0, 0), (0, cfg.padded_vocab - v)))}
+    params["lm_head"] = {
+      "kernel": np.pad(get(_HEAD, (v, d)).T, ((0, 0), (0, cfg.padded_vocab - v)))
+    }
   for i in range(cfg.n_layer):
     p = f"h.{i}."
     qkv_w = get(p + "attn.c_attn.weight", (d, 3 * d)).reshape(d, 3, n, d // n)
     qkv_b = get(p + "attn.c_attn.bias", (3 * d,)).reshape(3, n, d // n)
     params[f"h_{i}"] = {
-        "ln_1": _norm(get, p + "ln_1", d), "ln_2": _norm(get, p + "ln_2", d),
-        "attn": {name: {"kernel": qkv_w[:, j], "bias": qkv_b[j]}
-                 for j, name in enumerate(("query", "key", "value"))} | {
-            "out": {"kernel": get(p + "attn.c_proj.weight", (d, d)).reshape(n, d // n, d),
-                    "bias": get(p + "attn.c_proj.bias", (d,))}},
-        "mlp": {"up": {"kernel": get(p + "mlp.c_fc.weight", (d, cfg.d_ff)),
-                       "bias": get(p + "mlp.c_fc.bias", (cfg.d_ff,))},
-                "down": {"kernel": get(p + "mlp.c_proj.weight", (cfg.d_ff, d)),
-                         "bias": get(p + "mlp.c_proj.bias", (d,))}}}
+      "ln_1": _norm(get, p + "ln_1", d),
+      "ln_2": _norm(get, p + "ln_2", d),
+      "attn": {
+        name: {"kernel": qkv_w[:, j], "bias": qkv_b[j]}
+        for j, name in enumerate(("query", "key", "value"))
+      }
+      | {
+        "out": {
+          "kernel": get(p + "attn.c_proj.weight", (d, d)).reshape(n, d // n, d),
+          "bias": get(p + "attn.c_proj.bias", (d,)),
+        }
+      },
+      "mlp": {
+        "up": {
+          "kernel": get(p + "mlp.c_fc.weight", (d, cfg.d_ff)),
+          "bias": get(p + "mlp.c_fc.bias", (cfg.d_ff,)),
+        },
+        "down": {
+          "kernel": get(p + "mlp.c_proj.weight", (cfg.d_ff, d)),
+          "bias": get(p + "mlp.c_proj.bias", (d,)),
+        },
+      },
+    }
   dtype = np.dtype(cfg.param_dtype)
   params = _map(lambda x: np.ascontiguousarray(x, dtype), params)
   return stack_layers(params, cfg.n_layer, np) if cfg.scan_layers else params
@@ -272,28 +322,36 @@ def from_params(params, cfg) -> dict[str, np.ndarray]:
     params = unstack_layers(params)
   p = _map(lambda x: np.asarray(x, np.float32), params)
   d = cfg.d_model
-  out = {"wte.weight": p["wte"]["embedding"][:cfg.vocab_size],
-         "wpe.weight": p["wpe"]["embedding"],
-         "ln_f.weight": p["ln_f"]["scale"], "ln_f.bias": p["ln_f"]["bias"]}
+  out = {
+    "wte.weight": p["wte"]["embedding"][: cfg.vocab_size],
+    "wpe.weight": p["wpe"]["embedding"],
+    "ln_f.weight": p["ln_f"]["scale"],
+    "ln_f.bias": p["ln_f"]["bias"],
+  }
   for i in range(cfg.n_layer):
     h, pre = p[f"h_{i}"], f"h.{i}."
     attn = h["attn"]
     out |= {
-        pre + "ln_1.weight": h["ln_1"]["scale"], pre + "ln_1.bias": h["ln_1"]["bias"],
-        pre + "ln_2.weight": h["ln_2"]["scale"], pre + "ln_2.bias": h["ln_2"]["bias"],
-        pre + "attn.c_attn.weight": np.concatenate(
-            [attn[k]["kernel"].reshape(d, d) for k in ("query", "key", "value")], axis=1),
-        pre + "attn.c_attn.bias": np.concatenate(
-            [attn[k]["bias"].reshape(d) for k in ("query", "key", "value")]),
-        pre + "attn.c_proj.weight": attn["out"]["kernel"].reshape(d, d),
-        pre + "attn.c_proj.bias": attn["out"]["bias"],
-        pre + "mlp.c_fc.weight": h["mlp"]["up"]["kernel"],
-        pre + "mlp.c_fc.bias": h["mlp"]["up"]["bias"],
-        pre + "mlp.c_proj.weight": h["mlp"]["down"]["kernel"],
-        pre + "mlp.c_proj.bias": h["mlp"]["down"]["bias"]}
+      pre + "ln_1.weight": h["ln_1"]["scale"],
+      pre + "ln_1.bias": h["ln_1"]["bias"],
+      pre + "ln_2.weight": h["ln_2"]["scale"],
+      pre + "ln_2.bias": h["ln_2"]["bias"],
+      pre + "attn.c_attn.weight": np.concatenate(
+        [attn[k]["kernel"].reshape(d, d) for k in ("query", "key", "value")], axis=1
+      ),
+      pre + "attn.c_attn.bias": np.concatenate(
+        [attn[k]["bias"].reshape(d) for k in ("query", "key", "value")]
+      ),
+      pre + "attn.c_proj.weight": attn["out"]["kernel"].reshape(d, d),
+      pre + "attn.c_proj.bias": attn["out"]["bias"],
+      pre + "mlp.c_fc.weight": h["mlp"]["up"]["kernel"],
+      pre + "mlp.c_fc.bias": h["mlp"]["up"]["bias"],
+      pre + "mlp.c_proj.weight": h["mlp"]["down"]["kernel"],
+      pre + "mlp.c_proj.bias": h["mlp"]["down"]["bias"],
+    }
   out = {_PREFIX + k: v for k, v in out.items()}
   if not cfg.tie_embeddings:
-    out[_HEAD] = p["lm_head"]["kernel"][:, :cfg.vocab_size].T
+    out[_HEAD] = p["lm_head"]["kernel"][:, : cfg.vocab_size].T
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -301,19 +359,32 @@ def save(params, cfg, out_dir: str, tokenizer=None) -> None:
   """Writes a GPT2LMHeadModel directory: config.json, model.safetensors (+ tokenizer.json
   when the tokenizer is a Hugging Face BPE)."""
   from safetensors.numpy import save_file
+
   tensors = from_params(params, cfg)  # a model GPT-2 cannot hold fails before any mkdir
   ensure_writable_dir(out_dir, "--export_dir")
   eot = tokenizer.eot_id if tokenizer is not None else cfg.vocab_size - 1
   config = {
-      "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-      "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.d_model,
-      "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-      "n_inner": None if cfg.d_ff == 4 * cfg.d_model else cfg.d_ff,
-      "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
-      "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attn_dropout,
-      "initializer_range": cfg.init_std, "bos_token_id": eot, "eos_token_id": eot,
-      "tie_word_embeddings": cfg.tie_embeddings, "scale_attn_weights": True, "use_cache": True,
-      "torch_dtype": "float32"}
+    "architectures": ["GPT2LMHeadModel"],
+    "model_type": "gpt2",
+    "vocab_size": cfg.vocab_size,
+    "n_positions": cfg.block_size,
+    "n_embd": cfg.d_model,
+    "n_layer": cfg.n_layer,
+    "n_head": cfg.n_head,
+    "n_inner": None if cfg.d_ff == 4 * cfg.d_model else cfg.d_ff,
+    "activation_function": "gelu_new",
+    "layer_norm_epsilon": cfg.norm_eps,
+    "resid_pdrop": cfg.dropout,
+    "embd_pdrop": cfg.dropout,
+    "attn_pdrop": cfg.attn_dropout,
+    "initializer_range": cfg.init_std,
+    "bos_token_id": eot,
+    "eos_token_id": eot,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "scale_attn_weights": True,
+    "use_cache": True,
+    "torch_dtype": "float32",
+  }
   save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
@@ -325,9 +396,13 @@ def save(params, cfg, out_dir: str, tokenizer=None) -> None:
 def export(workdir: str, out_dir: str | None = None) -> str:
   """--mode=export --export_format=hf: a run's newest params as a GPT2LMHeadModel directory."""
   from gptjax import sample
+
   model, params, tokenizer, where = sample.load(workdir)
   out_dir = out_dir or os.path.join(workdir, "export_hf")
   save(params, model.cfg, out_dir, tokenizer)
-  print(f"wrote {where} of {workdir} as a Hugging Face GPT-2 directory {out_dir} (load it with "
-        "transformers.GPT2LMHeadModel.from_pretrained)", flush=True)
+  print(
+    f"wrote {where} of {workdir} as a Hugging Face GPT-2 directory {out_dir} (load it with "
+    "transformers.GPT2LMHeadModel.from_pretrained)",
+    flush=True,
+  )
   return out_dir

@@ -19,8 +19,9 @@ from gptjax.model import GPTConfig, vocab_logits
 def cross_entropy(logits_BxTxV, targets_BxT, vocab_size: int, label_smoothing: float = 0.0):
   """Per-token loss in nats, float32, shape (B, T); padded vocab entries never count."""
   logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-  return _from_lse(logits_BxTxV, jax.nn.logsumexp(logits_BxTxV, axis=-1), targets_BxT,
-                   vocab_size, label_smoothing)
+  return _from_lse(
+    logits_BxTxV, jax.nn.logsumexp(logits_BxTxV, axis=-1), targets_BxT, vocab_size, label_smoothing
+  )
 
 
 def _from_lse(logits_BxTxV, lse_BxT, targets_BxT, vocab_size: int, label_smoothing: float):
@@ -33,8 +34,15 @@ def _from_lse(logits_BxTxV, lse_BxT, targets_BxT, vocab_size: int, label_smoothi
   return loss_BxT
 
 
-def fused_cross_entropy(x_BxTxD, w_VxD, targets_BxT, cfg: GPTConfig, chunk: int,
-                        label_smoothing: float = 0.0, weights_BxT=None):
+def fused_cross_entropy(
+  x_BxTxD,
+  w_VxD,
+  targets_BxT,
+  cfg: GPTConfig,
+  chunk: int,
+  label_smoothing: float = 0.0,
+  weights_BxT=None,
+):
   """Weighted mean next-token loss of logits x @ w.T, computed `chunk` positions at a time.
 
   x_BxTxD: final hidden states; w_VxD: output embedding (model(..., return_hidden=True)).
@@ -68,8 +76,9 @@ def _chunk_loss(cfg, label_smoothing, x_BxCxD, w_VxD, t_BxC, weights_BxC, with_g
   """Weighted loss sum of one chunk; with_grads adds d(sum)/dx (B, C, D) and d(sum)/dw (V, D)."""
   logits_BxCxV = vocab_logits(x_BxCxD, w_VxD, cfg, out_dtype=jnp.float32)
   lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-  loss = jnp.sum(weights_BxC * _from_lse(logits_BxCxV, lse_BxC, t_BxC, cfg.vocab_size,
-                                         label_smoothing))
+  loss = jnp.sum(
+    weights_BxC * _from_lse(logits_BxCxV, lse_BxC, t_BxC, cfg.vocab_size, label_smoothing)
+  )
   if not with_grads:
     return loss
   # d loss / d logits = softmax - (1 - ls) * onehot(target) - ls * uniform over real tokens;
@@ -82,10 +91,12 @@ def _chunk_loss(cfg, label_smoothing, x_BxCxD, w_VxD, t_BxC, weights_BxC, with_g
     dlogits_BxCxV -= label_smoothing / cfg.vocab_size * (jnp.arange(V) < cfg.vocab_size)
   dlogits_BxCxV = (weights_BxC[..., None] * dlogits_BxCxV).astype(cfg.dtype)
   dlogits_BxCxV = nn.with_logical_constraint(dlogits_BxCxV, ("batch", "length", "vocab"))
-  dx_BxCxD = jnp.einsum("bcv,vd->bcd", dlogits_BxCxV, w_VxD.astype(cfg.dtype),
-                        preferred_element_type=jnp.float32).astype(x_BxCxD.dtype)
-  dw_VxD = jnp.einsum("bcv,bcd->vd", dlogits_BxCxV, x_BxCxD.astype(cfg.dtype),
-                      preferred_element_type=jnp.float32)
+  dx_BxCxD = jnp.einsum(
+    "bcv,vd->bcd", dlogits_BxCxV, w_VxD.astype(cfg.dtype), preferred_element_type=jnp.float32
+  ).astype(x_BxCxD.dtype)
+  dw_VxD = jnp.einsum(
+    "bcv,bcd->vd", dlogits_BxCxV, x_BxCxD.astype(cfg.dtype), preferred_element_type=jnp.float32
+  )
   return loss, dx_BxCxD, dw_VxD
 
 
@@ -93,8 +104,9 @@ def _chunk_loss(cfg, label_smoothing, x_BxCxD, w_VxD, t_BxC, weights_BxC, with_g
 def _fused(cfg, chunk, label_smoothing, x_BxTxD, w_VxD, targets_BxT, weights_BxT):
   n = x_BxTxD.shape[1] // chunk
   losses = jax.lax.map(
-      lambda a: _chunk_loss(cfg, label_smoothing, a[0], w_VxD, a[1], a[2], with_grads=False),
-      (_by_chunk(x_BxTxD, n), _by_chunk(targets_BxT, n), _by_chunk(weights_BxT, n)))
+    lambda a: _chunk_loss(cfg, label_smoothing, a[0], w_VxD, a[1], a[2], with_grads=False),
+    (_by_chunk(x_BxTxD, n), _by_chunk(targets_BxT, n), _by_chunk(weights_BxT, n)),
+  )
   return jnp.sum(losses)
 
 
@@ -102,13 +114,16 @@ def _fused_fwd(cfg, chunk, label_smoothing, x_BxTxD, w_VxD, targets_BxT, weights
   n = x_BxTxD.shape[1] // chunk
 
   def step(dw_VxD, a):
-    loss, dx_BxCxD, dw_chunk = _chunk_loss(cfg, label_smoothing, a[0], w_VxD, a[1], a[2],
-                                           with_grads=True)
+    loss, dx_BxCxD, dw_chunk = _chunk_loss(
+      cfg, label_smoothing, a[0], w_VxD, a[1], a[2], with_grads=True
+    )
     return dw_VxD + dw_chunk, (loss, dx_BxCxD)
 
   dw_VxD, (losses, dx_NxBxCxD) = jax.lax.scan(
-      step, jnp.zeros(w_VxD.shape, jnp.float32),
-      (_by_chunk(x_BxTxD, n), _by_chunk(targets_BxT, n), _by_chunk(weights_BxT, n)))
+    step,
+    jnp.zeros(w_VxD.shape, jnp.float32),
+    (_by_chunk(x_BxTxD, n), _by_chunk(targets_BxT, n), _by_chunk(weights_BxT, n)),
+  )
   return jnp.sum(losses), (_unchunk(dx_NxBxCxD), dw_VxD.astype(w_VxD.dtype))
 
 

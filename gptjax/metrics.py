@@ -27,17 +27,17 @@ from gptjax.errors import UserError
 # Dense (no sparsity) bf16 peak TFLOP/s per device, from the vendors' data sheets. Matched
 # against jax's device_kind in order, first match wins (PCIe before plain H100).
 PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM5
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("TPU v4", 275.0),
-    ("TPU v5 lite", 197.0),  # v5e
-    ("TPU v5e", 197.0),
-    ("TPU v5p", 459.0),
-    ("TPU v5", 459.0),  # v5p reports itself as "TPU v5"
-    ("TPU v6 lite", 918.0),  # v6e (Trillium)
-    ("TPU v6e", 918.0),
+  ("H100 PCIe", 756.0),
+  ("H100", 989.0),  # SXM5
+  ("H200", 989.0),
+  ("A100", 312.0),
+  ("TPU v4", 275.0),
+  ("TPU v5 lite", 197.0),  # v5e
+  ("TPU v5e", 197.0),
+  ("TPU v5p", 459.0),
+  ("TPU v5", 459.0),  # v5p reports itself as "TPU v5"
+  ("TPU v6 lite", 918.0),  # v6e (Trillium)
+  ("TPU v6e", 918.0),
 )
 
 
@@ -61,8 +61,11 @@ def throughput(tokens_per_s: float, cfg, devices: int, device_kind: str) -> dict
   """Model TFLOP/s (all devices) and MFU (None without a known peak) at tokens_per_s."""
   tflops = tokens_per_s * flops_per_token(cfg) / 1e12
   peak = peak_tflops(device_kind)
-  return {"tflops": tflops, "tflops_per_device": tflops / devices,
-          "mfu": tflops / devices / peak if peak else None}
+  return {
+    "tflops": tflops,
+    "tflops_per_device": tflops / devices,
+    "mfu": tflops / devices / peak if peak else None,
+  }
 
 
 class MetricWriter:
@@ -75,12 +78,14 @@ class MetricWriter:
     self._jsonl = self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter  # light: no TensorFlow import
+
       path = os.path.join(workdir, "metrics.jsonl")
       if resume_step is not None:
         _truncate_jsonl(path, resume_step)
       self._jsonl = open(path, "a")
-      self._tb = SummaryWriter(logdir=workdir, flush_secs=30,
-                               purge_step=None if resume_step is None else resume_step + 1)
+      self._tb = SummaryWriter(
+        logdir=workdir, flush_secs=30, purge_step=None if resume_step is None else resume_step + 1
+      )
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -90,8 +95,9 @@ class MetricWriter:
       self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
       self._jsonl.flush()  # a killed run keeps every line it logged
     except OSError as e:
-      raise UserError(f"cannot write {self._jsonl.name} ({e.strerror}); free some space or "
-                      "use another --workdir") from None
+      raise UserError(
+        f"cannot write {self._jsonl.name} ({e.strerror}); free some space or use another --workdir"
+      ) from None
     for name, value in clean.items():
       if isinstance(value, (int, float)):
         self._tb.add_scalar(name, value, int(step))
@@ -126,13 +132,22 @@ def format_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def progress_line(step: int, total: int, loss: float, tokens_per_sec: float,
-                  eta_s: float, lr: float, mfu: float | None = None) -> str:
+def progress_line(
+  step: int,
+  total: int,
+  loss: float,
+  tokens_per_sec: float,
+  eta_s: float,
+  lr: float,
+  mfu: float | None = None,
+) -> str:
   width = len(str(total))
-  return (f"step {step:>{width}}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
-          f"{tokens_per_sec / 1e3:.1f}k tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None
-                                                    else "")
-          + f" | ETA {format_duration(eta_s)}")
+  return (
+    f"step {step:>{width}}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
+    f"{tokens_per_sec / 1e3:.1f}k tok/s"
+    + (f" | MFU {mfu:.1%}" if mfu is not None else "")
+    + f" | ETA {format_duration(eta_s)}"
+  )
 
 
 def _truncate_jsonl(path: str, step: int) -> None:

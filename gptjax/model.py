@@ -24,10 +24,10 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 #   dots_no_batch  the weight matmuls only; recompute attention scores and elementwise work
 #   full   only the block's input: recompute the whole block (least memory, ~+1/3 FLOPs)
 REMAT_POLICIES = {
-    "none": None,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
+  "none": None,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
 }
 
 
@@ -63,22 +63,41 @@ class GPTConfig:
     """From the `config.model` ConfigDict and the tokenizer's vocabulary size."""
     vocab = m.vocab_size or vocab_size
     if vocab < vocab_size:
-      raise UserError(f"config.model.vocab_size={vocab} is smaller than the tokenizer's "
-                      f"{vocab_size} ids; leave it unset or raise it")
-    d_ff = m.d_ff or (4 * m.d_model if m.activation == "gelu"
-                      else _round_up(8 * m.d_model // 3, 64))  # SwiGLU: ~same params as GELU
+      raise UserError(
+        f"config.model.vocab_size={vocab} is smaller than the tokenizer's "
+        f"{vocab_size} ids; leave it unset or raise it"
+      )
+    d_ff = m.d_ff or (
+      4 * m.d_model if m.activation == "gelu" else _round_up(8 * m.d_model // 3, 64)
+    )  # SwiGLU: ~same params as GELU
     dtype = m.dtype
     if dtype == "auto":
       dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return cls(
-        vocab_size=vocab, padded_vocab=_round_up(vocab, m.vocab_multiple), n_layer=m.n_layer,
-        n_head=m.n_head, d_model=m.d_model, d_ff=d_ff, block_size=m.block_size,
-        dropout=m.dropout, attn_dropout=m.attn_dropout, norm=m.norm, norm_eps=m.norm_eps,
-        positions=m.positions, rope_theta=m.rope_theta, activation=m.activation,
-        tie_embeddings=m.tie_embeddings, bias=m.bias, dtype=_DTYPES[dtype],
-        param_dtype=_DTYPES[m.param_dtype], attention=m.attention, init_std=m.init_std,
-        # .get: runs saved before these keys existed
-        remat=m.get("remat", "none"), scan_layers=m.get("scan_layers", False))
+      vocab_size=vocab,
+      padded_vocab=_round_up(vocab, m.vocab_multiple),
+      n_layer=m.n_layer,
+      n_head=m.n_head,
+      d_model=m.d_model,
+      d_ff=d_ff,
+      block_size=m.block_size,
+      dropout=m.dropout,
+      attn_dropout=m.attn_dropout,
+      norm=m.norm,
+      norm_eps=m.norm_eps,
+      positions=m.positions,
+      rope_theta=m.rope_theta,
+      activation=m.activation,
+      tie_embeddings=m.tie_embeddings,
+      bias=m.bias,
+      dtype=_DTYPES[dtype],
+      param_dtype=_DTYPES[m.param_dtype],
+      attention=m.attention,
+      init_std=m.init_std,
+      # .get: runs saved before these keys existed
+      remat=m.get("remat", "none"),
+      scan_layers=m.get("scan_layers", False),
+    )
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -88,12 +107,22 @@ def _round_up(n: int, multiple: int) -> int:
 def _norm(cfg: GPTConfig, name: str) -> nn.Module:
   scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
   if cfg.norm == "rmsnorm":
-    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                      scale_init=scale_init, name=name)
-  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=cfg.dtype,
-                      param_dtype=cfg.param_dtype, scale_init=scale_init,
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                      name=name)
+    return nn.RMSNorm(
+      epsilon=cfg.norm_eps,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      scale_init=scale_init,
+      name=name,
+    )
+  return nn.LayerNorm(
+    epsilon=cfg.norm_eps,
+    use_bias=cfg.bias,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    scale_init=scale_init,
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    name=name,
+  )
 
 
 class MLP(nn.Module):
@@ -104,8 +133,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD):
     cfg = self.cfg
-    dense = functools.partial(nn.Dense, use_bias=cfg.bias, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype)
+    dense = functools.partial(
+      nn.Dense, use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+    )
     up_init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "mlp"))
     up_bias = nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",))
     h_BxTxF = dense(cfg.d_ff, kernel_init=up_init, bias_init=up_bias, name="up")(x_BxTxD)
@@ -116,9 +146,12 @@ class MLP(nn.Module):
       h_BxTxF = nn.gelu(h_BxTxF, approximate=True)  # GPT-2's tanh GELU
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
     down_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
-    return dense(cfg.d_model, kernel_init=nn.with_logical_partitioning(down_init, ("mlp", "embed")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                 name="down")(h_BxTxF)
+    return dense(
+      cfg.d_model,
+      kernel_init=nn.with_logical_partitioning(down_init, ("mlp", "embed")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+      name="down",
+    )(h_BxTxF)
 
 
 class Block(nn.Module):
@@ -130,8 +163,9 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, positions_BxT, deterministic: bool, start_B=None):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout)
-    y = CausalSelfAttention(cfg, name="attn")(_norm(cfg, "ln_1")(x_BxTxD), positions_BxT,
-                                              deterministic, start_B)
+    y = CausalSelfAttention(cfg, name="attn")(
+      _norm(cfg, "ln_1")(x_BxTxD), positions_BxT, deterministic, start_B
+    )
     x_BxTxD = x_BxTxD + drop(y, deterministic=deterministic)
     y = MLP(cfg, name="mlp")(_norm(cfg, "ln_2")(x_BxTxD))
     x_BxTxD = x_BxTxD + drop(y, deterministic=deterministic)
@@ -150,20 +184,36 @@ class GPT(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT=None, deterministic: bool = True, start_B=None,
-               return_hidden: bool = False):
+  def __call__(
+    self,
+    tokens_BxT,
+    positions_BxT=None,
+    deterministic: bool = True,
+    start_B=None,
+    return_hidden: bool = False,
+  ):
     cfg = self.cfg
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     init = nn.initializers.normal(cfg.init_std)
-    wte = nn.Embed(cfg.padded_vocab, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                   embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
-                   name="wte")
+    wte = nn.Embed(
+      cfg.padded_vocab,
+      cfg.d_model,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
+      name="wte",
+    )
     x_BxTxD = _lookup(wte, tokens_BxT, cfg.dtype, ("vocab", None))
     if cfg.positions == "learned":
-      wpe = nn.Embed(cfg.block_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                     embedding_init=nn.with_logical_partitioning(init, (None, "embed")),
-                     name="wpe")
+      wpe = nn.Embed(
+        cfg.block_size,
+        cfg.d_model,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=nn.with_logical_partitioning(init, (None, "embed")),
+        name="wpe",
+      )
       x_BxTxD += _lookup(wpe, positions_BxT, cfg.dtype, (None, None))
     x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
@@ -179,9 +229,12 @@ class GPT(nn.Module):
         return blk(x_BxTxD, positions_BxT, deterministic, start_B), None
 
       x_BxTxD, _ = nn.scan(
-          body, variable_axes={"params": 0, "cache": 0},
-          split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
-          length=cfg.n_layer, metadata_params={nn.PARTITION_NAME: "layers"},
+        body,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=cfg.n_layer,
+        metadata_params={nn.PARTITION_NAME: "layers"},
       )(block(cfg, name="h"), x_BxTxD, positions_BxT, start_B)
     else:
       for i in range(cfg.n_layer):
@@ -201,17 +254,23 @@ class _Unembed(nn.Module):
 
   @nn.compact
   def __call__(self):
-    init = nn.with_logical_partitioning(nn.initializers.normal(self.cfg.init_std),
-                                        ("embed", "vocab"))
-    return self.param("kernel", init, (self.cfg.d_model, self.cfg.padded_vocab),
-                      self.cfg.param_dtype)
+    init = nn.with_logical_partitioning(
+      nn.initializers.normal(self.cfg.init_std), ("embed", "vocab")
+    )
+    return self.param(
+      "kernel", init, (self.cfg.d_model, self.cfg.padded_vocab), self.cfg.param_dtype
+    )
 
 
 def vocab_logits(x_BxTxD, w_VxD, cfg: GPTConfig, out_dtype=None):
   """Final hidden states (B, T, D) -> logits (B, T, padded_vocab), in the compute dtype unless
   out_dtype says otherwise; padding entries are masked so they are never predicted."""
-  logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD.astype(cfg.dtype), w_VxD.astype(cfg.dtype),
-                            preferred_element_type=out_dtype)
+  logits_BxTxV = jnp.einsum(
+    "btd,vd->btv",
+    x_BxTxD.astype(cfg.dtype),
+    w_VxD.astype(cfg.dtype),
+    preferred_element_type=out_dtype,
+  )
   logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
   if cfg.padded_vocab > cfg.vocab_size:  # padding rows exist for speed, never as predictions
     real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
@@ -223,14 +282,18 @@ def stack_layers(params, n_layer: int, xp=jnp) -> dict:
   """Per-layer params (h_0 ... h_{L-1}) -> the scan_layers layout (h, leading L axis).
 
   xp: the array module that stacks (numpy keeps host arrays on the host)."""
+
   def stack(*xs):  # boxed leaves (logical names) gain the leading "layers" name, as nn.scan's
     if isinstance(xs[0], nn.Partitioned):
       return xs[0].replace(value=xp.stack([x.value for x in xs]), names=("layers",) + xs[0].names)
     return xp.stack(xs)
 
   out = {k: v for k, v in params.items() if not k.startswith("h_")}
-  out["h"] = jax.tree.map(stack, *[params[f"h_{i}"] for i in range(n_layer)],
-                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  out["h"] = jax.tree.map(
+    stack,
+    *[params[f"h_{i}"] for i in range(n_layer)],
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
   return out
 
 
@@ -239,7 +302,7 @@ def unstack_layers(params) -> dict:
   out = {k: v for k, v in params.items() if k != "h"}
   n_layer = jax.tree.leaves(params["h"])[0].shape[0]
   for i in range(n_layer):
-    out[f"h_{i}"] = jax.tree.map(lambda x: x[i], params["h"])
+    out[f"h_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["h"])
   return out
 
 
@@ -268,8 +331,7 @@ def abstract_params(config):
 def count_params(params, exclude_embeddings: bool = False) -> int:
   """Number of parameters; optionally without the token/position embedding tables."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
-  return sum(int(x.size) for path, x in leaves
-             if not (exclude_embeddings and _is_embedding(path)))
+  return sum(int(x.size) for path, x in leaves if not (exclude_embeddings and _is_embedding(path)))
 
 
 def _is_embedding(path) -> bool:

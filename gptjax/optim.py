@@ -8,8 +8,12 @@ def schedule(o, num_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to lr over warmup_steps, cosine down to min_lr at decay_steps."""
   decay_steps = o.decay_steps or num_steps
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
-      decay_steps=max(decay_steps, o.warmup_steps + 1), end_value=o.min_lr)
+    init_value=0.0,
+    peak_value=o.lr,
+    warmup_steps=o.warmup_steps,
+    decay_steps=max(decay_steps, o.warmup_steps + 1),
+    end_value=o.min_lr,
+  )
 
 
 def decay_mask(params):
@@ -17,15 +21,25 @@ def decay_mask(params):
 
   By name, not rank: attention biases are 2-D (heads, kv) yet must not decay.
   """
+
   def is_kernel(path, _):  # the last dict key: boxed (nn.Partitioned) leaves add '.value'
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
     return keys[-1] == "kernel"
+
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def make(o, num_steps: int) -> optax.GradientTransformation:
   """The optimizer for `config.optim`; gradient accumulation happens in the train step."""
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  parts.append(optax.adamw(schedule(o, num_steps), b1=o.b1, b2=o.b2, eps=o.eps,
-                           weight_decay=o.weight_decay, mask=decay_mask))
+  parts.append(
+    optax.adamw(
+      schedule(o, num_steps),
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.eps,
+      weight_decay=o.weight_decay,
+      mask=decay_mask,
+    )
+  )
   return optax.chain(*parts)

@@ -40,19 +40,23 @@ def collect(root: str) -> list[dict]:
     speeds = sorted(m["tokens_per_sec"] for m in lines if "tokens_per_sec" in m)
     summary_path = os.path.join(root, name, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-    rows.append({
-        "variant": name, "overrides": overrides.get(name, {}),
+    rows.append(
+      {
+        "variant": name,
+        "overrides": overrides.get(name, {}),
         "params": summary.get("n_params"),
         "steps": max([s for s, _ in train + val], default=0),
         "finished": bool(summary) and not summary.get("preempted_at"),
         "final_loss": train[-1][1] if train else None,
         "final_val_loss": val[-1][1] if val else None,
         "best_val_loss": min(v for _, v in val) if val else None,
-        "tokens_per_sec": summary.get("tokens_per_sec") or (
-            speeds[len(speeds) // 2] if speeds else None),
-        "wall_s": summary.get("wall_s") or max(
-            [m.get("elapsed_s", 0) for m in lines], default=None),
-        "val_curve": val})
+        "tokens_per_sec": summary.get("tokens_per_sec")
+        or (speeds[len(speeds) // 2] if speeds else None),
+        "wall_s": summary.get("wall_s")
+        or max([m.get("elapsed_s", 0) for m in lines], default=None),
+        "val_curve": val,
+      }
+    )
   if not rows:
     raise UserError(f"no variant in {root} has a metrics.jsonl yet; run the sweep first")
   return rows
@@ -63,25 +67,31 @@ def _fmt(x, spec):
 
 
 def table(rows: list[dict]) -> str:
-  head = ("| variant | overrides | params | steps | final train loss | final val loss | "
-          "best val loss | tokens/s | wall time |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+  head = (
+    "| variant | overrides | params | steps | final train loss | final val loss | "
+    "best val loss | tokens/s | wall time |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+  )
   lines = [head]
   for r in rows:
     over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(base)"
     params = _fmt(r["params"] / 1e6, ".3f") + "M" if r["params"] else "-"
     steps = f"{r['steps']}" + ("" if r["finished"] else " (unfinished)")
     wall = _fmt(r["wall_s"], ".0f") + " s" if r["wall_s"] is not None else "-"
-    lines.append(f"| {r['variant']} | {over} | {params} | {steps} | "
-                 f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['final_val_loss'], '.4f')} | "
-                 f"{_fmt(r['best_val_loss'], '.4f')} | {_fmt(r['tokens_per_sec'], ',.0f')} | "
-                 f"{wall} |")
+    lines.append(
+      f"| {r['variant']} | {over} | {params} | {steps} | "
+      f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['final_val_loss'], '.4f')} | "
+      f"{_fmt(r['best_val_loss'], '.4f')} | {_fmt(r['tokens_per_sec'], ',.0f')} | "
+      f"{wall} |"
+    )
   return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")  # files only, no display
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(8, 5))
   for r in rows:
     if r["val_curve"]:
@@ -101,10 +111,15 @@ def report(root: str) -> str:
   rows = collect(root)
   text = table(rows)
   with open(os.path.join(root, "report.md"), "w") as f:
-    f.write(f"# Sweep {os.path.basename(os.path.normpath(root))}\n\n{text}\n\n"
-            "![validation loss](val_loss.png)\n")
-  plot(rows, os.path.join(root, "val_loss.png"),
-       f"validation loss: {os.path.basename(os.path.normpath(root))}")
+    f.write(
+      f"# Sweep {os.path.basename(os.path.normpath(root))}\n\n{text}\n\n"
+      "![validation loss](val_loss.png)\n"
+    )
+  plot(
+    rows,
+    os.path.join(root, "val_loss.png"),
+    f"validation loss: {os.path.basename(os.path.normpath(root))}",
+  )
   return text
 
 
@@ -117,8 +132,10 @@ def main() -> None:
   except UserError as e:
     print(f"gptjax.report: error: {e}", file=sys.stderr)
     sys.exit(1)
-  print(f"\nwrote {os.path.join(sys.argv[1], 'report.md')} and "
-        f"{os.path.join(sys.argv[1], 'val_loss.png')}")
+  print(
+    f"\nwrote {os.path.join(sys.argv[1], 'report.md')} and "
+    f"{os.path.join(sys.argv[1], 'val_loss.png')}"
+  )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ def rules(mc) -> tuple:
     axes = tuple(a.strip() for a in spec.split(",") if a.strip())
     for a in axes:
       if a not in AXES:
-        raise UserError(f"config.mesh.rules.{name}={spec!r} names mesh axis {a!r}; mesh axes "
-                        f"are {', '.join(AXES)} (comma-separated, '' for replicated)")
+        raise UserError(
+          f"config.mesh.rules.{name}={spec!r} names mesh axis {a!r}; mesh axes "
+          f"are {', '.join(AXES)} (comma-separated, '' for replicated)"
+        )
     out.append((name, axes if len(axes) > 1 else (axes[0] if axes else None)))
   return tuple(out)
 
@@ -63,8 +65,10 @@ def make_mesh(mc, devices=None) -> Mesh:
   dcn = [int(mc.dcn_shape[a]) for a in AXES]
   ici = [int(mc.shape[a]) for a in AXES]
   if any(n < 1 for n in dcn) or any(n < 1 and n != -1 for n in ici) or ici.count(-1) > 1:
-    raise UserError(f"config.mesh.shape={_fmt(AXES, ici)} / dcn_shape={_fmt(AXES, dcn)}: sizes "
-                    "must be positive, with at most one -1 (fill) in mesh.shape")
+    raise UserError(
+      f"config.mesh.shape={_fmt(AXES, ici)} / dcn_shape={_fmt(AXES, dcn)}: sizes "
+      "must be positive, with at most one -1 (fill) in mesh.shape"
+    )
   fixed = math.prod(n for n in ici if n != -1) * math.prod(dcn)
   if -1 in ici and len(devices) % fixed == 0:
     ici[ici.index(-1)] = len(devices) // fixed
@@ -72,19 +76,21 @@ def make_mesh(mc, devices=None) -> Mesh:
     sizes = [-1 if i == -1 else i * d for i, d in zip(ici, dcn)]
     need = f"a multiple of {fixed}" if -1 in ici else str(fixed)
     raise UserError(
-        f"the mesh {_fmt(AXES, sizes)} needs {need} devices but {len(devices)} "
-        f"{devices[0].platform} device(s) are available; set --config.mesh.shape.AXIS so the "
-        "sizes multiply to the device count (one axis may be -1 to fill)")
+      f"the mesh {_fmt(AXES, sizes)} needs {need} devices but {len(devices)} "
+      f"{devices[0].platform} device(s) are available; set --config.mesh.shape.AXIS so the "
+      "sizes multiply to the device count (one axis may be -1 to fill)"
+    )
   if math.prod(dcn) > 1:
     # TPU multi-slice: the granules are slices; otherwise (GPU or CPU hosts) processes.
     granule = len({getattr(d, "slice_index", 0) for d in devices}) == 1
     try:
-      grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
-                                                  process_is_granule=granule)
+      grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=granule)
     except ValueError as e:
-      raise UserError(f"config.mesh.dcn_shape={_fmt(AXES, dcn)} does not fit the "
-                      f"{'processes' if granule else 'slices'} ({e}); its product must be the "
-                      f"number of {'processes' if granule else 'slices'}") from None
+      raise UserError(
+        f"config.mesh.dcn_shape={_fmt(AXES, dcn)} does not fit the "
+        f"{'processes' if granule else 'slices'} ({e}); its product must be the "
+        f"number of {'processes' if granule else 'slices'}"
+      ) from None
   else:
     grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
   return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
@@ -113,7 +119,8 @@ def tree_shardings(boxed_tree, mesh: Mesh, logical_rules):
 def check_divisible(boxed_params, mesh: Mesh, logical_rules) -> None:
   """Raises UserError naming the first parameter dimension its mesh axes do not divide."""
   leaves = jax.tree_util.tree_leaves_with_path(
-      boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  )
   for path, leaf in leaves:
     if not isinstance(leaf, nn.Partitioned):
       continue
@@ -123,16 +130,20 @@ def check_divisible(boxed_params, mesh: Mesh, logical_rules) -> None:
       ways = math.prod(mesh.shape[a] for a in axes)
       if size % ways:
         raise UserError(
-            f"parameter {param_name(path)} has {logical} dimension {dim} of size {size}, which the mesh "
-            f"axes {'x'.join(axes)}={ways} do not divide; change the model size or "
-            f"--config.mesh.shape, or map {logical} elsewhere with --config.mesh.rules."
-            f"{logical}")
+          f"parameter {param_name(path)} has {logical} dimension {dim} of size {size}, which the mesh "
+          f"axes {'x'.join(axes)}={ways} do not divide; change the model size or "
+          f"--config.mesh.shape, or map {logical} elsewhere with --config.mesh.rules."
+          f"{logical}"
+        )
 
 
 def param_name(path) -> str:
   """'h_0/mlp/up/kernel' for a pytree path (boxed leaves' '.value' left out)."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path
-                  if getattr(k, "name", None) != "value")
+  return "/".join(
+    str(getattr(k, "key", getattr(k, "name", k)))
+    for k in path
+    if getattr(k, "name", None) != "value"
+  )
 
 
 def batch_sharding(mesh: Mesh, logical_rules) -> NamedSharding:
@@ -153,11 +164,16 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh, logical_rules) -> 
   dp = data_parallel_size(mesh, logical_rules)
   micro = batch_size // grad_accum
   if micro % dp:
-    what = (f"config.train.batch_size={batch_size}" if grad_accum == 1 else
-            f"the microbatch (batch_size={batch_size} / grad_accum={grad_accum} = {micro})")
-    raise UserError(f"{what} is not divisible by the data-parallel size {dp} (the mesh axes "
-                    f"that split the batch: {_dp_axes(mesh, logical_rules)}); make it a "
-                    f"multiple of {dp} or change --config.mesh.shape")
+    what = (
+      f"config.train.batch_size={batch_size}"
+      if grad_accum == 1
+      else f"the microbatch (batch_size={batch_size} / grad_accum={grad_accum} = {micro})"
+    )
+    raise UserError(
+      f"{what} is not divisible by the data-parallel size {dp} (the mesh axes "
+      f"that split the batch: {_dp_axes(mesh, logical_rules)}); make it a "
+      f"multiple of {dp} or change --config.mesh.shape"
+    )
 
 
 def _dp_axes(mesh, logical_rules) -> str:
@@ -173,9 +189,11 @@ def process_rows(sharding: NamedSharding, global_shape) -> slice:
   spans = sorted(spans)
   lo, hi = spans[0][0], spans[-1][1]
   if sum(b - a for a, b in spans) != hi - lo:  # only contiguous shares can be assembled
-    raise UserError(f"this process's batch rows {spans} are not contiguous: split the batch "
-                    "across hosts with --config.mesh.dcn_shape.data and within a host with "
-                    "mesh.shape (keep dcn_shape.fsdp=1 and rules.batch=data,fsdp)")
+    raise UserError(
+      f"this process's batch rows {spans} are not contiguous: split the batch "
+      "across hosts with --config.mesh.dcn_shape.data and within a host with "
+      "mesh.shape (keep dcn_shape.fsdp=1 and rules.batch=data,fsdp)"
+    )
   return slice(lo, hi)
 
 
@@ -194,8 +212,10 @@ def per_device_bytes(abstract_tree, shardings) -> int:
 
 def memory_report(abstract_state, state_shardings, compiled) -> dict:
   """Per-device bytes: parameters, optimizer state, and the compiled step's temporaries."""
-  report = {"params": per_device_bytes(abstract_state.params, state_shardings.params),
-            "opt_state": per_device_bytes(abstract_state.opt_state, state_shardings.opt_state)}
+  report = {
+    "params": per_device_bytes(abstract_state.params, state_shardings.params),
+    "opt_state": per_device_bytes(abstract_state.opt_state, state_shardings.opt_state),
+  }
   try:
     stats = compiled.memory_analysis()
   except Exception:  # not every backend implements it
@@ -206,8 +226,9 @@ def memory_report(abstract_state, state_shardings, compiled) -> dict:
     report["outputs"] = int(stats.output_size_in_bytes)
     report["aliased"] = int(stats.alias_size_in_bytes)
     # Donated state aliases the outputs, so the peak is arguments + temporaries + new outputs.
-    report["peak_estimate"] = (report["arguments"] + report["temp"] + report["outputs"]
-                               - report["aliased"])
+    report["peak_estimate"] = (
+      report["arguments"] + report["temp"] + report["outputs"] - report["aliased"]
+    )
   return report
 
 
@@ -239,9 +260,10 @@ def check_fits(report: dict) -> None:
   peak = report.get("peak_estimate")
   if limit and peak and peak > limit:
     raise UserError(
-        f"the train step needs ~{format_bytes(peak)} per device but a device has "
-        f"{format_bytes(limit)} ({source}); raise --config.optim.grad_accum, shard over more "
-        "devices (--config.mesh.shape.fsdp), or shorten --config.model.block_size")
+      f"the train step needs ~{format_bytes(peak)} per device but a device has "
+      f"{format_bytes(limit)} ({source}); raise --config.optim.grad_accum, shard over more "
+      "devices (--config.mesh.shape.fsdp), or shorten --config.model.block_size"
+    )
 
 
 def format_bytes(n: int) -> str:
@@ -262,8 +284,13 @@ XLA_GPU_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
 # the matmuls only; XLA's own loops do reductions and elementwise work, which YNNPACK ran
 # slower (tiny Shakespeare :cpu, 2 cores: 68-76 -> 54-59 ms/step).
 XLA_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
-_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                        "jax_rocm7_plugin", "libtpu")
+_ACCELERATOR_PLUGINS = (
+  "jax_cuda12_plugin",
+  "jax_cuda13_plugin",
+  "jax_rocm60_plugin",
+  "jax_rocm7_plugin",
+  "libtpu",
+)
 
 
 def cpu_only() -> bool:
@@ -272,6 +299,7 @@ def cpu_only() -> bool:
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
   import importlib.util
+
   return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
 
 
@@ -291,6 +319,7 @@ def set_xla_flags(cpu_devices: int = 0) -> None:
   data axis then runs one batch shard per core), unless XLA_FLAGS already sets a count.
   """
   import jaxlib.version
+
   flags = list(XLA_GPU_FLAGS)
   current = os.environ.get("XLA_FLAGS", "")
   count = re.search(r"--xla_force_host_platform_device_count=(\d+)", current)
@@ -327,8 +356,9 @@ def use_compilation_cache(directory: str | None) -> None:
 def start(config) -> Mesh:
   """XLA flags, the processes of a multi-host job, the mesh and the compilation cache, in the
   order JAX needs them (flags before the backend starts, the cache before compiling)."""
-  set_xla_flags(cpu_device_count(config.cpu_devices,
-                                 config.train.batch_size // config.optim.grad_accum))
+  set_xla_flags(
+    cpu_device_count(config.cpu_devices, config.train.batch_size // config.optim.grad_accum)
+  )
   initialize_distributed(config.distributed)
   watch_peers(config.distributed.heartbeat_timeout_s / 2)
   mesh = make_mesh(config.mesh)
@@ -357,14 +387,21 @@ def initialize_distributed(dc) -> None:
   if dc.coordinator_address:
     missing = [k for k in ("num_processes", "process_id") if dc[k] is None]
     if missing:
-      raise UserError(f"config.distributed.coordinator_address is set but "
-                      f"{', '.join('config.distributed.' + k for k in missing)} is not; pass "
-                      "all three (the same address and count on every process)")
+      raise UserError(
+        f"config.distributed.coordinator_address is set but "
+        f"{', '.join('config.distributed.' + k for k in missing)} is not; pass "
+        "all three (the same address and count on every process)"
+      )
     if not 0 <= dc.process_id < dc.num_processes:
-      raise UserError(f"config.distributed.process_id={dc.process_id} must be in "
-                      f"[0, num_processes={dc.num_processes})")
-    kwargs = dict(coordinator_address=dc.coordinator_address,
-                  num_processes=dc.num_processes, process_id=dc.process_id)
+      raise UserError(
+        f"config.distributed.process_id={dc.process_id} must be in "
+        f"[0, num_processes={dc.num_processes})"
+      )
+    kwargs = dict(
+      coordinator_address=dc.coordinator_address,
+      num_processes=dc.num_processes,
+      process_id=dc.process_id,
+    )
     where = f"the coordinator at {dc.coordinator_address}"
   elif dc.auto and (cluster := _detected_cluster()):
     kwargs, where = {}, f"the {cluster} job's coordinator"
@@ -374,11 +411,18 @@ def initialize_distributed(dc) -> None:
     raise UserError(f"config.distributed.timeout_s={dc.timeout_s} must be above 0")
 
   def give_up():
-    role = ("waiting for all processes to join" if kwargs.get("process_id") == 0
-            else "could not reach " + where)
-    print(f"gptjax: error: {role} within {dc.timeout_s}s; start every process with the same "
-          "coordinator_address and num_processes (process 0 on that host), check the port is "
-          "open, or raise --config.distributed.timeout_s", file=sys.stderr, flush=True)
+    role = (
+      "waiting for all processes to join"
+      if kwargs.get("process_id") == 0
+      else "could not reach " + where
+    )
+    print(
+      f"gptjax: error: {role} within {dc.timeout_s}s; start every process with the same "
+      "coordinator_address and num_processes (process 0 on that host), check the port is "
+      "open, or raise --config.distributed.timeout_s",
+      file=sys.stderr,
+      flush=True,
+    )
     os._exit(1)
 
   try:
@@ -386,18 +430,24 @@ def initialize_distributed(dc) -> None:
   except Exception:  # the option may be gone in a later JAX; gloo is its default
     pass
   if dc.heartbeat_timeout_s <= 0:
-    raise UserError(f"config.distributed.heartbeat_timeout_s={dc.heartbeat_timeout_s} must be "
-                    "above 0")
+    raise UserError(
+      f"config.distributed.heartbeat_timeout_s={dc.heartbeat_timeout_s} must be above 0"
+    )
   watchdog = threading.Timer(dc.timeout_s, give_up)
   watchdog.daemon = True
   watchdog.start()
   try:
     # JAX's own deadline is later: our watchdog fires first with a readable message.
-    jax.distributed.initialize(**kwargs, initialization_timeout=int(dc.timeout_s) + 30,
-                               heartbeat_timeout_seconds=int(dc.heartbeat_timeout_s))
+    jax.distributed.initialize(
+      **kwargs,
+      initialization_timeout=int(dc.timeout_s) + 30,
+      heartbeat_timeout_seconds=int(dc.heartbeat_timeout_s),
+    )
   except (RuntimeError, ValueError) as e:  # a malformed address, a port already taken, ...
-    raise UserError(f"cannot join {where}: {' '.join(str(e).split())[:200]}; check "
-                    "config.distributed.coordinator_address (host:port)") from None
+    raise UserError(
+      f"cannot join {where}: {' '.join(str(e).split())[:200]}; check "
+      "config.distributed.coordinator_address (host:port)"
+    ) from None
   finally:
     watchdog.cancel()
 
@@ -405,8 +455,9 @@ def initialize_distributed(dc) -> None:
 # --- A process of a multi-process run dies ------------------------------------------------
 
 # What rerunning does (the training loop sets it to name its newest checkpoint).
-resume_hint = lambda: "rerunning the same command on every process resumes from the newest " \
-    "checkpoint"  # noqa: E731
+resume_hint = lambda: (
+  "rerunning the same command on every process resumes from the newest checkpoint"
+)  # noqa: E731
 
 
 def exit_lost_peer(who: str, reason: str) -> None:
@@ -414,8 +465,12 @@ def exit_lost_peer(who: str, reason: str) -> None:
   dead peer (its heartbeat timeout) and abort with a stack dump, and no checkpoint can be
   saved without every process."""
   me, n = jax.process_index(), jax.process_count()
-  print(f"gptjax: error: process {me}: {who} of this {n}-process run stopped responding "
-        f"({reason}); this process stops too; {resume_hint()}", file=sys.stderr, flush=True)
+  print(
+    f"gptjax: error: process {me}: {who} of this {n}-process run stopped responding "
+    f"({reason}); this process stops too; {resume_hint()}",
+    file=sys.stderr,
+    flush=True,
+  )
   sys.stdout.flush()
   os._exit(1)
 
@@ -431,6 +486,7 @@ def watch_peers(timeout_s: float) -> None:
   aborts at once.)
   """
   from jax._src import distributed
+
   client, me, n = distributed.global_state.client, jax.process_index(), jax.process_count()
   if client is None or n < 2:
     return

@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gptjax import config as config_lib
-from gptjax.errors import UserError, flags_parser, ensure_writable_dir
+from gptjax.errors import UserError, ensure_writable_dir, flags_parser
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+,-]*$")
 
@@ -42,20 +42,24 @@ def product(axes: dict) -> dict:
 def load_sweep(spec: str) -> dict:
   """'experiments/X.py[:ARG]' -> its get_sweep(ARG), checked."""
   import importlib.util
+
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("_gptjax_sweep_experiment", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
-    raise UserError(f"{path} declares no sweep; add get_sweep() returning "
-                    "{variant name: {config key: value}} (see gptjax/sweep.py)")
+    raise UserError(
+      f"{path} declares no sweep; add get_sweep() returning "
+      "{variant name: {config key: value}} (see gptjax/sweep.py)"
+    )
   variants = module.get_sweep(arg) if arg else module.get_sweep()
   if not variants:
     raise UserError(f"{path}'s get_sweep() returned no variants")
   for name in variants:
     if not _NAME.match(name):
-      raise UserError(f"variant name {name!r} is not a safe directory name; use letters, "
-                      "digits and _ . = + , -")
+      raise UserError(
+        f"variant name {name!r} is not a safe directory name; use letters, digits and _ . = + , -"
+      )
   return variants
 
 
@@ -88,8 +92,15 @@ def variant_config(base, name: str, overrides: dict):
 
 
 def command(spec: str, workdir: str, common: list[str], overrides: dict) -> list[str]:
-  return [sys.executable, "-m", "gptjax.main", f"--config={spec}", f"--workdir={workdir}",
-          *common, *(f"--config.{k}={_value(v)}" for k, v in overrides.items())]
+  return [
+    sys.executable,
+    "-m",
+    "gptjax.main",
+    f"--config={spec}",
+    f"--workdir={workdir}",
+    *common,
+    *(f"--config.{k}={_value(v)}" for k, v in overrides.items()),
+  ]
 
 
 def finished(workdir: str, num_steps: int) -> bool:
@@ -101,8 +112,15 @@ def finished(workdir: str, num_steps: int) -> bool:
   return summary.get("steps", 0) >= num_steps and not summary.get("preempted_at")
 
 
-def run(spec: str, base, root: str, common: list[str], only: str | None = None,
-        print_commands: bool = False, say=print) -> dict:
+def run(
+  spec: str,
+  base,
+  root: str,
+  common: list[str],
+  only: str | None = None,
+  print_commands: bool = False,
+  say=print,
+) -> dict:
   """Runs (or prints) every variant; returns {variant: 'finished'|'skipped'|'failed: ...'}."""
   variants = load_sweep(spec)
   if only is not None:
@@ -113,8 +131,11 @@ def run(spec: str, base, root: str, common: list[str], only: str | None = None,
   record = os.path.join(root, "sweep.json")
   previous = json.load(open(record)) if os.path.exists(record) else {}
   with open(record, "w") as f:  # what report.py reads: the overrides of every variant
-    json.dump({"config": spec, "common": common,
-               "variants": {**previous.get("variants", {}), **variants}}, f, indent=2)
+    json.dump(
+      {"config": spec, "common": common, "variants": {**previous.get("variants", {}), **variants}},
+      f,
+      indent=2,
+    )
   status = {}
   for name, overrides in variants.items():
     workdir = os.path.join(root, name)
@@ -155,8 +176,9 @@ def _split_argv(argv):
 
 def _define_flags() -> None:
   """Only when run as a program: experiment files import this module for product()."""
-  config_flags.DEFINE_config_file("config", None, "Experiment file with get_sweep().",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config", None, "Experiment file with get_sweep().", lock_config=True
+  )
   flags.DEFINE_string("workdir", None, "The sweep's directory (a subdirectory per variant).")
   flags.DEFINE_string("variant", None, "Run only this variant.")
   flags.DEFINE_bool("print_commands", False, "Print the launch commands, run nothing.")
@@ -167,22 +189,25 @@ def main(argv) -> None:
   try:
     if len(argv) > 1:
       raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
-    spec = next((a[len("--config="):] for a in sys.argv if a.startswith("--config=")), None)
+    spec = next((a[len("--config=") :] for a in sys.argv if a.startswith("--config=")), None)
     if not spec or not f.workdir:
-      raise UserError("usage: python -m gptjax.sweep --config=experiments/X.py[:ARG] "
-                      "--workdir=DIR [--variant=NAME] [--print_commands]")
+      raise UserError(
+        "usage: python -m gptjax.sweep --config=experiments/X.py[:ARG] "
+        "--workdir=DIR [--variant=NAME] [--print_commands]"
+      )
     if not os.path.isfile(spec.partition(":")[0]):
       raise UserError(f"experiment file {spec.partition(':')[0]!r} not found")
-    status = run(spec, f.config, f.workdir, _split_argv(sys.argv), f.variant,
-                 f.print_commands)
+    status = run(spec, f.config, f.workdir, _split_argv(sys.argv), f.variant, f.print_commands)
   except UserError as e:
     print(f"gptjax.sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(1)
   if status:
     failed = [n for n, s in status.items() if s.startswith("failed")]
-    print(f"sweep: {len(status) - len(failed)} of {len(status)} variants done"
-          + (f"; failed: {', '.join(failed)}" if failed else "")
-          + f". Compare them: python -m gptjax.report {f.workdir}")
+    print(
+      f"sweep: {len(status) - len(failed)} of {len(status)} variants done"
+      + (f"; failed: {', '.join(failed)}" if failed else "")
+      + f". Compare them: python -m gptjax.report {f.workdir}"
+    )
     sys.exit(1 if failed else 0)
 
 

@@ -24,15 +24,17 @@ from gptjax.errors import UserError
 EOT = "<|endoftext|>"
 
 
-
 class UnknownCharacter(UserError):
   """Text with a character the vocabulary lacks. `fix` suits training data; callers that
   encode something else (a prompt, a chat message) say their own fix with `problem`."""
 
   def __init__(self, char: str, vocabulary: str, fix: str):
-    self.char, self.problem = char, f"character {char!r} (U+{ord(char):04X}) is not in the " \
-        f"{vocabulary}"
+    self.char, self.problem = (
+      char,
+      f"character {char!r} (U+{ord(char):04X}) is not in the {vocabulary}",
+    )
     super().__init__(f"{self.problem}; {fix}")
+
 
 class Tokenizer(abc.ABC):
   """Maps text to ids and back. `eot_id` separates documents (GPT-2 style)."""
@@ -82,8 +84,11 @@ class CharTokenizer(Tokenizer):
     try:
       return np.fromiter(map(self._stoi.__getitem__, text), np.int32, count=len(text))
     except KeyError as e:
-      raise UnknownCharacter(e.args[0], "char vocabulary built from the training text",
-                             "remove it or use --config.data.tokenizer=byte") from None
+      raise UnknownCharacter(
+        e.args[0],
+        "char vocabulary built from the training text",
+        "remove it or use --config.data.tokenizer=byte",
+      ) from None
 
   def decode(self, ids):
     return "".join(self.chars[i] if i < self.eot_id else EOT for i in np.asarray(ids).tolist())
@@ -130,12 +135,15 @@ class BPETokenizer(Tokenizer):
       self.vocab_size, self.eot_id = self._tt.n_vocab, self._tt.eot_token
       return
     import tokenizers as hf_tokenizers
+
     self._hf = hf_tokenizers.Tokenizer.from_str(hf_json)
     self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
     self.eot_id = self._hf.token_to_id(EOT)
     if self.eot_id is None:
-      raise UserError(f"the BPE vocabulary has no {EOT} token; use GPT-2's files or train "
-                      "one with python -m gptjax.tokenize train --kind=bpe")
+      raise UserError(
+        f"the BPE vocabulary has no {EOT} token; use GPT-2's files or train "
+        "one with python -m gptjax.tokenize train --kind=bpe"
+      )
 
   @classmethod
   def from_path(cls, path: str) -> "BPETokenizer":
@@ -148,21 +156,25 @@ class BPETokenizer(Tokenizer):
         return cls(hf_json=f.read())
     if os.path.isfile(vocab) and os.path.isfile(merges):
       from tokenizers import ByteLevelBPETokenizer
+
       bpe = ByteLevelBPETokenizer(vocab, merges)  # GPT-2's pre-tokenizer and decoder
       if bpe.token_to_id(EOT) is not None:
         bpe.add_special_tokens([EOT])  # keeps its id; "<|endoftext|>" in text maps to it
       return cls(hf_json=bpe.to_str())
-    raise UserError(f"no BPE tokenizer files at {path!r}: pass --config.data.tokenizer_path="
-                    "a tokenizer.json, or a directory with tokenizer.json or vocab.json + "
-                    "merges.txt")
+    raise UserError(
+      f"no BPE tokenizer files at {path!r}: pass --config.data.tokenizer_path="
+      "a tokenizer.json, or a directory with tokenizer.json or vocab.json + "
+      "merges.txt"
+    )
 
   def encode(self, text):
     return self.encode_batch([text])[0]
 
   def encode_batch(self, texts):
     if self.tiktoken_name:
-      return [np.asarray(ids, np.int32)
-              for ids in self._tt.encode_batch(texts, allowed_special="all")]
+      return [
+        np.asarray(ids, np.int32) for ids in self._tt.encode_batch(texts, allowed_special="all")
+      ]
     return [np.asarray(e.ids, np.int32) for e in self._hf.encode_batch(texts)]
 
   def decode(self, ids):
@@ -179,13 +191,16 @@ class BPETokenizer(Tokenizer):
 
 def _tiktoken(name: str):
   import tiktoken
+
   try:
     return tiktoken.get_encoding(name)
   except Exception as e:  # offline, no cached files: tiktoken's own error is a long traceback
     reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-    raise UserError(f"cannot load tiktoken's {name!r} BPE files ({reason}); offline, pass "
-                    "--config.data.tokenizer_path=DIR holding GPT-2's tokenizer.json or "
-                    "vocab.json + merges.txt") from None
+    raise UserError(
+      f"cannot load tiktoken's {name!r} BPE files ({reason}); offline, pass "
+      "--config.data.tokenizer_path=DIR holding GPT-2's tokenizer.json or "
+      "vocab.json + merges.txt"
+    ) from None
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -195,18 +210,23 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, model_proto: bytes, source: str = "the SentencePiece model"):
     import sentencepiece as spm
+
     self.model_proto = model_proto
     try:
       self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     except Exception as e:
-      raise UserError(f"{source} is not a SentencePiece model ({e}); train one with "
-                      "python -m gptjax.tokenize train --kind=sentencepiece") from None
+      raise UserError(
+        f"{source} is not a SentencePiece model ({e}); train one with "
+        "python -m gptjax.tokenize train --kind=sentencepiece"
+      ) from None
     self.vocab_size = self._sp.get_piece_size()
     self.eot_id = self._sp.piece_to_id(EOT)
     self._bytes = self._sp.piece_to_id("<0x00>") != self._sp.unk_id()  # byte fallback
     if self.eot_id == self._sp.unk_id():
-      raise UserError(f"{source} has no {EOT} piece; train it with python -m "
-                      "gptjax.tokenize train (or add the piece as a user-defined symbol)")
+      raise UserError(
+        f"{source} has no {EOT} piece; train it with python -m "
+        "gptjax.tokenize train (or add the piece as a user-defined symbol)"
+      )
 
   @classmethod
   def from_file(cls, path: str) -> "SentencePieceTokenizer":
@@ -214,9 +234,11 @@ class SentencePieceTokenizer(Tokenizer):
       with open(os.path.expanduser(path), "rb") as f:
         return cls(f.read(), source=path)
     except FileNotFoundError:
-      raise UserError(f"SentencePiece model {path!r} not found; train one with python -m "
-                      "gptjax.tokenize train --kind=sentencepiece, or fix "
-                      "--config.data.tokenizer_path") from None
+      raise UserError(
+        f"SentencePiece model {path!r} not found; train one with python -m "
+        "gptjax.tokenize train --kind=sentencepiece, or fix "
+        "--config.data.tokenizer_path"
+      ) from None
 
   @classmethod
   def train(cls, texts, vocab_size: int, model_type: str = "bpe") -> "SentencePieceTokenizer":
@@ -226,17 +248,32 @@ class SentencePieceTokenizer(Tokenizer):
     its own, and byte fallback so any string encodes.
     """
     import io
+
     import sentencepiece as spm
+
     lines = (line for text in texts for line in text.split("\n") if line)
     model = io.BytesIO()
     try:
       spm.SentencePieceTrainer.train(
-          sentence_iterator=lines, model_writer=model, vocab_size=vocab_size,
-          model_type=model_type, user_defined_symbols=[EOT, "\n"], byte_fallback=True,
-          normalization_rule_name="identity", remove_extra_whitespaces=False,
-          allow_whitespace_only_pieces=True, split_digits=True, character_coverage=0.9999,
-          input_sentence_size=2_000_000, shuffle_input_sentence=True, bos_id=-1, eos_id=-1,
-          unk_id=0, num_threads=os.cpu_count() or 1, minloglevel=2)
+        sentence_iterator=lines,
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        user_defined_symbols=[EOT, "\n"],
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        character_coverage=0.9999,
+        input_sentence_size=2_000_000,
+        shuffle_input_sentence=True,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=0,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+      )
     except RuntimeError as e:
       raise UserError(f"SentencePiece training failed: {str(e).split('] ')[-1]}") from None
     return cls(model.getvalue())
@@ -251,9 +288,11 @@ class SentencePieceTokenizer(Tokenizer):
         if (ids == self._sp.unk_id()).any():
           pieces = self._sp.encode(text, out_type="immutable_proto").pieces
           ch = next(p.surface for p in pieces if p.id == self._sp.unk_id())[:1]
-          raise UnknownCharacter(ch, "SentencePiece vocabulary (trained without byte "
-                                 "fallback)", "remove it or train with python -m "
-                                 "gptjax.tokenize train")
+          raise UnknownCharacter(
+            ch,
+            "SentencePiece vocabulary (trained without byte fallback)",
+            "remove it or train with python -m gptjax.tokenize train",
+          )
     return out
 
   def decode(self, ids):
@@ -290,9 +329,11 @@ def build(kind: str, path: str | None, train_texts) -> Tokenizer:
     return BPETokenizer.from_path(path) if path else BPETokenizer(tiktoken_name="gpt2")
   if kind == "sentencepiece":
     if not path:
-      raise UserError("data.tokenizer='sentencepiece' needs --config.data.tokenizer_path="
-                      "MODEL; make one with python -m gptjax.tokenize train "
-                      "--kind=sentencepiece")
+      raise UserError(
+        "data.tokenizer='sentencepiece' needs --config.data.tokenizer_path="
+        "MODEL; make one with python -m gptjax.tokenize train "
+        "--kind=sentencepiece"
+      )
     return SentencePieceTokenizer.from_file(path)
   raise UserError(f"unknown tokenizer {kind!r}; use one of {', '.join(KINDS)}")
 
@@ -311,5 +352,6 @@ def load(path: str) -> Tokenizer:
   except FileNotFoundError:
     raise UserError(f"tokenizer file {path} not found; train in this workdir first") from None
   except json.JSONDecodeError as e:
-    raise UserError(f"tokenizer file {path} is not valid JSON ({e}); delete it to rebuild")\
-        from None
+    raise UserError(
+      f"tokenizer file {path} is not valid JSON ({e}); delete it to rebuild"
+    ) from None

@@ -19,12 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax import checkpoint
+from gptjax import checkpoint, optim, sharding
 from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import metrics as metrics_lib
-from gptjax import optim
-from gptjax import sharding
 from gptjax import workdir as workdir_lib
 from gptjax.attention import resolve_implementation
 from gptjax.errors import UserError, describe, ensure_writable_dir
@@ -50,8 +48,9 @@ def _boxed_init(model: GPT, tx: optax.GradientTransformation, rng) -> TrainState
     params = stack_layers(loop.init(init_rng, tokens_1xT)["params"], model.cfg.n_layer)
   else:
     params = model.init(init_rng, tokens_1xT)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=dropout_rng)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng
+  )
 
 
 def abstract_state(model: GPT, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -59,8 +58,9 @@ def abstract_state(model: GPT, tx: optax.GradientTransformation, seed: int) -> T
   return jax.eval_shape(functools.partial(_boxed_init, model, tx), jax.random.PRNGKey(seed))
 
 
-def init_state(model: GPT, tx: optax.GradientTransformation, seed: int,
-               shardings=None) -> TrainState:
+def init_state(
+  model: GPT, tx: optax.GradientTransformation, seed: int, shardings=None
+) -> TrainState:
   """Initialises params (float32 by default) and optimizer state, jitted.
 
   With `shardings` every device creates only its own shard: no host ever holds the whole
@@ -70,23 +70,42 @@ def init_state(model: GPT, tx: optax.GradientTransformation, seed: int,
   return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
-def _loss(params, model: GPT, batch_BxT1, rng, deterministic: bool, label_smoothing: float,
-          loss_chunk: int = 0):
+def _loss(
+  params,
+  model: GPT,
+  batch_BxT1,
+  rng,
+  deterministic: bool,
+  label_smoothing: float,
+  loss_chunk: int = 0,
+):
   """Mean next-token loss; loss_chunk > 0 applies the LM head and the loss that many
   positions at a time (loss.fused_cross_entropy) instead of materialising all logits."""
   inputs_BxT, targets_BxT = batch_BxT1[:, :-1], batch_BxT1[:, 1:]
-  out = model.apply({"params": params}, inputs_BxT, deterministic=deterministic,
-                    rngs=None if deterministic else {"dropout": rng},
-                    return_hidden=bool(loss_chunk))
+  out = model.apply(
+    {"params": params},
+    inputs_BxT,
+    deterministic=deterministic,
+    rngs=None if deterministic else {"dropout": rng},
+    return_hidden=bool(loss_chunk),
+  )
   if loss_chunk:
     x_BxTxD, w_VxD = out
-    return fused_cross_entropy(x_BxTxD, w_VxD, targets_BxT, model.cfg, loss_chunk,
-                               label_smoothing)
+    return fused_cross_entropy(x_BxTxD, w_VxD, targets_BxT, model.cfg, loss_chunk, label_smoothing)
   return cross_entropy(out, targets_BxT, model.cfg.vocab_size, label_smoothing).mean()
 
 
-def train_step(state: TrainState, batch_BxT1, *, model: GPT, tx, lr_schedule,
-               grad_accum: int = 1, label_smoothing: float = 0.0, loss_chunk: int = 0):
+def train_step(
+  state: TrainState,
+  batch_BxT1,
+  *,
+  model: GPT,
+  tx,
+  lr_schedule,
+  grad_accum: int = 1,
+  label_smoothing: float = 0.0,
+  loss_chunk: int = 0,
+):
   """One optimizer update over a (B, T+1) batch -> (new state, metrics).
 
   With grad_accum > 1 the batch is split into microbatches whose gradients a lax.scan
@@ -96,8 +115,9 @@ def train_step(state: TrainState, batch_BxT1, *, model: GPT, tx, lr_schedule,
   grad_fn = jax.value_and_grad(_loss)
   deterministic = model.cfg.dropout == 0 and model.cfg.attn_dropout == 0
   if grad_accum == 1:
-    loss, grads = grad_fn(state.params, model, batch_BxT1, rng, deterministic, label_smoothing,
-                          loss_chunk)
+    loss, grads = grad_fn(
+      state.params, model, batch_BxT1, rng, deterministic, label_smoothing, loss_chunk
+    )
   else:
     # Microbatch i takes rows i, i+A, i+2A, ...: each device's rows split evenly among the
     # microbatches, so every microbatch stays spread over all data-parallel devices.
@@ -106,8 +126,15 @@ def train_step(state: TrainState, batch_BxT1, *, model: GPT, tx, lr_schedule,
 
     def accumulate(carry, i_and_micro):
       i, micro_bxT1 = i_and_micro
-      loss_i, grads_i = grad_fn(state.params, model, micro_bxT1, jax.random.fold_in(rng, i),
-                                deterministic, label_smoothing, loss_chunk)
+      loss_i, grads_i = grad_fn(
+        state.params,
+        model,
+        micro_bxT1,
+        jax.random.fold_in(rng, i),
+        deterministic,
+        label_smoothing,
+        loss_chunk,
+      )
       return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
@@ -115,10 +142,13 @@ def train_step(state: TrainState, batch_BxT1, *, model: GPT, tx, lr_schedule,
     loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
-             "lr": lr_schedule(state.step),
-             # what a checkpoint of the new state would hold: never save NaN or inf
-             "finite": checkpoint.all_finite((params, opt_state))}
+  metrics = {
+    "loss": loss,
+    "grad_norm": optax.tree_utils.tree_norm(grads),
+    "lr": lr_schedule(state.step),
+    # what a checkpoint of the new state would hold: never save NaN or inf
+    "finite": checkpoint.all_finite((params, opt_state)),
+  }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -199,17 +229,36 @@ def setup(config, vocab_size: int, mesh: jax.sharding.Mesh, compile: bool = True
   if not compile:
     return Setup(model, tx, mesh, abstract, state_sh, batch_sh, shape, None, None, 0.0)
   with sharding.context(mesh, rules):
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
-                          grad_accum=config.optim.grad_accum,
-                          label_smoothing=tc.label_smoothing, loss_chunk=loss_chunk),
-        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-        donate_argnums=0).lower(abstract, batch_spec).compile()
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, loss_chunk=loss_chunk),
-                      in_shardings=(state_sh.params, batch_sh),
-                      out_shardings=replicated).lower(abstract.params, batch_spec).compile()
-  return Setup(model, tx, mesh, abstract, state_sh, batch_sh, shape, step_fn, eval_fn,
-               time.perf_counter() - t0)
+    step_fn = (
+      jax.jit(
+        functools.partial(
+          train_step,
+          model=model,
+          tx=tx,
+          lr_schedule=lr_schedule,
+          grad_accum=config.optim.grad_accum,
+          label_smoothing=tc.label_smoothing,
+          loss_chunk=loss_chunk,
+        ),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+      )
+      .lower(abstract, batch_spec)
+      .compile()
+    )
+    eval_fn = (
+      jax.jit(
+        functools.partial(eval_step, model=model, loss_chunk=loss_chunk),
+        in_shardings=(state_sh.params, batch_sh),
+        out_shardings=replicated,
+      )
+      .lower(abstract.params, batch_spec)
+      .compile()
+    )
+  return Setup(
+    model, tx, mesh, abstract, state_sh, batch_sh, shape, step_fn, eval_fn, time.perf_counter() - t0
+  )
 
 
 def say(message: str) -> None:
@@ -217,8 +266,9 @@ def say(message: str) -> None:
   metrics_lib.console(message, enabled=jax.process_index() == 0)
 
 
-def prepare(config, workdir: str, need_data: bool = True,
-            lock: bool = False) -> tuple[Setup, data_lib.Data | None, workdir_lib.Lock | None]:
+def prepare(
+  config, workdir: str, need_data: bool = True, lock: bool = False
+) -> tuple[Setup, data_lib.Data | None, workdir_lib.Lock | None]:
   """Everything before the first step: processes, mesh, data, compiled steps, memory check.
 
   need_data=False (compile_only with config.model.vocab_size set) reads no data at all.
@@ -226,8 +276,9 @@ def prepare(config, workdir: str, need_data: bool = True,
   """
   config_lib.validate(config)
   mesh = sharding.start(config)
-  sharding.check_batch(config.train.batch_size, config.optim.grad_accum, mesh,
-                       sharding.rules(config.mesh))  # before a long data preparation
+  sharding.check_batch(
+    config.train.batch_size, config.optim.grad_accum, mesh, sharding.rules(config.mesh)
+  )  # before a long data preparation
   ensure_writable_dir(workdir, "--workdir")
   if jax.process_count() > 1:
     workdir_lib.check_shared(workdir)
@@ -244,22 +295,30 @@ def prepare(config, workdir: str, need_data: bool = True,
 def _prepare_model(config, workdir: str, mesh, need_data: bool):
   if config.init_from:  # a wrong directory fails before data preparation and compiling
     from gptjax import hf
+
     hf.directory(config.init_from, config.model)
   data = data_lib.load(config, workdir) if need_data else None
   s = setup(config, data.tokenizer.vocab_size if data else config.model.vocab_size, mesh)
   cfg = s.model.cfg
   n_params = count_params(s.abstract.params)
-  say(f"model: {n_params / 1e6:.2f}M parameters ("
-      f"{count_params(s.abstract.params, True) / 1e6:.2f}M without embeddings), vocab "
-      f"{cfg.vocab_size} padded to {cfg.padded_vocab}, {jnp.dtype(cfg.dtype).name} compute, "
-      f"attention {resolve_implementation(cfg.attention, cfg.dtype)}")
+  say(
+    f"model: {n_params / 1e6:.2f}M parameters ("
+    f"{count_params(s.abstract.params, True) / 1e6:.2f}M without embeddings), vocab "
+    f"{cfg.vocab_size} padded to {cfg.padded_vocab}, {jnp.dtype(cfg.dtype).name} compute, "
+    f"attention {resolve_implementation(cfg.attention, cfg.dtype)}"
+  )
   say(f"compiled train and eval steps in {s.compile_s:.1f}s")
   mem, fmt = s.memory(), sharding.format_bytes
-  say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
-      f"{jax.process_count()} process(es); per device: params {fmt(mem['params'])}, optimizer "
-      f"state {fmt(mem['opt_state'])}" + (
-          f", step temporaries {fmt(mem['temp'])}, peak ~{fmt(mem['peak_estimate'])}"
-          if "temp" in mem else ""))
+  say(
+    f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
+    f"{jax.process_count()} process(es); per device: params {fmt(mem['params'])}, optimizer "
+    f"state {fmt(mem['opt_state'])}"
+    + (
+      f", step temporaries {fmt(mem['temp'])}, peak ~{fmt(mem['peak_estimate'])}"
+      if "temp" in mem
+      else ""
+    )
+  )
   sharding.check_fits(mem)
   return s, data
 
@@ -267,8 +326,10 @@ def _prepare_model(config, workdir: str, mesh, need_data: bool):
 def compile_only(config, workdir: str) -> dict:
   """Lowers and compiles the steps for the configured mesh, reports memory, runs nothing."""
   if config.model.vocab_size:
-    say(f"compile_only: vocabulary {config.model.vocab_size} from config.model.vocab_size; "
-        "no data is read")
+    say(
+      f"compile_only: vocabulary {config.model.vocab_size} from config.model.vocab_size; "
+      "no data is read"
+    )
   s, _, _ = prepare(config, workdir, need_data=not config.model.vocab_size)
   say("compile_only: the step fits; nothing was run")
   return {"compile_s": s.compile_s, "mesh": dict(s.mesh.shape), "memory": s.memory()}
@@ -292,18 +353,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _train(config, workdir: str, s: Setup, data: data_lib.Data) -> dict:
-  tc, cfg, mesh = config.train, s.model.cfg, s.mesh
+  tc, cfg = config.train, s.model.cfg
   lead = jax.process_index() == 0
   ckpt = checkpoint.Checkpoints(workdir, config.checkpoint, warn=say)
   sharding.resume_hint = lambda: _resume_note(ckpt, "the same command on every process")
   restored = ckpt.restore(s.abstract, s.state_shardings)
   if restored is None:
     if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      say(f"warning: {workdir} holds metrics but no checkpoint; training starts at step 0 and "
-          "appends to metrics.jsonl (use a fresh --workdir to keep runs apart)")
+      say(
+        f"warning: {workdir} holds metrics but no checkpoint; training starts at step 0 and "
+        "appends to metrics.jsonl (use a fresh --workdir to keep runs apart)"
+      )
     state, start, elapsed0 = s.init(config.seed), 0, 0.0
     if config.init_from:  # imported weights, a fresh optimizer (Adam starts at zero anyway)
       from gptjax import hf
+
       params = hf.load_params(config.init_from, cfg)
       state = state.replace(params=jax.device_put(params, s.state_shardings.params))
       say(f"initialised the parameters from {config.init_from}")
@@ -311,8 +375,10 @@ def _train(config, workdir: str, s: Setup, data: data_lib.Data) -> dict:
     state, meta = restored
     start, elapsed0 = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
     for change in data_lib.position_changes(meta.get("data", {}), config):
-      say(f"warning: {change} since the checkpoint: the data order from here differs from "
-          "the run that saved it")
+      say(
+        f"warning: {change} since the checkpoint: the data order from here differs from "
+        "the run that saved it"
+      )
     say(f"resumed from checkpoint {start} in {ckpt.manager.directory}")
   resolved = config_lib.resolved(config, cfg.vocab_size)
   if lead:
@@ -320,18 +386,18 @@ def _train(config, workdir: str, s: Setup, data: data_lib.Data) -> dict:
       json.dump(resolved, f, indent=2, sort_keys=True)
   if start >= tc.num_steps:  # exit 0: a restart loop re-running a finished job must stop
     ckpt.close()
-    say(f"nothing to do: {workdir} is already trained to step {start} (train.num_steps="
-        f"{tc.num_steps}); to train on, raise --config.train.num_steps (and set "
-        "--config.optim.decay_steps to keep the old learning-rate schedule)")
+    say(
+      f"nothing to do: {workdir} is already trained to step {start} (train.num_steps="
+      f"{tc.num_steps}); to train on, raise --config.train.num_steps (and set "
+      "--config.optim.decay_steps to keep the old learning-rate schedule)"
+    )
     path = os.path.join(workdir, "summary.json")
     return json.load(open(path)) if os.path.exists(path) else {"steps": start}
-  run_meta = {"config": resolved,
-              "tokenizer": data.tokenizer.to_dict()}
+  run_meta = {"config": resolved, "tokenizer": data.tokenizer.to_dict()}
   rows = s.rows()  # each process loads only the rows its devices hold
   train_at = lambda i: s.batch(data.train.get(i, rows))  # noqa: E731
   val_at = lambda i: s.batch(data.val.get(i, rows))  # noqa: E731
-  writer = metrics_lib.MetricWriter(workdir, enabled=lead,
-                                    resume_step=start if restored else None)
+  writer = metrics_lib.MetricWriter(workdir, enabled=lead, resume_step=start if restored else None)
   stop = checkpoint.PreemptionWatch()
 
   tokens_per_step = tc.batch_size * cfg.block_size
@@ -351,38 +417,59 @@ def _train(config, workdir: str, s: Setup, data: data_lib.Data) -> dict:
       if log or save:
         m = jax.device_get(m)  # the only host syncs on the training path
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-          raise UserError(f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step "
-                          f"{step}; nothing from this state was saved. Lower "
-                          f"--config.optim.lr or check the data; {_resume_note(ckpt)}")
+          raise UserError(
+            f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step "
+            f"{step}; nothing from this state was saved. Lower "
+            f"--config.optim.lr or check the data; {_resume_note(ckpt)}"
+          )
         if not m["finite"]:
-          raise UserError(f"the parameters or optimizer state became NaN or inf at step "
-                          f"{step} (loss {m['loss']:.4f} before the update); nothing from "
-                          "this state was saved. Lower --config.optim.lr (or raise "
-                          f"--config.optim.eps); {_resume_note(ckpt)}")
+          raise UserError(
+            f"the parameters or optimizer state became NaN or inf at step "
+            f"{step} (loss {m['loss']:.4f} before the update); nothing from "
+            "this state was saved. Lower --config.optim.lr (or raise "
+            f"--config.optim.eps); {_resume_note(ckpt)}"
+          )
         ckpt.check_for_errors()  # a background save that failed surfaces now, not a save late
       now = time.perf_counter()
       if log:
         ms = (now - t_mark - eval_s) * 1e3 / (step - mark_step)
         step_ms.append(ms)
-        speed = metrics_lib.throughput(tokens_per_step / ms * 1e3, cfg, jax.device_count(),
-                                       device_kind)
-        last_log = {"loss": float(m["loss"]), "lr": float(m["lr"]),
-                    "grad_norm": float(m["grad_norm"]),
-                    "tokens_per_sec": tokens_per_step / ms * 1e3, "step_ms": ms,
-                    "tflops_per_device": speed["tflops_per_device"],
-                    **({"mfu": speed["mfu"]} if speed["mfu"] is not None else {}),
-                    "elapsed_s": elapsed0 + now - t_start}
+        speed = metrics_lib.throughput(
+          tokens_per_step / ms * 1e3, cfg, jax.device_count(), device_kind
+        )
+        last_log = {
+          "loss": float(m["loss"]),
+          "lr": float(m["lr"]),
+          "grad_norm": float(m["grad_norm"]),
+          "tokens_per_sec": tokens_per_step / ms * 1e3,
+          "step_ms": ms,
+          "tflops_per_device": speed["tflops_per_device"],
+          **({"mfu": speed["mfu"]} if speed["mfu"] is not None else {}),
+          "elapsed_s": elapsed0 + now - t_start,
+        }
         writer.write(step, last_log)
         eta = (tc.num_steps - step) * float(np.median(step_ms)) / 1e3
-        say(metrics_lib.progress_line(step, tc.num_steps, last_log["loss"],
-                                      last_log["tokens_per_sec"], eta, last_log["lr"],
-                                      speed["mfu"]))
+        say(
+          metrics_lib.progress_line(
+            step,
+            tc.num_steps,
+            last_log["loss"],
+            last_log["tokens_per_sec"],
+            eta,
+            last_log["lr"],
+            speed["mfu"],
+          )
+        )
         t_mark, mark_step, eval_s = now, step, 0.0
       if save:
         jax.block_until_ready(state.params)  # pending train steps count as training time
       t_pause = time.perf_counter()  # evals and checkpoint copies do not count as train time
-      meta = {"step": step, "elapsed_s": elapsed0 + now - t_start,
-              "data": data_lib.position(step, config), **run_meta}
+      meta = {
+        "step": step,
+        "elapsed_s": elapsed0 + now - t_start,
+        "data": data_lib.position(step, config),
+        **run_meta,
+      }
       if step % tc.eval_every == 0 or step == tc.num_steps:
         jax.block_until_ready(state.params)  # pending train steps count as training time
         t_pause = time.perf_counter()
@@ -392,16 +479,24 @@ def _train(config, workdir: str, s: Setup, data: data_lib.Data) -> dict:
         else:
           bpb = val_loss / math.log(2) / data.val_bytes_per_token
           val_losses.append(val_loss)
-          writer.write(step, {"val_loss": val_loss, "val_bpb": bpb,
-                              "elapsed_s": elapsed0 + time.perf_counter() - t_start})
+          writer.write(
+            step,
+            {
+              "val_loss": val_loss,
+              "val_bpb": bpb,
+              "elapsed_s": elapsed0 + time.perf_counter() - t_start,
+            },
+          )
           say(f"eval step {step} | val_loss {val_loss:.4f} | val bits/byte {bpb:.4f}")
           ckpt.save_best(state, meta, val_loss)
       if save:
         ckpt.save(state, meta)
       eval_s += time.perf_counter() - t_pause
       if preempted:
-        say(f"{preempted} received: saved checkpoint {step} and stopped; run the same command "
-            "to resume")
+        say(
+          f"{preempted} received: saved checkpoint {step} and stopped; run the same command "
+          "to resume"
+        )
         break
   except Exception as e:
     _exit_if_peer_lost(e)  # now, not after the finally's wait on a barrier with the dead
@@ -413,12 +508,18 @@ def _train(config, workdir: str, s: Setup, data: data_lib.Data) -> dict:
     finally:
       ckpt.close()
       writer.close()
-  return _summarize(workdir, config, s, step_ms, val_losses, last_log, t_start, preempted and
-                    step)
+  return _summarize(workdir, config, s, step_ms, val_losses, last_log, t_start, preempted and step)
 
 
-_PEER_FAILURES = ("Gloo", "Barrier failed", "heartbeat", "Connection reset", "UNAVAILABLE",
-                  "NCCL", "DEADLINE_EXCEEDED")
+_PEER_FAILURES = (
+  "Gloo",
+  "Barrier failed",
+  "heartbeat",
+  "Connection reset",
+  "UNAVAILABLE",
+  "NCCL",
+  "DEADLINE_EXCEEDED",
+)
 
 
 def _exit_if_peer_lost(e: Exception) -> None:
@@ -427,49 +528,70 @@ def _exit_if_peer_lost(e: Exception) -> None:
   if jax.process_count() < 2 or isinstance(e, UserError):
     return
   text = " ".join(str(e).split())
-  if "RESOURCE_EXHAUSTED" in text or not (isinstance(e, jax.errors.JaxRuntimeError) or
-                                          any(m in text for m in _PEER_FAILURES)):
+  if "RESOURCE_EXHAUSTED" in text or not (
+    isinstance(e, jax.errors.JaxRuntimeError) or any(m in text for m in _PEER_FAILURES)
+  ):
     return
   n, me = jax.process_count(), jax.process_index()
-  sharding.exit_lost_peer(f"process {1 - me}" if n == 2 else "another process",
-                          describe(RuntimeError(
-                              text.split("Error dispatching computation: ")[-1])))
+  sharding.exit_lost_peer(
+    f"process {1 - me}" if n == 2 else "another process",
+    describe(RuntimeError(text.split("Error dispatching computation: ")[-1])),
+  )
 
 
 def _resume_note(ckpt: checkpoint.Checkpoints, what: str = "the same command") -> str:
   steps = ckpt.finished_steps()
-  return (f"rerunning {what} resumes from checkpoint {steps[-1]}" if steps
-          else f"no checkpoint was saved yet, so rerunning {what} starts from step 0")
+  return (
+    f"rerunning {what} resumes from checkpoint {steps[-1]}"
+    if steps
+    else f"no checkpoint was saved yet, so rerunning {what} starts from step 0"
+  )
 
 
-def _summarize(workdir, config, s: Setup, step_ms, val_losses, last_log, t_start,
-               preempted_at) -> dict:
+def _summarize(
+  workdir, config, s: Setup, step_ms, val_losses, last_log, t_start, preempted_at
+) -> dict:
   tc = config.train
   wall_s = time.perf_counter() - t_start
   median = float(np.median(step_ms)) if step_ms else None
   tokens_per_step = tc.batch_size * s.model.cfg.block_size
   summary = {
-      "steps": tc.num_steps, "n_params": count_params(s.abstract.params),
-      "mesh": dict(s.mesh.shape), "memory": s.memory(), "compile_s": s.compile_s,
-      "wall_s": wall_s, "median_step_ms": median,
-      "tokens_per_sec": tokens_per_step / median * 1e3 if median else None,
-      "mfu": (metrics_lib.throughput(tokens_per_step / median * 1e3, s.model.cfg,
-                                     jax.device_count(), jax.devices()[0].device_kind)["mfu"]
-              if median else None),
-      "final_loss": last_log.get("loss"),
-      "final_val_loss": val_losses[-1] if val_losses else None,
-      "best_val_loss": min(val_losses) if val_losses else None,
-      "preempted_at": preempted_at or None,
+    "steps": tc.num_steps,
+    "n_params": count_params(s.abstract.params),
+    "mesh": dict(s.mesh.shape),
+    "memory": s.memory(),
+    "compile_s": s.compile_s,
+    "wall_s": wall_s,
+    "median_step_ms": median,
+    "tokens_per_sec": tokens_per_step / median * 1e3 if median else None,
+    "mfu": (
+      metrics_lib.throughput(
+        tokens_per_step / median * 1e3,
+        s.model.cfg,
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+      )["mfu"]
+      if median
+      else None
+    ),
+    "final_loss": last_log.get("loss"),
+    "final_val_loss": val_losses[-1] if val_losses else None,
+    "best_val_loss": min(val_losses) if val_losses else None,
+    "preempted_at": preempted_at or None,
   }
   if preempted_at:
     return summary
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
-  say(f"done: {tc.num_steps} steps; this run {metrics_lib.format_duration(wall_s)} "
-      f"(+{s.compile_s:.1f}s compile)"
-      + (f", median {median:.2f} ms/step, {summary['tokens_per_sec'] / 1e3:.1f}k tok/s"
-         if median else "")
-      + (f", final val_loss {summary['final_val_loss']:.4f}" if val_losses else ""))
+  say(
+    f"done: {tc.num_steps} steps; this run {metrics_lib.format_duration(wall_s)} "
+    f"(+{s.compile_s:.1f}s compile)"
+    + (
+      f", median {median:.2f} ms/step, {summary['tokens_per_sec'] / 1e3:.1f}k tok/s"
+      if median
+      else ""
+    )
+    + (f", final val_loss {summary['final_val_loss']:.4f}" if val_losses else "")
+  )
   return summary
-

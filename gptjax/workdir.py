@@ -29,8 +29,13 @@ def normalize(path: str | None) -> str | None:
 
 
 # Config keys that hold local paths (or globs); init_from's path follows its "hf:".
-CONFIG_PATHS = ("data.path", "data.data_dir", "data.manual_dir", "data.tokenizer_path",
-                "compilation_cache_dir")
+CONFIG_PATHS = (
+  "data.path",
+  "data.data_dir",
+  "data.manual_dir",
+  "data.tokenizer_path",
+  "compilation_cache_dir",
+)
 
 
 def normalize_config(config) -> None:
@@ -43,7 +48,7 @@ def normalize_config(config) -> None:
     if node[leaf]:
       node[leaf] = normalize(node[leaf])
   if config.get("init_from") and config.init_from.startswith("hf:"):
-    config.init_from = "hf:" + normalize(config.init_from[len("hf:"):])
+    config.init_from = "hf:" + normalize(config.init_from[len("hf:") :])
 
 
 # Flags that name paths, in gptjax.main and the side programs (tokenize's --input is a glob).
@@ -60,8 +65,9 @@ def normalize_flags(flag_values) -> None:
   if "workdir" in flag_values and flag_values["workdir"].value:
     path = flag_values["workdir"].value
     if os.path.exists(path) and not os.path.isdir(path):
-      raise UserError(f"--workdir={path} is a file, not a directory; pass a directory (it "
-                      "is created if missing)")
+      raise UserError(
+        f"--workdir={path} is a file, not a directory; pass a directory (it is created if missing)"
+      )
 
 
 class Lock:
@@ -76,8 +82,10 @@ class Lock:
       self._file.seek(0)
       holder = self._file.read().strip() or "another process"
       self._file.close()
-      raise UserError(f"{workdir} is in use by {holder}; wait for that run to end (or stop "
-                      "it), or pass another --workdir") from None
+      raise UserError(
+        f"{workdir} is in use by {holder}; wait for that run to end (or stop "
+        "it), or pass another --workdir"
+      ) from None
     self._file.seek(0)
     self._file.truncate()
     started = datetime.datetime.now().isoformat(timespec="seconds")
@@ -120,7 +128,8 @@ def check_shared(path: str, wait_s: float = 5.0) -> None:
   blind = [i for i, ok in enumerate(np.asarray(seen).reshape(-1)) if not ok]
   if blind:
     raise UserError(
-        f"--workdir={path} is not one shared directory: process(es) "
-        f"{', '.join(map(str, blind))} cannot see the files process 0 writes there (a local "
-        "directory on each host?); give every process the same shared directory (e.g. on a "
-        "network file system)")
+      f"--workdir={path} is not one shared directory: process(es) "
+      f"{', '.join(map(str, blind))} cannot see the files process 0 writes there (a local "
+      "directory on each host?); give every process the same shared directory (e.g. on a "
+      "network file system)"
+    )

@@ -6,14 +6,18 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ONE_DEVICE, REPO
 
 
 def test_checkpoint_bench_prints_one_json_line():
-  proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "checkpoint",
-                         "--config=experiments/tiny.py"], cwd=REPO, capture_output=True,
-                        text=True, timeout=240, env={**os.environ, **ONE_DEVICE})
+  proc = subprocess.run(
+    [sys.executable, "-m", "gptjax.bench", "checkpoint", "--config=experiments/tiny.py"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env={**os.environ, **ONE_DEVICE},
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["bench"] == "checkpoint" and result["bytes"] > 0
@@ -21,16 +25,36 @@ def test_checkpoint_bench_prints_one_json_line():
 
 
 def test_bench_without_a_name_is_a_one_line_error():
-  proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "--config=experiments/tiny.py"],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 1 and "name one benchmark: train, checkpoint, decode, sample" in proc.stderr
+  proc = subprocess.run(
+    [sys.executable, "-m", "gptjax.bench", "--config=experiments/tiny.py"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert (
+    proc.returncode == 1 and "name one benchmark: train, checkpoint, decode, sample" in proc.stderr
+  )
 
 
 def test_decode_bench_prints_one_json_line():
-  proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "decode",
-                         "--config=experiments/tiny.py", "--batch_size=2", "--prompt_len=8",
-                         "--new_tokens=16", "--repeats=2"], cwd=REPO, capture_output=True,
-                        text=True, timeout=240)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "gptjax.bench",
+      "decode",
+      "--config=experiments/tiny.py",
+      "--batch_size=2",
+      "--prompt_len=8",
+      "--new_tokens=16",
+      "--repeats=2",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["bench"] == "decode" and result["batch"] == 2 and result["new_tokens"] == 16
@@ -39,17 +63,41 @@ def test_decode_bench_prints_one_json_line():
 
 
 def test_decode_bench_rejects_a_prompt_beyond_the_context():
-  proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "decode",
-                         "--config=experiments/tiny.py", "--prompt_len=30", "--new_tokens=8"],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "gptjax.bench",
+      "decode",
+      "--config=experiments/tiny.py",
+      "--prompt_len=30",
+      "--new_tokens=8",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 1 and "exceeds the 32-token context" in proc.stderr
 
 
 def test_sample_bench_times_a_trained_run(trained_tiny):
-  proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "sample",
-                         f"--workdir={trained_tiny}", "--new_tokens=40", "--repeats=2"],
-                        cwd=REPO, capture_output=True, text=True, timeout=240,
-                        env={**os.environ, **ONE_DEVICE})
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "gptjax.bench",
+      "sample",
+      f"--workdir={trained_tiny}",
+      "--new_tokens=40",
+      "--repeats=2",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env={**os.environ, **ONE_DEVICE},
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["bench"] == "sample" and result["from"] == "checkpoint 30"
@@ -57,10 +105,22 @@ def test_sample_bench_times_a_trained_run(trained_tiny):
 
 
 def test_train_bench_times_the_real_step_and_reports_model_flops():
-  proc = subprocess.run([sys.executable, "-m", "gptjax.bench", "train",
-                         "--config=experiments/tiny.py", "--config.model.vocab_size=65",
-                         "--steps=4", "--warmup=1"], cwd=REPO, capture_output=True, text=True,
-                        timeout=240)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "gptjax.bench",
+      "train",
+      "--config=experiments/tiny.py",
+      "--config.model.vocab_size=65",
+      "--steps=4",
+      "--warmup=1",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["bench"] == "train" and result["devices"] == 8 and result["steps"] == 4

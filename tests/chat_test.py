@@ -3,10 +3,9 @@ are dropped to fit the context, and the CLI session runs on stdin."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-
 from conftest import ONE_DEVICE, run_cli, tiny_config
+
 from gptjax import chat, decode, tokenizers
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
@@ -22,8 +21,9 @@ def _chat(max_new=10, chunk=2, seed=0):
   stop = TOKENIZER.encode(template.end_of_turn).tolist()
   decoder = decode.Decoder(model, params, [TOKENIZER.eot_id], [stop])
   notes = []
-  return chat.Chat(decoder, TOKENIZER, template, max_new, decode.Sampling(1.0), chunk, seed,
-                   notes.append), notes
+  return chat.Chat(
+    decoder, TOKENIZER, template, max_new, decode.Sampling(1.0), chunk, seed, notes.append
+  ), notes
 
 
 def test_replies_stream_over_several_calls_and_end_at_the_turn():
@@ -60,9 +60,15 @@ def test_chat_errors():
 
 
 def test_chat_session_on_stdin(trained_tiny):
-  proc = run_cli("--mode=chat", f"--workdir={trained_tiny}", "--max_new_tokens=12",
-                 "--user_name=ROMEO", "--assistant_name=JULIET",
-                 stdin="Good morrow.\nCaf\u00e9?\n/reset\nFarewell.\n", env=ONE_DEVICE)
+  proc = run_cli(
+    "--mode=chat",
+    f"--workdir={trained_tiny}",
+    "--max_new_tokens=12",
+    "--user_name=ROMEO",
+    "--assistant_name=JULIET",
+    stdin="Good morrow.\nCaf\u00e9?\n/reset\nFarewell.\n",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.count("JULIET: ") == 2  # the bad line got no reply, the others did
   assert "character '\u00e9'" in proc.stderr and "conversation forgotten" in proc.stderr
@@ -72,8 +78,14 @@ def test_chat_session_on_stdin(trained_tiny):
 def test_chat_default_reply_length_fits_a_small_context(trained_tiny):
   """The default (half the 32-token context) left too little room beside JULIET's reply
   prefix, and chat refused its own default; now it shortens to what fits."""
-  proc = run_cli("--mode=chat", f"--workdir={trained_tiny}", "--user_name=ROMEO",
-                 "--assistant_name=JULIET", stdin="Good morrow.\n", env=ONE_DEVICE)
+  proc = run_cli(
+    "--mode=chat",
+    f"--workdir={trained_tiny}",
+    "--user_name=ROMEO",
+    "--assistant_name=JULIET",
+    stdin="Good morrow.\n",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "replies up to 15 tokens" in proc.stderr  # 24 - len("JULIET:\n") - 1
   assert proc.stdout.count("JULIET: ") == 1

@@ -10,18 +10,22 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import ONE_DEVICE, REPO, one_line_error, run_cli, run_cli_on_tmpfs, tiny_config
 
-from conftest import ONE_DEVICE, REPO, one_line_error, run_cli, run_cli_on_tmpfs, \
-    tiny_config
 from gptjax import checkpoint, sharding, train
 from gptjax import config as config_lib
 from gptjax.errors import UserError
 from gptjax.model import abstract_params
 
 STEPS = 200
-ARGS = ["--config=experiments/tiny.py", f"--config.train.num_steps={STEPS}",
-        "--config.train.log_every=1", "--config.train.eval_every=50",
-        "--config.checkpoint.every=25", "--config.model.dropout=0.1"]
+ARGS = [
+  "--config=experiments/tiny.py",
+  f"--config.train.num_steps={STEPS}",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=50",
+  "--config.checkpoint.every=25",
+  "--config.model.dropout=0.1",
+]
 EXACT = ("loss", "lr", "grad_norm", "val_loss", "val_bpb")  # timing fields differ, these not
 
 
@@ -36,9 +40,14 @@ def _finalized(workdir):
 
 
 def _start(workdir, *extra):
-  return subprocess.Popen([sys.executable, "-m", "gptjax.main", *ARGS, f"--workdir={workdir}",
-                           *extra], cwd=REPO, env={**os.environ, **ONE_DEVICE},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-m", "gptjax.main", *ARGS, f"--workdir={workdir}", *extra],
+    cwd=REPO,
+    env={**os.environ, **ONE_DEVICE},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _wait_for(proc, condition, timeout=120):
@@ -57,8 +66,7 @@ def uninterrupted(tmp_path_factory):
   return _metrics(workdir)
 
 
-def test_sigkill_then_restart_gives_the_uninterrupted_metrics_bit_for_bit(tmp_path,
-                                                                           uninterrupted):
+def test_sigkill_then_restart_gives_the_uninterrupted_metrics_bit_for_bit(tmp_path, uninterrupted):
   workdir = tmp_path / "w"
   proc = _start(workdir)
   try:
@@ -97,9 +105,15 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_matches(tmp_path, un
 
 def test_nan_stops_the_run_and_leaves_only_finite_checkpoints(tmp_path):
   workdir = tmp_path / "w"
-  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
-                 "--config.optim.lr=1e6", "--config.optim.warmup_steps=0",
-                 "--config.checkpoint.every=1", "--config.train.num_steps=50", env=ONE_DEVICE)
+  proc = run_cli(
+    "--config=experiments/tiny.py",
+    f"--workdir={workdir}",
+    "--config.optim.lr=1e6",
+    "--config.optim.warmup_steps=0",
+    "--config.checkpoint.every=1",
+    "--config.train.num_steps=50",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 1
   error = [l for l in proc.stderr.splitlines() if l.startswith("gptjax: error:")]
   assert len(error) == 1 and "loss became nan" in error[0] and "at step" in error[0], error
@@ -110,7 +124,8 @@ def test_nan_stops_the_run_and_leaves_only_finite_checkpoints(tmp_path):
   target = abstract_params(config)
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params, meta = checkpoint.Checkpoints(str(workdir)).restore_params(
-      target, jax.tree.map(lambda _: one, target))
+    target, jax.tree.map(lambda _: one, target)
+  )
   assert meta["step"] == max(saved)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
@@ -144,33 +159,65 @@ def test_checkpoint_from_fsdp8_restores_onto_one_device(tmp_path):
 
 def test_shape_mismatch_names_the_parameter(tmp_path):
   workdir = tmp_path / "w"
-  assert run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
-                 "--config.train.num_steps=2", env=ONE_DEVICE).returncode == 0
-  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
-                 "--config.train.num_steps=4", "--config.model.d_model=64", env=ONE_DEVICE)
+  assert (
+    run_cli(
+      "--config=experiments/tiny.py",
+      f"--workdir={workdir}",
+      "--config.train.num_steps=2",
+      env=ONE_DEVICE,
+    ).returncode
+    == 0
+  )
+  proc = run_cli(
+    "--config=experiments/tiny.py",
+    f"--workdir={workdir}",
+    "--config.train.num_steps=4",
+    "--config.model.d_model=64",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 1
   error = [l for l in proc.stderr.splitlines() if l.startswith("gptjax: error:")]
   assert len(error) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  assert "checkpoint 2" in error[0] and "parameter h_0/attn/key/bias has shape (2, 16)"\
-      in error[0] and "the config makes (2, 32)" in error[0], error[0]
-  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",  # no clipping state
-                 "--config.train.num_steps=4", "--config.optim.grad_clip=0", env=ONE_DEVICE)
+  assert (
+    "checkpoint 2" in error[0]
+    and "parameter h_0/attn/key/bias has shape (2, 16)" in error[0]
+    and "the config makes (2, 32)" in error[0]
+  ), error[0]
+  proc = run_cli(
+    "--config=experiments/tiny.py",
+    f"--workdir={workdir}",  # no clipping state
+    "--config.train.num_steps=4",
+    "--config.optim.grad_clip=0",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert "optimizer state of another structure" in proc.stderr, proc.stderr[-2000:]
-  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",  # stacked layers
-                 "--config.train.num_steps=4", "--config.model.scan_layers=true", env=ONE_DEVICE)
+  proc = run_cli(
+    "--config=experiments/tiny.py",
+    f"--workdir={workdir}",  # stacked layers
+    "--config.train.num_steps=4",
+    "--config.model.scan_layers=true",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  assert "set --config.model.scan_layers=False as it was trained" in proc.stderr, \
-      proc.stderr[-2000:]
+  assert "set --config.model.scan_layers=False as it was trained" in proc.stderr, proc.stderr[
+    -2000:
+  ]
   assert os.listdir(workdir / "checkpoints") == ["2"]  # nothing was set aside
 
 
 def test_export_is_params_only_and_keep_best_keeps_the_lowest_val_loss(tmp_path):
   workdir = tmp_path / "w"
-  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
-                 "--config.train.num_steps=40", "--config.train.eval_every=10",
-                 "--config.checkpoint.every=10", "--config.checkpoint.keep=2",
-                 "--config.checkpoint.keep_best=true", env=ONE_DEVICE)
+  proc = run_cli(
+    "--config=experiments/tiny.py",
+    f"--workdir={workdir}",
+    "--config.train.num_steps=40",
+    "--config.train.eval_every=10",
+    "--config.checkpoint.every=10",
+    "--config.checkpoint.keep=2",
+    "--config.checkpoint.keep_best=true",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert _finalized(workdir) == [30, 40]
   vals = {l["step"]: l["val_loss"] for l in _metrics(workdir) if "val_loss" in l}
@@ -196,11 +243,19 @@ def test_export_is_params_only_and_keep_best_keeps_the_lowest_val_loss(tmp_path)
 
 def test_export_to_an_unwritable_directory_is_a_one_line_error(tmp_path):
   workdir = tmp_path / "w"
-  assert run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
-                 "--config.train.num_steps=2", env=ONE_DEVICE).returncode == 0
+  assert (
+    run_cli(
+      "--config=experiments/tiny.py",
+      f"--workdir={workdir}",
+      "--config.train.num_steps=2",
+      env=ONE_DEVICE,
+    ).returncode
+    == 0
+  )
   (tmp_path / "file").write_text("not a directory")
-  proc = run_cli("--mode=export", f"--workdir={workdir}", f"--export_dir={tmp_path}/file/x",
-                 env=ONE_DEVICE)
+  proc = run_cli(
+    "--mode=export", f"--workdir={workdir}", f"--export_dir={tmp_path}/file/x", env=ONE_DEVICE
+  )
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert "pass a writable --export_dir" in proc.stderr
 
@@ -219,20 +274,33 @@ TINY = "--config=experiments/tiny.py"
 def test_a_state_that_turns_nan_is_never_saved(tmp_path):
   # eps=0: Adam divides 0 by 0 for the embedding rows no batch touches. The loss of step 1
   # (computed before the update) is finite; the state it leaves is not.
-  proc = run_cli(TINY, f"--workdir={tmp_path}/w", "--config.optim.eps=0",
-                 "--config.checkpoint.every=1", "--config.train.num_steps=5", env=ONE_DEVICE)
+  proc = run_cli(
+    TINY,
+    f"--workdir={tmp_path}/w",
+    "--config.optim.eps=0",
+    "--config.checkpoint.every=1",
+    "--config.train.num_steps=5",
+    env=ONE_DEVICE,
+  )
   line = one_line_error(proc)
   assert "became NaN or inf at step 1" in line and "nothing from this state was saved" in line
   assert _finalized(tmp_path / "w") == []
 
 
 def test_non_finite_hyperparameters_are_refused(tmp_path):
-  line = one_line_error(run_cli(TINY, f"--workdir={tmp_path}/w", "--config.optim.lr=nan",
-                                env=ONE_DEVICE))
+  line = one_line_error(
+    run_cli(TINY, f"--workdir={tmp_path}/w", "--config.optim.lr=nan", env=ONE_DEVICE)
+  )
   assert "config.optim.lr=nan is not a finite number" in line
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
-  for key in ("optim.lr", "optim.min_lr", "optim.b2", "optim.eps", "model.dropout",
-              "model.norm_eps"):
+  for key in (
+    "optim.lr",
+    "optim.min_lr",
+    "optim.b2",
+    "optim.eps",
+    "model.dropout",
+    "model.norm_eps",
+  ):
     for value in (float("nan"), float("inf"), -float("inf")):
       c = tiny_config(**{key.replace(".", "__"): value})
       with pytest.raises(UserError, match=f"config.{key}=.* is not a finite number"):
@@ -254,15 +322,31 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_earlier_ones(tmp_path, foreseen):
   log step or save."""
   disk, left = tmp_path / "disk", tmp_path / "left"
   left.mkdir()
-  program = ("-m", "gptjax.main") if foreseen else ("-c", (
-      "import sys; from absl import app; from gptjax import checkpoint, main; "
-      "checkpoint.Checkpoints._check_space = lambda self, step: None; "
-      "app.run(main.main, flags_parser=main._parse_flags)"))
-  proc = run_cli_on_tmpfs(disk, "1800k" if foreseen else "1600k", TINY, f"--workdir={disk}/w",
-                          f"--config.data.path={_small_corpus(tmp_path)}",
-                          "--config.checkpoint.every=2", "--config.train.num_steps=20",
-                          "--config.train.log_every=1", env=ONE_DEVICE, copy_to=left,
-                          program=program)
+  program = (
+    ("-m", "gptjax.main")
+    if foreseen
+    else (
+      "-c",
+      (
+        "import sys; from absl import app; from gptjax import checkpoint, main; "
+        "checkpoint.Checkpoints._check_space = lambda self, step: None; "
+        "app.run(main.main, flags_parser=main._parse_flags)"
+      ),
+    )
+  )
+  proc = run_cli_on_tmpfs(
+    disk,
+    "1800k" if foreseen else "1600k",
+    TINY,
+    f"--workdir={disk}/w",
+    f"--config.data.path={_small_corpus(tmp_path)}",
+    "--config.checkpoint.every=2",
+    "--config.train.num_steps=20",
+    "--config.train.log_every=1",
+    env=ONE_DEVICE,
+    copy_to=left,
+    program=program,
+  )
   line = one_line_error(proc)
   assert "not enough disk space to save" in line and f"in {disk}/w/checkpoints" in line
   assert "it needs ~" in line and "is free" in line
@@ -273,7 +357,8 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_earlier_ones(tmp_path, foreseen):
   target = abstract_params(checkpoint.workdir_config(str(left / "w")))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   _, meta = checkpoint.Checkpoints(str(left / "w")).restore_params(
-      target, jax.tree.map(lambda _: one, target))
+    target, jax.tree.map(lambda _: one, target)
+  )
   assert meta["step"] == 4
 
 
@@ -288,8 +373,12 @@ def _corrupt(step_dir):
 
 def test_a_corrupt_newest_checkpoint_falls_back_everywhere_in_one_clean_warning(tmp_path):
   workdir = tmp_path / "w"
-  args = [TINY, f"--workdir={workdir}", "--config.train.num_steps=30",
-          "--config.checkpoint.every=10"]
+  args = [
+    TINY,
+    f"--workdir={workdir}",
+    "--config.train.num_steps=30",
+    "--config.checkpoint.every=10",
+  ]
   assert run_cli(*args, env=ONE_DEVICE).returncode == 0
   _corrupt(workdir / "checkpoints" / "30")
   for mode in (["--mode=sample", "--max_new_tokens=5"], ["--mode=export"]):
@@ -298,8 +387,13 @@ def test_a_corrupt_newest_checkpoint_falls_back_everywhere_in_one_clean_warning(
     out = proc.stdout + proc.stderr
     warning = [l for l in out.splitlines() if l.startswith("warning: checkpoint 30")]
     assert len(warning) == 1 and warning[0].endswith("; using checkpoint 20"), out[-3000:]
-    for noise in ("<bound method", "Event loop is closed", "Exception ignored", "Traceback",
-                  "tensorstore_spec"):
+    for noise in (
+      "<bound method",
+      "Event loop is closed",
+      "Exception ignored",
+      "Traceback",
+      "tensorstore_spec",
+    ):
       assert noise not in out, out[-3000:]
   assert "from checkpoint 20" in proc.stdout or "exported step 20" in proc.stdout
   assert _finalized(workdir) == [10, 20, 30]  # read-only modes move nothing
@@ -316,13 +410,24 @@ def test_a_restore_that_fails_for_every_checkpoint_moves_nothing(tmp_path, monke
   """A fault of the setup (here the relative path orbax refuses, the wave-1 bug), not of
   the files: no checkpoint is called corrupt."""
   workdir = tmp_path / "w"
-  assert run_cli(TINY, f"--workdir={workdir}", "--config.train.num_steps=20",
-                 "--config.checkpoint.every=10", env=ONE_DEVICE).returncode == 0
+  assert (
+    run_cli(
+      TINY,
+      f"--workdir={workdir}",
+      "--config.train.num_steps=20",
+      "--config.checkpoint.every=10",
+      env=ONE_DEVICE,
+    ).returncode
+    == 0
+  )
   monkeypatch.chdir(tmp_path)
   target = abstract_params(checkpoint.workdir_config("w"))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with pytest.raises(UserError, match="no checkpoint in w/checkpoints can be restored"
-                                      r" \(newest, 20: .*\); nothing was moved"):
+  with pytest.raises(
+    UserError,
+    match="no checkpoint in w/checkpoints can be restored"
+    r" \(newest, 20: .*\); nothing was moved",
+  ):
     checkpoint.Checkpoints("w").restore_params(target, jax.tree.map(lambda _: one, target))
   assert _finalized(workdir) == [10, 20] and not os.path.exists(workdir / "checkpoints_corrupt")
 
@@ -330,6 +435,7 @@ def test_a_restore_that_fails_for_every_checkpoint_moves_nothing(tmp_path, monke
 def test_a_non_finite_checkpoint_is_skipped(tmp_path, trained_tiny):
   """A NaN checkpoint (as older versions could save): sampling uses the previous one."""
   import shutil
+
   workdir = tmp_path / "w"
   shutil.copytree(trained_tiny, workdir)
   config = checkpoint.workdir_config(str(workdir))
@@ -337,13 +443,22 @@ def test_a_non_finite_checkpoint_is_skipped(tmp_path, trained_tiny):
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: one, target)
   params, meta = checkpoint.Checkpoints(str(workdir)).restore_params(target, shardings)
-  state = train.TrainState(step=jax.numpy.array(40), params=jax.tree.map(
-      lambda x: x * np.nan, params), opt_state={}, rng=jax.random.PRNGKey(0))
+  state = train.TrainState(
+    step=jax.numpy.array(40),
+    params=jax.tree.map(lambda x: x * np.nan, params),
+    opt_state={},
+    rng=jax.random.PRNGKey(0),
+  )
   ckpt = checkpoint.Checkpoints(str(workdir))
   ckpt.save(state, {**meta, "step": 40})
   ckpt.wait()
-  proc = run_cli("--mode=sample", f"--workdir={workdir}", "--prompt=ROMEO:",
-                 "--max_new_tokens=20", env=ONE_DEVICE)
+  proc = run_cli(
+    "--mode=sample",
+    f"--workdir={workdir}",
+    "--prompt=ROMEO:",
+    "--max_new_tokens=20",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "checkpoint 40" in proc.stdout and "NaN or inf" in proc.stdout
   assert "using checkpoint 30" in proc.stdout and "from checkpoint 30" in proc.stdout
@@ -352,11 +467,24 @@ def test_a_non_finite_checkpoint_is_skipped(tmp_path, trained_tiny):
 
 def test_sigterm_during_a_long_eval_saves_without_finishing_it(tmp_path):
   workdir = tmp_path / "w"
-  proc = subprocess.Popen([sys.executable, "-m", "gptjax.main", TINY, f"--workdir={workdir}",
-                           "--config.train.num_steps=100", "--config.train.eval_every=5",
-                           "--config.train.log_every=5", "--config.train.eval_batches=100000"],
-                          cwd=REPO, env={**os.environ, **ONE_DEVICE}, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "gptjax.main",
+      TINY,
+      f"--workdir={workdir}",
+      "--config.train.num_steps=100",
+      "--config.train.eval_every=5",
+      "--config.train.log_every=5",
+      "--config.train.eval_batches=100000",
+    ],
+    cwd=REPO,
+    env={**os.environ, **ONE_DEVICE},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     for line in proc.stdout:  # step 5 is logged; its eval (100k batches, minutes) starts
       if line.startswith("step") and "5/100" in line:

@@ -52,9 +52,15 @@ def corpus(tmp_path):
 
 def run_cli(*args, timeout=240, env=None, stdin=""):
   """Runs `python -m gptjax.main ARGS` from the repo root; returns the CompletedProcess."""
-  return subprocess.run([sys.executable, "-m", "gptjax.main", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout, input=stdin,
-                        env={**os.environ, **(env or {})})
+  return subprocess.run(
+    [sys.executable, "-m", "gptjax.main", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    input=stdin,
+    env={**os.environ, **(env or {})},
+  )
 
 
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # fast subprocesses
@@ -64,25 +70,36 @@ ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # fast s
 def trained_tiny(tmp_path_factory):
   """A workdir with the tiny model trained 30 steps on Shakespeare (for sample and chat)."""
   workdir = tmp_path_factory.mktemp("trained")
-  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
-                 "--config.train.num_steps=30", env=ONE_DEVICE)
+  proc = run_cli(
+    "--config=experiments/tiny.py",
+    f"--workdir={workdir}",
+    "--config.train.num_steps=30",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   return workdir
 
 
-def run_cli_on_tmpfs(mountpoint, size, *args, env=None, timeout=240, copy_to=None,
-                     program=("-m", "gptjax.main")):
+def run_cli_on_tmpfs(
+  mountpoint, size, *args, env=None, timeout=240, copy_to=None, program=("-m", "gptjax.main")
+):
   """Runs the CLI with a `size` tmpfs (e.g. "1600k") mounted at `mountpoint`: a small disk
   that really fills. A private mount namespace (unshare) keeps it from the host and unmounts
   it when the command ends; copy_to gets a copy of what was left on it."""
   os.makedirs(mountpoint, exist_ok=True)
   keep = f'; cp -a "{mountpoint}/." "{copy_to}/"' if copy_to else ""
-  script = (f'mount -t tmpfs -o size={size} tmpfs "{mountpoint}" || exit 99; '
-            f'"{sys.executable}" "$@"; rc=$?{keep}; exit $rc')
-  proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *program, *args],
-                        cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout,
-                        env={**os.environ, **(env or {})})
+  script = (
+    f'mount -t tmpfs -o size={size} tmpfs "{mountpoint}" || exit 99; '
+    f'"{sys.executable}" "$@"; rc=$?{keep}; exit $rc'
+  )
+  proc = subprocess.run(
+    ["unshare", "-rm", "sh", "-c", script, "sh", *program, *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env={**os.environ, **(env or {})},
+  )
   assert proc.returncode != 99, f"cannot mount a tmpfs: {proc.stderr}"
   return proc
 

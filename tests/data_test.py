@@ -2,11 +2,16 @@ import os
 
 import numpy as np
 import pytest
+from conftest import (
+  ONE_DEVICE,
+  SHAKESPEARE_DIR,
+  one_line_error,
+  run_cli,
+  run_cli_on_tmpfs,
+  tiny_config,
+)
 
-from conftest import ONE_DEVICE, SHAKESPEARE_DIR, one_line_error, run_cli, run_cli_on_tmpfs, \
-    tiny_config
-from gptjax import tokenizers
-from gptjax import data
+from gptjax import data, tokenizers
 from gptjax.errors import UserError
 
 
@@ -34,7 +39,7 @@ def test_an_epoch_visits_every_window_once():
   b = data.Batches(tokens, batch_size=7, seq_len=10, seed=3, split="train")
   assert b.windows_per_epoch == 99
   steps = -(-b.windows_per_epoch // 7)
-  starts = np.concatenate([b.starts(s) for s in range(steps)])[:b.windows_per_epoch]
+  starts = np.concatenate([b.starts(s) for s in range(steps)])[: b.windows_per_epoch]
   phase = starts[0] % 10
   assert sorted(starts) == list(range(phase, phase + 990, 10))  # a permutation of the windows
   later = np.concatenate([b.starts(s) for s in range(steps, 2 * steps)])
@@ -55,8 +60,12 @@ def test_text_split_and_tokenizer_saved(tmp_path, corpus):
   assert len(d.val.tokens) == n - int(n * 0.75) + 1
   assert not os.path.exists(tmp_path / "work" / "tokenizer.json")  # saved once training starts
   data.save_tokenizer(d.tokenizer, str(tmp_path / "work"))
-  assert data.load(tiny_config(data__path=corpus, data__val_fraction=0.25),
-                   str(tmp_path / "work")).tokenizer.to_dict() == d.tokenizer.to_dict()
+  assert (
+    data.load(
+      tiny_config(data__path=corpus, data__val_fraction=0.25), str(tmp_path / "work")
+    ).tokenizer.to_dict()
+    == d.tokenizer.to_dict()
+  )
   assert d.val_bytes_per_token == pytest.approx(1.0, abs=0.01)
 
 
@@ -79,8 +88,13 @@ def test_missing_empty_and_short_corpora(tmp_path):
 
 
 def test_tfds_tiny_shakespeare_offline(tmp_path):
-  d = _load(tmp_path, data__source="tfds", data__tfds_name="tiny_shakespeare",
-            data__data_dir=str(tmp_path / "tfds"), data__manual_dir=SHAKESPEARE_DIR)
+  d = _load(
+    tmp_path,
+    data__source="tfds",
+    data__tfds_name="tiny_shakespeare",
+    data__data_dir=str(tmp_path / "tfds"),
+    data__manual_dir=SHAKESPEARE_DIR,
+  )
   assert len(d.train.tokens) == 1_003_854 + 1 and len(d.val.tokens) == 55_770 + 1
   assert d.tokenizer.vocab_size == 66  # 65 characters + end-of-text
   assert d.tokenizer.decode(d.train.tokens[:14]) == "First Citizen:"
@@ -88,25 +102,41 @@ def test_tfds_tiny_shakespeare_offline(tmp_path):
 
 def test_tfds_download_failure_names_manual_dir(tmp_path):
   from tensorflow_datasets.core.download import downloader
+
   default_retries = downloader.MAX_RETRIES
   try:
     with pytest.raises(UserError, match="manual_dir"):  # offline here; no retries: fails fast
-      _load(tmp_path, data__source="tfds", data__tfds_name="tiny_shakespeare",
-            data__data_dir=str(tmp_path / "tfds"), data__download_retries=0)
+      _load(
+        tmp_path,
+        data__source="tfds",
+        data__tfds_name="tiny_shakespeare",
+        data__data_dir=str(tmp_path / "tfds"),
+        data__download_retries=0,
+      )
   finally:
     downloader.MAX_RETRIES = default_retries
 
 
 def test_tfds_unknown_dataset(tmp_path):
   with pytest.raises(UserError, match="no dataset 'no_such_dataset'"):
-    _load(tmp_path, data__source="tfds", data__tfds_name="no_such_dataset",
-          data__data_dir=str(tmp_path / "tfds"))
+    _load(
+      tmp_path,
+      data__source="tfds",
+      data__tfds_name="no_such_dataset",
+      data__data_dir=str(tmp_path / "tfds"),
+    )
 
 
 def test_a_run_that_fails_before_training_leaves_no_vocabulary(tmp_path):
   (tmp_path / "short.txt").write_text("too short for a window of 33 tokens" * 2)
-  line = one_line_error(run_cli("--config=experiments/tiny.py", f"--workdir={tmp_path}/w",
-                                f"--config.data.path={tmp_path}/short.txt", env=ONE_DEVICE))
+  line = one_line_error(
+    run_cli(
+      "--config=experiments/tiny.py",
+      f"--workdir={tmp_path}/w",
+      f"--config.data.path={tmp_path}/short.txt",
+      env=ONE_DEVICE,
+    )
+  )
   assert "fewer than one window" in line
   assert not os.path.exists(tmp_path / "w" / "tokenizer.json")
 
@@ -115,8 +145,14 @@ def test_a_stale_vocabulary_is_named(tmp_path, corpus):
   """A tokenizer.json an earlier run left (another corpus) is named as the culprit."""
   (tmp_path / "w").mkdir()
   tokenizers.save(tokenizers.CharTokenizer("abc "), str(tmp_path / "w" / "tokenizer.json"))
-  line = one_line_error(run_cli("--config=experiments/tiny.py", f"--workdir={tmp_path}/w",
-                                f"--config.data.path={corpus}", env=ONE_DEVICE))
+  line = one_line_error(
+    run_cli(
+      "--config=experiments/tiny.py",
+      f"--workdir={tmp_path}/w",
+      f"--config.data.path={corpus}",
+      env=ONE_DEVICE,
+    )
+  )
   assert "is not in the char vocabulary" in line
   assert f"of {tmp_path}/w/tokenizer.json, which an earlier run" in line
   assert "tokenizer=byte" not in line
@@ -128,8 +164,15 @@ def test_tokenizing_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_
   text = tmp_path / "corpus.txt"
   with open(os.path.join(SHAKESPEARE_DIR, "input.txt")) as f:
     text.write_text(f.read(60000))
-  proc = run_cli_on_tmpfs(disk, "80k", "--config=experiments/tiny.py", f"--workdir={disk}/w",
-                          f"--config.data.path={text}", env=ONE_DEVICE, copy_to=left)
+  proc = run_cli_on_tmpfs(
+    disk,
+    "80k",
+    "--config=experiments/tiny.py",
+    f"--workdir={disk}/w",
+    f"--config.data.path={text}",
+    env=ONE_DEVICE,
+    copy_to=left,
+  )
   line = one_line_error(proc)
   assert f"disk full writing the train tokens to {disk}/w/data/train.bin" in line
   assert "it needs up to 105.5 KiB" in line and "is free" in line  # 54k chars, uint16

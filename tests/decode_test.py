@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from gptjax import decode
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
@@ -16,9 +16,10 @@ VOCAB = 50
 def _model(positions="learned"):
   model = GPT(GPTConfig.from_config(tiny_config(model__positions=positions).model, VOCAB))
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))["params"]
-  params = jax.tree.map(lambda x: x * 20 if x.ndim > 1 else x,  # sharper, less tied logits
-                        jax.tree.map(lambda x: x.value, params,
-                                     is_leaf=lambda x: hasattr(x, "value")))
+  params = jax.tree.map(
+    lambda x: x * 20 if x.ndim > 1 else x,  # sharper, less tied logits
+    jax.tree.map(lambda x: x.value, params, is_leaf=lambda x: hasattr(x, "value")),
+  )
   return model, params
 
 
@@ -32,9 +33,9 @@ def _greedy_by_recomputation(model, params, prompt, n):
   seq = list(prompt)
   for _ in range(n):
     padded = np.zeros((1, model.cfg.block_size), np.int32)
-    padded[0, :len(seq)] = seq
+    padded[0, : len(seq)] = seq
     seq.append(int(jnp.argmax(apply(padded)[0, len(seq) - 1, :VOCAB])))
-  return seq[len(prompt):]
+  return seq[len(prompt) :]
 
 
 @pytest.mark.parametrize("positions", ["learned", "rope"])
@@ -131,6 +132,7 @@ def test_errors_name_the_problem():
 
 def test_decoding_with_params_sharded_over_a_mesh_matches_one_device():
   from gptjax import sharding
+
   config = tiny_config(mesh__shape__data=1, mesh__shape__fsdp=4, mesh__shape__tensor=2)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
   model, params = _model()
@@ -165,7 +167,7 @@ def test_bf16_decoding_picks_the_argmax_of_a_bf16_full_forward():
   assert state.cache["h_0"]["attn"]["cached_key"].dtype == jnp.bfloat16
   for b, prompt in enumerate(PROMPTS):
     seq = np.zeros((1, 32), np.int32)
-    seq[0, :len(prompt) + 12] = prompt + list(np.asarray(out[b]))
+    seq[0, : len(prompt) + 12] = prompt + list(np.asarray(out[b]))
     logits = np.asarray(model.apply({"params": params}, seq)[0, :, :VOCAB], np.float32)
     for i in range(12):
       step = logits[len(prompt) - 1 + i]
@@ -176,7 +178,9 @@ def test_bf16_decoding_picks_the_argmax_of_a_bf16_full_forward():
 def test_scan_layers_decodes_as_the_loop():
   """Stacked KV caches ((L, B, N, S, H), scan_layers) give the per-layer caches' tokens."""
   import dataclasses
+
   from gptjax.model import stack_layers
+
   model, params = _model()
   scan = GPT(dataclasses.replace(model.cfg, scan_layers=True))
   tokens, start = decode.left_pad(PROMPTS)

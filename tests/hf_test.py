@@ -9,31 +9,47 @@ import numpy as np
 import pytest
 import torch  # the test extra installs torch (CPU) and transformers
 import transformers
+from conftest import ONE_DEVICE, one_line_error, run_cli, tiny_config
+from conftest import SHAKESPEARE_DIR as SHAKESPEARE
 
-from conftest import ONE_DEVICE, SHAKESPEARE_DIR as SHAKESPEARE, one_line_error, run_cli, \
-    tiny_config
 from gptjax import decode, hf
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
 
 VOCAB, D, LAYERS, HEADS, POSITIONS = 96, 64, 2, 4, 64
-SHAPE = [f"--config.model.n_layer={LAYERS}", f"--config.model.n_head={HEADS}",
-         f"--config.model.d_model={D}", f"--config.model.block_size={POSITIONS}",
-         f"--config.model.vocab_size={VOCAB}"]  # the CLI flags for _hf_model's shape
+SHAPE = [
+  f"--config.model.n_layer={LAYERS}",
+  f"--config.model.n_head={HEADS}",
+  f"--config.model.d_model={D}",
+  f"--config.model.block_size={POSITIONS}",
+  f"--config.model.vocab_size={VOCAB}",
+]  # the CLI flags for _hf_model's shape
 
 
 def _hf_model(seed=0, **overrides):
   torch.manual_seed(seed)
   config = transformers.GPT2Config(
-      vocab_size=VOCAB, n_positions=POSITIONS, n_embd=D, n_layer=LAYERS, n_head=HEADS,
-      bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
-      initializer_range=0.2, **overrides)  # larger weights: sharper logits, fewer near-ties
+    vocab_size=VOCAB,
+    n_positions=POSITIONS,
+    n_embd=D,
+    n_layer=LAYERS,
+    n_head=HEADS,
+    bos_token_id=VOCAB - 1,
+    eos_token_id=VOCAB - 1,
+    initializer_range=0.2,
+    **overrides,
+  )  # larger weights: sharper logits, fewer near-ties
   return transformers.GPT2LMHeadModel(config).eval()
 
 
 def _config(**overrides):
-  c = tiny_config(model__n_layer=LAYERS, model__n_head=HEADS, model__d_model=D,
-                  model__block_size=POSITIONS, model__vocab_size=VOCAB)
+  c = tiny_config(
+    model__n_layer=LAYERS,
+    model__n_head=HEADS,
+    model__d_model=D,
+    model__block_size=POSITIONS,
+    model__vocab_size=VOCAB,
+  )
   for key, value in overrides.items():
     c.model[key] = value
   return c
@@ -78,7 +94,8 @@ TOKENS = np.random.default_rng(0).integers(0, VOCAB, (3, 40)).astype(np.int32)
 def test_import_matches_transformers_logits(saved):
   hf_model, path = saved
   assert [os.path.basename(f) for f in hf.weight_files(str(path))] == [
-      n for n in os.listdir(path) if n.endswith((".safetensors", ".bin"))]
+    n for n in os.listdir(path) if n.endswith((".safetensors", ".bin"))
+  ]
   model, params = _gptjax(path)
   ours = np.asarray(model.apply({"params": params}, TOKENS))[..., :VOCAB]
   theirs = _hf_logits(hf_model, TOKENS)
@@ -92,8 +109,7 @@ def test_export_loads_in_transformers_unchanged(saved, tmp_path):
   again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
   theirs, back = _hf_logits(hf_model, TOKENS), _hf_logits(again, TOKENS)
   assert np.abs(back - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
-  assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [
-      "GPT2LMHeadModel"]
+  assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
 
 
 def test_greedy_generation_equals_transformers_generate(saved):
@@ -101,9 +117,14 @@ def test_greedy_generation_equals_transformers_generate(saved):
   model, params = _gptjax(path)
   prompt = np.random.default_rng(1).integers(0, VOCAB - 1, (2, 16))
   with torch.no_grad():
-    theirs = hf_model.generate(torch.tensor(prompt), do_sample=False, max_new_tokens=32,
-                               min_new_tokens=32, attention_mask=torch.ones(prompt.shape),
-                               pad_token_id=VOCAB - 1).numpy()[:, 16:]
+    theirs = hf_model.generate(
+      torch.tensor(prompt),
+      do_sample=False,
+      max_new_tokens=32,
+      min_new_tokens=32,
+      attention_mask=torch.ones(prompt.shape),
+      pad_token_id=VOCAB - 1,
+    ).numpy()[:, 16:]
   d = decode.Decoder(model, params)
   tokens, start = decode.left_pad(prompt.tolist())
   _, ours, count = d.generate(d.prefill(tokens, start, 32), 32, decode.Sampling(0.0))
@@ -112,8 +133,13 @@ def test_greedy_generation_equals_transformers_generate(saved):
 
 
 def test_a_model_that_is_not_gpt2_is_named(tmp_path):
-  config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=128,
-                                    num_hidden_layers=1, num_attention_heads=HEADS)
+  config = transformers.LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=D,
+    intermediate_size=128,
+    num_hidden_layers=1,
+    num_attention_heads=HEADS,
+  )
   transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
   with pytest.raises(UserError, match="holds a LlamaForCausalLM model .*not GPT-2"):
     hf.directory(f"hf:{tmp_path}")
@@ -124,8 +150,11 @@ def test_a_model_that_is_not_gpt2_is_named(tmp_path):
 def test_shape_mismatch_names_the_tensor(saved):
   _, path = saved
   cfg = GPTConfig.from_config(_config(d_model=128).model, VOCAB)
-  with pytest.raises(UserError, match=r"transformer.wte.weight has shape \(96, 64\) but the "
-                                      r"config needs \(96, 128\)"):
+  with pytest.raises(
+    UserError,
+    match=r"transformer.wte.weight has shape \(96, 64\) but the "
+    r"config needs \(96, 128\)",
+  ):
     hf.load_params(f"hf:{path}", cfg)
   with pytest.raises(UserError, match="checkpoint has 2 layers .*n_layer=1"):
     hf.load_params(f"hf:{path}", GPTConfig.from_config(_config(n_layer=1).model, VOCAB))
@@ -139,53 +168,82 @@ def test_init_from_trains_and_exports_through_the_cli(saved_safetensors, tmp_pat
   With scan_layers (stacked layers) on the way in and out: the per-layer layout is what
   the other tests here import and export."""
   _, path = saved_safetensors
-  common = ["--config=experiments/tiny.py", "--config.model.scan_layers=true",
-            f"--config.model.n_layer={LAYERS}",
-            f"--config.model.n_head={HEADS}", f"--config.model.d_model={D}",
-            f"--config.model.block_size={POSITIONS}", f"--config.model.vocab_size={VOCAB}",
-            f"--config.init_from=hf:{path}"]  # char tokens (66 ids) under a 96-id vocabulary
-  proc = run_cli(*common, f"--workdir={tmp_path}", "--config.train.num_steps=2",
-                 "--config.optim.lr=1e-9", "--config.optim.min_lr=0", env=ONE_DEVICE)
+  common = [
+    "--config=experiments/tiny.py",
+    "--config.model.scan_layers=true",
+    f"--config.model.n_layer={LAYERS}",
+    f"--config.model.n_head={HEADS}",
+    f"--config.model.d_model={D}",
+    f"--config.model.block_size={POSITIONS}",
+    f"--config.model.vocab_size={VOCAB}",
+    f"--config.init_from=hf:{path}",
+  ]  # char tokens (66 ids) under a 96-id vocabulary
+  proc = run_cli(
+    *common,
+    f"--workdir={tmp_path}",
+    "--config.train.num_steps=2",
+    "--config.optim.lr=1e-9",
+    "--config.optim.min_lr=0",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f"initialised the parameters from hf:{path}" in proc.stdout
-  proc = run_cli("--mode=export", "--export_format=hf", f"--workdir={tmp_path}",
-                 env=ONE_DEVICE)
+  proc = run_cli("--mode=export", "--export_format=hf", f"--workdir={tmp_path}", env=ONE_DEVICE)
   assert proc.returncode == 0, proc.stderr[-2000:]
   back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export_hf").eval()
   original = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
   # lr 1e-9 for 2 steps: the weights barely move
   assert np.abs(_hf_logits(back, TOKENS) - _hf_logits(original, TOKENS)).max() < 1e-3
-  proc = run_cli(*common[:-1], "--config.init_from=hf:/nonexistent", f"--workdir={tmp_path}2",
-                 env=ONE_DEVICE)
+  proc = run_cli(
+    *common[:-1], "--config.init_from=hf:/nonexistent", f"--workdir={tmp_path}2", env=ONE_DEVICE
+  )
   assert proc.returncode == 1 and "no config.json" in proc.stderr
 
 
 def test_sample_from_an_hf_directory_with_its_bpe_tokenizer(tmp_path):
   """--mode=sample --config.init_from=hf:DIR reads the weights and DIR's tokenizer.json."""
   from gptjax import tokenize
+
   with open(f"{SHAKESPEARE}/input.txt", encoding="utf-8") as f:
     bpe = tokenize.train_bpe([f.read()[:100_000]], 300)
   torch.manual_seed(0)
-  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-      vocab_size=300, n_positions=POSITIONS, n_embd=D, n_layer=LAYERS, n_head=HEADS))
+  model = transformers.GPT2LMHeadModel(
+    transformers.GPT2Config(
+      vocab_size=300, n_positions=POSITIONS, n_embd=D, n_layer=LAYERS, n_head=HEADS
+    )
+  )
   model.save_pretrained(tmp_path / "hf")
   (tmp_path / "hf" / "tokenizer.json").write_text(bpe.hf_json)
-  proc = run_cli("--mode=sample", "--config=experiments/gpt2.py:small",
-                 f"--config.model.n_layer={LAYERS}", f"--config.model.n_head={HEADS}",
-                 f"--config.model.d_model={D}", f"--config.model.block_size={POSITIONS}",
-                 f"--config.init_from=hf:{tmp_path / 'hf'}", f"--workdir={tmp_path / 'w'}",
-                 "--prompt=ROMEO:", "--max_new_tokens=12", "--temperature=0", env=ONE_DEVICE)
+  proc = run_cli(
+    "--mode=sample",
+    "--config=experiments/gpt2.py:small",
+    f"--config.model.n_layer={LAYERS}",
+    f"--config.model.n_head={HEADS}",
+    f"--config.model.d_model={D}",
+    f"--config.model.block_size={POSITIONS}",
+    f"--config.init_from=hf:{tmp_path / 'hf'}",
+    f"--workdir={tmp_path / 'w'}",
+    "--prompt=ROMEO:",
+    "--max_new_tokens=12",
+    "--temperature=0",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   text, info = proc.stdout.split("---------------\n")
   assert text.startswith("ROMEO:") and f"from hf:{tmp_path / 'hf'}" in info
 
 
-@pytest.mark.parametrize("key, value", [
-    ("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
-    ("activation_function", "gelu"), ("activation_function", "relu"),
-    ("add_cross_attention", True)])
-def test_gpt2_options_gptjax_does_not_compute_are_refused(saved_safetensors, tmp_path, key,
-                                                          value):
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("scale_attn_by_inverse_layer_idx", True),
+    ("scale_attn_weights", False),
+    ("activation_function", "gelu"),
+    ("activation_function", "relu"),
+    ("add_cross_attention", True),
+  ],
+)
+def test_gpt2_options_gptjax_does_not_compute_are_refused(saved_safetensors, tmp_path, key, value):
   """Each changes the numbers (gelu: erf, not tanh); reorder_and_upcast_attn does not (it
   upcasts attention scores to float32, as gptjax always does) and imports: see
   test_random_gpt2_configs_import_and_export_exactly."""
@@ -232,20 +290,30 @@ def test_an_untied_head_imports_and_exports(saved_untied, saved_safetensors, tmp
     back = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     assert not torch.equal(back.lm_head.weight, back.transformer.wte.weight)
     assert np.abs(_hf_logits(back, TOKENS) - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
-  with pytest.raises(UserError, match="tie_word_embeddings=False .*pass --config.model."
-                                      "tie_embeddings=false$"):
+  with pytest.raises(
+    UserError, match="tie_word_embeddings=False .*pass --config.model.tie_embeddings=false$"
+  ):
     _gptjax(path)
-  with pytest.raises(UserError, match="tie_word_embeddings=True .*pass --config.model."
-                                      "tie_embeddings=true$"):
+  with pytest.raises(
+    UserError, match="tie_word_embeddings=True .*pass --config.model.tie_embeddings=true$"
+  ):
     _gptjax(saved_safetensors[1], tie_embeddings=False)
 
 
 def test_an_untied_checkpoint_under_a_tied_config_is_one_line(saved_untied, tmp_path):
   _, path = saved_untied
   one_line_error(
-      run_cli("--config=experiments/tiny.py", *SHAPE, f"--config.init_from=hf:{path}",
-              f"--workdir={tmp_path}", "--config.train.num_steps=1", env=ONE_DEVICE),
-      "tie_word_embeddings=False", "--config.model.tie_embeddings=false")
+    run_cli(
+      "--config=experiments/tiny.py",
+      *SHAPE,
+      f"--config.init_from=hf:{path}",
+      f"--workdir={tmp_path}",
+      "--config.train.num_steps=1",
+      env=ONE_DEVICE,
+    ),
+    "tie_word_embeddings=False",
+    "--config.model.tie_embeddings=false",
+  )
 
 
 def test_layer_norm_epsilon_is_read(tmp_path):
@@ -253,8 +321,11 @@ def test_layer_norm_epsilon_is_read(tmp_path):
   built its model from the config), and imports exactly under that flag."""
   hf_model = _hf_model(layer_norm_epsilon=1e-3)
   hf_model.save_pretrained(tmp_path)
-  with pytest.raises(UserError, match=r"layer_norm_epsilon=0.001 but config.model.norm_eps="
-                                      r"1e-05; pass --config.model.norm_eps=0.001$"):
+  with pytest.raises(
+    UserError,
+    match=r"layer_norm_epsilon=0.001 but config.model.norm_eps="
+    r"1e-05; pass --config.model.norm_eps=0.001$",
+  ):
     _gptjax(tmp_path)
   with pytest.raises(UserError, match=r"pass --config.model.norm_eps=0.001$"):
     hf.directory(f"hf:{tmp_path}", _config().model)  # config.model: before any data or compile
@@ -273,25 +344,39 @@ def test_random_gpt2_configs_import_and_export_exactly(seed, tmp_path):
   n_embd, vocab = n_head * int(rng.choice([8, 16])), int(rng.integers(70, 200))
   n_positions = int(rng.integers(20, 60))
   fields = dict(
-      n_embd=n_embd, n_head=n_head, n_layer=int(rng.integers(1, 4)), vocab_size=vocab,
-      n_inner=int(rng.integers(1, 6)) * 24, n_positions=n_positions,
-      layer_norm_epsilon=float(10 ** rng.uniform(-3.5, -1.5)),  # far enough from 1e-5 to show
-      activation_function=("gelu_pytorch_tanh", "gelu_new")[seed % 2],
-      tie_word_embeddings=bool(seed % 2), reorder_and_upcast_attn=not seed % 2,
-      initializer_range=float(rng.uniform(0.1, 0.3)),  # larger weights: sharper logits
-      bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+    n_embd=n_embd,
+    n_head=n_head,
+    n_layer=int(rng.integers(1, 4)),
+    vocab_size=vocab,
+    n_inner=int(rng.integers(1, 6)) * 24,
+    n_positions=n_positions,
+    layer_norm_epsilon=float(10 ** rng.uniform(-3.5, -1.5)),  # far enough from 1e-5 to show
+    activation_function=("gelu_pytorch_tanh", "gelu_new")[seed % 2],
+    tie_word_embeddings=bool(seed % 2),
+    reorder_and_upcast_attn=not seed % 2,
+    initializer_range=float(rng.uniform(0.1, 0.3)),  # larger weights: sharper logits
+    bos_token_id=vocab - 1,
+    eos_token_id=vocab - 1,
+  )
   torch.manual_seed(seed)
   # eager: the only attention reorder_and_upcast_attn changes
   config = transformers.GPT2Config(attn_implementation="eager", **fields)
   hf_model = transformers.GPT2LMHeadModel(config).eval()
   hf_model.save_pretrained(tmp_path / "in")
-  c = tiny_config(model__n_layer=fields["n_layer"], model__n_head=n_head, model__d_model=n_embd,
-                  model__d_ff=fields["n_inner"], model__block_size=n_positions,
-                  model__vocab_size=vocab, model__norm_eps=fields["layer_norm_epsilon"],
-                  model__tie_embeddings=fields["tie_word_embeddings"])
+  c = tiny_config(
+    model__n_layer=fields["n_layer"],
+    model__n_head=n_head,
+    model__d_model=n_embd,
+    model__d_ff=fields["n_inner"],
+    model__block_size=n_positions,
+    model__vocab_size=vocab,
+    model__norm_eps=fields["layer_norm_epsilon"],
+    model__tie_embeddings=fields["tie_word_embeddings"],
+  )
   cfg = GPTConfig.from_config(c.model, vocab)
-  with pytest.raises(UserError, match=f"pass --config.model.norm_eps="
-                                      f"{fields['layer_norm_epsilon']}$"):
+  with pytest.raises(
+    UserError, match=f"pass --config.model.norm_eps={fields['layer_norm_epsilon']}$"
+  ):
     hf.load_params(f"hf:{tmp_path / 'in'}", dataclasses.replace(cfg, norm_eps=1e-5))
   model, params = GPT(cfg), hf.load_params(f"hf:{tmp_path / 'in'}", cfg)
   tokens = np.random.default_rng(seed).integers(0, vocab, (2, n_positions)).astype(np.int32)
@@ -299,12 +384,21 @@ def test_random_gpt2_configs_import_and_export_exactly(seed, tmp_path):
   ours = np.asarray(model.apply({"params": params}, tokens))[..., :vocab]
   assert np.abs(ours - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
   hf.save(params, cfg, str(tmp_path / "out"))
-  back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out",
-                                                      attn_implementation="eager").eval()
+  back = transformers.GPT2LMHeadModel.from_pretrained(
+    tmp_path / "out", attn_implementation="eager"
+  ).eval()
   assert np.abs(_hf_logits(back, tokens) - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
   written = json.loads((tmp_path / "out" / "config.json").read_text())
-  for key in ("n_embd", "n_head", "n_layer", "vocab_size", "n_inner", "n_positions",
-              "layer_norm_epsilon", "tie_word_embeddings"):
+  for key in (
+    "n_embd",
+    "n_head",
+    "n_layer",
+    "vocab_size",
+    "n_inner",
+    "n_positions",
+    "layer_norm_epsilon",
+    "tie_word_embeddings",
+  ):
     assert written[key] == fields[key], key
 
 
@@ -320,8 +414,10 @@ def test_pytorch_model_bin_formats(saved_safetensors, tmp_path):
   got = hf.read_tensors(str(tmp_path))
   assert sorted(got) == sorted(k.removeprefix("transformer.") for k in want)
   np.testing.assert_array_equal(got["wte.weight"], want["transformer.wte.weight"])
-  for obj, match in [(hf_model, r"not a pickled dict of tensors\); re-save"),
-                     ({"model": hf_model.state_dict()}, "holds a dict, not a state dict")]:
+  for obj, match in [
+    (hf_model, r"not a pickled dict of tensors\); re-save"),
+    ({"model": hf_model.state_dict()}, "holds a dict, not a state dict"),
+  ]:
     torch.save(obj, binary)
     hf.directory(f"hf:{tmp_path}")  # a zip archive: only loading tells
     with pytest.raises(UserError, match=f"pytorch_model.bin .*{match}") as e:
@@ -335,45 +431,69 @@ def _broken(kind, src, dst):
   config = (src / "config.json").read_text()
   weights = (src / "model.safetensors").read_bytes()
   if kind == "config_not_json":
-    (dst / "config.json").write_text(config[:len(config) // 2])
+    (dst / "config.json").write_text(config[: len(config) // 2])
     (dst / "model.safetensors").write_bytes(weights)
     return
   (dst / "config.json").write_text(config)
   if kind == "safetensors_garbage":
     (dst / "model.safetensors").write_bytes(b"not a safetensors file" * 10)
   elif kind == "safetensors_truncated":
-    (dst / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    (dst / "model.safetensors").write_bytes(weights[: len(weights) // 2])
   elif kind == "bin_garbage":
     (dst / "pytorch_model.bin").write_bytes(b"not a pickle" * 10)
   elif kind == "missing_shard":
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     (dst / shards[0]).write_bytes(weights)
-    (dst / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"transformer.wte.weight": shards[0],
-                                        "transformer.wpe.weight": shards[1]}}))
+    (dst / "model.safetensors.index.json").write_text(
+      json.dumps(
+        {
+          "metadata": {},
+          "weight_map": {"transformer.wte.weight": shards[0], "transformer.wpe.weight": shards[1]},
+        }
+      )
+    )
   elif kind == "refused_option":
-    (dst / "config.json").write_text(json.dumps(
-        {**json.loads(config), "scale_attn_by_inverse_layer_idx": True}))
+    (dst / "config.json").write_text(
+      json.dumps({**json.loads(config), "scale_attn_by_inverse_layer_idx": True})
+    )
     (dst / "model.safetensors").write_bytes(weights)
 
 
-@pytest.mark.parametrize("kind, fragments", [
-    ("no_weights", ["has config.json but no weights", "model.safetensors,",
-                    "model.safetensors.index.json", "pytorch_model.bin"]),
+@pytest.mark.parametrize(
+  "kind, fragments",
+  [
+    (
+      "no_weights",
+      [
+        "has config.json but no weights",
+        "model.safetensors,",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+      ],
+    ),
     ("safetensors_garbage", ["model.safetensors is not a readable safetensors file"]),
     ("safetensors_truncated", ["model.safetensors is not a readable safetensors file"]),
     ("bin_garbage", ["pytorch_model.bin is not a readable PyTorch state dict"]),
     ("config_not_json", ["config.json is not readable JSON"]),
-    ("missing_shard", ["model.safetensors.index.json names shard "
-                       "model-00002-of-00002.safetensors"]),
-    ("refused_option", ["sets scale_attn_by_inverse_layer_idx=True"])])
-def test_a_broken_hf_directory_fails_fast_in_one_line(saved_safetensors, tmp_path, kind,
-                                                      fragments):
+    (
+      "missing_shard",
+      ["model.safetensors.index.json names shard model-00002-of-00002.safetensors"],
+    ),
+    ("refused_option", ["sets scale_attn_by_inverse_layer_idx=True"]),
+  ],
+)
+def test_a_broken_hf_directory_fails_fast_in_one_line(saved_safetensors, tmp_path, kind, fragments):
   """Before the data is tokenized (WORKDIR/data) or a step compiled, naming the file."""
   hf_dir, workdir = tmp_path / "hf", tmp_path / "run"
   _broken(kind, saved_safetensors[1], hf_dir)
-  proc = run_cli("--config=experiments/tiny.py", *SHAPE, f"--config.init_from=hf:{hf_dir}",
-                 f"--workdir={workdir}", "--config.train.num_steps=1", env=ONE_DEVICE)
+  proc = run_cli(
+    "--config=experiments/tiny.py",
+    *SHAPE,
+    f"--config.init_from=hf:{hf_dir}",
+    f"--workdir={workdir}",
+    "--config.train.num_steps=1",
+    env=ONE_DEVICE,
+  )
   one_line_error(proc, str(hf_dir), *fragments)
   assert "weights_only" not in proc.stderr  # torch's advice to unpickle anything: never
   assert not (workdir / "data").exists() and not (workdir / "tokenizer.json").exists()
@@ -383,12 +503,20 @@ def test_exporting_a_layout_gpt2_cannot_hold_is_one_line(tmp_path, corpus):
   """A bias-free run: the message names the run's setting and --export_format=gptjax (the
   user gave no override to drop), and no empty export directory is left behind."""
   workdir = tmp_path / "run"
-  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
-                 f"--config.data.path={corpus}", "--config.model.bias=false",
-                 "--config.train.num_steps=2", env=ONE_DEVICE)
+  proc = run_cli(
+    "--config=experiments/tiny.py",
+    f"--workdir={workdir}",
+    f"--config.data.path={corpus}",
+    "--config.model.bias=false",
+    "--config.train.num_steps=2",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
-  proc = run_cli("--mode=export", "--export_format=hf", f"--workdir={workdir}",
-                 env=ONE_DEVICE)
-  one_line_error(proc, "trained with config.model.bias=False",
-                         "Hugging Face GPT-2 cannot hold", "--export_format=gptjax")
+  proc = run_cli("--mode=export", "--export_format=hf", f"--workdir={workdir}", env=ONE_DEVICE)
+  one_line_error(
+    proc,
+    "trained with config.model.bias=False",
+    "Hugging Face GPT-2 cannot hold",
+    "--export_format=gptjax",
+  )
   assert not (workdir / "export_hf").exists()

@@ -3,8 +3,8 @@
 import jax
 import jax.numpy as jnp
 import pytest
-
 from conftest import tiny_config
+
 from gptjax import metrics
 from gptjax.model import GPT, GPTConfig
 
@@ -42,10 +42,20 @@ def test_flops_per_token_is_a_third_forward_as_xla_counts_it():
   assert 1.0 <= ratio < 1.1, ratio
 
 
-@pytest.mark.parametrize("kind, peak", [
-    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
-    ("NVIDIA A100-SXM4-80GB", 312.0), ("TPU v4", 275.0), ("TPU v5 lite", 197.0),
-    ("TPU v5p", 459.0), ("TPU v6 lite", 918.0), ("cpu", None)])
+@pytest.mark.parametrize(
+  "kind, peak",
+  [
+    ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5p", 459.0),
+    ("TPU v6 lite", 918.0),
+    ("cpu", None),
+  ],
+)
 def test_peak_table(kind, peak):
   assert metrics.peak_tflops(kind) == peak
 

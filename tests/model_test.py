@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from gptjax.model import GPT, GPTConfig, count_params
 
 
@@ -21,14 +21,18 @@ def _init(model, seed=0):
   return nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens)["params"])
 
 
-SWITCHES = list(itertools.product(["layernorm", "rmsnorm"], ["learned", "rope"],
-                                  ["gelu", "swiglu"], [True, False], [True, False]))
+SWITCHES = list(
+  itertools.product(
+    ["layernorm", "rmsnorm"], ["learned", "rope"], ["gelu", "swiglu"], [True, False], [True, False]
+  )
+)
 
 
 @pytest.mark.parametrize("norm,positions,activation,tie,bias", SWITCHES)
 def test_output_shape_for_every_switch(norm, positions, activation, tie, bias):
-  model = _model(norm=norm, positions=positions, activation=activation, tie_embeddings=tie,
-                 bias=bias)
+  model = _model(
+    norm=norm, positions=positions, activation=activation, tie_embeddings=tie, bias=bias
+  )
   params = _init(model)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 17), 0, 50)
   logits = model.apply({"params": params}, tokens)
@@ -41,7 +45,9 @@ def test_switches_change_the_parameters():
   assert "wpe" in base and "wpe" not in _init(_model(positions="rope"))
   assert "lm_head" not in base and "lm_head" in _init(_model(tie_embeddings=False))
   assert "gate" in _init(_model(activation="swiglu"))["h_0"]["mlp"]
-  assert "bias" in base["h_0"]["ln_1"] and "bias" not in _init(_model(norm="rmsnorm"))["h_0"]["ln_1"]
+  assert (
+    "bias" in base["h_0"]["ln_1"] and "bias" not in _init(_model(norm="rmsnorm"))["h_0"]["ln_1"]
+  )
   assert "bias" not in _init(_model(bias=False))["h_0"]["attn"]["query"]
 
 
@@ -55,8 +61,8 @@ def test_causality(positions):
   changed = tokens.at[:, t + 1].set((tokens[:, t + 1] + 1) % 50)
   a = model.apply({"params": params}, tokens)
   b = model.apply({"params": params}, changed)
-  np.testing.assert_allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-6)
-  assert not np.allclose(a[:, t + 1:], b[:, t + 1:], atol=1e-6)
+  np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
+  assert not np.allclose(a[:, t + 1 :], b[:, t + 1 :], atol=1e-6)
 
 
 def test_padded_vocab_is_never_predicted():
@@ -73,8 +79,13 @@ def test_parameters_carry_logical_axes():
   assert tuple(specs["wte"]["embedding"]) == ("vocab", "embed")
   assert tuple(specs["h_0"]["attn"]["query"]["kernel"]) == ("embed", "heads", "kv")
   assert tuple(specs["h_0"]["mlp"]["up"]["kernel"]) == ("embed", "mlp")
-  unnamed = [p for p, s in jax.tree_util.tree_leaves_with_path(
-      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)) if s is None]
+  unnamed = [
+    p
+    for p, s in jax.tree_util.tree_leaves_with_path(
+      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
+    if s is None
+  ]
   assert not unnamed
 
 
@@ -84,8 +95,9 @@ def test_dropout_is_active_only_in_training():
   tokens = jnp.ones((1, 8), jnp.int32)
   a = model.apply({"params": params}, tokens)
   np.testing.assert_array_equal(a, model.apply({"params": params}, tokens))
-  b = model.apply({"params": params}, tokens, deterministic=False,
-                  rngs={"dropout": jax.random.PRNGKey(0)})
+  b = model.apply(
+    {"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}
+  )
   assert not np.allclose(a, b)
 
 
@@ -98,8 +110,13 @@ def test_bfloat16_compute_keeps_float32_params():
 
 def test_gpt2_small_parameter_count():
   """GPT-2 small with its 50257-token vocabulary has the published 124M parameters."""
-  c = tiny_config(model__n_layer=12, model__n_head=12, model__d_model=768,
-                  model__block_size=1024, model__vocab_multiple=1)
+  c = tiny_config(
+    model__n_layer=12,
+    model__n_head=12,
+    model__d_model=768,
+    model__block_size=1024,
+    model__vocab_multiple=1,
+  )
   model = GPT(GPTConfig.from_config(c.model, vocab_size=50257))
   shapes = jax.eval_shape(lambda: _init(model))
   assert count_params(shapes) == 124_439_808
@@ -109,6 +126,7 @@ def test_gpt2_small_parameter_count():
 def test_remat_changes_memory_not_results(policy):
   """Every remat policy gives the plain model's loss and gradients (same parameter tree)."""
   import optax
+
   base = GPTConfig.from_config(tiny_config().model, 65)
   remat = dataclasses.replace(base, remat=policy)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 33), 0, 65)
@@ -118,10 +136,12 @@ def test_remat_changes_memory_not_results(policy):
     logits = GPT(cfg).apply({"params": params}, tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-  (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, c)
-                        for c in (base, remat))
-  assert jax.tree.structure(GPT(remat).init(jax.random.PRNGKey(0), tokens[:, :-1])) == \
-      jax.tree.structure(GPT(base).init(jax.random.PRNGKey(0), tokens[:, :-1]))
+  (l0, g0), (l1, g1) = (
+    jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, c) for c in (base, remat)
+  )
+  assert jax.tree.structure(
+    GPT(remat).init(jax.random.PRNGKey(0), tokens[:, :-1])
+  ) == jax.tree.structure(GPT(base).init(jax.random.PRNGKey(0), tokens[:, :-1]))
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
 
@@ -130,7 +150,9 @@ def test_remat_changes_memory_not_results(policy):
 def test_scan_layers_equals_the_loop_over_stacked_parameters(remat):
   """nn.scan over the blocks: the same loss and gradients from the same (stacked) weights."""
   import optax
+
   from gptjax.model import stack_layers, unstack_layers
+
   loop = dataclasses.replace(GPTConfig.from_config(tiny_config().model, 65), remat=remat)
   scan = dataclasses.replace(loop, scan_layers=True)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 33), 0, 65)
@@ -149,5 +171,6 @@ def test_scan_layers_equals_the_loop_over_stacked_parameters(remat):
   l0, g0 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, loop)
   l1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(stacked, scan)
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               g0, unstack_layers(g1))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, unstack_layers(g1)
+  )

@@ -1,8 +1,8 @@
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from gptjax import optim
 from gptjax.model import GPT, GPTConfig
 from gptjax.train import init_state

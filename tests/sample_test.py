@@ -3,15 +3,22 @@
 import re
 
 import pytest
-
 from conftest import ONE_DEVICE, one_line_error, run_cli
+
 from gptjax import decode
 from gptjax.errors import UserError
 
 
 def test_sample_prints_continuations_of_the_prompt(trained_tiny):
-  proc = run_cli("--mode=sample", f"--workdir={trained_tiny}", "--prompt=ROMEO:",
-                 "--num_samples=2", "--max_new_tokens=80", "--top_k=10", env=ONE_DEVICE)
+  proc = run_cli(
+    "--mode=sample",
+    f"--workdir={trained_tiny}",
+    "--prompt=ROMEO:",
+    "--num_samples=2",
+    "--max_new_tokens=80",
+    "--top_k=10",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   samples = proc.stdout.split("---------------\n")
   assert len(samples) == 3 and all(s.startswith("ROMEO:") for s in samples[:2])
@@ -20,15 +27,22 @@ def test_sample_prints_continuations_of_the_prompt(trained_tiny):
   assert all(len(s) > len("ROMEO:") + 40 or "<|endoftext|>" in s for s in samples[:2])
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--prompt=caf\u00e9 \u20ac"], "character '\u00e9' (U+00E9) is not in the char vocabulary"
-     " built from the training text: this model cannot read it; remove it from --prompt"),
+@pytest.mark.parametrize(
+  "args, fragment",
+  [
+    (
+      ["--prompt=caf\u00e9 \u20ac"],
+      "character '\u00e9' (U+00E9) is not in the char vocabulary"
+      " built from the training text: this model cannot read it; remove it from --prompt",
+    ),
     (["--top_p=1.5"], "top_p=1.5 must be in (0, 1]"),
     (["--temperature=nan"], "temperature=nan must be a finite number >= 0"),
-])
+  ],
+)
 def test_sample_errors(trained_tiny, args, fragment):
-  line = one_line_error(run_cli("--mode=sample", f"--workdir={trained_tiny}", *args,
-                                env=ONE_DEVICE))
+  line = one_line_error(
+    run_cli("--mode=sample", f"--workdir={trained_tiny}", *args, env=ONE_DEVICE)
+  )
   assert fragment in line and "tokenizer=byte" not in line
 
 
@@ -37,12 +51,15 @@ def test_sample_without_a_checkpoint(tmp_path):
   assert f"{tmp_path} holds no training run" in line and "export/config.json" not in line
 
 
-@pytest.mark.parametrize("sampling, fragment", [
+@pytest.mark.parametrize(
+  "sampling, fragment",
+  [
     (decode.Sampling(temperature=-1.0), "temperature=-1.0 must be a finite number >= 0"),
     (decode.Sampling(temperature=float("inf")), "temperature=inf must be a finite number"),
     (decode.Sampling(top_p=float("nan")), "top_p=nan must be in (0, 1]"),
     (decode.Sampling(top_p=0.0), "top_p=0.0 must be in (0, 1]"),
-])
+  ],
+)
 def test_sampling_values_are_checked(sampling, fragment):
   with pytest.raises(UserError, match=re.escape(fragment)):
     sampling.check(64)

@@ -8,8 +8,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, free_port, one_line_error, run_cli, tiny_config
+
 from gptjax import sharding, train
 from gptjax.errors import UserError
 
@@ -46,9 +46,11 @@ def one_device_run():
   return _run(c, _mesh(c, devices=jax.devices()[:1]))
 
 
-@pytest.mark.parametrize("shape", [dict(data=8), dict(fsdp=8), dict(tensor=8),
-                                   dict(data=2, fsdp=2, tensor=2)],
-                         ids=["data8", "fsdp8", "tensor8", "2x2x2"])
+@pytest.mark.parametrize(
+  "shape",
+  [dict(data=8), dict(fsdp=8), dict(tensor=8), dict(data=2, fsdp=2, tensor=2)],
+  ids=["data8", "fsdp8", "tensor8", "2x2x2"],
+)
 def test_losses_match_the_one_device_run(shape, one_device_run):
   c = _config()
   losses, eval_loss = _run(c, _mesh(c, **shape))
@@ -117,21 +119,37 @@ def test_rules_reject_an_unknown_mesh_axis():
 
 
 def test_cli_errors_for_meshes_that_do_not_fit(tmp_path):
-  one_line_error(run_cli(TINY, f"--workdir={tmp_path}/a", "--config.mesh.shape.data=3"),
-                         "needs 3 devices but 8", "--config.mesh.shape")
-  one_line_error(run_cli(TINY, f"--workdir={tmp_path}/b", "--config.train.batch_size=12"),
-                         "batch_size=12", "data-parallel size 8", "data=8")
+  one_line_error(
+    run_cli(TINY, f"--workdir={tmp_path}/a", "--config.mesh.shape.data=3"),
+    "needs 3 devices but 8",
+    "--config.mesh.shape",
+  )
+  one_line_error(
+    run_cli(TINY, f"--workdir={tmp_path}/b", "--config.train.batch_size=12"),
+    "batch_size=12",
+    "data-parallel size 8",
+    "data=8",
+  )
   one_line_error(  # tiny has 2 heads: 8-way tensor parallelism cannot split them
-      run_cli(TINY, f"--workdir={tmp_path}/c", "--config.mesh.shape.data=1",
-              "--config.mesh.shape.tensor=8"),
-      "parameter h_0/attn/key/bias", "heads dimension 0 of size 2", "tensor=8")
+    run_cli(
+      TINY, f"--workdir={tmp_path}/c", "--config.mesh.shape.data=1", "--config.mesh.shape.tensor=8"
+    ),
+    "parameter h_0/attn/key/bias",
+    "heads dimension 0 of size 2",
+    "tensor=8",
+  )
 
 
 def test_cli_error_when_the_coordinator_cannot_be_reached(tmp_path):
-  proc = run_cli(TINY, f"--workdir={tmp_path}/w",
-                 f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}",
-                 "--config.distributed.num_processes=2", "--config.distributed.process_id=1",
-                 "--config.distributed.timeout_s=3", timeout=120)
+  proc = run_cli(
+    TINY,
+    f"--workdir={tmp_path}/w",
+    f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}",
+    "--config.distributed.num_processes=2",
+    "--config.distributed.process_id=1",
+    "--config.distributed.timeout_s=3",
+    timeout=120,
+  )
   one_line_error(proc, "could not reach the coordinator at 127.0.0.1:", "within 3s")
 
 
@@ -140,70 +158,102 @@ def _train_lines(workdir):
 
 
 def test_two_processes_match_one_process_with_the_same_four_devices(tmp_path):
-  args = [TINY, "--config.train.num_steps=6", "--config.train.log_every=1",
-          "--config.train.eval_every=6", "--config.mesh.shape.fsdp=2",
-          "--config.train.batch_size=8"]
+  args = [
+    TINY,
+    "--config.train.num_steps=6",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=6",
+    "--config.mesh.shape.fsdp=2",
+    "--config.train.batch_size=8",
+  ]
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   single = run_cli(*args, "--config.mesh.shape.data=2", f"--workdir={tmp_path}/one", env=env)
   assert single.returncode == 0, single.stderr[-2000:]
 
   port = free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "gptjax.main", *args, f"--workdir={tmp_path}/two",
-       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-       "--config.distributed.timeout_s=60",
-       # data=2 across the hosts (the slow links), fsdp=2 within each: the same logical mesh
-       "--config.mesh.dcn_shape.data=2", "--config.mesh.shape.data=1"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "gptjax.main",
+        *args,
+        f"--workdir={tmp_path}/two",
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2",
+        f"--config.distributed.process_id={i}",
+        "--config.distributed.timeout_s=60",
+        # data=2 across the hosts (the slow links), fsdp=2 within each: the same logical mesh
+        "--config.mesh.dcn_shape.data=2",
+        "--config.mesh.shape.data=1",
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     outs = [p.communicate(timeout=240) for p in procs]
   finally:
     for p in procs:
       p.kill()
-  for p, (out, err) in zip(procs, outs):
+  for p, (_out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
   assert "2 process(es)" in outs[0][0]
   assert "step" not in outs[1][0] and "mesh" not in outs[1][0]  # only process 0 reports
   one, two = _train_lines(tmp_path / "one"), _train_lines(tmp_path / "two")
   assert [l["step"] for l in two] == list(range(1, 7))  # one writer: no duplicated lines
   np.testing.assert_allclose([l["loss"] for l in two], [l["loss"] for l in one], rtol=1e-5)
-  val = lambda d: [json.loads(l)["val_loss"] for l in open(d / "metrics.jsonl")  # noqa: E731
-                   if "val_loss" in l]
+  val = lambda d: [
+    json.loads(l)["val_loss"]
+    for l in open(d / "metrics.jsonl")  # noqa: E731
+    if "val_loss" in l
+  ]
   np.testing.assert_allclose(val(tmp_path / "two"), val(tmp_path / "one"), rtol=1e-5)
 
 
 def test_xla_flags_are_added_unless_the_user_set_them(monkeypatch):
   import jaxlib.version
+
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  cpu = (["--xla_cpu_experimental_ynn_fusion_type=dot"]
-         if jaxlib.version.__version__.startswith("0.10.") else [])
+  cpu = (
+    ["--xla_cpu_experimental_ynn_fusion_type=dot"]
+    if jaxlib.version.__version__.startswith("0.10.")
+    else []
+  )
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   sharding.set_xla_flags(cpu_devices=2)  # the user's device count wins; no CPU flag for 8
   assert os.environ["XLA_FLAGS"].split() == [
-      "--xla_force_host_platform_device_count=8",
-      "--xla_gpu_enable_latency_hiding_scheduler=true"]
+    "--xla_force_host_platform_device_count=8",
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+  ]
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
   sharding.set_xla_flags(cpu_devices=1)  # one device is XLA's default: no count added
   assert os.environ["XLA_FLAGS"].split() == [
-      "--xla_gpu_enable_latency_hiding_scheduler=false", *cpu]
+    "--xla_gpu_enable_latency_hiding_scheduler=false",
+    *cpu,
+  ]
   monkeypatch.setenv("XLA_FLAGS", "")
   sharding.set_xla_flags(cpu_devices=2)
   assert os.environ["XLA_FLAGS"].split() == [
-      "--xla_gpu_enable_latency_hiding_scheduler=true", "--xla_force_host_platform_device_count=2"]
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_force_host_platform_device_count=2",
+  ]
   monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # no CPU flags where JAX runs on a GPU
   monkeypatch.setenv("XLA_FLAGS", "")
   sharding.set_xla_flags(cpu_devices=2)
   assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_latency_hiding_scheduler=true"
 
 
-@pytest.mark.parametrize("requested, cores, batch, devices", [
-    (-1, 2, 12, 2), (-1, 16, 12, 12), (-1, 5, 12, 4), (-1, 8, 7, 7), (3, 2, 12, 3),
-    (1, 2, 12, 1)])
-def test_cpu_devices_one_per_core_dividing_the_batch(monkeypatch, requested, cores, batch,
-                                                     devices):
+@pytest.mark.parametrize(
+  "requested, cores, batch, devices",
+  [(-1, 2, 12, 2), (-1, 16, 12, 12), (-1, 5, 12, 4), (-1, 8, 7, 7), (3, 2, 12, 3), (1, 2, 12, 1)],
+)
+def test_cpu_devices_one_per_core_dividing_the_batch(monkeypatch, requested, cores, batch, devices):
   monkeypatch.setattr(os, "cpu_count", lambda: cores)
   assert sharding.cpu_device_count(requested, batch) == devices
 
@@ -218,7 +268,8 @@ def test_scan_layers_and_the_chunked_loss_train_on_2x2x2_as_on_one_device():
   # The stacked "layers" axis stays whole: every device holds its shard of every layer.
   assert s.state_shardings.params["h"]["mlp"]["up"]["kernel"].spec == P(None, "fsdp", "tensor")
   losses, eval_loss = _run(c, _mesh(c, data=2, fsdp=2, tensor=2), steps=4)
-  one_losses, one_eval = _run(_config(model__scan_layers=True),
-                              _mesh(c, devices=jax.devices()[:1]), steps=4)
+  one_losses, one_eval = _run(
+    _config(model__scan_layers=True), _mesh(c, devices=jax.devices()[:1]), steps=4
+  )
   np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
   np.testing.assert_allclose(eval_loss, one_eval, rtol=1e-5)

@@ -6,16 +6,16 @@ import os
 import subprocess
 import sys
 
-import jax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import pytest
-
 from conftest import ONE_DEVICE, REPO
+
 from gptjax import report, sweep
 from gptjax.model import GPT, GPTConfig
 
-EXPERIMENT = '''
+EXPERIMENT = """
 import os, sys
 sys.path.insert(0, {experiments!r})
 import tiny
@@ -27,35 +27,60 @@ def get_config():
 
 def get_sweep():
   return {{"base": {{}}, "rms": {{"model.norm": "rmsnorm"}}, "typo": {{"model.nrom": "x"}}}}
-'''
+"""
 
 
 def _sweep(tmp_path, *args):
   return subprocess.run(
-      [sys.executable, "-m", "gptjax.sweep", f"--config={tmp_path / 'exp.py'}",
-       f"--workdir={tmp_path / 'runs'}", *args], cwd=REPO, capture_output=True, text=True,
-      timeout=400, env={**os.environ, **ONE_DEVICE})
+    [
+      sys.executable,
+      "-m",
+      "gptjax.sweep",
+      f"--config={tmp_path / 'exp.py'}",
+      f"--workdir={tmp_path / 'runs'}",
+      *args,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=400,
+    env={**os.environ, **ONE_DEVICE},
+  )
 
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp("sweep")
-  (tmp_path / "exp.py").write_text(
-      EXPERIMENT.format(experiments=os.path.join(REPO, "experiments")))
+  (tmp_path / "exp.py").write_text(EXPERIMENT.format(experiments=os.path.join(REPO, "experiments")))
   # "rms" was interrupted at step 6: a shorter run left a checkpoint there.
   pre = subprocess.run(
-      [sys.executable, "-m", "gptjax.main", f"--config={tmp_path / 'exp.py'}",
-       f"--workdir={tmp_path / 'runs' / 'rms'}", "--config.model.norm=rmsnorm",
-       "--config.train.num_steps=6"], cwd=REPO, capture_output=True, text=True, timeout=240,
-      env={**os.environ, **ONE_DEVICE})
+    [
+      sys.executable,
+      "-m",
+      "gptjax.main",
+      f"--config={tmp_path / 'exp.py'}",
+      f"--workdir={tmp_path / 'runs' / 'rms'}",
+      "--config.model.norm=rmsnorm",
+      "--config.train.num_steps=6",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env={**os.environ, **ONE_DEVICE},
+  )
   assert pre.returncode == 0, pre.stderr[-2000:]
   return tmp_path, _sweep(tmp_path)
 
 
 def test_product_names_every_combination():
   variants = sweep.product({"model.norm": ["layernorm", "rmsnorm"], "optim.lr": [1e-3, 3e-3]})
-  assert list(variants) == ["norm=layernorm,lr=0.001", "norm=layernorm,lr=0.003",
-                            "norm=rmsnorm,lr=0.001", "norm=rmsnorm,lr=0.003"]
+  assert list(variants) == [
+    "norm=layernorm,lr=0.001",
+    "norm=layernorm,lr=0.003",
+    "norm=rmsnorm,lr=0.001",
+    "norm=rmsnorm,lr=0.003",
+  ]
   assert variants["norm=rmsnorm,lr=0.003"] == {"model.norm": "rmsnorm", "optim.lr": 3e-3}
 
 
@@ -66,11 +91,13 @@ def test_the_ablation_variants_really_change_the_model():
   assert len(sweep.load_sweep(spec + ":product")) == 8
   sys.path.insert(0, os.path.join(REPO, "experiments"))
   import shakespeare_ablation
+
   base = shakespeare_ablation.get_config()
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 64), 0, 65)
-  models = {name: GPT(GPTConfig.from_config(
-      sweep.variant_config(base, name, overrides).model, 65)) for name, overrides in
-      variants.items()}
+  models = {
+    name: GPT(GPTConfig.from_config(sweep.variant_config(base, name, overrides).model, 65))
+    for name, overrides in variants.items()
+  }
   init = lambda m: nn.meta.unbox(m.init(jax.random.PRNGKey(0), tokens))
   baseline = init(models["baseline"])
   for name in ("rmsnorm", "rope", "swiglu"):
@@ -126,14 +153,24 @@ def test_report_reads_every_variants_metrics(swept):
   assert (root / "val_loss.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("args, fragment", [
+@pytest.mark.parametrize(
+  "args, fragment",
+  [
     (["--config=experiments/nope.py"], "experiment file 'experiments/nope.py' not found"),
     (["--config=experiments/shakespeare_ablation.py:bad"], "unknown variant 'bad'"),
-    (["--config=experiments/shakespeare_ablation.py", "--config.model.nrom=1"],
-     "unknown config key 'nrom'"),
-])
+    (
+      ["--config=experiments/shakespeare_ablation.py", "--config.model.nrom=1"],
+      "unknown config key 'nrom'",
+    ),
+  ],
+)
 def test_sweep_flag_errors_are_one_line(tmp_path, args, fragment):
-  proc = subprocess.run([sys.executable, "-m", "gptjax.sweep", f"--workdir={tmp_path}", *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "gptjax.sweep", f"--workdir={tmp_path}", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert proc.stderr.startswith("gptjax.sweep: error: ") and fragment in proc.stderr

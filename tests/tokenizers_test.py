@@ -1,7 +1,11 @@
+import json
+import os
+
 import numpy as np
 import pytest
+from conftest import ONE_DEVICE, SHAKESPEARE_DIR, run_cli
 
-from gptjax import tokenizers
+from gptjax import tokenize, tokenizers
 from gptjax.errors import UserError
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
@@ -31,8 +35,9 @@ def test_byte_round_trip(text):
   assert tok.decode(np.append(ids, tok.eot_id)) == text + tokenizers.EOT
 
 
-@pytest.mark.parametrize("tok", [tokenizers.CharTokenizer.train([TEXT]),
-                                 tokenizers.ByteTokenizer()])
+@pytest.mark.parametrize(
+  "tok", [tokenizers.CharTokenizer.train([TEXT]), tokenizers.ByteTokenizer()]
+)
 def test_save_and_load(tmp_path, tok):
   path = str(tmp_path / "tokenizer.json")
   tokenizers.save(tok, path)
@@ -51,14 +56,13 @@ def test_load_errors(tmp_path):
 
 # --- BPE and SentencePiece, trained here on Shakespeare (no downloads) ---
 
-import json
-import os
-
-from conftest import ONE_DEVICE, SHAKESPEARE_DIR, run_cli
-from gptjax import tokenize
-
-UNICODE = ["héllo wörld ✓ 日本語 🙂", "  two  spaces\n\nand\ttabs ", "ROMEO:\nBut, soft!",
-           "a<|endoftext|>b", ""]
+UNICODE = [
+  "héllo wörld ✓ 日本語 🙂",
+  "  two  spaces\n\nand\ttabs ",
+  "ROMEO:\nBut, soft!",
+  "a<|endoftext|>b",
+  "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +75,7 @@ def shakespeare():
 def bpe_dir(shakespeare, tmp_path_factory):
   """GPT-2-style files: tokenizer.json in one directory, vocab.json + merges.txt in another."""
   import tokenizers as hf
+
   tok = tokenize.train_bpe([shakespeare], 600)
   root = tmp_path_factory.mktemp("bpe")
   (root / "json").mkdir()
@@ -94,8 +99,11 @@ def test_bpe_round_trip_from_tokenizer_json_and_from_vocab_merges(bpe_dir, text)
 
 def _bytes_to_unicode():
   """GPT-2's printable stand-ins for the 256 byte values (as byte-level BPE vocabularies use)."""
-  keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
+  keep = [
+    *range(ord("!"), ord("~") + 1),
+    *range(ord("¡"), ord("¬") + 1),
+    *range(ord("®"), ord("ÿ") + 1),
+  ]
   extra = [b for b in range(256) if b not in keep]
   return {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
 
@@ -103,13 +111,17 @@ def _bytes_to_unicode():
 def test_tiktoken_path_gives_the_same_ids(bpe_dir, monkeypatch):
   """tiktoken's gpt2 files cannot be downloaded here: give tiktoken the same vocabulary."""
   import tiktoken
+
   vocab = json.loads((bpe_dir / "files" / "vocab.json").read_text())
   decoder = {c: b for b, c in _bytes_to_unicode().items()}
   ranks = {bytes(decoder[c] for c in token): i for token, i in vocab.items()}
   eot = ranks.pop(b"<|endoftext|>")
   enc = tiktoken.Encoding(
-      "test", pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-      mergeable_ranks=ranks, special_tokens={"<|endoftext|>": eot})
+    "test",
+    pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    mergeable_ranks=ranks,
+    special_tokens={"<|endoftext|>": eot},
+  )
   monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc)
   tt = tokenizers.BPETokenizer(tiktoken_name="gpt2")
   hf = tokenizers.BPETokenizer.from_path(str(bpe_dir / "json"))
@@ -146,23 +158,46 @@ def test_train_a_sentencepiece_model_and_use_it_in_an_experiment(tmp_path):
   """The CLI trains a model; a run tokenizes with it and keeps it in its workdir."""
   import subprocess
   import sys
+
   from conftest import REPO
+
   model = tmp_path / "sp.model"
   proc = subprocess.run(
-      [sys.executable, "-m", "gptjax.tokenize", "train", "--kind=sentencepiece",
-       "--vocab_size=400", f"--input={SHAKESPEARE_DIR}/input.txt", f"--output={model}"],
-      cwd=REPO, capture_output=True, text=True, timeout=240)
+    [
+      sys.executable,
+      "-m",
+      "gptjax.tokenize",
+      "train",
+      "--kind=sentencepiece",
+      "--vocab_size=400",
+      f"--input={SHAKESPEARE_DIR}/input.txt",
+      f"--output={model}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert proc.returncode == 0 and model.exists(), proc.stderr[-2000:]
   workdir = tmp_path / "run"
-  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
-                 "--config.train.num_steps=4", "--config.data.tokenizer=sentencepiece",
-                 f"--config.data.tokenizer_path={model}", env=ONE_DEVICE)
+  proc = run_cli(
+    "--config=experiments/tiny.py",
+    f"--workdir={workdir}",
+    "--config.train.num_steps=4",
+    "--config.data.tokenizer=sentencepiece",
+    f"--config.data.tokenizer_path={model}",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads((workdir / "config.json").read_text())["model"]["vocab_size"] == 400
   saved = tokenizers.load(str(workdir / "tokenizer.json"))
   assert saved.kind == "sentencepiece" and saved.decode(saved.encode("ROMEO:")) == "ROMEO:"
-  proc = run_cli("--config=experiments/tiny.py", f"--workdir={tmp_path / 'run2'}",
-                 "--config.data.tokenizer=sentencepiece",
-                 f"--config.data.tokenizer_path={tmp_path / 'missing.model'}", env=ONE_DEVICE)
+  proc = run_cli(
+    "--config=experiments/tiny.py",
+    f"--workdir={tmp_path / 'run2'}",
+    "--config.data.tokenizer=sentencepiece",
+    f"--config.data.tokenizer_path={tmp_path / 'missing.model'}",
+    env=ONE_DEVICE,
+  )
   assert proc.returncode == 1 and "missing.model' not found" in proc.stderr
   assert "Traceback" not in proc.stderr

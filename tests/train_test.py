@@ -3,16 +3,14 @@ import json
 
 import jax
 import numpy as np
-import pytest
-
 from conftest import tiny_config
+
 from gptjax import optim, sharding, train
 from gptjax.model import GPT, GPTConfig
 
 
 def test_loss_falls_on_a_generated_corpus(tmp_path, corpus):
-  c = tiny_config(data__path=corpus, train__num_steps=60, train__eval_every=60,
-                  train__log_every=1)
+  c = tiny_config(data__path=corpus, train__num_steps=60, train__eval_every=60, train__log_every=1)
   summary = train.train_and_evaluate(c, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   losses = [l["loss"] for l in lines if "loss" in l]
@@ -25,8 +23,13 @@ def test_loss_falls_on_a_generated_corpus(tmp_path, corpus):
 def _step_fn(c, grad_accum):
   model = GPT(GPTConfig.from_config(c.model, 50))
   tx = optim.make(c.optim, 10)
-  fn = functools.partial(train.train_step, model=model, tx=tx,
-                         lr_schedule=optim.schedule(c.optim, 10), grad_accum=grad_accum)
+  fn = functools.partial(
+    train.train_step,
+    model=model,
+    tx=tx,
+    lr_schedule=optim.schedule(c.optim, 10),
+    grad_accum=grad_accum,
+  )
   return train.init_state(model, tx, 0), jax.jit(fn)
 
 
@@ -57,6 +60,7 @@ def test_train_step_is_deterministic():
 
 def test_an_unwritable_compilation_cache_is_a_warning_not_a_failure(capsys):
   import jax
+
   before = jax.config.jax_compilation_cache_dir
   sharding.use_compilation_cache("/proc/no_cache_here")
   assert "warning: no compilation cache" in capsys.readouterr().out
@@ -66,6 +70,7 @@ def test_an_unwritable_compilation_cache_is_a_warning_not_a_failure(capsys):
 def test_scan_layers_starts_from_the_loops_initial_parameters():
   """Scanning is a compilation choice: the same seed gives the same (stacked) weights."""
   from gptjax.model import unstack_layers
+
   c = tiny_config()
   loop = GPT(GPTConfig.from_config(c.model, 50))
   c.model.scan_layers = True

@@ -18,9 +18,14 @@ def _as_user(cwd, *args, env=None):
   README's relative paths, from a directory that is not the repo)."""
   if not os.path.exists(cwd / "experiments"):
     os.symlink(os.path.join(REPO, "experiments"), cwd / "experiments")
-  return subprocess.run([sys.executable, "-m", "gptjax.main", *args], cwd=cwd,
-                        capture_output=True, text=True, timeout=240,
-                        env={**os.environ, **ONE_DEVICE, **(env or {})})
+  return subprocess.run(
+    [sys.executable, "-m", "gptjax.main", *args],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env={**os.environ, **ONE_DEVICE, **(env or {})},
+  )
 
 
 def test_a_relative_workdir_checkpoints_and_resumes(tmp_path):
@@ -37,8 +42,14 @@ def test_a_relative_workdir_checkpoints_and_resumes(tmp_path):
 
 def test_a_tilde_workdir_is_the_home_directory(tmp_path):
   home = tmp_path / "home"
-  proc = _as_user(tmp_path, TINY, "--workdir=~/x", "--mode=compile_only",
-                  "--config.model.vocab_size=64", env={"HOME": str(home)})
+  proc = _as_user(
+    tmp_path,
+    TINY,
+    "--workdir=~/x",
+    "--mode=compile_only",
+    "--config.model.vocab_size=64",
+    env={"HOME": str(home)},
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.isdir(home / "x") and not os.path.exists(tmp_path / "~")
 
@@ -50,10 +61,22 @@ def test_a_workdir_that_is_a_file(tmp_path):
 
 
 def _start(workdir, *extra):
-  return subprocess.Popen([sys.executable, "-m", "gptjax.main", TINY, f"--workdir={workdir}",
-                           "--config.train.num_steps=100000", *extra], cwd=REPO,
-                          env={**os.environ, **ONE_DEVICE}, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "gptjax.main",
+      TINY,
+      f"--workdir={workdir}",
+      "--config.train.num_steps=100000",
+      *extra,
+    ],
+    cwd=REPO,
+    env={**os.environ, **ONE_DEVICE},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _wait_for_line(proc, text, timeout=120):
@@ -81,16 +104,30 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_killed_run_leaves_no_lock(tm
   assert again.returncode == 0, again.stderr[-3000:]
 
 
-
 def _two_processes(workdirs, *extra):
   port = free_port()
-  return [subprocess.Popen(
-      [sys.executable, "-m", "gptjax.main", TINY, f"--workdir={workdirs[i]}",
-       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-       "--config.distributed.timeout_s=60", *extra],
-      cwd=REPO, env={**os.environ, **ONE_DEVICE}, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  return [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "gptjax.main",
+        TINY,
+        f"--workdir={workdirs[i]}",
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2",
+        f"--config.distributed.process_id={i}",
+        "--config.distributed.timeout_s=60",
+        *extra,
+      ],
+      cwd=REPO,
+      env={**os.environ, **ONE_DEVICE},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
 
 
 def test_processes_with_separate_local_workdirs_are_refused_at_once(tmp_path):
@@ -110,9 +147,13 @@ def test_a_dead_peer_stops_the_survivor_in_one_line_naming_it(tmp_path):
   # Killed between steps, a failed all-reduce names it at once; killed inside a save's
   # barrier, gptjax's watch names it at half the heartbeat timeout (JAX alone: 100 s, then
   # an abort with a stack dump).
-  procs = _two_processes([tmp_path / "w"] * 2, "--config.train.num_steps=100000",
-                         "--config.checkpoint.every=5", "--config.train.eval_every=100000",
-                         "--config.distributed.heartbeat_timeout_s=20")
+  procs = _two_processes(
+    [tmp_path / "w"] * 2,
+    "--config.train.num_steps=100000",
+    "--config.checkpoint.every=5",
+    "--config.train.eval_every=100000",
+    "--config.distributed.heartbeat_timeout_s=20",
+  )
   try:
     ckpts = tmp_path / "w" / "checkpoints"
     deadline = time.time() + 180
