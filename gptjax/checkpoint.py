@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 
 import jax
@@ -35,7 +34,8 @@ from ml_collections import config_dict
 
 from gptjax import model as model_lib
 from gptjax.errors import UserError, describe, ensure_writable_dir
-from gptjax.sharding import format_bytes, param_name
+from gptjax.metrics import format_bytes
+from gptjax.sharding import param_name
 
 CHECKPOINTS, BEST, CORRUPT, EXPORT = (
   "checkpoints",
@@ -461,58 +461,6 @@ def _first_difference(a, b, path: str):
         return where
     return None
   return None if a == b else path
-
-
-class PreemptionWatch:
-  """SIGTERM/SIGINT -> `reached(step)` turns true, so the loop saves that step and stops.
-
-  On several hosts JAX's preemption notifier owns SIGTERM, and `reached` is JAX's sync point:
-  every process returns true at the same step, so all of them save the same checkpoint.
-  """
-
-  def __init__(self):
-    self.received = None
-    self._multi = jax.process_count() > 1
-    self._no_sync = False
-    self._previous = {}
-    if not self._multi:  # a signal to one host of several would stop only that one
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-          self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: signals stay as they were
-          pass
-
-  def _handle(self, signum, frame):
-    if self.received:  # a second signal: the step may hang, so stop the usual way
-      self.close()
-      os.kill(os.getpid(), signum)
-      return
-    self.received = signal.Signals(signum).name
-
-  def pending(self) -> str | None:
-    """The signal's name as soon as one arrived (one host only: several hosts must agree on
-    where to stop, so they only stop at reached()'s sync points)."""
-    return None if self._multi else self.received
-
-  def reached(self, step: int) -> str | None:
-    """The signal's name if the loop should save at `step` and stop, else None."""
-    if self._multi and not self._no_sync:
-      from jax.experimental import multihost_utils
-
-      try:
-        if multihost_utils.reached_preemption_sync_point(step):
-          self.received = "SIGTERM"
-      except RuntimeError as e:  # no preemption service (e.g. a pod started without it)
-        self._no_sync = True
-        print(
-          f"warning: preemption sync unavailable ({e}); SIGTERM will not save first", flush=True
-        )
-    return self.received
-
-  def close(self) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
 
 
 # --- Params-only export (for inference) ----------------------------------------------------

@@ -23,7 +23,7 @@ from grain.experimental import index_shuffle
 
 from gptjax import tokenizers
 from gptjax.errors import UserError
-from gptjax.sharding import format_bytes
+from gptjax.metrics import format_bytes
 
 _STREAM = {"train": 0, "val": 1}
 

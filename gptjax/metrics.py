@@ -1,4 +1,5 @@
-"""Metric sinks (WORKDIR/metrics.jsonl, TensorBoard events, the console) and model FLOPs / MFU.
+"""Metric sinks (WORKDIR/metrics.jsonl, TensorBoard events, the console), model FLOPs / MFU,
+and per-device memory (what a compiled step needs, and whether it fits).
 
 Only the process that owns the logs (process 0 on several hosts) writes; the others get a
 writer that drops everything, so the training loop never branches on the process index.
@@ -21,6 +22,9 @@ import json
 import math
 import os
 import sys
+
+import jax
+import numpy as np
 
 from gptjax.errors import UserError
 
@@ -165,3 +169,77 @@ def _truncate_jsonl(path: str, step: int) -> None:
   with open(path + ".tmp", "w") as f:
     f.writelines(keep)
   os.replace(path + ".tmp", path)
+
+
+# --- Per-device memory: what a compiled step needs, and whether it fits -----------------
+
+
+def per_device_bytes(abstract_tree, shardings) -> int:
+  """Bytes one device holds of a pytree laid out by `shardings`."""
+  total = 0
+  for leaf, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+    total += math.prod(s.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def memory_report(abstract_state, state_shardings, compiled) -> dict:
+  """Per-device bytes: parameters, optimizer state, and the compiled step's temporaries."""
+  report = {
+    "params": per_device_bytes(abstract_state.params, state_shardings.params),
+    "opt_state": per_device_bytes(abstract_state.opt_state, state_shardings.opt_state),
+  }
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    stats = None
+  if stats is not None:
+    report["temp"] = int(stats.temp_size_in_bytes)
+    report["arguments"] = int(stats.argument_size_in_bytes)
+    report["outputs"] = int(stats.output_size_in_bytes)
+    report["aliased"] = int(stats.alias_size_in_bytes)
+    # Donated state aliases the outputs, so the peak is arguments + temporaries + new outputs.
+    report["peak_estimate"] = (
+      report["arguments"] + report["temp"] + report["outputs"] - report["aliased"]
+    )
+  return report
+
+
+def device_memory_limit() -> tuple[int | None, str]:
+  """Bytes one device may use, and where the figure comes from (None if unknown).
+
+  GPUs/TPUs report their allocator's limit. Simulated CPU devices share the host's RAM.
+  """
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+  if device.platform == "cpu":
+    try:
+      ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+      return None, ""
+    n = jax.local_device_count()
+    return ram // n, f"host RAM / {n} CPU device(s)"
+  return None, ""
+
+
+def check_fits(report: dict) -> None:
+  """Raises UserError when the compiled step's peak estimate exceeds a device's memory."""
+  limit, source = device_memory_limit()
+  peak = report.get("peak_estimate")
+  if limit and peak and peak > limit:
+    raise UserError(
+      f"the train step needs ~{format_bytes(peak)} per device but a device has "
+      f"{format_bytes(limit)} ({source}); raise --config.optim.grad_accum, shard over more "
+      "devices (--config.mesh.shape.fsdp), or shorten --config.model.block_size"
+    )
+
+
+def format_bytes(n: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024

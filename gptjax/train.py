@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax import checkpoint, optim, sharding
+from gptjax import checkpoint, optim, runtime, sharding
 from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import metrics as metrics_lib
@@ -200,7 +200,7 @@ class Setup:
     return sharding.global_batch(local_rows, self.batch_sharding, self.batch_shape)
 
   def memory(self) -> dict:
-    return sharding.memory_report(self.abstract, self.state_shardings, self.train_step)
+    return metrics_lib.memory_report(self.abstract, self.state_shardings, self.train_step)
 
 
 def setup(config, vocab_size: int, mesh: jax.sharding.Mesh, compile: bool = True) -> Setup:
@@ -275,7 +275,7 @@ def prepare(
   lock=True: process 0 holds the workdir's lock (returned) before writing anything there.
   """
   config_lib.validate(config)
-  mesh = sharding.start(config)
+  mesh = runtime.start(config)
   sharding.check_batch(
     config.train.batch_size, config.optim.grad_accum, mesh, sharding.rules(config.mesh)
   )  # before a long data preparation
@@ -308,7 +308,7 @@ def _prepare_model(config, workdir: str, mesh, need_data: bool):
     f"attention {resolve_implementation(cfg.attention, cfg.dtype)}"
   )
   say(f"compiled train and eval steps in {s.compile_s:.1f}s")
-  mem, fmt = s.memory(), sharding.format_bytes
+  mem, fmt = s.memory(), metrics_lib.format_bytes
   say(
     f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
     f"{jax.process_count()} process(es); per device: params {fmt(mem['params'])}, optimizer "
@@ -319,7 +319,7 @@ def _prepare_model(config, workdir: str, mesh, need_data: bool):
       else ""
     )
   )
-  sharding.check_fits(mem)
+  metrics_lib.check_fits(mem)
   return s, data
 
 
@@ -356,7 +356,7 @@ def _train(config, workdir: str, s: Setup, data: data_lib.Data) -> dict:
   tc, cfg = config.train, s.model.cfg
   lead = jax.process_index() == 0
   ckpt = checkpoint.Checkpoints(workdir, config.checkpoint, warn=say)
-  sharding.resume_hint = lambda: _resume_note(ckpt, "the same command on every process")
+  runtime.resume_hint = lambda: _resume_note(ckpt, "the same command on every process")
   restored = ckpt.restore(s.abstract, s.state_shardings)
   if restored is None:
     if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
@@ -398,7 +398,7 @@ def _train(config, workdir: str, s: Setup, data: data_lib.Data) -> dict:
   train_at = lambda i: s.batch(data.train.get(i, rows))  # noqa: E731
   val_at = lambda i: s.batch(data.val.get(i, rows))  # noqa: E731
   writer = metrics_lib.MetricWriter(workdir, enabled=lead, resume_step=start if restored else None)
-  stop = checkpoint.PreemptionWatch()
+  stop = runtime.PreemptionWatch()
 
   tokens_per_step = tc.batch_size * cfg.block_size
   device_kind = jax.devices()[0].device_kind
@@ -524,7 +524,7 @@ _PEER_FAILURES = (
 
 def _exit_if_peer_lost(e: Exception) -> None:
   """In a multi-process run, an error of a collective or a barrier means a peer died or was
-  stopped: name it in one line and exit (sharding.exit_lost_peer)."""
+  stopped: name it in one line and exit (runtime.exit_lost_peer)."""
   if jax.process_count() < 2 or isinstance(e, UserError):
     return
   text = " ".join(str(e).split())
@@ -533,7 +533,7 @@ def _exit_if_peer_lost(e: Exception) -> None:
   ):
     return
   n, me = jax.process_count(), jax.process_index()
-  sharding.exit_lost_peer(
+  runtime.exit_lost_peer(
     f"process {1 - me}" if n == 2 else "another process",
     describe(RuntimeError(text.split("Error dispatching computation: ")[-1])),
   )

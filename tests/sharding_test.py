@@ -105,12 +105,6 @@ def test_mesh_fills_the_remaining_devices_and_rejects_a_bad_product():
     _mesh(c, data=-1)
 
 
-def test_a_step_that_does_not_fit_is_refused_before_it_runs():
-  sharding.check_fits({"peak_estimate": 1024})
-  with pytest.raises(UserError, match=r"needs ~1024.0 GiB per device but a device has"):
-    sharding.check_fits({"peak_estimate": 1024**4})
-
-
 def test_rules_reject_an_unknown_mesh_axis():
   c = _config()
   c.mesh.rules.mlp = "model"
@@ -214,48 +208,6 @@ def test_two_processes_match_one_process_with_the_same_four_devices(tmp_path):
     if "val_loss" in l
   ]
   np.testing.assert_allclose(val(tmp_path / "two"), val(tmp_path / "one"), rtol=1e-5)
-
-
-def test_xla_flags_are_added_unless_the_user_set_them(monkeypatch):
-  import jaxlib.version
-
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  cpu = (
-    ["--xla_cpu_experimental_ynn_fusion_type=dot"]
-    if jaxlib.version.__version__.startswith("0.10.")
-    else []
-  )
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  sharding.set_xla_flags(cpu_devices=2)  # the user's device count wins; no CPU flag for 8
-  assert os.environ["XLA_FLAGS"].split() == [
-    "--xla_force_host_platform_device_count=8",
-    "--xla_gpu_enable_latency_hiding_scheduler=true",
-  ]
-  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
-  sharding.set_xla_flags(cpu_devices=1)  # one device is XLA's default: no count added
-  assert os.environ["XLA_FLAGS"].split() == [
-    "--xla_gpu_enable_latency_hiding_scheduler=false",
-    *cpu,
-  ]
-  monkeypatch.setenv("XLA_FLAGS", "")
-  sharding.set_xla_flags(cpu_devices=2)
-  assert os.environ["XLA_FLAGS"].split() == [
-    "--xla_gpu_enable_latency_hiding_scheduler=true",
-    "--xla_force_host_platform_device_count=2",
-  ]
-  monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # no CPU flags where JAX runs on a GPU
-  monkeypatch.setenv("XLA_FLAGS", "")
-  sharding.set_xla_flags(cpu_devices=2)
-  assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_latency_hiding_scheduler=true"
-
-
-@pytest.mark.parametrize(
-  "requested, cores, batch, devices",
-  [(-1, 2, 12, 2), (-1, 16, 12, 12), (-1, 5, 12, 4), (-1, 8, 7, 7), (3, 2, 12, 3), (1, 2, 12, 1)],
-)
-def test_cpu_devices_one_per_core_dividing_the_batch(monkeypatch, requested, cores, batch, devices):
-  monkeypatch.setattr(os, "cpu_count", lambda: cores)
-  assert sharding.cpu_device_count(requested, batch) == devices
 
 
 def test_scan_layers_and_the_chunked_loss_train_on_2x2x2_as_on_one_device():
