@@ -6,6 +6,7 @@ import pytest
 from conftest import tiny_config
 
 from gptjax import metrics
+from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
 
 
@@ -67,3 +68,9 @@ def test_mfu_is_model_flops_per_device_over_the_peak():
   assert speed["tflops"] == pytest.approx(989.0)
   assert speed["mfu"] == pytest.approx(0.25)  # spread over 4 devices
   assert metrics.throughput(tokens_per_s, cfg, 1, "cpu")["mfu"] is None
+
+
+def test_a_step_that_does_not_fit_is_refused_before_it_runs():
+  metrics.check_fits({"peak_estimate": 1024})
+  with pytest.raises(UserError, match=r"needs ~1024.0 GiB per device but a device has"):
+    metrics.check_fits({"peak_estimate": 1024**4})
