@@ -66,16 +66,16 @@ def bench_train(config, workdir: str) -> dict:
   import numpy as np
 
   from gptjax import config as config_lib
-  from gptjax import metrics, sharding, train
+  from gptjax import metrics, runtime, train
   from gptjax.model import count_params
 
   if _STEPS.value < 1 or _WARMUP.value < 0:
     raise UserError("--steps must be >= 1 and --warmup >= 0")
   config_lib.validate(config)
-  mesh = sharding.start(config)
+  mesh = runtime.start(config)
   vocab = config.model.vocab_size or 50257
   s = train.setup(config, vocab, mesh)
-  sharding.check_fits(s.memory())
+  metrics.check_fits(s.memory())
   cfg = s.model.cfg
   state = s.init(config.seed)
   rows, rng = s.rows(), np.random.default_rng(0)
