@@ -33,8 +33,8 @@ def resolve_implementation(requested: str, dtype) -> str:
 def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding, rotate-half layout (GPT-NeoX/Llama); computed in float32."""
   half = x_BxTxNxH.shape[-1] // 2
-  freq_h = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxTx1xh = (positions_BxT[..., None].astype(jnp.float32) * freq_h)[:, :, None, :]
+  freq_1x1xh = (1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half))[None, None, :]
+  angle_BxTx1xh = (positions_BxT[..., None].astype(jnp.float32) * freq_1x1xh)[:, :, None, :]
   sin, cos = jnp.sin(angle_BxTx1xh), jnp.cos(angle_BxTx1xh)
   x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -90,7 +90,9 @@ class HeadProjection(nn.Module):
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=cfg.dtype)
     contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
     y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
-    return y if bias is None else y + bias
+    if bias is None:
+      return y
+    return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)  # explicit leading dims
 
 
 class CausalSelfAttention(nn.Module):

@@ -5,8 +5,9 @@
               random (not zero) Adam moments, as after training.
 
   decode      prefill and greedy generation with random weights on one device: a batch
-              of --batch_size random prompts of --prompt_len tokens, --new_tokens each;
-              medians over --repeats runs after a compiling run.
+              of --decode_batch random prompts of --prompt_len tokens, --new_tokens each;
+              medians over --repeats runs after a compiling run (--batch_size, the old
+              spelling of --decode_batch, still works and prints a deprecation line).
   sample      `--mode=sample`'s path on a trained run (--workdir, no --config): batch 1,
               --new_tokens (500) from end-of-text, temperature 0.8, top_k 200, past the
               context window as needed; median of --repeats after a compiling run.
@@ -27,14 +28,23 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
 from ml_collections import config_flags
 
-from gptjax.errors import UserError, flags_parser
+from gptjax import checkpoint, cli, decode, inference, metrics, runtime, sharding, train
+from gptjax import config as config_lib
+from gptjax.errors import UserError
+from gptjax.model import GPT, GPTConfig, count_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (default: a temporary one).")
-_BATCH = flags.DEFINE_integer("batch_size", 1, "decode: prompts per batch.")
+_DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1, "decode: prompts per batch.")
+_BATCH_SIZE = flags.DEFINE_integer(
+  "batch_size", None, "Deprecated spelling of --decode_batch (not config.train.batch_size)."
+)
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "decode: tokens per prompt.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "decode: tokens generated per prompt.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "decode: timed runs (the median is reported).")
@@ -45,7 +55,6 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "train: untimed steps after compilin
 def _trained_looking(state, shardings):
   """Adam's moments start at zero, which compresses to nothing: fill them with noise so the
   size and write time are those of a state after training."""
-  import jax
 
   def fill(opt_state):
     leaves, treedef = jax.tree.flatten(opt_state)
@@ -59,33 +68,37 @@ def _trained_looking(state, shardings):
   )(state)
 
 
-def bench_train(config, workdir: str) -> dict:
-  del workdir
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
+def _check_flags() -> None:
+  """--batch_size is the old spelling of --decode_batch: a warning, or an error if both."""
+  if not _BATCH_SIZE.present:
+    return
+  if _DECODE_BATCH.present:
+    raise UserError(
+      "--batch_size and --decode_batch both given; --batch_size is the deprecated spelling "
+      "of --decode_batch: pass only --decode_batch"
+    )
+  print("gptjax.bench: warning: --batch_size is deprecated; use --decode_batch", file=sys.stderr)
 
-  from gptjax import config as config_lib
-  from gptjax import metrics, runtime, train
-  from gptjax.model import count_params
 
-  if _STEPS.value < 1 or _WARMUP.value < 0:
-    raise UserError("--steps must be >= 1 and --warmup >= 0")
-  config_lib.validate(config)
-  mesh = runtime.start(config)
-  vocab = config.model.vocab_size or 50257
-  s = train.setup(config, vocab, mesh)
-  metrics.check_fits(s.memory())
-  cfg = s.model.cfg
-  state = s.init(config.seed)
+def _decode_batch() -> int:
+  return _BATCH_SIZE.value if _BATCH_SIZE.present else _DECODE_BATCH.value
+
+
+def _synthetic_batches(s, vocab_size: int) -> list:
+  """A few different batches of random tokens (not one repeated): the step never sees the
+  same input twice in a row, as in training. Transfers happen here, outside the timed loop."""
   rows, rng = s.rows(), np.random.default_rng(0)
   n_rows = len(range(*rows.indices(s.batch_shape[0])))
-  # A few different batches (not one repeated): the step never sees the same input twice in
-  # a row, as in training. Transfers happen here, outside the timed loop.
-  batches = [
-    s.batch(rng.integers(0, cfg.vocab_size, (n_rows,) + s.batch_shape[1:], dtype=np.int32))
+  return [
+    s.batch(rng.integers(0, vocab_size, (n_rows,) + s.batch_shape[1:], dtype=np.int32))
     for _ in range(4)
   ]
+
+
+def _time_steps(s, state, batches):
+  """--warmup untimed steps, then --steps each synchronised, then --steps back to back with
+  one sync at the end. Returns the synchronised step times, the mean back-to-back step time
+  and the last step's metrics."""
   for i in range(_WARMUP.value):
     state, m = s.train_step(state, batches[i % 4])
   jax.block_until_ready(state)
@@ -99,17 +112,37 @@ def bench_train(config, workdir: str) -> dict:
   for i in range(_STEPS.value):
     state, m = s.train_step(state, batches[i % 4])
   jax.block_until_ready(state)
-  pipelined_s = (time.perf_counter() - t0) / _STEPS.value
+  return times, (time.perf_counter() - t0) / _STEPS.value, m
+
+
+def _peak_bytes(device):
+  try:
+    return (device.memory_stats() or {}).get("peak_bytes_in_use")
+  except Exception:  # not every backend has allocator statistics
+    return None
+
+
+def bench_train(config, workdir: str) -> dict:
+  del workdir
+
+  if _STEPS.value < 1 or _WARMUP.value < 0:
+    raise UserError("--steps must be >= 1 and --warmup >= 0")
+  config_lib.validate(config)
+  mesh = runtime.start(config)
+  vocab = config.model.vocab_size or 50257
+  s = train.setup(config, vocab, mesh)
+  metrics.check_fits(s.memory())
+  cfg = s.model.cfg
+  state = s.init(config.seed)
+  batches = _synthetic_batches(s, cfg.vocab_size)
+  times, pipelined_s, m = _time_steps(s, state, batches)
   if not np.isfinite(float(m["loss"])):
     raise UserError(f"the benchmarked step gave loss {float(m['loss'])}; check the config")
   tokens = config.train.batch_size * cfg.block_size
   median = float(np.median(times))
   device = jax.devices()[0]
   speed = metrics.throughput(tokens / median, cfg, jax.device_count(), device.device_kind)
-  try:
-    peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
-  except Exception:  # not every backend has allocator statistics
-    peak = None
+  peak = _peak_bytes(device)
   mem = s.memory()
   return {
     "bench": "train",
@@ -142,10 +175,7 @@ def bench_train(config, workdir: str) -> dict:
 
 
 def bench_checkpoint(config, workdir: str) -> dict:
-  import jax
-
-  from gptjax import checkpoint, sharding, train
-
+  config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   s = train.setup(config, config.model.vocab_size or 50257, mesh, compile=False)
   state = jax.block_until_ready(_trained_looking(s.init(config.seed), s.state_shardings))
@@ -180,17 +210,11 @@ def bench_checkpoint(config, workdir: str) -> dict:
 def bench_decode(config, workdir: str) -> dict:
   """Times prefill and the generate loop separately; tokens/s counts new tokens only."""
   del workdir
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from gptjax import decode
-  from gptjax.model import GPT, GPTConfig
 
   cfg = GPTConfig.from_config(config.model, config.model.vocab_size or 50257)
-  b, p, n = _BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value
+  b, p, n = _decode_batch(), _PROMPT_LEN.value, _NEW_TOKENS.value
   if min(b, p, n, _REPEATS.value) < 1:
-    raise UserError("--batch_size, --prompt_len, --new_tokens and --repeats must be >= 1")
+    raise UserError("--decode_batch, --prompt_len, --new_tokens and --repeats must be >= 1")
   if p + n > cfg.block_size:
     raise UserError(
       f"--prompt_len={p} + --new_tokens={n} exceeds the {cfg.block_size}-token context"
@@ -243,13 +267,11 @@ def bench_decode(config, workdir: str) -> dict:
 
 def bench_sample(config, workdir: str) -> dict:
   del config
-  import numpy as np
-
-  from gptjax import decode, sample
 
   if not _WORKDIR.value:
     raise UserError("bench sample needs --workdir=DIR of a trained run")
-  model, params, tokenizer, where = sample.load(workdir)
+  run = inference.load(workdir)
+  model, params, tokenizer, where = run.model, run.params, run.tokenizer, run.where
   decoder = decode.Decoder(model, params, stop_tokens=[tokenizer.eot_id])
   sampling = decode.Sampling(0.8, 200, 1.0)
   n = _NEW_TOKENS.value if flags.FLAGS["new_tokens"].present else 500
@@ -280,20 +302,12 @@ def main(argv):
     "sample": bench_sample,
   }
   if len(argv) != 2 or argv[1] not in benches:
-    print(f"gptjax.bench: error: name one benchmark: {', '.join(benches)}", file=sys.stderr)
-    sys.exit(1)
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+    raise UserError(f"name one benchmark: {', '.join(benches)}")
   if _CONFIG.value is None and argv[1] != "sample":
-    print("gptjax.bench: error: --config is required", file=sys.stderr)
-    sys.exit(1)
-  try:
-    with tempfile.TemporaryDirectory() as tmp:
-      print(json.dumps(benches[argv[1]](_CONFIG.value, _WORKDIR.value or tmp)))
-  except UserError as e:
-    print(f"gptjax.bench: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    raise UserError("--config is required")
+  with tempfile.TemporaryDirectory() as tmp:
+    print(json.dumps(benches[argv[1]](_CONFIG.value, _WORKDIR.value or tmp)))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=flags_parser("gptjax.bench"))
+  cli.run(main, "gptjax.bench", check=_check_flags)

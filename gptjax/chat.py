@@ -20,7 +20,8 @@ import sys
 
 import numpy as np
 
-from gptjax import decode, tokenizers
+from gptjax import decode, inference
+from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 
 
@@ -152,69 +153,75 @@ def _safe_length(text: str, stop: str) -> int:
   return n
 
 
-def run(
-  workdir: str,
-  max_new: int | None,
-  temperature: float,
-  top_k: int,
-  top_p: float,
-  seed: int,
-  chunk: int,
-  user: str,
-  assistant: str,
-  config=None,
-  stdin=None,
-  stdout=None,
-) -> int:
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """--mode=chat's settings: reply budget (None: half the context), sampling, the seed of
+  the first reply (each reply takes the next), and tokens per jitted call (streaming)."""
+
+  max_new: int | None = None
+  sampling: decode.Sampling = decode.Sampling(0.8)
+  seed: int = 0
+  chunk: int = 8
+
+
+def run(workdir: str, options: Options, template: Template, config=None, stdin=None, stdout=None):
   """The interactive loop; returns the number of replies. /reset forgets the conversation,
   /quit (or end of input, or Ctrl-C) ends the session."""
-  from gptjax import sample  # loading is shared with --mode=sample
-
   stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-  model, params, tokenizer, where = sample.load(workdir, config)
-  sampling = decode.Sampling(temperature, top_k, top_p)
-  sampling.check(model.cfg.vocab_size)
-  template = Template(user, assistant)
-  try:
-    tokenizer.encode(template.turn(user, "") + template.reply_prefix())
-  except tokenizers.UnknownCharacter as e:
-    raise UserError(
-      f"{e.problem}: use a --user_name and --assistant_name this model can read"
-    ) from None
-  stop = tokenizer.encode(template.end_of_turn).tolist()
-  decoder = decode.Decoder(model, params, stop_tokens=[tokenizer.eot_id], stop_sequences=[stop])
-  block = model.cfg.block_size
   notify = lambda message: print(f"[{message}]", file=sys.stderr, flush=True)
-  chat = Chat(decoder, tokenizer, template, max_new, sampling, chunk, seed, notify)
+  loaded = inference.load(workdir, config)
+  chat = open_chat(loaded, options, template, notify)
   notify(
-    f"chatting with {where} of {workdir} ({block}-token context, replies up to "
-    f"{chat.max_new} tokens); /reset forgets the conversation, /quit ends"
+    f"chatting with {loaded.where} of {workdir} ({loaded.model.cfg.block_size}-token context, replies "
+    f"up to {chat.max_new} tokens); /reset forgets the conversation, /quit ends"
   )
   write = lambda piece: (stdout.write(piece), stdout.flush())
   try:
-    while True:
-      write(f"{user}: ")
-      line = stdin.readline()
-      if not line:
-        write("\n")
+    while (line := _prompt(template.user, stdin, write)) is not None:
+      text = line.strip()
+      if text == "/quit":
         break
-      text = line.rstrip("\n")
-      if text.strip() == "/quit":
-        break
-      if text.strip() == "/reset":
+      if text == "/reset":
         chat.reset()
         notify("conversation forgotten")
-        continue
-      if not text.strip():
-        continue
-      try:
-        user_ids = chat.user_turn(text)
-      except tokenizers.UnknownCharacter as e:
-        notify(f"error: {e.problem}; type the message again without it")
-        continue
-      write(f"{assistant}: ")
-      chat.reply(user_ids, write)
-      write("\n")
+      elif text:
+        try:
+          user_ids = chat.user_turn(line)
+        except tokenizer_lib.UnknownCharacter as e:
+          notify(f"error: {e.problem}; type the message again without it")
+          continue
+        write(f"{template.assistant}: ")
+        chat.reply(user_ids, write)
+        write("\n")
   except KeyboardInterrupt:
     write("\n")
   return chat.replies
+
+
+def open_chat(loaded: inference.Loaded, options: Options, template: Template, notify) -> Chat:
+  """A conversation with a loaded model; UserError if the template's names cannot be read."""
+  tok = loaded.tokenizer
+  options.sampling.check(loaded.model.cfg.vocab_size)
+  try:
+    tok.encode(template.turn(template.user, "") + template.reply_prefix())
+  except tokenizer_lib.UnknownCharacter as e:
+    raise UserError(
+      f"{e.problem}: use a --user_name and --assistant_name this model can read"
+    ) from None
+  stop = tok.encode(template.end_of_turn).tolist()
+  decoder = decode.Decoder(
+    loaded.model, loaded.params, stop_tokens=[tok.eot_id], stop_sequences=[stop]
+  )
+  return Chat(
+    decoder, tok, template, options.max_new, options.sampling, options.chunk, options.seed, notify
+  )
+
+
+def _prompt(user: str, stdin, write) -> str | None:
+  """Shows the user's prompt and reads a line (None at end of input)."""
+  write(f"{user}: ")
+  line = stdin.readline()
+  if not line:
+    write("\n")
+    return None
+  return line.rstrip("\n")

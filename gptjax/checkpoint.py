@@ -1,4 +1,5 @@
-"""Checkpoints with orbax: async saves, keep-N (and the best), exact resume, faults, export.
+"""Checkpoints with orbax: async saves, keep-N (and the best), exact resume, faults (exports,
+params only, are export.py's; a checkpoint's fit to the config is checkpoint_compat.py's).
 
 A checkpoint is WORKDIR/checkpoints/<step>/ with three items:
   params  the parameters (orbax StandardSave: sharded arrays, each host writes its shards)
@@ -19,7 +20,6 @@ import atexit
 import contextlib
 import errno
 import glob
-import json
 import logging
 import os
 import shutil
@@ -30,19 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
-from ml_collections import config_dict
 
-from gptjax import model as model_lib
-from gptjax.errors import UserError, describe, ensure_writable_dir
+from gptjax import checkpoint_compat
+from gptjax.errors import UserError, describe
 from gptjax.metrics import format_bytes
-from gptjax.sharding import param_name
 
-CHECKPOINTS, BEST, CORRUPT, EXPORT = (
-  "checkpoints",
-  "checkpoints_best",
-  "checkpoints_corrupt",
-  "export",
-)
+CHECKPOINTS, BEST, CORRUPT = "checkpoints", "checkpoints_best", "checkpoints_corrupt"
 
 
 def _manager(directory: str, options) -> ocp.CheckpointManager:
@@ -220,7 +213,9 @@ class Checkpoints:
     """
     steps, failed = self.steps(), []
     for step in reversed(steps):
-      _check_shapes(self.manager, step, abstract_params, train_target, self.manager.directory)
+      checkpoint_compat.check(
+        self.manager, step, abstract_params, train_target, self.manager.directory
+      )
       try:
         out = self.manager.restore(step, args=args)
         if not is_finite(
@@ -380,152 +375,6 @@ def _save_args(state, meta: dict):
     ),
     meta=ocp.args.JsonSave(meta),
   )
-
-
-def _check_shapes(manager, step: int, abstract_params, train_target, directory) -> None:
-  """UserError naming the first parameter whose saved shape differs from the config's, or
-  an optimizer state of another structure (e.g. grad_clip switched on or off)."""
-  try:
-    metadata = manager.item_metadata(step)
-    saved = getattr(metadata["params"], "tree", metadata["params"])
-    saved_train = getattr(metadata["train"], "tree", metadata["train"])
-  except Exception:  # unreadable metadata: restore() reports it as a bad checkpoint
-    return
-  if saved is None:
-    return
-  want = {
-    param_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)
-  }
-  have = {
-    param_name(p): tuple(getattr(x, "shape", ()))
-    for p, x in jax.tree_util.tree_leaves_with_path(saved)
-  }
-  fix = "resume with the config it was trained with (WORKDIR/config.json) or use a fresh --workdir"
-  scanned = [any(n.startswith("h/") for n in names) for names in (have, want)]
-  if scanned[0] != scanned[1]:  # the layer layout differs: stacked (h) vs per layer (h_i)
-    fix = f"set --config.model.scan_layers={scanned[0]} as it was trained, or use a fresh --workdir"
-  for name, shape in want.items():
-    if name not in have:
-      raise UserError(
-        f"checkpoint {step} in {directory} has no parameter {name} (the config "
-        f"makes it with shape {shape}); {fix}"
-      )
-    if have[name] != shape:
-      raise UserError(
-        f"checkpoint {step} in {directory}: parameter {name} has shape "
-        f"{have[name]} but the config makes {shape}; {fix}"
-      )
-  extra = sorted(set(have) - set(want))
-  if extra:
-    raise UserError(
-      f"checkpoint {step} in {directory} has parameter {extra[0]}, which the "
-      f"config does not make; {fix}"
-    )
-  if train_target is not None and saved_train is not None:
-    where = _first_difference(
-      _skeleton(saved_train.get("opt_state")), _skeleton(train_target["opt_state"]), "opt_state"
-    )
-    if where is not None:
-      raise UserError(
-        f"checkpoint {step} in {directory} holds an optimizer state of another "
-        f"structure (first difference at {where}): the optimizer settings "
-        f"changed (e.g. optim.grad_clip 0 <-> > 0); {fix}"
-      )
-
-
-def _skeleton(tree):
-  """A pytree as orbax's metadata shows it: namedtuples as dicts, tuples as lists, empty
-  states as None, arrays as their shapes."""
-  if isinstance(tree, dict):
-    return {k: _skeleton(v) for k, v in tree.items()}
-  if hasattr(tree, "_fields"):
-    return {k: _skeleton(getattr(tree, k)) for k in tree._fields} or None
-  if isinstance(tree, (list, tuple)):
-    return [_skeleton(v) for v in tree]
-  return None if tree is None else tuple(getattr(tree, "shape", ()))
-
-
-def _first_difference(a, b, path: str):
-  if isinstance(a, dict) and isinstance(b, dict):
-    for k in sorted(set(a) | set(b), key=str):
-      if k not in a or k not in b:
-        return f"{path}/{k}"
-      if (where := _first_difference(a[k], b[k], f"{path}/{k}")) is not None:
-        return where
-    return None
-  if isinstance(a, list) and isinstance(b, list):
-    if len(a) != len(b):
-      return f"{path} ({len(a)} parts saved, {len(b)} in the config)"
-    for i, (x, y) in enumerate(zip(a, b)):
-      if (where := _first_difference(x, y, f"{path}/{i}")) is not None:
-        return where
-    return None
-  return None if a == b else path
-
-
-# --- Params-only export (for inference) ----------------------------------------------------
-
-
-def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, dict]:
-  """Writes the newest checkpoint's params (no optimizer state) with config and tokenizer.
-
-  Restored onto one device: an export is for sampling, wherever the training ran.
-  """
-  abstract_params = model_lib.abstract_params(workdir_config(workdir))
-  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  shardings = jax.tree.map(lambda _: one, abstract_params)
-  restored = Checkpoints(workdir, warn=warn).restore_params(
-    abstract_params, shardings, set_aside=False
-  )
-  if restored is None:
-    raise UserError(
-      f"no checkpoint in {os.path.join(workdir, CHECKPOINTS)}; train first "
-      "(checkpoints are saved every config.checkpoint.every steps and at the end)"
-    )
-  params, meta = restored
-  out_dir = os.path.abspath(out_dir or os.path.join(workdir, EXPORT))
-  ensure_writable_dir(out_dir, "--export_dir")
-  if os.path.exists(os.path.join(out_dir, "params")):
-    shutil.rmtree(os.path.join(out_dir, "params"))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(out_dir, "params"), params)
-  checkpointer.wait_until_finished()
-  if jax.process_index() == 0:
-    for name in ("config.json", "tokenizer.json"):
-      if os.path.exists(os.path.join(workdir, name)):
-        shutil.copy(os.path.join(workdir, name), os.path.join(out_dir, name))
-    with open(os.path.join(out_dir, "export.json"), "w") as f:
-      json.dump({"step": meta["step"], "from": os.path.abspath(workdir)}, f)
-    full = directory_bytes(os.path.join(workdir, CHECKPOINTS, str(meta["step"])))
-    size = directory_bytes(os.path.join(out_dir, "params"))
-    print(
-      f"exported step {meta['step']} params to {out_dir} ({format_bytes(size)}; the "
-      f"training checkpoint is {format_bytes(full)})",
-      flush=True,
-    )
-  return out_dir, meta
-
-
-def workdir_config(workdir: str):
-  """The config a run in `workdir` was trained with (its config.json), as a ConfigDict."""
-  path = os.path.join(workdir, "config.json")
-  try:
-    with open(path) as f:
-      return config_dict.ConfigDict(json.load(f))
-  except FileNotFoundError:
-    raise UserError(
-      f"{path} not found: {workdir} holds no training run; pass the --workdir of a run"
-    ) from None
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is not valid JSON ({e})") from None
-
-
-def load_export(export_dir: str, abstract_params, shardings):
-  """Params from an export directory, laid out by `shardings`."""
-  path = os.path.join(os.path.abspath(export_dir), "params")
-  if not os.path.isdir(path):
-    raise UserError(f"{export_dir} holds no exported params; run --mode=export first")
-  return ocp.StandardCheckpointer().restore(path, with_shardings(abstract_params, shardings))
 
 
 def directory_bytes(path: str) -> int:

@@ -7,10 +7,13 @@ can type-check `--config.a.b=value` overrides and reject unknown keys by name.
 
 import json
 import math
+import os
 
 from ml_collections import config_dict
 
 from gptjax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
 
 CHOICES = {
   "model.norm": ("layernorm", "rmsnorm"),
@@ -153,79 +156,71 @@ def _largest_divisor(n: int, at_most: int) -> int:
   return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
+# (key, lowest allowed, highest allowed or None, whether the highest is excluded)
+_RANGES = (
+  *((k, 1, None, False) for k in (
+    "model.n_layer", "model.n_head", "model.d_model", "model.block_size",
+    "model.vocab_multiple", "train.batch_size", "train.num_steps", "train.log_every",
+    "train.eval_every", "train.eval_batches", "optim.grad_accum", "checkpoint.keep")),
+  # fmt: skip
+  *((k, 0, None, False) for k in (
+    "checkpoint.every", "optim.min_lr", "optim.weight_decay", "optim.grad_clip",
+    "optim.warmup_steps", "train.loss_chunk")),  # fmt: skip
+  *((k, 0.0, 1.0, True) for k in (
+    "model.dropout", "model.attn_dropout", "train.label_smoothing", "optim.b1", "optim.b2")),
+)  # fmt: skip
+
+
 def validate(config: config_dict.ConfigDict) -> None:
-  """Raise UserError naming the first bad value and its fix."""
-  for key, value in _leaves(config):  # NaN passes every `<` check below: refuse it first
+  """Raise UserError naming the first bad value and its fix. Every check that needs only
+  the config is here (the mesh's fit to the devices and the data's size are checked where
+  those are known)."""
+  leaves = dict(_leaves(config))
+  for key, value in leaves.items():  # NaN passes every `<` check below: refuse it first
     if isinstance(value, float) and not math.isfinite(value):
       raise UserError(f"config.{key}={value} is not a finite number; pass a finite --config.{key}")
   for key, allowed in CHOICES.items():
-    section, name = key.split(".")
-    value = config[section][name]
-    if value not in allowed:
+    if leaves[key] not in allowed:
       raise UserError(
-        f"config.{key}={value!r} is not one of {', '.join(allowed)}; "
+        f"config.{key}={leaves[key]!r} is not one of {', '.join(allowed)}; "
         f"pass --config.{key}=<one of those>"
       )
-  m, t, o = config.model, config.train, config.optim
-  for key, value in [
-    ("model.n_layer", m.n_layer),
-    ("model.n_head", m.n_head),
-    ("model.d_model", m.d_model),
-    ("model.block_size", m.block_size),
-    ("model.vocab_multiple", m.vocab_multiple),
-    ("train.batch_size", t.batch_size),
-    ("train.num_steps", t.num_steps),
-    ("train.log_every", t.log_every),
-    ("train.eval_every", t.eval_every),
-    ("train.eval_batches", t.eval_batches),
-    ("optim.grad_accum", o.grad_accum),
-    ("checkpoint.keep", config.checkpoint.keep),
-  ]:
-    if value < 1:
-      raise UserError(f"config.{key}={value} must be at least 1")
+  for key, low, high, open_high in _RANGES:
+    value = leaves[key]
+    if value < low or (high is not None and (value >= high if open_high else value > high)):
+      bounds = f"in [{low}, {high})" if high is not None else f"at least {low}"
+      raise UserError(f"config.{key}={value} must be {bounds}")
+  for check in (_check_model, _check_training, _check_data, _check_mesh, _check_distributed):
+    check(config)
+
+
+def _check_model(config) -> None:
+  m, chunk = config.model, config.train.loss_chunk
   if m.d_model % m.n_head:
     raise UserError(
-      f"config.model.d_model={m.d_model} is not divisible by "
-      f"config.model.n_head={m.n_head}; pick a d_model that is a multiple of "
-      "n_head"
+      f"config.model.d_model={m.d_model} is not divisible by config.model.n_head={m.n_head}; "
+      "pick a d_model that is a multiple of n_head"
     )
   if m.positions == "rope" and (m.d_model // m.n_head) % 2:
     raise UserError(
-      f"rope needs an even head size, got d_model/n_head="
-      f"{m.d_model // m.n_head}; change d_model or n_head"
+      f"rope needs an even head size, got d_model/n_head={m.d_model // m.n_head}; change "
+      "d_model or n_head"
     )
-  for key, value in [
-    ("model.dropout", m.dropout),
-    ("model.attn_dropout", m.attn_dropout),
-    ("train.label_smoothing", t.label_smoothing),
-  ]:
-    if not 0.0 <= value < 1.0:
-      raise UserError(f"config.{key}={value} must be in [0, 1)")
-  chunk = t.get("loss_chunk", 0)  # absent from runs saved before it existed
-  if chunk < 0 or (chunk and m.block_size % chunk):
+  if chunk and m.block_size % chunk:
     raise UserError(
-      f"config.train.loss_chunk={chunk} must be 0 (off) or divide "
-      f"config.model.block_size={m.block_size}; e.g. --config.train.loss_chunk="
-      f"{_largest_divisor(m.block_size, 256)}"
+      f"config.train.loss_chunk={chunk} must be 0 (off) or divide config.model.block_size="
+      f"{m.block_size}; e.g. --config.train.loss_chunk={_largest_divisor(m.block_size, 256)}"
     )
+
+
+def _check_training(config) -> None:
+  t, o = config.train, config.optim
   if config.cpu_devices == 0 or config.cpu_devices < -1:
     raise UserError(
       f"config.cpu_devices={config.cpu_devices} must be -1 (one per core) or at least 1"
     )
   if o.lr <= 0:
     raise UserError(f"config.optim.lr={o.lr} must be above 0")
-  for key, value in [
-    ("checkpoint.every", config.checkpoint.every),
-    ("optim.min_lr", o.min_lr),
-    ("optim.weight_decay", o.weight_decay),
-    ("optim.grad_clip", o.grad_clip),
-    ("optim.warmup_steps", o.warmup_steps),
-  ]:
-    if value < 0:
-      raise UserError(f"config.{key}={value} must be at least 0")
-  for key, value in [("optim.b1", o.b1), ("optim.b2", o.b2)]:
-    if not 0.0 <= value < 1.0:
-      raise UserError(f"config.{key}={value} must be in [0, 1)")
   if t.batch_size % o.grad_accum:
     raise UserError(
       f"config.train.batch_size={t.batch_size} is not divisible by "
@@ -236,10 +231,89 @@ def validate(config: config_dict.ConfigDict) -> None:
       f"config.init_from={config.init_from!r} is not understood; use "
       "hf:DIR (a Hugging Face GPT-2 directory)"
     )
-  if config.data.source == "text" and not config.data.path:
+
+
+def _check_data(config) -> None:
+  d = config.data
+  if d.source == "text" and not d.path:
     raise UserError("config.data.source='text' needs --config.data.path=FILE_OR_GLOB")
-  if config.data.source == "text" and not 0.0 < config.data.val_fraction < 1.0:
-    raise UserError(f"config.data.val_fraction={config.data.val_fraction} must be in (0, 1)")
+  if d.source == "text" and not 0.0 < d.val_fraction < 1.0:
+    raise UserError(f"config.data.val_fraction={d.val_fraction} must be in (0, 1)")
+
+
+def _check_mesh(config) -> None:
+  """Mesh sizes and rule names (whether the sizes fit the devices is make_mesh's to say)."""
+  shape, dcn = config.mesh.shape, config.mesh.dcn_shape
+  sizes = [int(shape[a]) for a in MESH_AXES]
+  if (
+    any(int(dcn[a]) < 1 for a in MESH_AXES)
+    or any(n < 1 and n != -1 for n in sizes)
+    or (sizes.count(-1) > 1)
+  ):
+    raise UserError(
+      f"config.mesh.shape={dict(shape)} / dcn_shape={dict(dcn)}: sizes must be positive, "
+      "with at most one -1 (fill) in mesh.shape"
+    )
+  for name, spec in config.mesh.rules.items():
+    for axis in (a.strip() for a in spec.split(",") if a.strip()):
+      if axis not in MESH_AXES:
+        raise UserError(
+          f"config.mesh.rules.{name}={spec!r} names mesh axis {axis!r}; mesh axes are "
+          f"{', '.join(MESH_AXES)} (comma-separated, '' for replicated)"
+        )
+
+
+def _check_distributed(config) -> None:
+  dc = config.distributed
+  for key in ("timeout_s", "heartbeat_timeout_s"):
+    if dc[key] <= 0:
+      raise UserError(f"config.distributed.{key}={dc[key]} must be above 0")
+  if not dc.coordinator_address:
+    return
+  missing = [k for k in ("num_processes", "process_id") if dc[k] is None]
+  if missing:
+    raise UserError(
+      f"config.distributed.coordinator_address is set but "
+      f"{', '.join('config.distributed.' + k for k in missing)} is not; pass "
+      "all three (the same address and count on every process)"
+    )
+  if not 0 <= dc.process_id < dc.num_processes:
+    raise UserError(
+      f"config.distributed.process_id={dc.process_id} must be in "
+      f"[0, num_processes={dc.num_processes})"
+    )
+
+
+def upgrade(saved: dict) -> config_dict.ConfigDict:
+  """A config.json saved by an older gptjax, with today's keys: every key it lacks takes
+  today's default, which is what the code did before the key existed (a new key's default
+  must keep old behaviour). Keys gptjax no longer knows are dropped."""
+
+  def merge(defaults: dict, old: dict) -> dict:
+    return {
+      k: merge(v, old.get(k) or {}) if isinstance(v, dict) else old.get(k, v)
+      for k, v in defaults.items()
+    }
+
+  return from_dict(merge(default_config().to_dict(), saved))
+
+
+def from_dict(d: dict) -> config_dict.ConfigDict:
+  return config_dict.ConfigDict(d)
+
+
+def load_saved(directory: str) -> config_dict.ConfigDict:
+  """The config a run in `directory` (a workdir or an export) was trained with, upgraded."""
+  path = os.path.join(directory, "config.json")
+  try:
+    with open(path) as f:
+      return upgrade(json.load(f))
+  except FileNotFoundError:
+    raise UserError(
+      f"{path} not found: {directory} holds no training run; pass the --workdir of a run"
+    ) from None
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path} is not valid JSON ({e})") from None
 
 
 def _leaves(node, prefix: str = ""):

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from grain.experimental import index_shuffle
 
-from gptjax import tokenizers
+from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.metrics import format_bytes
 
@@ -77,7 +77,7 @@ class Batches:
 
 @dataclasses.dataclass
 class Data:
-  tokenizer: tokenizers.Tokenizer
+  tokenizer: tokenizer_lib.Tokenizer
   train: Batches
   val: Batches
   val_bytes_per_token: float  # UTF-8 bytes per token of the val split, for bits per byte
@@ -85,26 +85,26 @@ class Data:
 
 def load(config, workdir: str) -> Data:
   """Builds (or reuses) the tokenizer and token files in workdir; returns the batches."""
-  dc = config.data
-  docs = _sources(dc)
+  data_config = config.data
+  docs = _sources(data_config)
   tok_path = tokenizer_file(workdir)
   kept = os.path.exists(tok_path)
   if kept:  # a trained workdir keeps its vocabulary, so ids stay stable
-    tokenizer = tokenizers.load(tok_path)
+    tokenizer = tokenizer_lib.load(tok_path)
   else:  # saved after the first training step (save_tokenizer): a failed start leaves none
-    tokenizer = tokenizers.build(dc.tokenizer, tokenizer_path(config), docs["train"])
-  if tokenizer.kind != dc.tokenizer:
+    tokenizer = tokenizer_lib.build(data_config.tokenizer, tokenizer_path(config), docs["train"])
+  if tokenizer.kind != data_config.tokenizer:
     raise UserError(
       f"{tok_path} holds a {tokenizer.kind} tokenizer but config.data.tokenizer="
-      f"{dc.tokenizer!r}; use a fresh --workdir"
+      f"{data_config.tokenizer!r}; use a fresh --workdir"
     )
   out = {}
   for split in ("train", "val"):
     try:
       tokens, n_bytes = _tokenize_cached(
-        docs[split], tokenizer, split, _fingerprint(dc), os.path.join(workdir, "data")
+        docs[split], tokenizer, split, _fingerprint(data_config), os.path.join(workdir, "data")
       )
-    except tokenizers.UnknownCharacter as e:
+    except tokenizer_lib.UnknownCharacter as e:
       if not kept:
         raise
       raise UserError(
@@ -127,15 +127,15 @@ def save_tokenizer(tokenizer, workdir: str) -> None:
   path = tokenizer_file(workdir)
   if not os.path.exists(path):
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    tokenizers.save(tokenizer, tmp)
+    tokenizer_lib.save(tokenizer, tmp)
     os.replace(tmp, path)
 
 
 def tokenizer_path(config) -> str | None:
   """data.tokenizer_path, else (for bpe) the init_from directory when it has BPE files."""
-  dc = config.data
-  if dc.tokenizer_path or dc.tokenizer != "bpe" or not config.init_from:
-    return dc.tokenizer_path
+  data_config = config.data
+  if data_config.tokenizer_path or data_config.tokenizer != "bpe" or not config.init_from:
+    return data_config.tokenizer_path
   hf_dir = config.init_from[len("hf:") :]
   has = lambda *names: all(os.path.isfile(os.path.join(hf_dir, n)) for n in names)
   return hf_dir if has("tokenizer.json") or has("vocab.json", "merges.txt") else None
@@ -146,25 +146,25 @@ def train_texts(config) -> Iterable[str]:
   return _sources(config.data)["train"]()
 
 
-def _sources(dc) -> dict[str, Callable[[], Iterable[str]]]:
+def _sources(data_config) -> dict[str, Callable[[], Iterable[str]]]:
   """Re-iterable sources of documents for 'train' and 'val'."""
-  if dc.source == "text":
-    texts = dict(zip(("train", "val"), _text_files(dc.path, dc.val_fraction)))
+  if data_config.source == "text":
+    texts = dict(zip(("train", "val"), _text_files(data_config.path, data_config.val_fraction)))
     return {split: (lambda t=text: [t]) for split, text in texts.items()}
-  builder = _tfds_builder(dc)
-  return {split: _tfds_docs(builder, dc, split) for split in ("train", "val")}
+  builder = _tfds_builder(data_config)
+  return {split: _tfds_docs(builder, data_config, split) for split in ("train", "val")}
 
 
-def _tfds_docs(builder, dc, split):
-  name = dc.train_split if split == "train" else dc.val_split
+def _tfds_docs(builder, data_config, split):
+  name = data_config.train_split if split == "train" else data_config.val_split
   if name not in builder.info.splits:
     raise UserError(
-      f"TFDS dataset {dc.tfds_name!r} has no split {name!r} (it has "
+      f"TFDS dataset {data_config.tfds_name!r} has no split {name!r} (it has "
       f"{', '.join(builder.info.splits)}); set --config.data.{split}_split"
     )
-  if dc.text_feature not in builder.info.features:
+  if data_config.text_feature not in builder.info.features:
     raise UserError(
-      f"TFDS dataset {dc.tfds_name!r} has no feature {dc.text_feature!r} (it has "
+      f"TFDS dataset {data_config.tfds_name!r} has no feature {data_config.text_feature!r} (it has "
       f"{', '.join(builder.info.features)}); set --config.data.text_feature"
     )
 
@@ -173,7 +173,7 @@ def _tfds_docs(builder, dc, split):
 
     ds = builder.as_dataset(split=name, shuffle_files=False)
     for example in tfds.as_numpy(ds):
-      yield example[dc.text_feature].decode("utf-8")
+      yield example[data_config.text_feature].decode("utf-8")
 
   return docs
 
@@ -202,31 +202,37 @@ def _text_files(path: str, val_fraction: float) -> tuple[str, str]:
   return text[:cut], text[cut:]
 
 
-def _tfds_builder(dc):
+def _tfds_builder(data_config):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf
   import tensorflow_datasets as tfds
 
   tf.config.set_visible_devices([], "GPU")  # TF only reads data; the accelerators are JAX's
   try:
-    builder = tfds.builder(dc.tfds_name, data_dir=dc.data_dir)
+    builder = tfds.builder(data_config.tfds_name, data_dir=data_config.data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(
-      f"TFDS has no dataset {dc.tfds_name!r}; check --config.data.tfds_name"
+      f"TFDS has no dataset {data_config.tfds_name!r}; check --config.data.tfds_name"
     ) from None
-  if dc.manual_dir and not os.path.isdir(dc.manual_dir):
-    raise UserError(f"config.data.manual_dir={dc.manual_dir!r} is not a directory")
-  download = tfds.download.DownloadConfig(manual_dir=dc.manual_dir) if dc.manual_dir else None
-  if dc.download_retries is not None:  # TFDS has no setting for it; its default waits ~3 min
+  if data_config.manual_dir and not os.path.isdir(data_config.manual_dir):
+    raise UserError(f"config.data.manual_dir={data_config.manual_dir!r} is not a directory")
+  download = (
+    tfds.download.DownloadConfig(manual_dir=data_config.manual_dir)
+    if data_config.manual_dir
+    else None
+  )
+  if (
+    data_config.download_retries is not None
+  ):  # TFDS has no setting for it; its default waits ~3 min
     from tensorflow_datasets.core.download import downloader
 
-    downloader.MAX_RETRIES = dc.download_retries
+    downloader.MAX_RETRIES = data_config.download_retries
   try:
     builder.download_and_prepare(download_config=download)
   except Exception as e:  # network, checksum or manual-file failures all end the same way
     reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     raise UserError(
-      f"cannot download or prepare TFDS dataset {dc.tfds_name!r} ({reason}); pass "
+      f"cannot download or prepare TFDS dataset {data_config.tfds_name!r} ({reason}); pass "
       "--config.data.manual_dir=DIR with its source files (for tiny_shakespeare the "
       "folder holding input.txt), or use --config.data.source=text "
       "--config.data.path=FILE"
@@ -234,9 +240,9 @@ def _tfds_builder(dc):
   return builder
 
 
-def _fingerprint(dc) -> dict:
+def _fingerprint(data_config) -> dict:
   fp = {
-    k: dc[k]
+    k: data_config[k]
     for k in (
       "source",
       "tfds_name",
@@ -247,10 +253,10 @@ def _fingerprint(dc) -> dict:
       "val_fraction",
     )
   }
-  if dc.source == "text":  # a changed file must be re-tokenized
+  if data_config.source == "text":  # a changed file must be re-tokenized
     fp["files"] = [
       (f, os.path.getsize(f), os.path.getmtime(f))
-      for f in sorted(glob.glob(os.path.expanduser(dc.path)))
+      for f in sorted(glob.glob(os.path.expanduser(data_config.path)))
     ]
   return fp
 

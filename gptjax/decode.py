@@ -181,7 +181,7 @@ class Decoder:
         finish_B = jnp.where(live_B & hit_B & (finish_B < 0), 1, finish_B)
       for seq in self.stop_sequences:
         tail_BxL = recent_BxL[:, recent_BxL.shape[1] - len(seq) :]
-        hit_B = jnp.all(tail_BxL == jnp.array(seq), axis=1)
+        hit_B = jnp.all(tail_BxL == jnp.array(seq)[None, :], axis=1)
         finish_B = jnp.where(live_B & hit_B & (finish_B < 0), 2, finish_B)
       index = _cache_index(st.cache)
       positions_Bx1 = (index - st.start_B)[:, None]

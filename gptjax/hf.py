@@ -32,9 +32,10 @@ import zipfile
 import numpy as np
 
 from gptjax.errors import UserError, describe, ensure_writable_dir
-from gptjax.model import stack_layers, unstack_layers
+from gptjax.model import per_layer, to_layout
 
 _PREFIX = "transformer."
+_QKV = ("query", "key", "value")  # c_attn's three parts, in order
 _HEAD = "lm_head.weight"  # the one name outside "transformer."
 _SINGLE, _INDEX, _BINARY = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
 _RESAVE = "re-save the model with save_pretrained"
@@ -268,36 +269,38 @@ def to_params(tensors: dict, cfg, hf_config: dict) -> dict:
       "kernel": np.pad(get(_HEAD, (v, d)).T, ((0, 0), (0, cfg.padded_vocab - v)))
     }
   for i in range(cfg.n_layer):
-    p = f"h.{i}."
-    qkv_w = get(p + "attn.c_attn.weight", (d, 3 * d)).reshape(d, 3, n, d // n)
-    qkv_b = get(p + "attn.c_attn.bias", (3 * d,)).reshape(3, n, d // n)
-    params[f"h_{i}"] = {
-      "ln_1": _norm(get, p + "ln_1", d),
-      "ln_2": _norm(get, p + "ln_2", d),
-      "attn": {
-        name: {"kernel": qkv_w[:, j], "bias": qkv_b[j]}
-        for j, name in enumerate(("query", "key", "value"))
-      }
-      | {
-        "out": {
-          "kernel": get(p + "attn.c_proj.weight", (d, d)).reshape(n, d // n, d),
-          "bias": get(p + "attn.c_proj.bias", (d,)),
-        }
-      },
-      "mlp": {
-        "up": {
-          "kernel": get(p + "mlp.c_fc.weight", (d, cfg.d_ff)),
-          "bias": get(p + "mlp.c_fc.bias", (cfg.d_ff,)),
-        },
-        "down": {
-          "kernel": get(p + "mlp.c_proj.weight", (cfg.d_ff, d)),
-          "bias": get(p + "mlp.c_proj.bias", (d,)),
-        },
-      },
-    }
+    params[f"h_{i}"] = _layer(get, f"h.{i}.", cfg)
   dtype = np.dtype(cfg.param_dtype)
   params = _map(lambda x: np.ascontiguousarray(x, dtype), params)
-  return stack_layers(params, cfg.n_layer, np) if cfg.scan_layers else params
+  return to_layout(params, cfg, np)
+
+
+def _layer(get, p: str, cfg) -> dict:
+  """Block p ('h.{i}.') of HF's GPT-2 -> gptjax's per-layer params (q, k, v split by head)."""
+  d, n = cfg.d_model, cfg.n_head
+  qkv_w = get(p + "attn.c_attn.weight", (d, 3 * d)).reshape(d, 3, n, d // n)
+  qkv_b = get(p + "attn.c_attn.bias", (3 * d,)).reshape(3, n, d // n)
+  attn = {name: {"kernel": qkv_w[:, j], "bias": qkv_b[j]} for j, name in enumerate(_QKV)}
+  attn["out"] = {
+    "kernel": get(p + "attn.c_proj.weight", (d, d)).reshape(n, d // n, d),
+    "bias": get(p + "attn.c_proj.bias", (d,)),
+  }
+  mlp = {
+    "up": {
+      "kernel": get(p + "mlp.c_fc.weight", (d, cfg.d_ff)),
+      "bias": get(p + "mlp.c_fc.bias", (cfg.d_ff,)),
+    },
+    "down": {
+      "kernel": get(p + "mlp.c_proj.weight", (cfg.d_ff, d)),
+      "bias": get(p + "mlp.c_proj.bias", (d,)),
+    },
+  }
+  return {
+    "ln_1": _norm(get, p + "ln_1", d),
+    "ln_2": _norm(get, p + "ln_2", d),
+    "attn": attn,
+    "mlp": mlp,
+  }
 
 
 def _norm(get, name, d):
@@ -318,8 +321,7 @@ def from_params(params, cfg) -> dict[str, np.ndarray]:
   """gptjax params -> HF tensors (float32, names with 'transformer.', lm_head.weight when
   untied)."""
   check_layout(cfg, exporting=True)
-  if cfg.scan_layers:  # one stacked "h", as to_params makes it
-    params = unstack_layers(params)
+  params = per_layer(params, cfg)
   p = _map(lambda x: np.asarray(x, np.float32), params)
   d = cfg.d_model
   out = {
@@ -337,11 +339,9 @@ def from_params(params, cfg) -> dict[str, np.ndarray]:
       pre + "ln_2.weight": h["ln_2"]["scale"],
       pre + "ln_2.bias": h["ln_2"]["bias"],
       pre + "attn.c_attn.weight": np.concatenate(
-        [attn[k]["kernel"].reshape(d, d) for k in ("query", "key", "value")], axis=1
+        [attn[k]["kernel"].reshape(d, d) for k in _QKV], axis=1
       ),
-      pre + "attn.c_attn.bias": np.concatenate(
-        [attn[k]["bias"].reshape(d) for k in ("query", "key", "value")]
-      ),
+      pre + "attn.c_attn.bias": np.concatenate([attn[k]["bias"].reshape(d) for k in _QKV]),
       pre + "attn.c_proj.weight": attn["out"]["kernel"].reshape(d, d),
       pre + "attn.c_proj.bias": attn["out"]["bias"],
       pre + "mlp.c_fc.weight": h["mlp"]["up"]["kernel"],
@@ -391,18 +391,3 @@ def save(params, cfg, out_dir: str, tokenizer=None) -> None:
   if getattr(tokenizer, "hf_json", None):
     with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
       f.write(tokenizer.hf_json)
-
-
-def export(workdir: str, out_dir: str | None = None) -> str:
-  """--mode=export --export_format=hf: a run's newest params as a GPT2LMHeadModel directory."""
-  from gptjax import sample
-
-  model, params, tokenizer, where = sample.load(workdir)
-  out_dir = out_dir or os.path.join(workdir, "export_hf")
-  save(params, model.cfg, out_dir, tokenizer)
-  print(
-    f"wrote {where} of {workdir} as a Hugging Face GPT-2 directory {out_dir} (load it with "
-    "transformers.GPT2LMHeadModel.from_pretrained)",
-    flush=True,
-  )
-  return out_dir

@@ -45,7 +45,7 @@ def fused_cross_entropy(
 ):
   """Weighted mean next-token loss of logits x @ w.T, computed `chunk` positions at a time.
 
-  x_BxTxD: final hidden states; w_VxD: output embedding (model(..., return_hidden=True)).
+  x_BxTxD: final hidden states; w_VxD: output embedding (GPT.activations and GPT.output_embedding).
   weights_BxT (default: all ones) weighs each position's loss, e.g. a loss mask; the result
   is sum(weights * loss) / sum(weights). Equals cross_entropy(...) averaged, with float32
   logits. chunk must divide T.
@@ -88,7 +88,8 @@ def _chunk_loss(cfg, label_smoothing, x_BxCxD, w_VxD, t_BxC, weights_BxC, with_g
   hit_BxCxV = jax.nn.one_hot(t_BxC, V, dtype=jnp.float32)
   dlogits_BxCxV = probs_BxCxV - (1 - label_smoothing) * hit_BxCxV
   if label_smoothing:
-    dlogits_BxCxV -= label_smoothing / cfg.vocab_size * (jnp.arange(V) < cfg.vocab_size)
+    real_1x1xV = (jnp.arange(V) < cfg.vocab_size)[None, None, :]
+    dlogits_BxCxV -= label_smoothing / cfg.vocab_size * real_1x1xV
   dlogits_BxCxV = (weights_BxC[..., None] * dlogits_BxCxV).astype(cfg.dtype)
   dlogits_BxCxV = nn.with_logical_constraint(dlogits_BxCxV, ("batch", "length", "vocab"))
   dx_BxCxD = jnp.einsum(

@@ -1,16 +1,14 @@
 """Entry point: `python -m gptjax.main --config=experiments/NAME.py[:ARG] --workdir=DIR`.
 
 Parses flags and hands over to a library function; every UserError (here or in flag parsing)
-becomes one line on stderr and exit code 1.
+becomes one line on stderr and exit code 1 (gptjax/cli.py).
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from gptjax import workdir
-from gptjax.errors import UserError, check_config_file, innermost_message
+from gptjax import chat, cli, decode, export, inference, loop
+from gptjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -71,104 +69,42 @@ _ASSISTANT = flags.DEFINE_string(
 _NEEDS_CONFIG = ("train", "compile_only")
 
 
-def _fail(message: str) -> None:
-  print(f"gptjax: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-  sys.exit(1)
-
-
-def _parse_flags(argv):
-  """absl's parser, but each bad flag or config override is a one-line error."""
-  try:
-    check_config_file(argv)
-    rest = flags.FLAGS(argv)
-    if not flags.FLAGS["verbosity"].present:  # INFO chatter only with --verbosity=0
-      logging.set_verbosity(logging.WARNING)
-    if _MODE.value in _NEEDS_CONFIG and _CONFIG.value is None:
-      raise UserError(
-        f"--mode={_MODE.value} needs --config, e.g. --config=experiments/shakespeare_char.py:cpu"
-      )
-    if _CONFIG.value is not None:
-      _CONFIG.value.keys()  # the experiment file loads lazily: make its errors surface here
-    if not _WORKDIR.value:
-      raise UserError("--workdir is required, e.g. --workdir=/tmp/run")
-    workdir.normalize_flags(flags.FLAGS)
-    return rest
-  except (flags.Error, UserError) as e:
-    _fail(e)
-  except (AttributeError, KeyError) as e:  # ml_collections' word for an unknown key
-    lines = innermost_message(e).splitlines()
-    name = lines[0].strip("'\"")
-    keys = [a.split("=")[0][len("--") :] for a in argv if a.startswith("--config.")]
-    key = next((k for k in keys if name in k.split(".")), name)
-    hint = f" ({lines[1]})" if len(lines) > 1 else ""
-    _fail(f"unknown config key {key!r}{hint}; the keys and their defaults are in gptjax/config.py")
-  except Exception as e:  # an experiment file that fails to load, or a bad variant name
-    _fail(f"cannot load the experiment config: {type(e).__name__}: {e}")
+def check_flags() -> None:
+  """Which flags go together (after parsing; cli turns a UserError into one line)."""
+  if _MODE.value in _NEEDS_CONFIG and _CONFIG.value is None:
+    raise UserError(
+      f"--mode={_MODE.value} needs --config, e.g. --config=experiments/shakespeare_char.py:cpu"
+    )
+  if not _WORKDIR.value:
+    raise UserError("--workdir is required, e.g. --workdir=/tmp/run")
 
 
 def main(argv) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
-  import jax  # after flag parsing: a typo fails before JAX starts
-
-  from gptjax import train
-
-  try:
-    if _MODE.value == "train":
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    elif _MODE.value == "compile_only":
-      train.compile_only(_CONFIG.value, _WORKDIR.value)
-    elif _MODE.value == "export" and _EXPORT_FORMAT.value == "hf":
-      from gptjax import hf
-
-      hf.export(_WORKDIR.value, _EXPORT_DIR.value)
-    elif _MODE.value == "export":
-      from gptjax import checkpoint
-
-      checkpoint.export(_WORKDIR.value, _EXPORT_DIR.value)
-    elif _MODE.value == "sample":
-      from gptjax import sample
-
-      sample.sample(
-        _WORKDIR.value,
-        _PROMPT.value,
-        _NUM_SAMPLES.value,
-        _MAX_NEW.value,
-        _TEMPERATURE.value,
-        _TOP_K.value,
-        _TOP_P.value,
-        _SEED.value,
-        _CONFIG.value,
-      )
-    elif _MODE.value == "chat":
-      from gptjax import chat
-
-      max_new = _MAX_NEW.value if flags.FLAGS["max_new_tokens"].present else None
-      chat.run(
-        _WORKDIR.value,
-        max_new,
-        _TEMPERATURE.value,
-        _TOP_K.value,
-        _TOP_P.value,
-        _SEED.value,
-        _STREAM_TOKENS.value,
-        _USER.value,
-        _ASSISTANT.value,
-        _CONFIG.value,
-      )
-  except UserError as e:
-    _fail(e)
-  except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    _fail(
-      f"out of device memory ({str(e).splitlines()[0][:160]}); raise "
-      "--config.optim.grad_accum, shard over more devices (--config.mesh.shape.fsdp), or "
-      "shorten --config.model.block_size"
+    raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+  mode, workdir, config = _MODE.value, _WORKDIR.value, _CONFIG.value
+  sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  if mode == "train":
+    loop.train_and_evaluate(config, workdir)
+  elif mode == "compile_only":
+    loop.compile_only(config, workdir)
+  elif mode == "export" and _EXPORT_FORMAT.value == "hf":
+    export.export_hf(workdir, _EXPORT_DIR.value)
+  elif mode == "export":
+    export.export(workdir, _EXPORT_DIR.value)
+  elif mode == "sample":
+    inference.sample_text(
+      workdir, _PROMPT.value, _NUM_SAMPLES.value, _MAX_NEW.value, sampling, _SEED.value, config
     )
-  except KeyboardInterrupt:
-    _fail("interrupted")
+  elif mode == "chat":
+    max_new = _MAX_NEW.value if flags.FLAGS["max_new_tokens"].present else None
+    chat.run(
+      workdir,
+      chat.Options(max_new, sampling, _SEED.value, _STREAM_TOKENS.value),
+      chat.Template(_USER.value, _ASSISTANT.value),
+      config,
+    )
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, "gptjax", check_flags)

@@ -18,10 +18,12 @@ T is the training sequence length (block_size). MFU = achieved model FLOP/s per 
 the device's peak dense bf16 FLOP/s (PEAK_TFLOPS; none for CPUs).
 """
 
+import contextlib
 import json
 import math
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -169,6 +171,32 @@ def _truncate_jsonl(path: str, step: int) -> None:
   with open(path + ".tmp", "w") as f:
     f.writelines(keep)
   os.replace(path + ".tmp", path)
+
+
+class Timer:
+  """Training time: per-step milliseconds between log lines, with evals and checkpoint
+  copies left out (pause()), and the run's elapsed time across resumes."""
+
+  def __init__(self, step: int, elapsed_before_s: float):
+    self.start = self.mark = time.perf_counter()
+    self.mark_step, self.paused, self.before = step, 0.0, elapsed_before_s
+
+  def elapsed_s(self, now: float | None = None) -> float:
+    return self.before + (time.perf_counter() if now is None else now) - self.start
+
+  def lap_ms(self, step: int, now: float) -> float:
+    """Mean ms per step since the last lap, pauses excluded."""
+    ms = (now - self.mark - self.paused) * 1e3 / (step - self.mark_step)
+    self.mark, self.mark_step, self.paused = now, step, 0.0
+    return ms
+
+  @contextlib.contextmanager
+  def pause(self):
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.paused += time.perf_counter() - t0
 
 
 # --- Per-device memory: what a compiled step needs, and whether it fits -----------------

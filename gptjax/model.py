@@ -59,44 +59,45 @@ class GPTConfig:
   scan_layers: bool = False
 
   @classmethod
-  def from_config(cls, m, vocab_size: int) -> "GPTConfig":
+  def from_config(cls, model_config, vocab_size: int) -> "GPTConfig":
     """From the `config.model` ConfigDict and the tokenizer's vocabulary size."""
-    vocab = m.vocab_size or vocab_size
+    vocab = model_config.vocab_size or vocab_size
     if vocab < vocab_size:
       raise UserError(
         f"config.model.vocab_size={vocab} is smaller than the tokenizer's "
         f"{vocab_size} ids; leave it unset or raise it"
       )
-    d_ff = m.d_ff or (
-      4 * m.d_model if m.activation == "gelu" else _round_up(8 * m.d_model // 3, 64)
+    d_ff = model_config.d_ff or (
+      4 * model_config.d_model
+      if model_config.activation == "gelu"
+      else _round_up(8 * model_config.d_model // 3, 64)
     )  # SwiGLU: ~same params as GELU
-    dtype = m.dtype
+    dtype = model_config.dtype
     if dtype == "auto":
       dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return cls(
       vocab_size=vocab,
-      padded_vocab=_round_up(vocab, m.vocab_multiple),
-      n_layer=m.n_layer,
-      n_head=m.n_head,
-      d_model=m.d_model,
+      padded_vocab=_round_up(vocab, model_config.vocab_multiple),
+      n_layer=model_config.n_layer,
+      n_head=model_config.n_head,
+      d_model=model_config.d_model,
       d_ff=d_ff,
-      block_size=m.block_size,
-      dropout=m.dropout,
-      attn_dropout=m.attn_dropout,
-      norm=m.norm,
-      norm_eps=m.norm_eps,
-      positions=m.positions,
-      rope_theta=m.rope_theta,
-      activation=m.activation,
-      tie_embeddings=m.tie_embeddings,
-      bias=m.bias,
+      block_size=model_config.block_size,
+      dropout=model_config.dropout,
+      attn_dropout=model_config.attn_dropout,
+      norm=model_config.norm,
+      norm_eps=model_config.norm_eps,
+      positions=model_config.positions,
+      rope_theta=model_config.rope_theta,
+      activation=model_config.activation,
+      tie_embeddings=model_config.tie_embeddings,
+      bias=model_config.bias,
       dtype=_DTYPES[dtype],
-      param_dtype=_DTYPES[m.param_dtype],
-      attention=m.attention,
-      init_std=m.init_std,
-      # .get: runs saved before these keys existed
-      remat=m.get("remat", "none"),
-      scan_layers=m.get("scan_layers", False),
+      param_dtype=_DTYPES[model_config.param_dtype],
+      attention=model_config.attention,
+      init_std=model_config.init_std,
+      remat=model_config.remat,
+      scan_layers=model_config.scan_layers,
     )
 
 
@@ -173,9 +174,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-  """tokens (B, T) int32 -> logits (B, T, padded_vocab) in the compute dtype.
+  """A decoder-only transformer, in parts (as Levanter's LmHeadModel):
 
-  return_hidden=True gives (final hidden states (B, T, D), output embedding (V, D)) instead.
+    activations(tokens (B, T) int32) -> final hidden states (B, T, D), after ln_f
+    output_embedding()               -> the output embedding (padded V, D)
+    __call__(tokens)                 -> logits (B, T, padded_vocab) in the compute dtype
+
+  A loss or a quantized head composes the first two (loss.fused_cross_entropy).
 
   With start_B (decoding, see decode.py) attention reads and extends a KV cache held in the
   "cache" collection; rows are left-padded and row b's first real token is at start_B[b].
@@ -183,15 +188,19 @@ class GPT(nn.Module):
 
   cfg: GPTConfig
 
+  def __call__(self, tokens_BxT, positions_BxT=None, deterministic: bool = True, start_B=None):
+    x_BxTxD = self.activations(tokens_BxT, positions_BxT, deterministic, start_B)
+    return vocab_logits(x_BxTxD, self.output_embedding(), self.cfg)
+
+  def output_embedding(self):
+    """(padded V, D): the input table when tied, else lm_head's (D, V) kernel transposed."""
+    params = nn.meta.unbox(self.variables["params"])  # boxed while initialising
+    if self.cfg.tie_embeddings:
+      return params["wte"]["embedding"]
+    return params["lm_head"]["kernel"].T
+
   @nn.compact
-  def __call__(
-    self,
-    tokens_BxT,
-    positions_BxT=None,
-    deterministic: bool = True,
-    start_B=None,
-    return_hidden: bool = False,
-  ):
+  def activations(self, tokens_BxT, positions_BxT=None, deterministic: bool = True, start_B=None):
     cfg = self.cfg
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -217,34 +226,38 @@ class GPT(nn.Module):
       x_BxTxD += _lookup(wpe, positions_BxT, cfg.dtype, (None, None))
     x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    x_BxTxD = self._blocks(x_BxTxD, positions_BxT, deterministic, start_B)
+    if not cfg.tie_embeddings:
+      _Unembed(cfg, name="lm_head")()  # created with the rest; output_embedding() reads it
+    return _norm(cfg, "ln_f")(x_BxTxD)
+
+  def _blocks(self, x_BxTxD, positions_BxT, deterministic: bool, start_B):
+    """The n_layer blocks, per layer (h_0 ... h_{L-1}) or scanned (h, see LAYERS)."""
+    cfg = self.cfg
     block = Block
     if cfg.remat != "none" and start_B is None:  # training: recompute in the backward pass
       # static_argnums counts self as 0: `deterministic` is a Python bool.
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,))
-    if cfg.scan_layers:
-      # One block compiled once and looped n_layer times over stacked parameters (and KV
-      # caches) with a leading "layers" axis: compile time no longer grows with depth, and
-      # an FSDP step gathers one layer's weights at a time.
-      def body(blk, x_BxTxD, positions_BxT, start_B):
-        return blk(x_BxTxD, positions_BxT, deterministic, start_B), None
-
-      x_BxTxD, _ = nn.scan(
-        body,
-        variable_axes={"params": 0, "cache": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
-        length=cfg.n_layer,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-      )(block(cfg, name="h"), x_BxTxD, positions_BxT, start_B)
-    else:
+    if not cfg.scan_layers:
       for i in range(cfg.n_layer):
         x_BxTxD = block(cfg, name=f"h_{i}")(x_BxTxD, positions_BxT, deterministic, start_B)
-    x_BxTxD = _norm(cfg, "ln_f")(x_BxTxD)
-    # The output embedding (V, D): the input table when tied, else lm_head's (D, V) kernel.
-    w_VxD = wte.embedding if cfg.tie_embeddings else _Unembed(cfg, name="lm_head")().T
-    if return_hidden:  # a loss that applies the head itself, a chunk at a time (loss.py)
-      return x_BxTxD, w_VxD
-    return vocab_logits(x_BxTxD, w_VxD, cfg)
+      return x_BxTxD
+
+    # One block compiled once and looped n_layer times over stacked parameters (and KV
+    # caches) with a leading "layers" axis: compile time no longer grows with depth, and
+    # an FSDP step gathers one layer's weights at a time.
+    def body(blk, x_BxTxD, positions_BxT, start_B):
+      return blk(x_BxTxD, positions_BxT, deterministic, start_B), None
+
+    x_BxTxD, _ = nn.scan(
+      body,
+      variable_axes={"params": 0, "cache": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast, nn.broadcast),
+      length=cfg.n_layer,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )(block(cfg, name=STACKED), x_BxTxD, positions_BxT, start_B)
+    return x_BxTxD
 
 
 class _Unembed(nn.Module):
@@ -278,10 +291,30 @@ def vocab_logits(x_BxTxD, w_VxD, cfg: GPTConfig, out_dtype=None):
   return logits_BxTxV
 
 
-def stack_layers(params, n_layer: int, xp=jnp) -> dict:
-  """Per-layer params (h_0 ... h_{L-1}) -> the scan_layers layout (h, leading L axis).
+# --- The layer layout (config.model.scan_layers) -------------------------------------------
+# Per layer, the blocks' parameters are h_0 ... h_{L-1}; scanned, one STACKED subtree whose
+# leaves have a leading "layers" axis. Only this module knows that: training's init, Hugging
+# Face interop and checkpoint checks convert or ask through the functions below.
+STACKED = "h"
+
+
+def init_params(model: GPT, rng):
+  """Initial parameters, boxed in their logical names. A scanned model starts from the
+  per-layer model's values, stacked: scanning changes how a step compiles, never where a
+  run starts."""
+  tokens_1xT = jnp.zeros((1, model.cfg.block_size), jnp.int32)
+  if not model.cfg.scan_layers:
+    return model.init(rng, tokens_1xT)["params"]
+  loop = GPT(dataclasses.replace(model.cfg, scan_layers=False))
+  return to_layout(loop.init(rng, tokens_1xT)["params"], model.cfg)
+
+
+def to_layout(params, cfg: GPTConfig, xp=jnp) -> dict:
+  """Per-layer params (h_0 ... h_{L-1}) -> cfg's layout (stacked when scanned).
 
   xp: the array module that stacks (numpy keeps host arrays on the host)."""
+  if not cfg.scan_layers:
+    return params
 
   def stack(*xs):  # boxed leaves (logical names) gain the leading "layers" name, as nn.scan's
     if isinstance(xs[0], nn.Partitioned):
@@ -289,21 +322,27 @@ def stack_layers(params, n_layer: int, xp=jnp) -> dict:
     return xp.stack(xs)
 
   out = {k: v for k, v in params.items() if not k.startswith("h_")}
-  out["h"] = jax.tree.map(
+  out[STACKED] = jax.tree.map(
     stack,
-    *[params[f"h_{i}"] for i in range(n_layer)],
+    *[params[f"h_{i}"] for i in range(cfg.n_layer)],
     is_leaf=lambda x: isinstance(x, nn.Partitioned),
   )
   return out
 
 
-def unstack_layers(params) -> dict:
-  """The scan_layers layout (h, leading L axis) -> per-layer params h_0 ... h_{L-1}."""
-  out = {k: v for k, v in params.items() if k != "h"}
-  n_layer = jax.tree.leaves(params["h"])[0].shape[0]
-  for i in range(n_layer):
-    out[f"h_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["h"])
+def per_layer(params, cfg: GPTConfig) -> dict:
+  """Params in cfg's layout -> per-layer params h_0 ... h_{L-1}."""
+  if not cfg.scan_layers:
+    return params
+  out = {k: v for k, v in params.items() if k != STACKED}
+  for i in range(cfg.n_layer):
+    out[f"h_{i}"] = jax.tree.map(lambda x, i=i: x[i], params[STACKED])
   return out
+
+
+def is_stacked(param_names) -> bool:
+  """Whether parameter names ('h/attn/...' or 'h_0/attn/...') are in the scanned layout."""
+  return any(n.startswith(STACKED + "/") for n in param_names)
 
 
 def _lookup(embed: nn.Embed, ids_BxT, dtype, table_axes):
@@ -317,15 +356,15 @@ def _lookup(embed: nn.Embed, ids_BxT, dtype, table_axes):
   return jnp.take(table_VxD, ids_BxT, axis=0)
 
 
-def abstract_params(config):
-  """Shapes and dtypes of the parameters a config makes (nothing allocated).
+def abstract_params(config, boxed: bool = False):
+  """Shapes and dtypes of the parameters a config makes (nothing allocated); boxed keeps
+  their logical axis names (for shardings).
 
   config.model.vocab_size must be resolved (as in a run's config.json).
   """
   model = GPT(GPTConfig.from_config(config.model, config.model.vocab_size))
-  tokens_1xT = jax.ShapeDtypeStruct((1, model.cfg.block_size), jnp.int32)
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens_1xT)["params"]
-  return nn.meta.unbox(boxed)
+  tree = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+  return tree if boxed else nn.meta.unbox(tree)
 
 
 def count_params(params, exclude_embeddings: bool = False) -> int:

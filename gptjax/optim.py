@@ -4,15 +4,15 @@ import jax
 import optax
 
 
-def schedule(o, num_steps: int) -> optax.Schedule:
+def schedule(optim_config, num_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to lr over warmup_steps, cosine down to min_lr at decay_steps."""
-  decay_steps = o.decay_steps or num_steps
+  decay_steps = optim_config.decay_steps or num_steps
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
-    peak_value=o.lr,
-    warmup_steps=o.warmup_steps,
-    decay_steps=max(decay_steps, o.warmup_steps + 1),
-    end_value=o.min_lr,
+    peak_value=optim_config.lr,
+    warmup_steps=optim_config.warmup_steps,
+    decay_steps=max(decay_steps, optim_config.warmup_steps + 1),
+    end_value=optim_config.min_lr,
   )
 
 
@@ -29,16 +29,16 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-def make(o, num_steps: int) -> optax.GradientTransformation:
+def make(optim_config, num_steps: int) -> optax.GradientTransformation:
   """The optimizer for `config.optim`; gradient accumulation happens in the train step."""
-  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  parts = [optax.clip_by_global_norm(optim_config.grad_clip)] if optim_config.grad_clip > 0 else []
   parts.append(
     optax.adamw(
-      schedule(o, num_steps),
-      b1=o.b1,
-      b2=o.b2,
-      eps=o.eps,
-      weight_decay=o.weight_decay,
+      schedule(optim_config, num_steps),
+      b1=optim_config.b1,
+      b2=optim_config.b2,
+      eps=optim_config.eps,
+      weight_decay=optim_config.weight_decay,
       mask=decay_mask,
     )
   )

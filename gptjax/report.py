@@ -8,8 +8,8 @@ per variant), and prints the table.
 import json
 import math
 import os
-import sys
 
+from gptjax import cli
 from gptjax.errors import UserError
 
 
@@ -123,20 +123,12 @@ def report(root: str) -> str:
   return text
 
 
-def main() -> None:
-  if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-    print("usage: python -m gptjax.report SWEEP_DIR", file=sys.stderr)
-    sys.exit(1)
-  try:
-    print(report(sys.argv[1]))
-  except UserError as e:
-    print(f"gptjax.report: error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print(
-    f"\nwrote {os.path.join(sys.argv[1], 'report.md')} and "
-    f"{os.path.join(sys.argv[1], 'val_loss.png')}"
-  )
+def main(argv) -> None:
+  if len(argv) != 2 or argv[1].startswith("-"):
+    raise UserError("usage: python -m gptjax.report SWEEP_DIR")
+  print(report(argv[1]))
+  print(f"\nwrote {os.path.join(argv[1], 'report.md')} and {os.path.join(argv[1], 'val_loss.png')}")
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, "gptjax.report")

@@ -16,7 +16,7 @@ import time
 import jax
 
 from gptjax import sharding
-from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.errors import UserError, describe, ensure_writable_dir
 
 # --- XLA flags -------------------------------------------------------------------------
 
@@ -120,28 +120,17 @@ def _detected_cluster() -> str | None:
   return None
 
 
-def initialize_distributed(dc) -> None:
+def initialize_distributed(distributed_config) -> None:
   """Joins a multi-process run when config.distributed asks, or on a detected cluster.
 
   Must run before anything touches the JAX backend. TPU pods need nothing here: the TPU
   runtime connects the hosts itself. JAX aborts the process (no exception) when the
   coordinator cannot be reached in time, so a watchdog turns that into a one-line error first.
   """
+  dc = distributed_config
   if jax.distributed.is_initialized():
     return
-  if dc.coordinator_address:
-    missing = [k for k in ("num_processes", "process_id") if dc[k] is None]
-    if missing:
-      raise UserError(
-        f"config.distributed.coordinator_address is set but "
-        f"{', '.join('config.distributed.' + k for k in missing)} is not; pass "
-        "all three (the same address and count on every process)"
-      )
-    if not 0 <= dc.process_id < dc.num_processes:
-      raise UserError(
-        f"config.distributed.process_id={dc.process_id} must be in "
-        f"[0, num_processes={dc.num_processes})"
-      )
+  if dc.coordinator_address:  # validate() has checked the three go together
     kwargs = dict(
       coordinator_address=dc.coordinator_address,
       num_processes=dc.num_processes,
@@ -152,8 +141,6 @@ def initialize_distributed(dc) -> None:
     kwargs, where = {}, f"the {cluster} job's coordinator"
   else:
     return
-  if dc.timeout_s <= 0:
-    raise UserError(f"config.distributed.timeout_s={dc.timeout_s} must be above 0")
 
   def give_up():
     role = (
@@ -174,10 +161,6 @@ def initialize_distributed(dc) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process
   except Exception:  # the option may be gone in a later JAX; gloo is its default
     pass
-  if dc.heartbeat_timeout_s <= 0:
-    raise UserError(
-      f"config.distributed.heartbeat_timeout_s={dc.heartbeat_timeout_s} must be above 0"
-    )
   watchdog = threading.Timer(dc.timeout_s, give_up)
   watchdog.daemon = True
   watchdog.start()
@@ -218,6 +201,34 @@ def exit_lost_peer(who: str, reason: str) -> None:
   )
   sys.stdout.flush()
   os._exit(1)
+
+
+_PEER_FAILURES = (
+  "Gloo",
+  "Barrier failed",
+  "heartbeat",
+  "Connection reset",
+  "UNAVAILABLE",
+  "NCCL",
+  "DEADLINE_EXCEEDED",
+)
+
+
+def exit_if_peer_lost(e: Exception) -> None:
+  """In a multi-process run, an error of a collective or a barrier means a peer died or was
+  stopped: name it in one line and exit (exit_lost_peer)."""
+  if jax.process_count() < 2 or isinstance(e, UserError):
+    return
+  text = " ".join(str(e).split())
+  if "RESOURCE_EXHAUSTED" in text or not (
+    isinstance(e, jax.errors.JaxRuntimeError) or any(m in text for m in _PEER_FAILURES)
+  ):
+    return
+  n, me = jax.process_count(), jax.process_index()
+  exit_lost_peer(
+    f"process {1 - me}" if n == 2 else "another process",
+    describe(RuntimeError(text.split("Error dispatching computation: ")[-1])),
+  )
 
 
 def watch_peers(timeout_s: float) -> None:

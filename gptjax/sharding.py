@@ -25,32 +25,27 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from gptjax.config import MESH_AXES
 from gptjax.errors import UserError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = MESH_AXES  # the names config.mesh.shape and the rules use
 # Rule precedence: a mesh axis serves at most one dimension of an array, and earlier names
 # claim theirs first. batch comes first so activations (batch, length, embed) split the batch
 # over (data, fsdp) and leave embed whole, while parameters (vocab, embed) split embed.
 LOGICAL_AXES = ("batch", "length", "vocab", "embed", "heads", "kv", "mlp", "layers")
 
 
-def rules(mc) -> tuple:
-  """config.mesh.rules as flax's ordered (logical name, mesh axes) pairs."""
+def rules(mesh_config) -> tuple:
+  """config.mesh.rules as flax's ordered (logical name, mesh axes) pairs (validate() has
+  checked the axis names)."""
   out = []
   for name in LOGICAL_AXES:
-    spec = mc.rules.get(name) or ""  # .get: runs saved before "layers" existed
-    axes = tuple(a.strip() for a in spec.split(",") if a.strip())
-    for a in axes:
-      if a not in AXES:
-        raise UserError(
-          f"config.mesh.rules.{name}={spec!r} names mesh axis {a!r}; mesh axes "
-          f"are {', '.join(AXES)} (comma-separated, '' for replicated)"
-        )
+    axes = tuple(a.strip() for a in mesh_config.rules[name].split(",") if a.strip())
     out.append((name, axes if len(axes) > 1 else (axes[0] if axes else None)))
   return tuple(out)
 
 
-def make_mesh(mc, devices=None) -> Mesh:
+def make_mesh(mesh_config, devices=None) -> Mesh:
   """The (data, fsdp, tensor) mesh over all devices, from config.mesh.shape (and dcn_shape).
 
   shape is the split within a slice or host (fast links); dcn_shape the split across slices
@@ -58,13 +53,8 @@ def make_mesh(mc, devices=None) -> Mesh:
   sit on neighbouring devices (one host's NVLink, one TPU slice's ICI).
   """
   devices = jax.devices() if devices is None else devices
-  dcn = [int(mc.dcn_shape[a]) for a in AXES]
-  ici = [int(mc.shape[a]) for a in AXES]
-  if any(n < 1 for n in dcn) or any(n < 1 and n != -1 for n in ici) or ici.count(-1) > 1:
-    raise UserError(
-      f"config.mesh.shape={_fmt(AXES, ici)} / dcn_shape={_fmt(AXES, dcn)}: sizes "
-      "must be positive, with at most one -1 (fill) in mesh.shape"
-    )
+  dcn = [int(mesh_config.dcn_shape[a]) for a in AXES]
+  ici = [int(mesh_config.shape[a]) for a in AXES]
   fixed = math.prod(n for n in ici if n != -1) * math.prod(dcn)
   if -1 in ici and len(devices) % fixed == 0:
     ici[ici.index(-1)] = len(devices) // fixed

@@ -20,11 +20,12 @@ import shlex
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from gptjax import cli
 from gptjax import config as config_lib
-from gptjax.errors import UserError, ensure_writable_dir, flags_parser
+from gptjax.errors import UserError, ensure_writable_dir
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+,-]*$")
 
@@ -186,21 +187,15 @@ def _define_flags() -> None:
 
 def main(argv) -> None:
   f = flags.FLAGS
-  try:
-    if len(argv) > 1:
-      raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
-    spec = next((a[len("--config=") :] for a in sys.argv if a.startswith("--config=")), None)
-    if not spec or not f.workdir:
-      raise UserError(
-        "usage: python -m gptjax.sweep --config=experiments/X.py[:ARG] "
-        "--workdir=DIR [--variant=NAME] [--print_commands]"
-      )
-    if not os.path.isfile(spec.partition(":")[0]):
-      raise UserError(f"experiment file {spec.partition(':')[0]!r} not found")
-    status = run(spec, f.config, f.workdir, _split_argv(sys.argv), f.variant, f.print_commands)
-  except UserError as e:
-    print(f"gptjax.sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(1)
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+  spec = next((a[len("--config=") :] for a in sys.argv if a.startswith("--config=")), None)
+  if not spec or not f.workdir:
+    raise UserError(
+      "usage: python -m gptjax.sweep --config=experiments/X.py[:ARG] "
+      "--workdir=DIR [--variant=NAME] [--print_commands]"
+    )
+  status = run(spec, f.config, f.workdir, _split_argv(sys.argv), f.variant, f.print_commands)
   if status:
     failed = [n for n, s in status.items() if s.startswith("failed")]
     print(
@@ -213,4 +208,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=flags_parser("gptjax.sweep"))
+  cli.run(main, "gptjax.sweep")

@@ -1,94 +1,15 @@
-"""Train a tokenizer: `python -m gptjax.tokenize train --kind=sentencepiece|bpe ...`.
+"""The old spelling of `python -m gptjax.train_tokenizer` (`python -m gptjax.tokenize train
+...`): says so in one line, then runs it."""
 
-    python -m gptjax.tokenize train --kind=sentencepiece --vocab_size=8000 \
-        --input='corpus/*.txt' --output=tok/sp8k.model
-    python -m gptjax.tokenize train --kind=bpe --vocab_size=16000 \
-        --config=experiments/shakespeare_char.py --output=tok/bpe16k.json
-
-The text is --input (a file or glob) or the training split of an experiment's data
-(--config). Then train with --config.data.tokenizer=sentencepiece|bpe
---config.data.tokenizer_path=OUTPUT.
-"""
-
-import os
+import runpy
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from gptjax import tokenizers
-from gptjax.errors import UserError, ensure_writable_dir, flags_parser
-
-_KIND = flags.DEFINE_enum("kind", "sentencepiece", ["sentencepiece", "bpe"], "What to train.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size, specials included.")
-_MODEL_TYPE = flags.DEFINE_enum(
-  "model_type", "bpe", ["bpe", "unigram"], "sentencepiece: the segmentation algorithm."
-)
-_INPUT = flags.DEFINE_string("input", None, "Text file or glob to train on.")
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Or: an experiment whose training split to train on.", lock_config=True
-)
-_OUTPUT = flags.DEFINE_string(
-  "output", None, "Where to write (.model for sentencepiece, a tokenizer.json for bpe)."
-)
-
-
-def _texts():
-  if bool(_INPUT.value) == bool(_CONFIG.value):
-    raise UserError("pass one of --input=FILE_OR_GLOB or --config=experiments/NAME.py")
-  from gptjax import config as config_lib
-  from gptjax import data
-
-  if _INPUT.value:
-    return data.read_text_files(_INPUT.value, "--input")
-  config_lib.validate(_CONFIG.value)
-  return data.train_texts(_CONFIG.value)
-
-
-def train_bpe(texts, vocab_size: int) -> tokenizers.BPETokenizer:
-  """GPT-2's byte-level BPE scheme on new text; <|endoftext|> is id 0."""
-  from tokenizers import ByteLevelBPETokenizer
-
-  bpe = ByteLevelBPETokenizer()
-  bpe.train_from_iterator(
-    texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[tokenizers.EOT]
-  )
-  return tokenizers.BPETokenizer(hf_json=bpe.to_str())
-
-
-def main(argv) -> None:
-  try:
-    if len(argv) != 2 or argv[1] != "train":
-      raise UserError(
-        "usage: python -m gptjax.tokenize train --kind=... --vocab_size=N "
-        "(--input=FILES | --config=EXPERIMENT) --output=PATH"
-      )
-    if not _OUTPUT.value:
-      raise UserError("--output=PATH is required")
-    if _VOCAB.value < 260:
-      raise UserError(
-        f"--vocab_size={_VOCAB.value} is too small: the 256 byte values and "
-        "the specials alone need 260"
-      )
-    ensure_writable_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output")
-    texts = _texts()
-    if _KIND.value == "sentencepiece":
-      tok = tokenizers.SentencePieceTokenizer.train(texts, _VOCAB.value, _MODEL_TYPE.value)
-      with open(_OUTPUT.value, "wb") as f:
-        f.write(tok.model_proto)
-    else:
-      tok = train_bpe(texts, _VOCAB.value)
-      with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-        f.write(tok.hf_json)
-    print(
-      f"wrote a {_KIND.value} tokenizer of {tok.vocab_size} ids (<|endoftext|> = "
-      f"{tok.eot_id}) to {_OUTPUT.value}; train with --config.data.tokenizer="
-      f"{_KIND.value} --config.data.tokenizer_path={_OUTPUT.value}"
-    )
-  except UserError as e:
-    print(f"gptjax.tokenize: error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(1)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=flags_parser("gptjax.tokenize"))
+  print(
+    "gptjax.tokenize: warning: deprecated; use python -m gptjax.train_tokenizer (no 'train')",
+    file=sys.stderr,
+    flush=True,
+  )
+  if sys.argv[1:2] == ["train"]:
+    del sys.argv[1]
+  runpy.run_module("gptjax.train_tokenizer", run_name="__main__", alter_sys=True)

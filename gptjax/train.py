@@ -1,14 +1,12 @@
-"""Training: an explicit TrainState pytree, pure jitted steps, and the loop around them.
+"""Training's pure part: an explicit TrainState pytree, the jitted train and eval steps, and
+`setup`, which lays a model out on a mesh and compiles them.
 
 `train_step` and `eval_step` are pure functions of their inputs; everything with side
-effects (data loading, logging, files) stays in `train_and_evaluate`.
+effects (data, logs, files, signals) is loop.py's.
 """
 
 import dataclasses
 import functools
-import json
-import math
-import os
 import time
 from typing import Any
 
@@ -19,15 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax import checkpoint, optim, runtime, sharding
-from gptjax import config as config_lib
-from gptjax import data as data_lib
+from gptjax import checkpoint, optim, sharding
 from gptjax import metrics as metrics_lib
-from gptjax import workdir as workdir_lib
 from gptjax.attention import resolve_implementation
-from gptjax.errors import UserError, describe, ensure_writable_dir
 from gptjax.loss import cross_entropy, fused_cross_entropy
-from gptjax.model import GPT, GPTConfig, count_params, stack_layers
+from gptjax.model import GPT, GPTConfig, init_params
 
 
 @flax.struct.dataclass
@@ -41,13 +35,7 @@ class TrainState:
 def _boxed_init(model: GPT, tx: optax.GradientTransformation, rng) -> TrainState:
   """The initial state with params (and Adam's moments) still boxed in their logical names."""
   init_rng, dropout_rng = jax.random.split(rng)
-  tokens_1xT = jnp.zeros((1, model.cfg.block_size), jnp.int32)
-  if model.cfg.scan_layers:  # the loop's initial values, stacked: scanning changes how the
-    # step compiles, never where a run starts
-    loop = GPT(dataclasses.replace(model.cfg, scan_layers=False))
-    params = stack_layers(loop.init(init_rng, tokens_1xT)["params"], model.cfg.n_layer)
-  else:
-    params = model.init(init_rng, tokens_1xT)["params"]
+  params = init_params(model, init_rng)
   return TrainState(
     step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng
   )
@@ -82,17 +70,15 @@ def _loss(
   """Mean next-token loss; loss_chunk > 0 applies the LM head and the loss that many
   positions at a time (loss.fused_cross_entropy) instead of materialising all logits."""
   inputs_BxT, targets_BxT = batch_BxT1[:, :-1], batch_BxT1[:, 1:]
-  out = model.apply(
-    {"params": params},
-    inputs_BxT,
-    deterministic=deterministic,
-    rngs=None if deterministic else {"dropout": rng},
-    return_hidden=bool(loss_chunk),
+  variables, rngs = {"params": params}, None if deterministic else {"dropout": rng}
+  if not loss_chunk:
+    logits_BxTxV = model.apply(variables, inputs_BxT, deterministic=deterministic, rngs=rngs)
+    return cross_entropy(logits_BxTxV, targets_BxT, model.cfg.vocab_size, label_smoothing).mean()
+  x_BxTxD = model.apply(
+    variables, inputs_BxT, deterministic=deterministic, rngs=rngs, method=GPT.activations
   )
-  if loss_chunk:
-    x_BxTxD, w_VxD = out
-    return fused_cross_entropy(x_BxTxD, w_VxD, targets_BxT, model.cfg, loss_chunk, label_smoothing)
-  return cross_entropy(out, targets_BxT, model.cfg.vocab_size, label_smoothing).mean()
+  w_VxD = model.apply(variables, method=GPT.output_embedding)
+  return fused_cross_entropy(x_BxTxD, w_VxD, targets_BxT, model.cfg, loss_chunk, label_smoothing)
 
 
 def train_step(
@@ -157,22 +143,6 @@ def eval_step(params, batch_BxT1, *, model: GPT, loss_chunk: int = 0):
   return _loss(params, model, batch_BxT1, None, True, 0.0, loss_chunk)
 
 
-def evaluate(eval_fn, params, batch_at, num_batches: int, stop=lambda: False) -> float | None:
-  """Mean loss over the first num_batches validation batches (the same ones every time).
-
-  batch_at(i) gives batch i; on several hosts every process calls this with its share.
-  None when stop() turns true first (a preemption notice leaves ~30 s to save).
-  """
-  losses = []
-  for i in range(num_batches):
-    if stop():
-      return None
-    losses.append(eval_fn(params, batch_at(i)))
-    if i:  # at most two batches in flight: stop() is seen within a batch or two
-      losses[-2].block_until_ready()
-  return float(jnp.mean(jnp.stack(losses)))
-
-
 @dataclasses.dataclass
 class Setup:
   """A model laid out on a mesh: its shardings and compiled steps (no data, no files)."""
@@ -224,7 +194,7 @@ def setup(config, vocab_size: int, mesh: jax.sharding.Mesh, compile: bool = True
   shape = (tc.batch_size, model.cfg.block_size + 1)
   batch_spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  loss_chunk = tc.get("loss_chunk", 0)  # runs saved before it existed
+  loss_chunk = tc.loss_chunk
   t0 = time.perf_counter()
   if not compile:
     return Setup(model, tx, mesh, abstract, state_sh, batch_sh, shape, None, None, 0.0)
@@ -259,339 +229,3 @@ def setup(config, vocab_size: int, mesh: jax.sharding.Mesh, compile: bool = True
   return Setup(
     model, tx, mesh, abstract, state_sh, batch_sh, shape, step_fn, eval_fn, time.perf_counter() - t0
   )
-
-
-def say(message: str) -> None:
-  """Console output from process 0 only (call after multi-host start-up)."""
-  metrics_lib.console(message, enabled=jax.process_index() == 0)
-
-
-def prepare(
-  config, workdir: str, need_data: bool = True, lock: bool = False
-) -> tuple[Setup, data_lib.Data | None, workdir_lib.Lock | None]:
-  """Everything before the first step: processes, mesh, data, compiled steps, memory check.
-
-  need_data=False (compile_only with config.model.vocab_size set) reads no data at all.
-  lock=True: process 0 holds the workdir's lock (returned) before writing anything there.
-  """
-  config_lib.validate(config)
-  mesh = runtime.start(config)
-  sharding.check_batch(
-    config.train.batch_size, config.optim.grad_accum, mesh, sharding.rules(config.mesh)
-  )  # before a long data preparation
-  ensure_writable_dir(workdir, "--workdir")
-  if jax.process_count() > 1:
-    workdir_lib.check_shared(workdir)
-  held = workdir_lib.Lock(workdir) if lock and jax.process_index() == 0 else None
-  try:
-    s, data = _prepare_model(config, workdir, mesh, need_data)
-  except BaseException:
-    if held:
-      held.release()
-    raise
-  return s, data, held
-
-
-def _prepare_model(config, workdir: str, mesh, need_data: bool):
-  if config.init_from:  # a wrong directory fails before data preparation and compiling
-    from gptjax import hf
-
-    hf.directory(config.init_from, config.model)
-  data = data_lib.load(config, workdir) if need_data else None
-  s = setup(config, data.tokenizer.vocab_size if data else config.model.vocab_size, mesh)
-  cfg = s.model.cfg
-  n_params = count_params(s.abstract.params)
-  say(
-    f"model: {n_params / 1e6:.2f}M parameters ("
-    f"{count_params(s.abstract.params, True) / 1e6:.2f}M without embeddings), vocab "
-    f"{cfg.vocab_size} padded to {cfg.padded_vocab}, {jnp.dtype(cfg.dtype).name} compute, "
-    f"attention {resolve_implementation(cfg.attention, cfg.dtype)}"
-  )
-  say(f"compiled train and eval steps in {s.compile_s:.1f}s")
-  mem, fmt = s.memory(), metrics_lib.format_bytes
-  say(
-    f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
-    f"{jax.process_count()} process(es); per device: params {fmt(mem['params'])}, optimizer "
-    f"state {fmt(mem['opt_state'])}"
-    + (
-      f", step temporaries {fmt(mem['temp'])}, peak ~{fmt(mem['peak_estimate'])}"
-      if "temp" in mem
-      else ""
-    )
-  )
-  metrics_lib.check_fits(mem)
-  return s, data
-
-
-def compile_only(config, workdir: str) -> dict:
-  """Lowers and compiles the steps for the configured mesh, reports memory, runs nothing."""
-  if config.model.vocab_size:
-    say(
-      f"compile_only: vocabulary {config.model.vocab_size} from config.model.vocab_size; "
-      "no data is read"
-    )
-  s, _, _ = prepare(config, workdir, need_data=not config.model.vocab_size)
-  say("compile_only: the step fits; nothing was run")
-  return {"compile_s": s.compile_s, "mesh": dict(s.mesh.shape), "memory": s.memory()}
-
-
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in workdir, resuming from its newest checkpoint; returns the summary.
-
-  Saves every config.checkpoint.every steps, at the end, and on SIGTERM/SIGINT (then returns
-  with summary["preempted_at"] set). A non-finite loss stops the run before any save.
-  """
-  s, data, lock = prepare(config, workdir, lock=True)
-  try:
-    return _train(config, workdir, s, data)
-  except Exception as e:
-    _exit_if_peer_lost(e)
-    raise
-  finally:
-    if lock:
-      lock.release()
-
-
-def _train(config, workdir: str, s: Setup, data: data_lib.Data) -> dict:
-  tc, cfg = config.train, s.model.cfg
-  lead = jax.process_index() == 0
-  ckpt = checkpoint.Checkpoints(workdir, config.checkpoint, warn=say)
-  runtime.resume_hint = lambda: _resume_note(ckpt, "the same command on every process")
-  restored = ckpt.restore(s.abstract, s.state_shardings)
-  if restored is None:
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      say(
-        f"warning: {workdir} holds metrics but no checkpoint; training starts at step 0 and "
-        "appends to metrics.jsonl (use a fresh --workdir to keep runs apart)"
-      )
-    state, start, elapsed0 = s.init(config.seed), 0, 0.0
-    if config.init_from:  # imported weights, a fresh optimizer (Adam starts at zero anyway)
-      from gptjax import hf
-
-      params = hf.load_params(config.init_from, cfg)
-      state = state.replace(params=jax.device_put(params, s.state_shardings.params))
-      say(f"initialised the parameters from {config.init_from}")
-  else:
-    state, meta = restored
-    start, elapsed0 = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
-    for change in data_lib.position_changes(meta.get("data", {}), config):
-      say(
-        f"warning: {change} since the checkpoint: the data order from here differs from "
-        "the run that saved it"
-      )
-    say(f"resumed from checkpoint {start} in {ckpt.manager.directory}")
-  resolved = config_lib.resolved(config, cfg.vocab_size)
-  if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(resolved, f, indent=2, sort_keys=True)
-  if start >= tc.num_steps:  # exit 0: a restart loop re-running a finished job must stop
-    ckpt.close()
-    say(
-      f"nothing to do: {workdir} is already trained to step {start} (train.num_steps="
-      f"{tc.num_steps}); to train on, raise --config.train.num_steps (and set "
-      "--config.optim.decay_steps to keep the old learning-rate schedule)"
-    )
-    path = os.path.join(workdir, "summary.json")
-    return json.load(open(path)) if os.path.exists(path) else {"steps": start}
-  run_meta = {"config": resolved, "tokenizer": data.tokenizer.to_dict()}
-  rows = s.rows()  # each process loads only the rows its devices hold
-  train_at = lambda i: s.batch(data.train.get(i, rows))  # noqa: E731
-  val_at = lambda i: s.batch(data.val.get(i, rows))  # noqa: E731
-  writer = metrics_lib.MetricWriter(workdir, enabled=lead, resume_step=start if restored else None)
-  stop = runtime.PreemptionWatch()
-
-  tokens_per_step = tc.batch_size * cfg.block_size
-  device_kind = jax.devices()[0].device_kind
-  every = config.checkpoint.every
-  step_ms, val_losses, last_log, preempted = [], [], {}, None
-  t_start = t_mark = time.perf_counter()
-  mark_step, eval_s = start, 0.0
-  try:
-    for step in range(start + 1, tc.num_steps + 1):
-      state, m = s.train_step(state, train_at(step - 1))
-      if step == start + 1 and lead:  # the vocabulary of a run that trained (idempotent)
-        data_lib.save_tokenizer(data.tokenizer, workdir)
-      preempted = stop.reached(step) if step < tc.num_steps else None  # the end saves anyway
-      save = (every and step % every == 0) or step == tc.num_steps or preempted
-      log = step % tc.log_every == 0 or step == tc.num_steps
-      if log or save:
-        m = jax.device_get(m)  # the only host syncs on the training path
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-          raise UserError(
-            f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step "
-            f"{step}; nothing from this state was saved. Lower "
-            f"--config.optim.lr or check the data; {_resume_note(ckpt)}"
-          )
-        if not m["finite"]:
-          raise UserError(
-            f"the parameters or optimizer state became NaN or inf at step "
-            f"{step} (loss {m['loss']:.4f} before the update); nothing from "
-            "this state was saved. Lower --config.optim.lr (or raise "
-            f"--config.optim.eps); {_resume_note(ckpt)}"
-          )
-        ckpt.check_for_errors()  # a background save that failed surfaces now, not a save late
-      now = time.perf_counter()
-      if log:
-        ms = (now - t_mark - eval_s) * 1e3 / (step - mark_step)
-        step_ms.append(ms)
-        speed = metrics_lib.throughput(
-          tokens_per_step / ms * 1e3, cfg, jax.device_count(), device_kind
-        )
-        last_log = {
-          "loss": float(m["loss"]),
-          "lr": float(m["lr"]),
-          "grad_norm": float(m["grad_norm"]),
-          "tokens_per_sec": tokens_per_step / ms * 1e3,
-          "step_ms": ms,
-          "tflops_per_device": speed["tflops_per_device"],
-          **({"mfu": speed["mfu"]} if speed["mfu"] is not None else {}),
-          "elapsed_s": elapsed0 + now - t_start,
-        }
-        writer.write(step, last_log)
-        eta = (tc.num_steps - step) * float(np.median(step_ms)) / 1e3
-        say(
-          metrics_lib.progress_line(
-            step,
-            tc.num_steps,
-            last_log["loss"],
-            last_log["tokens_per_sec"],
-            eta,
-            last_log["lr"],
-            speed["mfu"],
-          )
-        )
-        t_mark, mark_step, eval_s = now, step, 0.0
-      if save:
-        jax.block_until_ready(state.params)  # pending train steps count as training time
-      t_pause = time.perf_counter()  # evals and checkpoint copies do not count as train time
-      meta = {
-        "step": step,
-        "elapsed_s": elapsed0 + now - t_start,
-        "data": data_lib.position(step, config),
-        **run_meta,
-      }
-      if step % tc.eval_every == 0 or step == tc.num_steps:
-        jax.block_until_ready(state.params)  # pending train steps count as training time
-        t_pause = time.perf_counter()
-        val_loss = evaluate(s.eval_step, state.params, val_at, tc.eval_batches, stop.pending)
-        if val_loss is None:  # a signal during the eval: save now, evaluate after resuming
-          preempted, save = stop.received, True
-        else:
-          bpb = val_loss / math.log(2) / data.val_bytes_per_token
-          val_losses.append(val_loss)
-          writer.write(
-            step,
-            {
-              "val_loss": val_loss,
-              "val_bpb": bpb,
-              "elapsed_s": elapsed0 + time.perf_counter() - t_start,
-            },
-          )
-          say(f"eval step {step} | val_loss {val_loss:.4f} | val bits/byte {bpb:.4f}")
-          ckpt.save_best(state, meta, val_loss)
-      if save:
-        ckpt.save(state, meta)
-      eval_s += time.perf_counter() - t_pause
-      if preempted:
-        say(
-          f"{preempted} received: saved checkpoint {step} and stopped; run the same command "
-          "to resume"
-        )
-        break
-  except Exception as e:
-    _exit_if_peer_lost(e)  # now, not after the finally's wait on a barrier with the dead
-    raise
-  finally:
-    stop.close()
-    try:
-      ckpt.wait()  # a checkpoint being written completes, even when the loop failed
-    finally:
-      ckpt.close()
-      writer.close()
-  return _summarize(workdir, config, s, step_ms, val_losses, last_log, t_start, preempted and step)
-
-
-_PEER_FAILURES = (
-  "Gloo",
-  "Barrier failed",
-  "heartbeat",
-  "Connection reset",
-  "UNAVAILABLE",
-  "NCCL",
-  "DEADLINE_EXCEEDED",
-)
-
-
-def _exit_if_peer_lost(e: Exception) -> None:
-  """In a multi-process run, an error of a collective or a barrier means a peer died or was
-  stopped: name it in one line and exit (runtime.exit_lost_peer)."""
-  if jax.process_count() < 2 or isinstance(e, UserError):
-    return
-  text = " ".join(str(e).split())
-  if "RESOURCE_EXHAUSTED" in text or not (
-    isinstance(e, jax.errors.JaxRuntimeError) or any(m in text for m in _PEER_FAILURES)
-  ):
-    return
-  n, me = jax.process_count(), jax.process_index()
-  runtime.exit_lost_peer(
-    f"process {1 - me}" if n == 2 else "another process",
-    describe(RuntimeError(text.split("Error dispatching computation: ")[-1])),
-  )
-
-
-def _resume_note(ckpt: checkpoint.Checkpoints, what: str = "the same command") -> str:
-  steps = ckpt.finished_steps()
-  return (
-    f"rerunning {what} resumes from checkpoint {steps[-1]}"
-    if steps
-    else f"no checkpoint was saved yet, so rerunning {what} starts from step 0"
-  )
-
-
-def _summarize(
-  workdir, config, s: Setup, step_ms, val_losses, last_log, t_start, preempted_at
-) -> dict:
-  tc = config.train
-  wall_s = time.perf_counter() - t_start
-  median = float(np.median(step_ms)) if step_ms else None
-  tokens_per_step = tc.batch_size * s.model.cfg.block_size
-  summary = {
-    "steps": tc.num_steps,
-    "n_params": count_params(s.abstract.params),
-    "mesh": dict(s.mesh.shape),
-    "memory": s.memory(),
-    "compile_s": s.compile_s,
-    "wall_s": wall_s,
-    "median_step_ms": median,
-    "tokens_per_sec": tokens_per_step / median * 1e3 if median else None,
-    "mfu": (
-      metrics_lib.throughput(
-        tokens_per_step / median * 1e3,
-        s.model.cfg,
-        jax.device_count(),
-        jax.devices()[0].device_kind,
-      )["mfu"]
-      if median
-      else None
-    ),
-    "final_loss": last_log.get("loss"),
-    "final_val_loss": val_losses[-1] if val_losses else None,
-    "best_val_loss": min(val_losses) if val_losses else None,
-    "preempted_at": preempted_at or None,
-  }
-  if preempted_at:
-    return summary
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-  say(
-    f"done: {tc.num_steps} steps; this run {metrics_lib.format_duration(wall_s)} "
-    f"(+{s.compile_s:.1f}s compile)"
-    + (
-      f", median {median:.2f} ms/step, {summary['tokens_per_sec'] / 1e3:.1f}k tok/s"
-      if median
-      else ""
-    )
-    + (f", final val_loss {summary['final_val_loss']:.4f}" if val_losses else "")
-  )
-  return summary

@@ -45,7 +45,7 @@ def test_decode_bench_prints_one_json_line():
       "gptjax.bench",
       "decode",
       "--config=experiments/tiny.py",
-      "--batch_size=2",
+      "--decode_batch=2",
       "--prompt_len=8",
       "--new_tokens=16",
       "--repeats=2",
@@ -56,10 +56,37 @@ def test_decode_bench_prints_one_json_line():
     timeout=240,
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "deprecated" not in proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["bench"] == "decode" and result["batch"] == 2 and result["new_tokens"] == 16
   assert result["decode_tokens_per_s"] >= result["tokens_per_s"] > 0
   assert result["ms_per_step"] > 0 and result["prefill_ms"] > 0
+
+
+def _decode_bench(*flags):
+  return subprocess.run(
+    [sys.executable, "-m", "gptjax.bench", "decode", "--config=experiments/tiny.py", *flags],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env={**os.environ, **ONE_DEVICE},
+  )
+
+
+def test_decode_bench_still_takes_the_old_batch_size_flag_with_a_warning():
+  proc = _decode_bench("--batch_size=2", "--prompt_len=8", "--new_tokens=4", "--repeats=1")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  warnings = [l for l in proc.stderr.splitlines() if "deprecated" in l]
+  assert warnings == ["gptjax.bench: warning: --batch_size is deprecated; use --decode_batch"]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["batch"] == 2
+
+
+def test_decode_bench_rejects_both_batch_flags_in_one_line():
+  proc = _decode_bench("--batch_size=2", "--decode_batch=4")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("gptjax.bench: error:")]
+  assert len(errors) == 1 and "--batch_size" in errors[0] and "--decode_batch" in errors[0]
 
 
 def test_decode_bench_rejects_a_prompt_beyond_the_context():

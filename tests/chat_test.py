@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import pytest
 from conftest import ONE_DEVICE, run_cli, tiny_config
 
-from gptjax import chat, decode, tokenizers
+from gptjax import chat, decode
+from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
 
-TOKENIZER = tokenizers.CharTokenizer("abcdefghijklmnopqrstuvwxyzUA:,. \n")
+TOKENIZER = tokenizer_lib.CharTokenizer("abcdefghijklmnopqrstuvwxyzUA:,. \n")
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"  # jax.monitoring: one per jit trace
 
 
 def _chat(max_new=10, chunk=2, seed=0):
@@ -38,15 +40,27 @@ def test_replies_stream_over_several_calls_and_end_at_the_turn():
 
 def test_the_oldest_turns_are_dropped_to_fit_the_context():
   c, notes = _chat(max_new=8)
-  for text in ["one", "two two", "three three", "four four four"]:
-    c.reply(c.user_turn(text), lambda piece: None)
+  traces, after_each_turn = [], []  # jit traces (and compiles) each new input shape once
+
+  def listen(event, duration, fun_name="", **kwargs):
+    if event == TRACE_EVENT:
+      traces.append(fun_name)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    for text in ["one", "two two", "three three", "four four four"]:
+      c.reply(c.user_turn(text), lambda piece: None)
+      after_each_turn.append(len(traces))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  # One compile per session: the prompt is always padded to the same width, so the first
+  # reply traces its steps and later replies (longer histories included) trace nothing.
+  assert after_each_turn[0] > 0 and after_each_turn == after_each_turn[:1] * 4, traces
   prompt = c.context(c.user_turn("five"))
   assert len(prompt) <= c.width  # prompt + reply budget within the 32-token context
   assert TOKENIZER.decode(prompt).endswith("U:\nfive\n\nA:\n")
   assert not TOKENIZER.decode(prompt).startswith("U:\none")
   assert any("dropped the oldest" in n for n in notes)
-  # One compile per session: the prompt is always padded to the same width.
-  assert c.decoder._prefill._cache_size() == 1 and c.decoder._generate._cache_size() == 1
 
 
 def test_chat_errors():

@@ -8,14 +8,15 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ONE_DEVICE, REPO, one_line_error, run_cli, run_cli_on_tmpfs, tiny_config
 
-from gptjax import checkpoint, sharding, train
+from gptjax import checkpoint, inference, optim, sharding, train
 from gptjax import config as config_lib
 from gptjax.errors import UserError
-from gptjax.model import abstract_params
+from gptjax.model import GPT, GPTConfig, abstract_params
 
 STEPS = 200
 ARGS = [
@@ -120,7 +121,7 @@ def test_nan_stops_the_run_and_leaves_only_finite_checkpoints(tmp_path):
   bad_step = int(error[0].split("at step ")[1].split(";")[0])
   saved = _finalized(workdir)
   assert saved and max(saved) < bad_step
-  config = checkpoint.workdir_config(str(workdir))
+  config = config_lib.load_saved(str(workdir))
   target = abstract_params(config)
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params, meta = checkpoint.Checkpoints(str(workdir)).restore_params(
@@ -231,14 +232,75 @@ def test_export_is_params_only_and_keep_best_keeps_the_lowest_val_loss(tmp_path)
   full = checkpoint.directory_bytes(str(workdir / "checkpoints" / "40"))
   assert checkpoint.directory_bytes(str(export / "params")) < 0.5 * full  # no Adam moments
 
-  config = checkpoint.workdir_config(str(workdir))
+  config = config_lib.load_saved(str(workdir))
   target = abstract_params(config)
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: one, target)
-  exported = checkpoint.load_export(str(export), target, shardings)
+  exported = inference.load_export(str(export), target, shardings)
   latest, _ = checkpoint.Checkpoints(str(workdir)).restore_params(target, shardings)
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(latest)):
     np.testing.assert_array_equal(a, b)
+
+
+def _best(workdir, target, shardings):
+  """(step, val_loss, params) held in checkpoints_best/, read as a workdir of its own."""
+  steps = [int(n) for n in os.listdir(workdir / "checkpoints_best") if n.isdigit()]
+  reader = workdir / "best_reader"
+  if not reader.exists():
+    reader.mkdir()
+    os.symlink(workdir / "checkpoints_best", reader / "checkpoints")
+  params, meta = checkpoint.Checkpoints(str(reader)).restore_params(target, shardings)
+  assert steps == [meta["step"]], steps  # exactly one, the one restored
+  return meta["step"], meta["val_loss"], params
+
+
+def test_keep_best_after_a_resume_compares_with_the_kept_best(tmp_path):
+  """A resumed run (a new Checkpoints) reads the best val loss from checkpoints_best/: a worse
+  eval never replaces it, a better one does; a resume from before the best forgets it."""
+  c = tiny_config(checkpoint__keep_best=True, checkpoint__async_save=False)
+  model = GPT(GPTConfig.from_config(c.model, 50))
+  tx = optim.make(c.optim, 100)
+  state = train.init_state(model, tx, 0)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  shardings = jax.tree.map(lambda _: one, abstract)
+
+  def at(step):  # the state at `step`, its params marked with the step
+    return state.replace(
+      step=jnp.int32(step), params=jax.tree.map(lambda x: x + step, state.params)
+    )
+
+  def saved_at(params):
+    return int(round(float(params["ln_f"]["scale"][0]))) - 1  # ln_f starts at ones
+
+  first = checkpoint.Checkpoints(str(tmp_path), c.checkpoint)
+  for step, val_loss in ((10, 2.0), (20, 1.5), (30, 1.8)):
+    first.save(at(step), {"step": step})
+    first.save_best(at(step), {"step": step}, val_loss)
+  first.close()
+  step, val_loss, params = _best(tmp_path, abstract.params, shardings.params)
+  assert (step, val_loss, saved_at(params)) == (20, 1.5, 20)
+
+  resumed = checkpoint.Checkpoints(str(tmp_path), c.checkpoint)  # as a resumed run makes it
+  restored, meta = resumed.restore(abstract, shardings)
+  assert meta["step"] == 30 and int(restored.step) == 30
+  resumed.save_best(at(40), {"step": 40}, 1.6)  # worse than the kept 1.5: not kept
+  resumed.wait()
+  assert _best(tmp_path, abstract.params, shardings.params)[:2] == (20, 1.5)
+  resumed.save_best(at(50), {"step": 50}, 1.2)  # better: replaces it
+  resumed.close()
+  step, val_loss, params = _best(tmp_path, abstract.params, shardings.params)
+  assert (step, val_loss, saved_at(params)) == (50, 1.2, 50)
+
+  # The newest checkpoint (30) predates that best (50): a run resumed there has not reached
+  # it, forgets it, and keeps its own next eval whatever the loss.
+  again = checkpoint.Checkpoints(str(tmp_path), c.checkpoint)
+  assert again.restore(abstract, shardings)[1]["step"] == 30
+  assert not [n for n in os.listdir(tmp_path / "checkpoints_best") if n.isdigit()]
+  again.save_best(at(40), {"step": 40}, 1.6)
+  again.close()
+  step, val_loss, params = _best(tmp_path, abstract.params, shardings.params)
+  assert (step, val_loss, saved_at(params)) == (40, 1.6, 40)
 
 
 def test_export_to_an_unwritable_directory_is_a_one_line_error(tmp_path):
@@ -328,9 +390,9 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_earlier_ones(tmp_path, foreseen):
     else (
       "-c",
       (
-        "import sys; from absl import app; from gptjax import checkpoint, main; "
+        "from gptjax import checkpoint, cli, main; "
         "checkpoint.Checkpoints._check_space = lambda self, step: None; "
-        "app.run(main.main, flags_parser=main._parse_flags)"
+        "cli.run(main.main, 'gptjax', main.check_flags)"
       ),
     )
   )
@@ -354,7 +416,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_earlier_ones(tmp_path, foreseen):
   assert kept == [2, 4] and f"checkpoint {kept[-1]} is intact" in line, (line, proc.stdout[-1500:])
   assert sorted(os.listdir(left / "w" / "checkpoints")) == ["2", "4"]  # no *-tmp left
   assert "No space left" not in proc.stderr  # orbax's own tracebacks are not echoed
-  target = abstract_params(checkpoint.workdir_config(str(left / "w")))
+  target = abstract_params(config_lib.load_saved(str(left / "w")))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   _, meta = checkpoint.Checkpoints(str(left / "w")).restore_params(
     target, jax.tree.map(lambda _: one, target)
@@ -421,7 +483,7 @@ def test_a_restore_that_fails_for_every_checkpoint_moves_nothing(tmp_path, monke
     == 0
   )
   monkeypatch.chdir(tmp_path)
-  target = abstract_params(checkpoint.workdir_config("w"))
+  target = abstract_params(config_lib.load_saved("w"))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with pytest.raises(
     UserError,
@@ -438,7 +500,7 @@ def test_a_non_finite_checkpoint_is_skipped(tmp_path, trained_tiny):
 
   workdir = tmp_path / "w"
   shutil.copytree(trained_tiny, workdir)
-  config = checkpoint.workdir_config(str(workdir))
+  config = config_lib.load_saved(str(workdir))
   target = abstract_params(config)
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: one, target)

@@ -1,9 +1,12 @@
 """Shared test helpers: small configs, a generated corpus, and a CLI runner."""
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -18,6 +21,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # default in gptjax, ~/.cache/gptjax/jax) skips that, but only for compiles over 1 s unless
 # told otherwise.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# That cache lives in a directory of this session's own (tiny_config() and run_cli() point
+# runs at it), never the user's ~/.cache/gptjax: tests must neither fill nor depend on it.
+COMPILATION_CACHE_DIR = tempfile.mkdtemp(prefix="gptjax-test-jax-cache-")
+atexit.register(shutil.rmtree, COMPILATION_CACHE_DIR, ignore_errors=True)
+
+import jax  # noqa: E402  (after the environment above)
+
+# Implicit rank promotion (e.g. (T,) + (B, T) broadcasting by accident) is an error in tests,
+# in-process; CLI subprocesses keep the library's default.
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "tinyshakespeare"))
@@ -31,6 +44,7 @@ def tiny_config(**overrides):
   finally:
     sys.path.pop(0)
   c = tiny.get_config()
+  c.compilation_cache_dir = COMPILATION_CACHE_DIR
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split("__")
@@ -50,10 +64,21 @@ def corpus(tmp_path):
   return str(path)
 
 
+def with_test_cache(args) -> list:
+  """CLI args with the session's compilation cache added when they load an experiment
+  (--config=) and set none themselves (modes without --config have no such key to set)."""
+  args = [str(a) for a in args]
+  if any(a.startswith("--config=") for a in args) and not any(
+    a.startswith("--config.compilation_cache_dir") for a in args
+  ):
+    args.append(f"--config.compilation_cache_dir={COMPILATION_CACHE_DIR}")
+  return args
+
+
 def run_cli(*args, timeout=240, env=None, stdin=""):
   """Runs `python -m gptjax.main ARGS` from the repo root; returns the CompletedProcess."""
   return subprocess.run(
-    [sys.executable, "-m", "gptjax.main", *args],
+    [sys.executable, "-m", "gptjax.main", *with_test_cache(args)],
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -93,7 +118,7 @@ def run_cli_on_tmpfs(
     f'"{sys.executable}" "$@"; rc=$?{keep}; exit $rc'
   )
   proc = subprocess.run(
-    ["unshare", "-rm", "sh", "-c", script, "sh", *program, *args],
+    ["unshare", "-rm", "sh", "-c", script, "sh", *program, *with_test_cache(args)],
     cwd=REPO,
     capture_output=True,
     text=True,

@@ -11,7 +11,8 @@ from conftest import (
   tiny_config,
 )
 
-from gptjax import data, tokenizers
+from gptjax import data
+from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 
 
@@ -144,7 +145,7 @@ def test_a_run_that_fails_before_training_leaves_no_vocabulary(tmp_path):
 def test_a_stale_vocabulary_is_named(tmp_path, corpus):
   """A tokenizer.json an earlier run left (another corpus) is named as the culprit."""
   (tmp_path / "w").mkdir()
-  tokenizers.save(tokenizers.CharTokenizer("abc "), str(tmp_path / "w" / "tokenizer.json"))
+  tokenizer_lib.save(tokenizer_lib.CharTokenizer("abc "), str(tmp_path / "w" / "tokenizer.json"))
   line = one_line_error(
     run_cli(
       "--config=experiments/tiny.py",

@@ -85,6 +85,43 @@ def test_stop_tokens_and_sequences_end_rows_independently():
   assert count[1] <= 4 and decode.finish_reasons(state)[1] == "stop_sequence"
 
 
+def _greedy_sliding_window(model, params, prompt, n):
+  """nanoGPT's generation past the context by hand: the model sees at most block_size - 1
+  prompt tokens, then its window grows token by token; when it holds block_size tokens it
+  restarts from their last half. Each token is the argmax of a full forward of its window."""
+  block = model.cfg.block_size
+  apply = jax.jit(lambda t: model.apply({"params": params}, t))
+  text, out = list(prompt), []
+  start = len(text) - min(len(text), block - 1)
+  while len(out) < n:
+    if len(text) - start == block:
+      start = len(text) - block // 2
+    window = np.zeros((1, block), np.int32)  # right-padded: causal, so harmless
+    window[0, : len(text) - start] = text[start:]
+    token = int(jnp.argmax(apply(window)[0, len(text) - start - 1, :VOCAB]))
+    text.append(token)
+    out.append(token)
+  return out
+
+
+@pytest.mark.parametrize("prompt_len", [5, 45])  # within the 32-token context, and beyond it
+def test_complete_past_the_context_equals_greedy_sliding_by_hand(prompt_len):
+  model, params = _model()
+  prompt = np.random.default_rng(prompt_len).integers(0, VOCAB, prompt_len).tolist()
+  max_new = 60  # several slides of the window whatever the prompt
+  streamed = []
+  (got,), reasons = decode.complete(
+    decode.Decoder(model, params),
+    [prompt],
+    max_new,
+    decode.Sampling(0.0),
+    on_tokens=streamed.append,
+  )
+  assert reasons == ["length"] and len(streamed) >= 3  # it really slid, more than once
+  assert [t for s in streamed for t in s[0]] == got
+  assert got == _greedy_sliding_window(model, params, prompt, max_new)
+
+
 LOGITS = jnp.log(jnp.array([[0.05, 0.5, 0.02, 0.3, 0.13]]))  # order: 1, 3, 4, 0, 2
 
 
@@ -179,13 +216,13 @@ def test_scan_layers_decodes_as_the_loop():
   """Stacked KV caches ((L, B, N, S, H), scan_layers) give the per-layer caches' tokens."""
   import dataclasses
 
-  from gptjax.model import stack_layers
+  from gptjax.model import to_layout
 
   model, params = _model()
   scan = GPT(dataclasses.replace(model.cfg, scan_layers=True))
   tokens, start = decode.left_pad(PROMPTS)
   outs = []
-  for m, p in ((model, params), (scan, stack_layers(params, model.cfg.n_layer))):
+  for m, p in ((model, params), (scan, to_layout(params, scan.cfg))):
     d = decode.Decoder(m, p)
     state = d.prefill(tokens, start, 12)
     for _ in range(2):  # twice: the stacked index must carry over between calls

@@ -13,6 +13,7 @@ from conftest import ONE_DEVICE, one_line_error, run_cli, tiny_config
 from conftest import SHAKESPEARE_DIR as SHAKESPEARE
 
 from gptjax import decode, hf
+from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
 
@@ -202,10 +203,9 @@ def test_init_from_trains_and_exports_through_the_cli(saved_safetensors, tmp_pat
 
 def test_sample_from_an_hf_directory_with_its_bpe_tokenizer(tmp_path):
   """--mode=sample --config.init_from=hf:DIR reads the weights and DIR's tokenizer.json."""
-  from gptjax import tokenize
 
   with open(f"{SHAKESPEARE}/input.txt", encoding="utf-8") as f:
-    bpe = tokenize.train_bpe([f.read()[:100_000]], 300)
+    bpe = tokenizer_lib.BPETokenizer.train([f.read()[:100_000]], 300)
   torch.manual_seed(0)
   model = transformers.GPT2LMHeadModel(
     transformers.GPT2Config(

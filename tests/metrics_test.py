@@ -7,26 +7,42 @@ from conftest import tiny_config
 
 from gptjax import metrics
 from gptjax.errors import UserError
-from gptjax.model import GPT, GPTConfig
+from gptjax.model import GPT, GPTConfig, abstract_params
 
 
 def _cfg(**overrides):
   return GPTConfig.from_config(tiny_config(**overrides).model, 65)
 
 
-def test_flops_per_token_matches_a_hand_count_for_the_tiny_config():
-  # tiny: 2 layers, d 32, T 32, vocab 65 (padded to 128, which must not count), GELU d_ff 128.
-  per_layer = 4 * 32 * 32 + 2 * 32 * 128  # q, k, v, out + MLP up, down = 12,288
-  n_matmul = 2 * per_layer + 65 * 32  # + the output head over the real vocabulary = 26,656
-  attention = 2 * 3 * 2 * (2 * 32 * 32)  # layers x (fwd+bwd) x (QK^T, AV) x 2 T d = 24,576
-  assert 6 * n_matmul + attention == 184_512
-  assert metrics.flops_per_token(_cfg()) == 184_512
+def _count_from_the_param_tree(activation):
+  """6 FLOPs per token per matmul weight + attention's 12 L T d, every size read from the
+  real model's parameters (not from GPTConfig, which the formula reads)."""
+  c = tiny_config(model__activation=activation, model__vocab_size=65)
+  params = abstract_params(c)
+  assert "lm_head" not in params  # tied: the output head is wte's real rows
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  kernels = sum(x.size for path, x in leaves if path[-1].key == "kernel")  # every Dense
+  vocab_padded, d = params["wte"]["embedding"].shape
+  assert vocab_padded == 128  # padding rows, which are never predicted and must not count
+  block_size = params["wpe"]["embedding"].shape[0]
+  n_layer = len([k for k in params if k.startswith("h_")])
+  return 6 * (kernels + 65 * d) + 12 * n_layer * block_size * d
+
+
+def test_flops_per_token_matches_a_count_of_the_tiny_models_parameters():
+  count = _count_from_the_param_tree("gelu")
+  # tiny: 2 x (q, k, v, out 4*32*32 + MLP up, down 2*32*128) + head 65*32 = 26,656 weights;
+  # attention: 2 layers x (fwd+bwd) 3 x (QK^T, AV) 2 x 2 T d = 24,576
+  assert count == 6 * 26_656 + 24_576 == 184_512
+  assert metrics.flops_per_token(_cfg()) == count
 
 
 def test_flops_per_token_counts_swiglu_three_matrices():
   cfg = _cfg(model__activation="swiglu")
   assert cfg.d_ff == 128  # 8/3 * 32 rounded up to 64
-  assert metrics.flops_per_token(cfg) == 6 * (2 * (4 * 32 * 32 + 3 * 32 * 128) + 65 * 32) + 24_576
+  count = _count_from_the_param_tree("swiglu")
+  assert count == 6 * (2 * (4 * 32 * 32 + 3 * 32 * 128) + 65 * 32) + 24_576
+  assert metrics.flops_per_token(cfg) == count
 
 
 def test_flops_per_token_is_a_third_forward_as_xla_counts_it():

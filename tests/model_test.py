@@ -151,7 +151,7 @@ def test_scan_layers_equals_the_loop_over_stacked_parameters(remat):
   """nn.scan over the blocks: the same loss and gradients from the same (stacked) weights."""
   import optax
 
-  from gptjax.model import stack_layers, unstack_layers
+  from gptjax.model import per_layer, to_layout
 
   loop = dataclasses.replace(GPTConfig.from_config(tiny_config().model, 65), remat=remat)
   scan = dataclasses.replace(loop, scan_layers=True)
@@ -161,7 +161,7 @@ def test_scan_layers_equals_the_loop_over_stacked_parameters(remat):
   assert kernel.names == ("layers", "embed", "mlp") and kernel.value.shape == (2, 32, 128)
   init = jax.jit(GPT(loop).init)
   params = nn.meta.unbox(init(jax.random.PRNGKey(0), tokens[:, :-1])["params"])
-  stacked = stack_layers(params, 2)
+  stacked = to_layout(params, scan)
   assert jax.tree.structure(stacked) == jax.tree.structure(nn.meta.unbox(boxed))
 
   def loss(params, cfg):
@@ -172,5 +172,5 @@ def test_scan_layers_equals_the_loop_over_stacked_parameters(remat):
   l1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(stacked, scan)
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, unstack_layers(g1)
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, per_layer(g1, scan)
   )

@@ -105,13 +105,6 @@ def test_mesh_fills_the_remaining_devices_and_rejects_a_bad_product():
     _mesh(c, data=-1)
 
 
-def test_rules_reject_an_unknown_mesh_axis():
-  c = _config()
-  c.mesh.rules.mlp = "model"
-  with pytest.raises(UserError, match="config.mesh.rules.mlp='model'.*data, fsdp, tensor"):
-    sharding.rules(c.mesh)
-
-
 def test_cli_errors_for_meshes_that_do_not_fit(tmp_path):
   one_line_error(
     run_cli(TINY, f"--workdir={tmp_path}/a", "--config.mesh.shape.data=3"),

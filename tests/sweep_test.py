@@ -99,14 +99,32 @@ def test_the_ablation_variants_really_change_the_model():
     for name, overrides in variants.items()
   }
   init = lambda m: nn.meta.unbox(m.init(jax.random.PRNGKey(0), tokens))
-  baseline = init(models["baseline"])
-  for name in ("rmsnorm", "rope", "swiglu"):
-    params = init(models[name])
-    if jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(baseline):
-      # the same parameters (rmsnorm vs a bias-free layernorm): the function must differ
-      diff = jnp.abs(models[name].apply(params, tokens) - models["baseline"].apply(params, tokens))
-      assert float(diff.max()) > 1e-3, name
-    # otherwise the parameter trees differ (rope: no wpe; swiglu: a gate projection)
+  shapes = {  # {"params/h_0/mlp/up/kernel": (128, 512), ...} of each variant
+    name: {
+      "/".join(k.key for k in path): x.shape
+      for path, x in jax.tree_util.tree_leaves_with_path(init(model))
+    }
+    for name, model in models.items()
+  }
+  base = shapes["baseline"]
+  layers = [k.split("/")[1] for k in base if k.endswith("/ln_1/scale")]
+  assert len(layers) == 4 and not any(k.endswith("bias") for k in base)  # nanoGPT: bias=False
+  # rmsnorm: the same parameters as a bias-free layernorm (scales only), another function
+  assert shapes["rmsnorm"] == base
+  params = init(models["baseline"])
+  diff = jnp.abs(models["rmsnorm"].apply(params, tokens) - models["baseline"].apply(params, tokens))
+  assert float(diff.max()) > 1e-3
+  # rope: no learned position table, nothing else changed
+  assert shapes["rope"] == {k: v for k, v in base.items() if k != "params/wpe/embedding"}
+  # swiglu: a gate beside up in every MLP, d_ff 8/3 d (rounded up to 64) instead of 4 d
+  swiglu = shapes["swiglu"]
+  assert set(swiglu) - set(base) == {f"params/{h}/mlp/gate/kernel" for h in layers}
+  for h in layers:
+    assert base[f"params/{h}/mlp/up/kernel"] == (128, 512)
+    assert (
+      swiglu[f"params/{h}/mlp/up/kernel"] == swiglu[f"params/{h}/mlp/gate/kernel"] == (128, 384)
+    )
+    assert swiglu[f"params/{h}/mlp/down/kernel"] == (384, 128)
 
 
 def test_a_bad_override_fails_its_variant_only(swept):
@@ -160,7 +178,7 @@ def test_report_reads_every_variants_metrics(swept):
     (["--config=experiments/shakespeare_ablation.py:bad"], "unknown variant 'bad'"),
     (
       ["--config=experiments/shakespeare_ablation.py", "--config.model.nrom=1"],
-      "unknown config key 'nrom'",
+      "unknown config key 'model.nrom' (Did you mean",
     ),
   ],
 )

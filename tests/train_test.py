@@ -5,13 +5,13 @@ import jax
 import numpy as np
 from conftest import tiny_config
 
-from gptjax import optim, train
+from gptjax import loop, optim, train
 from gptjax.model import GPT, GPTConfig
 
 
 def test_loss_falls_on_a_generated_corpus(tmp_path, corpus):
   c = tiny_config(data__path=corpus, train__num_steps=60, train__eval_every=60, train__log_every=1)
-  summary = train.train_and_evaluate(c, str(tmp_path))
+  summary = loop.train_and_evaluate(c, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   losses = [l["loss"] for l in lines if "loss" in l]
   vocab = json.load(open(tmp_path / "config.json"))["model"]["vocab_size"]
@@ -58,9 +58,21 @@ def test_train_step_is_deterministic():
   assert results[0] == results[1]
 
 
+def test_dropout_follows_the_state_rng_and_only_when_on():
+  """A dropout that ignored its RNG (or drew it where there is no dropout) passes the
+  determinism test above; here another state.rng must change the loss exactly when some
+  dropout is on."""
+  batch = np.random.default_rng(0).integers(0, 50, (8, 33)).astype(np.int32)
+  for dropout, attn_dropout, rng_matters in ((0.1, 0.0, True), (0.0, 0.1, True), (0.0, 0.0, False)):
+    state, step = _step_fn(tiny_config(model__dropout=dropout, model__attn_dropout=attn_dropout), 1)
+    other = state.replace(rng=jax.random.fold_in(state.rng, 1))
+    losses = [float(step(s, batch)[1]["loss"]) for s in (state, other)]
+    assert (losses[0] != losses[1]) == rng_matters, (dropout, attn_dropout, losses)
+
+
 def test_scan_layers_starts_from_the_loops_initial_parameters():
   """Scanning is a compilation choice: the same seed gives the same (stacked) weights."""
-  from gptjax.model import unstack_layers
+  from gptjax.model import per_layer
 
   c = tiny_config()
   loop = GPT(GPTConfig.from_config(c.model, 50))
@@ -68,7 +80,7 @@ def test_scan_layers_starts_from_the_loops_initial_parameters():
   scan = GPT(GPTConfig.from_config(c.model, 50))
   tx = optim.make(c.optim, 10)
   want = train.init_state(loop, tx, 0).params
-  got = unstack_layers(train.init_state(scan, tx, 0).params)
+  got = per_layer(train.init_state(scan, tx, 0).params, scan.cfg)
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)

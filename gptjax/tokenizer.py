@@ -4,7 +4,7 @@
   byte           UTF-8 bytes + end-of-text: every string encodes, nothing to train
   bpe            GPT-2's byte-level BPE: Hugging Face `tokenizers` from local files
                  (tokenizer.json, or vocab.json + merges.txt), else tiktoken's "gpt2"
-  sentencepiece  a SentencePiece model (`python -m gptjax.tokenize train` makes one)
+  sentencepiece  a SentencePiece model (`python -m gptjax.train_tokenizer` makes one)
 
 End of text is GPT-2's: documents are joined by one `<|endoftext|>` id, which decodes to
 that string (and, for bpe and sentencepiece, encodes from it). A workdir's tokenizer.json
@@ -128,6 +128,15 @@ class BPETokenizer(Tokenizer):
 
   kind = "bpe"
 
+  @classmethod
+  def train(cls, texts, vocab_size: int) -> "BPETokenizer":
+    """GPT-2's byte-level BPE scheme on new text; <|endoftext|> is id 0."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT])
+    return cls(hf_json=bpe.to_str())
+
   def __init__(self, hf_json: str | None = None, tiktoken_name: str | None = None):
     self.hf_json, self.tiktoken_name = hf_json, tiktoken_name
     if tiktoken_name:
@@ -142,7 +151,7 @@ class BPETokenizer(Tokenizer):
     if self.eot_id is None:
       raise UserError(
         f"the BPE vocabulary has no {EOT} token; use GPT-2's files or train "
-        "one with python -m gptjax.tokenize train --kind=bpe"
+        "one with python -m gptjax.train_tokenizer --kind=bpe"
       )
 
   @classmethod
@@ -217,7 +226,7 @@ class SentencePieceTokenizer(Tokenizer):
     except Exception as e:
       raise UserError(
         f"{source} is not a SentencePiece model ({e}); train one with "
-        "python -m gptjax.tokenize train --kind=sentencepiece"
+        "python -m gptjax.train_tokenizer --kind=sentencepiece"
       ) from None
     self.vocab_size = self._sp.get_piece_size()
     self.eot_id = self._sp.piece_to_id(EOT)
@@ -225,7 +234,7 @@ class SentencePieceTokenizer(Tokenizer):
     if self.eot_id == self._sp.unk_id():
       raise UserError(
         f"{source} has no {EOT} piece; train it with python -m "
-        "gptjax.tokenize train (or add the piece as a user-defined symbol)"
+        "gptjax.train_tokenizer (or add the piece as a user-defined symbol)"
       )
 
   @classmethod
@@ -236,7 +245,7 @@ class SentencePieceTokenizer(Tokenizer):
     except FileNotFoundError:
       raise UserError(
         f"SentencePiece model {path!r} not found; train one with python -m "
-        "gptjax.tokenize train --kind=sentencepiece, or fix "
+        "gptjax.train_tokenizer --kind=sentencepiece, or fix "
         "--config.data.tokenizer_path"
       ) from None
 
@@ -291,7 +300,7 @@ class SentencePieceTokenizer(Tokenizer):
           raise UnknownCharacter(
             ch,
             "SentencePiece vocabulary (trained without byte fallback)",
-            "remove it or train with python -m gptjax.tokenize train",
+            "remove it or train with python -m gptjax.train_tokenizer",
           )
     return out
 
@@ -331,7 +340,7 @@ def build(kind: str, path: str | None, train_texts) -> Tokenizer:
     if not path:
       raise UserError(
         "data.tokenizer='sentencepiece' needs --config.data.tokenizer_path="
-        "MODEL; make one with python -m gptjax.tokenize train "
+        "MODEL; make one with python -m gptjax.train_tokenizer "
         "--kind=sentencepiece"
       )
     return SentencePieceTokenizer.from_file(path)

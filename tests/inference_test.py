@@ -1,4 +1,4 @@
-"""--mode=sample end to end, and its errors as one line each."""
+"""--mode=sample end to end through the inference loader, and its errors as one line each."""
 
 import re
 

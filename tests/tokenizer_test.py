@@ -5,53 +5,53 @@ import numpy as np
 import pytest
 from conftest import ONE_DEVICE, SHAKESPEARE_DIR, run_cli
 
-from gptjax import tokenize, tokenizers
+from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 
 
 def test_char_round_trip_and_eot():
-  tok = tokenizers.CharTokenizer.train([TEXT])
+  tok = tokenizer_lib.CharTokenizer.train([TEXT])
   ids = tok.encode(TEXT)
   assert ids.dtype == np.int32 and len(ids) == len(TEXT)
   assert tok.decode(ids) == TEXT
   assert tok.vocab_size == len(set(TEXT)) + 1
-  assert tok.decode([tok.eot_id]) == tokenizers.EOT
+  assert tok.decode([tok.eot_id]) == tokenizer_lib.EOT
 
 
 def test_char_rejects_unknown_characters_by_name():
-  tok = tokenizers.CharTokenizer.train([TEXT])
+  tok = tokenizer_lib.CharTokenizer.train([TEXT])
   with pytest.raises(UserError, match=r"'Z' \(U\+005A\)"):
     tok.encode("Zebra")
 
 
 @pytest.mark.parametrize("text", [TEXT, "héllo wörld ✓ 日本語 🙂", ""])
 def test_byte_round_trip(text):
-  tok = tokenizers.ByteTokenizer()
+  tok = tokenizer_lib.ByteTokenizer()
   ids = tok.encode(text)
   assert len(ids) == len(text.encode("utf-8")) and (ids < 256).all()
   assert tok.decode(ids) == text
-  assert tok.decode(np.append(ids, tok.eot_id)) == text + tokenizers.EOT
+  assert tok.decode(np.append(ids, tok.eot_id)) == text + tokenizer_lib.EOT
 
 
 @pytest.mark.parametrize(
-  "tok", [tokenizers.CharTokenizer.train([TEXT]), tokenizers.ByteTokenizer()]
+  "tok", [tokenizer_lib.CharTokenizer.train([TEXT]), tokenizer_lib.ByteTokenizer()]
 )
 def test_save_and_load(tmp_path, tok):
   path = str(tmp_path / "tokenizer.json")
-  tokenizers.save(tok, path)
-  again = tokenizers.load(path)
+  tokenizer_lib.save(tok, path)
+  again = tokenizer_lib.load(path)
   assert again.kind == tok.kind and again.vocab_size == tok.vocab_size
   np.testing.assert_array_equal(again.encode(TEXT), tok.encode(TEXT))
 
 
 def test_load_errors(tmp_path):
   with pytest.raises(UserError, match="not found"):
-    tokenizers.load(str(tmp_path / "missing.json"))
+    tokenizer_lib.load(str(tmp_path / "missing.json"))
   (tmp_path / "bad.json").write_text("{not json")
   with pytest.raises(UserError, match="not valid JSON"):
-    tokenizers.load(str(tmp_path / "bad.json"))
+    tokenizer_lib.load(str(tmp_path / "bad.json"))
 
 
 # --- BPE and SentencePiece, trained here on Shakespeare (no downloads) ---
@@ -76,7 +76,7 @@ def bpe_dir(shakespeare, tmp_path_factory):
   """GPT-2-style files: tokenizer.json in one directory, vocab.json + merges.txt in another."""
   import tokenizers as hf
 
-  tok = tokenize.train_bpe([shakespeare], 600)
+  tok = tokenizer_lib.BPETokenizer.train([shakespeare], 600)
   root = tmp_path_factory.mktemp("bpe")
   (root / "json").mkdir()
   (root / "json" / "tokenizer.json").write_text(tok.hf_json)
@@ -87,8 +87,8 @@ def bpe_dir(shakespeare, tmp_path_factory):
 
 @pytest.mark.parametrize("text", UNICODE)
 def test_bpe_round_trip_from_tokenizer_json_and_from_vocab_merges(bpe_dir, text):
-  a = tokenizers.BPETokenizer.from_path(str(bpe_dir / "json"))
-  b = tokenizers.BPETokenizer.from_path(str(bpe_dir / "files"))
+  a = tokenizer_lib.BPETokenizer.from_path(str(bpe_dir / "json"))
+  b = tokenizer_lib.BPETokenizer.from_path(str(bpe_dir / "files"))
   ids = a.encode(text)
   assert ids.dtype == np.int32 and a.decode(ids) == text
   np.testing.assert_array_equal(b.encode(text), ids)
@@ -123,35 +123,35 @@ def test_tiktoken_path_gives_the_same_ids(bpe_dir, monkeypatch):
     special_tokens={"<|endoftext|>": eot},
   )
   monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc)
-  tt = tokenizers.BPETokenizer(tiktoken_name="gpt2")
-  hf = tokenizers.BPETokenizer.from_path(str(bpe_dir / "json"))
+  tt = tokenizer_lib.BPETokenizer(tiktoken_name="gpt2")
+  hf = tokenizer_lib.BPETokenizer.from_path(str(bpe_dir / "json"))
   assert tt.eot_id == hf.eot_id and tt.vocab_size == hf.vocab_size
   for text in UNICODE:
     np.testing.assert_array_equal(tt.encode(text), hf.encode(text))
     assert tt.decode(tt.encode(text)) == text
-  assert tokenizers.from_dict(tt.to_dict()).to_dict() == {"kind": "bpe", "tiktoken": "gpt2"}
+  assert tokenizer_lib.from_dict(tt.to_dict()).to_dict() == {"kind": "bpe", "tiktoken": "gpt2"}
 
 
 @pytest.mark.parametrize("text", UNICODE)
 def test_sentencepiece_train_and_round_trip(shakespeare, text):
-  tok = tokenizers.SentencePieceTokenizer.train([shakespeare], 500)
+  tok = tokenizer_lib.SentencePieceTokenizer.train([shakespeare], 500)
   ids = tok.encode(text)
   assert tok.vocab_size == 500 and tok.decode(ids) == text  # lossless, bytes as fallback
-  assert tok.decode([tok.eot_id]) == tokenizers.EOT
-  again = tokenizers.from_dict(json.loads(json.dumps(tok.to_dict())))
+  assert tok.decode([tok.eot_id]) == tokenizer_lib.EOT
+  again = tokenizer_lib.from_dict(json.loads(json.dumps(tok.to_dict())))
   np.testing.assert_array_equal(again.encode(text), ids)
 
 
 def test_missing_tokenizer_files_are_named(tmp_path):
   with pytest.raises(UserError, match="no BPE tokenizer files at .*vocab.json \\+ merges.txt"):
-    tokenizers.BPETokenizer.from_path(str(tmp_path))
+    tokenizer_lib.BPETokenizer.from_path(str(tmp_path))
   with pytest.raises(UserError, match="SentencePiece model .*nope.model' not found"):
-    tokenizers.SentencePieceTokenizer.from_file(str(tmp_path / "nope.model"))
+    tokenizer_lib.SentencePieceTokenizer.from_file(str(tmp_path / "nope.model"))
   with pytest.raises(UserError, match="needs --config.data.tokenizer_path"):
-    tokenizers.build("sentencepiece", None, lambda: [])
+    tokenizer_lib.build("sentencepiece", None, lambda: [])
   (tmp_path / "junk.model").write_bytes(b"not a model")
   with pytest.raises(UserError, match="is not a SentencePiece model"):
-    tokenizers.SentencePieceTokenizer.from_file(str(tmp_path / "junk.model"))
+    tokenizer_lib.SentencePieceTokenizer.from_file(str(tmp_path / "junk.model"))
 
 
 def test_train_a_sentencepiece_model_and_use_it_in_an_experiment(tmp_path):
@@ -166,8 +166,7 @@ def test_train_a_sentencepiece_model_and_use_it_in_an_experiment(tmp_path):
     [
       sys.executable,
       "-m",
-      "gptjax.tokenize",
-      "train",
+      "gptjax.train_tokenizer",
       "--kind=sentencepiece",
       "--vocab_size=400",
       f"--input={SHAKESPEARE_DIR}/input.txt",
@@ -190,7 +189,7 @@ def test_train_a_sentencepiece_model_and_use_it_in_an_experiment(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads((workdir / "config.json").read_text())["model"]["vocab_size"] == 400
-  saved = tokenizers.load(str(workdir / "tokenizer.json"))
+  saved = tokenizer_lib.load(str(workdir / "tokenizer.json"))
   assert saved.kind == "sentencepiece" and saved.decode(saved.encode("ROMEO:")) == "ROMEO:"
   proc = run_cli(
     "--config=experiments/tiny.py",
@@ -201,3 +200,22 @@ def test_train_a_sentencepiece_model_and_use_it_in_an_experiment(tmp_path):
   )
   assert proc.returncode == 1 and "missing.model' not found" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_the_old_program_name_still_works_and_says_it_is_deprecated():
+  import subprocess
+  import sys
+
+  from conftest import REPO
+
+  proc = subprocess.run(
+    [sys.executable, "-m", "gptjax.tokenize", "train", "--kind=bpe"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1 and len(lines) == 2, proc.stderr
+  assert "deprecated; use python -m gptjax.train_tokenizer" in lines[0]
+  assert lines[1] == "gptjax.train_tokenizer: error: --output=PATH is required"

@@ -1,0 +1,71 @@
+"""--mode=export: a run's newest parameters, without the optimizer state, for inference.
+
+gptjax  WORKDIR/export: params (orbax) + config.json + tokenizer.json; inference.load reads it
+hf      WORKDIR/export_hf: a GPT2LMHeadModel directory (hf.save) that transformers loads
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import orbax.checkpoint as ocp
+
+from gptjax import checkpoint, hf, inference
+from gptjax import config as config_lib
+from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.metrics import format_bytes
+from gptjax.model import abstract_params
+
+
+def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, dict]:
+  """Writes the newest checkpoint's params with config and tokenizer; (out_dir, its meta).
+
+  Restored onto one device: an export is for sampling, wherever the training ran.
+  """
+  config = config_lib.load_saved(workdir)
+  restored = checkpoint.Checkpoints(workdir, warn=warn).restore_params(
+    abstract_params(config), inference.param_shardings(config, None), set_aside=False
+  )
+  if restored is None:
+    raise UserError(
+      f"no checkpoint in {os.path.join(workdir, checkpoint.CHECKPOINTS)}; train first "
+      "(checkpoints are saved every config.checkpoint.every steps and at the end)"
+    )
+  params, meta = restored
+  out_dir = os.path.abspath(out_dir or os.path.join(workdir, inference.EXPORT))
+  ensure_writable_dir(out_dir, "--export_dir")
+  if os.path.exists(os.path.join(out_dir, "params")):
+    shutil.rmtree(os.path.join(out_dir, "params"))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(out_dir, "params"), params)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    for name in ("config.json", "tokenizer.json"):
+      if os.path.exists(os.path.join(workdir, name)):
+        shutil.copy(os.path.join(workdir, name), os.path.join(out_dir, name))
+    with open(os.path.join(out_dir, "export.json"), "w") as f:
+      json.dump({"step": meta["step"], "from": os.path.abspath(workdir)}, f)
+    full = checkpoint.directory_bytes(
+      os.path.join(workdir, checkpoint.CHECKPOINTS, str(meta["step"]))
+    )
+    size = checkpoint.directory_bytes(os.path.join(out_dir, "params"))
+    print(
+      f"exported step {meta['step']} params to {out_dir} ({format_bytes(size)}; the "
+      f"training checkpoint is {format_bytes(full)})",
+      flush=True,
+    )
+  return out_dir, meta
+
+
+def export_hf(workdir: str, out_dir: str | None = None) -> str:
+  """--export_format=hf: a run's newest params as a GPT2LMHeadModel directory."""
+  run = inference.load(workdir)
+  out_dir = out_dir or os.path.join(workdir, "export_hf")
+  hf.save(run.params, run.model.cfg, out_dir, run.tokenizer)
+  print(
+    f"wrote {run.where} of {workdir} as a Hugging Face GPT-2 directory {out_dir} (load it with "
+    "transformers.GPT2LMHeadModel.from_pretrained)",
+    flush=True,
+  )
+  return out_dir

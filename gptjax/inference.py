@@ -1,0 +1,145 @@
+"""One loader for everything that runs a trained model: sample, chat, export, the benches
+(and, next, serving and quantization).
+
+`load` gives the model, its parameters and its tokenizer from one of three sources:
+  a run's workdir   its newest checkpoint that restores, else its export (WORKDIR/export)
+  an export         WORKDIR/export alone (params + config.json + tokenizer.json)
+  Hugging Face      a GPT-2 directory, through a config with init_from=hf:DIR
+Parameters land on one device, or laid out over a mesh by the config's rules table.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from gptjax import checkpoint, data, decode, hf, sharding, tokenizer
+from gptjax import config as config_lib
+from gptjax.errors import UserError
+from gptjax.model import GPT, GPTConfig, abstract_params
+
+EXPORT = "export"  # WORKDIR/export: params only, with config.json and tokenizer.json
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A model ready to run: `where` names the source ("checkpoint 30", "export", "hf:DIR")."""
+
+  model: GPT
+  params: Any
+  tokenizer: tokenizer.Tokenizer
+  where: str
+
+
+def load(workdir: str, config=None, mesh: jax.sharding.Mesh | None = None) -> Loaded:
+  """The newest checkpoint of the run in `workdir`, else its export; or, given a config with
+  init_from, those weights with the config's tokenizer. mesh None: one device."""
+  if config is not None and config.init_from:
+    return _load_init_from(config, mesh)
+  export_dir = os.path.join(workdir, EXPORT)
+  config_dir = workdir if os.path.exists(os.path.join(workdir, "config.json")) else export_dir
+  if not os.path.exists(os.path.join(config_dir, "config.json")):
+    raise UserError(
+      f"{workdir} holds no training run (no config.json, checkpoints or export); "
+      "pass the --workdir of a run, or --config=... with "
+      "--config.init_from=hf:DIR"
+    )
+  config = config_lib.load_saved(config_dir)
+  model = GPT(GPTConfig.from_config(config.model, config.model.vocab_size))
+  target = abstract_params(config)
+  shardings = param_shardings(config, mesh)
+  restored = None
+  if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS)):
+    restored = checkpoint.Checkpoints(workdir).restore_params(target, shardings, set_aside=False)
+  if restored is not None:
+    params, where = restored[0], f"checkpoint {restored[1]['step']}"
+  elif os.path.isdir(os.path.join(export_dir, "params")):
+    params, where = load_export(export_dir, target, shardings), "export"
+  else:
+    raise UserError(
+      f"{workdir} has no checkpoint and no export; train there first (or pass "
+      "the --workdir of a trained run)"
+    )
+  return Loaded(model, params, tokenizer.load(os.path.join(config_dir, "tokenizer.json")), where)
+
+
+def param_shardings(config, mesh: jax.sharding.Mesh | None):
+  """Where each parameter goes: all on the first local device, or split over `mesh` by
+  config.mesh.rules (as training lays them out)."""
+  if mesh is None:
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda _: one, abstract_params(config))
+  return sharding.tree_shardings(
+    abstract_params(config, boxed=True), mesh, sharding.rules(config.mesh)
+  )
+
+
+def _load_init_from(config, mesh) -> Loaded:
+  config_lib.validate(config)
+  hf.directory(config.init_from, config.model)
+  if config.data.tokenizer == "char":
+    raise UserError(
+      "sampling from --config.init_from needs a tokenizer that does not train on "
+      "the data: set --config.data.tokenizer=bpe (GPT-2's)"
+    )
+  tok = tokenizer.build(config.data.tokenizer, data.tokenizer_path(config), None)
+  model = GPT(GPTConfig.from_config(config.model, tok.vocab_size))
+  resolved = config_lib.from_dict(config_lib.resolved(config, tok.vocab_size))
+  params = jax.device_put(
+    hf.load_params(config.init_from, model.cfg), param_shardings(resolved, mesh)
+  )
+  return Loaded(model, params, tok, config.init_from)
+
+
+def load_export(export_dir: str, abstract, shardings):
+  """Params from an export directory, laid out by `shardings`."""
+  path = os.path.join(os.path.abspath(export_dir), "params")
+  if not os.path.isdir(path):
+    raise UserError(f"{export_dir} holds no exported params; run --mode=export first")
+  return ocp.StandardCheckpointer().restore(path, checkpoint.with_shardings(abstract, shardings))
+
+
+def sample_text(
+  workdir: str,
+  prompt: str,
+  num_samples: int,
+  max_new: int,
+  sampling: decode.Sampling,
+  seed: int,
+  config=None,
+) -> list[str]:
+  """--mode=sample: prints num_samples continuations of `prompt` and returns them."""
+  run = load(workdir, config)
+  model, tok = run.model, run.tokenizer
+  sampling.check(model.cfg.vocab_size)
+  if num_samples < 1 or max_new < 1:
+    raise UserError("--num_samples and --max_new_tokens must be at least 1")
+  try:
+    ids = tok.encode(prompt).tolist() if prompt else [tok.eot_id]
+  except tokenizer.UnknownCharacter as e:
+    raise UserError(f"{e.problem}: this model cannot read it; remove it from --prompt") from None
+  if len(ids) >= model.cfg.block_size:
+    print(
+      f"warning: the prompt has {len(ids)} tokens; the model sees only the last "
+      f"{model.cfg.block_size - 1} (its context is {model.cfg.block_size})",
+      flush=True,
+    )
+  decoder = decode.Decoder(model, run.params, stop_tokens=[tok.eot_id])
+  t0 = time.perf_counter()
+  outs, reasons = decode.complete(decoder, [ids] * num_samples, max_new, sampling, seed)
+  seconds = time.perf_counter() - t0
+  texts = []
+  for out in outs:
+    texts.append(prompt + tok.decode(out))
+    print(texts[-1], flush=True)
+    print("---------------", flush=True)
+  n = sum(len(o) for o in outs)
+  print(
+    f"{n} tokens in {seconds:.2f}s ({n / seconds:.0f} tokens/s incl. compile) from "
+    f"{run.where}; finish: {', '.join(reasons)}",
+    flush=True,
+  )
+  return texts

@@ -1,0 +1,379 @@
+"""The training loop around train.py's compiled steps, in named parts:
+
+  prepare          processes, mesh, data, compiled steps, the memory check, the workdir lock
+  restore_or_init  where a run starts: its newest checkpoint, else init_from, else fresh
+  Run.loop         the steps; per step: check, log (Timer), evaluate, save
+  summarize        summary.json and the closing line
+
+Every side effect of training (files, logs, signals, checkpoints) lives here; the steps
+themselves are pure (train.py).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import checkpoint, hf, runtime, sharding
+from gptjax import config as config_lib
+from gptjax import data as data_lib
+from gptjax import metrics as metrics_lib
+from gptjax import workdir as workdir_lib
+from gptjax.attention import resolve_implementation
+from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.model import count_params
+from gptjax.train import Setup, TrainState, setup
+
+
+def say(message: str) -> None:
+  """Console output from process 0 only (call after multi-host start-up)."""
+  metrics_lib.console(message, enabled=jax.process_index() == 0)
+
+
+# --- Before the first step -----------------------------------------------------------------
+
+
+def prepare(
+  config, workdir: str, need_data: bool = True, lock: bool = False
+) -> tuple[Setup, data_lib.Data | None, workdir_lib.Lock | None]:
+  """Everything before the first step: processes, mesh, data, compiled steps, memory check.
+
+  need_data=False (compile_only with config.model.vocab_size set) reads no data at all.
+  lock=True: process 0 holds the workdir's lock (returned) before writing anything there.
+  """
+  config_lib.validate(config)
+  mesh = runtime.start(config)
+  sharding.check_batch(
+    config.train.batch_size, config.optim.grad_accum, mesh, sharding.rules(config.mesh)
+  )  # before a long data preparation
+  ensure_writable_dir(workdir, "--workdir")
+  if jax.process_count() > 1:
+    workdir_lib.check_shared(workdir)
+  held = workdir_lib.Lock(workdir) if lock and jax.process_index() == 0 else None
+  try:
+    if config.init_from:  # a wrong directory fails before data preparation and compiling
+      hf.directory(config.init_from, config.model)
+    data = data_lib.load(config, workdir) if need_data else None
+    s = setup(config, data.tokenizer.vocab_size if data else config.model.vocab_size, mesh)
+    _describe(s)
+    metrics_lib.check_fits(s.memory())
+  except BaseException:
+    if held:
+      held.release()
+    raise
+  return s, data, held
+
+
+def _describe(s: Setup) -> None:
+  cfg, params = s.model.cfg, s.abstract.params
+  say(
+    f"model: {count_params(params) / 1e6:.2f}M parameters ("
+    f"{count_params(params, True) / 1e6:.2f}M without embeddings), vocab "
+    f"{cfg.vocab_size} padded to {cfg.padded_vocab}, {jnp.dtype(cfg.dtype).name} compute, "
+    f"attention {resolve_implementation(cfg.attention, cfg.dtype)}"
+  )
+  say(f"compiled train and eval steps in {s.compile_s:.1f}s")
+  mem, fmt = s.memory(), metrics_lib.format_bytes
+  temporaries = (
+    f", step temporaries {fmt(mem['temp'])}, peak ~{fmt(mem['peak_estimate'])}"
+    if "temp" in mem
+    else ""
+  )
+  say(
+    f"mesh {dict(s.mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
+    f"{jax.process_count()} process(es); per device: params {fmt(mem['params'])}, optimizer "
+    f"state {fmt(mem['opt_state'])}{temporaries}"
+  )
+
+
+def compile_only(config, workdir: str) -> dict:
+  """Lowers and compiles the steps for the configured mesh, reports memory, runs nothing."""
+  if config.model.vocab_size:
+    say(
+      f"compile_only: vocabulary {config.model.vocab_size} from config.model.vocab_size; "
+      "no data is read"
+    )
+  s, _, _ = prepare(config, workdir, need_data=not config.model.vocab_size)
+  say("compile_only: the step fits; nothing was run")
+  return {"compile_s": s.compile_s, "mesh": dict(s.mesh.shape), "memory": s.memory()}
+
+
+@dataclasses.dataclass
+class Start:
+  """Where a run starts: the state, its step, the training time before it."""
+
+  state: TrainState
+  step: int
+  elapsed_s: float
+  resumed: bool
+
+
+def restore_or_init(config, workdir: str, s: Setup, ckpt: checkpoint.Checkpoints) -> Start:
+  """The one place that decides where a run starts: the newest checkpoint that restores,
+  else the init_from weights with a fresh optimizer, else a fresh init."""
+  restored = ckpt.restore(s.abstract, s.state_shardings)
+  if restored is not None:
+    state, meta = restored
+    start = Start(state, int(meta["step"]), float(meta.get("elapsed_s", 0.0)), True)
+    for change in data_lib.position_changes(meta.get("data", {}), config):
+      say(
+        f"warning: {change} since the checkpoint: the data order from here differs from "
+        "the run that saved it"
+      )
+    say(f"resumed from checkpoint {start.step} in {ckpt.manager.directory}")
+    return start
+  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    say(
+      f"warning: {workdir} holds metrics but no checkpoint; training starts at step 0 and "
+      "appends to metrics.jsonl (use a fresh --workdir to keep runs apart)"
+    )
+  state = s.init(config.seed)
+  if config.init_from:  # imported weights, a fresh optimizer (Adam starts at zero anyway)
+    params = hf.load_params(config.init_from, s.model.cfg)
+    state = state.replace(params=jax.device_put(params, s.state_shardings.params))
+    say(f"initialised the parameters from {config.init_from}")
+  return Start(state, 0, 0.0, False)
+
+
+# --- The loop ------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in workdir, resuming from its newest checkpoint; returns the summary.
+
+  Saves every config.checkpoint.every steps, at the end, and on SIGTERM/SIGINT (then returns
+  with summary["preempted_at"] set). A non-finite loss stops the run before any save.
+  """
+  s, data, lock = prepare(config, workdir, lock=True)
+  try:
+    ckpt = checkpoint.Checkpoints(workdir, config.checkpoint, warn=say)
+    runtime.resume_hint = lambda: _resume_note(ckpt, "the same command on every process")
+    start = restore_or_init(config, workdir, s, ckpt)
+    resolved = config_lib.resolved(config, s.model.cfg.vocab_size)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(resolved, f, indent=2, sort_keys=True)
+    if start.step >= config.train.num_steps:
+      ckpt.close()
+      return _nothing_to_do(config, workdir, start.step)
+    return Run(config, workdir, s, data, ckpt, start, resolved).loop()
+  except Exception as e:
+    runtime.exit_if_peer_lost(e)
+    raise
+  finally:
+    if lock:
+      lock.release()
+
+
+def _nothing_to_do(config, workdir: str, step: int) -> dict:
+  """Exit 0: a restart loop re-running a finished job must stop."""
+  say(
+    f"nothing to do: {workdir} is already trained to step {step} (train.num_steps="
+    f"{config.train.num_steps}); to train on, raise --config.train.num_steps (and set "
+    "--config.optim.decay_steps to keep the old learning-rate schedule)"
+  )
+  path = os.path.join(workdir, "summary.json")
+  return json.load(open(path)) if os.path.exists(path) else {"steps": step}
+
+
+class Run:
+  """One training run from its start to its last step (or a preemption)."""
+
+  def __init__(self, config, workdir, s: Setup, data, ckpt, start: Start, resolved: dict):
+    self.config, self.workdir, self.s, self.data, self.ckpt = config, workdir, s, data, ckpt
+    self.state, self.first = start.state, start.step
+    self.lead = jax.process_index() == 0
+    self.rows = s.rows()  # each process loads only the rows its devices hold
+    self.writer = metrics_lib.MetricWriter(
+      workdir, enabled=self.lead, resume_step=start.step if start.resumed else None
+    )
+    self.timer = metrics_lib.Timer(start.step, start.elapsed_s)
+    self.run_meta = {"config": resolved, "tokenizer": data.tokenizer.to_dict()}
+    self.tokens_per_step = config.train.batch_size * s.model.cfg.block_size
+    self.step_ms, self.val_losses, self.last_log = [], [], {}
+
+  def loop(self) -> dict:
+    num_steps, preempted, step = self.config.train.num_steps, None, self.first
+    stop = runtime.PreemptionWatch()
+    try:
+      for step in range(self.first + 1, num_steps + 1):
+        preempted = self._step(step, stop)
+        if preempted:
+          say(
+            f"{preempted} received: saved checkpoint {step} and stopped; run the same "
+            "command to resume"
+          )
+          break
+    except Exception as e:
+      runtime.exit_if_peer_lost(e)  # now, not after the finally's wait on a barrier with the dead
+      raise
+    finally:
+      stop.close()
+      try:
+        self.ckpt.wait()  # a checkpoint being written completes, even when the loop failed
+      finally:
+        self.ckpt.close()
+        self.writer.close()
+    return summarize(self, preempted and step)
+
+  def _step(self, step: int, stop: runtime.PreemptionWatch) -> str | None:
+    """One train step and what falls on it; returns the signal's name if the run stops."""
+    tc, every = self.config.train, self.config.checkpoint.every
+    self.state, m = self.s.train_step(
+      self.state, self.s.batch(self.data.train.get(step - 1, self.rows))
+    )
+    if step == self.first + 1 and self.lead:  # the vocabulary of a run that trained
+      data_lib.save_tokenizer(self.data.tokenizer, self.workdir)
+    preempted = stop.reached(step) if step < tc.num_steps else None  # the end saves anyway
+    save = (every and step % every == 0) or step == tc.num_steps or preempted
+    log = step % tc.log_every == 0 or step == tc.num_steps
+    if log or save:
+      m = jax.device_get(m)  # the only host syncs on the training path
+      self._check(step, m)
+    now = time.perf_counter()
+    if log:
+      self._log(step, m, now)
+    evaluating = step % tc.eval_every == 0 or step == tc.num_steps
+    if not (save or evaluating):
+      return preempted
+    jax.block_until_ready(self.state.params)  # pending train steps count as training time
+    with self.timer.pause():  # evals and checkpoint copies do not count as training time
+      meta = {
+        "step": step,
+        "elapsed_s": self.timer.elapsed_s(now),
+        "data": data_lib.position(step, self.config),
+        **self.run_meta,
+      }
+      if evaluating and not self._evaluate(step, meta, stop):
+        preempted, save = stop.received, True  # a signal during the eval: save now
+      if save:
+        self.ckpt.save(self.state, meta)
+    return preempted
+
+  def _check(self, step: int, m: dict) -> None:
+    """Stop before any save of a non-finite state; surface a failed background save."""
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+      raise UserError(
+        f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step {step}; nothing from "
+        f"this state was saved. Lower --config.optim.lr or check the data; "
+        f"{_resume_note(self.ckpt)}"
+      )
+    if not m["finite"]:
+      raise UserError(
+        f"the parameters or optimizer state became NaN or inf at step {step} (loss "
+        f"{m['loss']:.4f} before the update); nothing from this state was saved. Lower "
+        f"--config.optim.lr (or raise --config.optim.eps); {_resume_note(self.ckpt)}"
+      )
+    self.ckpt.check_for_errors()  # a background save that failed surfaces now, not a save late
+
+  def _log(self, step: int, m: dict, now: float) -> None:
+    ms = self.timer.lap_ms(step, now)
+    self.step_ms.append(ms)
+    cfg, tokens_per_s = self.s.model.cfg, self.tokens_per_step / ms * 1e3
+    speed = metrics_lib.throughput(
+      tokens_per_s, cfg, jax.device_count(), jax.devices()[0].device_kind
+    )
+    self.last_log = {
+      "loss": float(m["loss"]),
+      "lr": float(m["lr"]),
+      "grad_norm": float(m["grad_norm"]),
+      "tokens_per_sec": tokens_per_s,
+      "step_ms": ms,
+      "tflops_per_device": speed["tflops_per_device"],
+      **({"mfu": speed["mfu"]} if speed["mfu"] is not None else {}),
+      "elapsed_s": self.timer.elapsed_s(now),
+    }
+    self.writer.write(step, self.last_log)
+    num_steps = self.config.train.num_steps
+    eta = (num_steps - step) * float(np.median(self.step_ms)) / 1e3
+    say(
+      metrics_lib.progress_line(
+        step, num_steps, self.last_log["loss"], tokens_per_s, eta, self.last_log["lr"], speed["mfu"]
+      )
+    )
+
+  def _evaluate(self, step: int, meta: dict, stop: runtime.PreemptionWatch) -> bool:
+    """Validation loss, logged, and the best checkpoint kept; False if a signal cut it short."""
+    tc = self.config.train
+    val_at = lambda i: self.s.batch(self.data.val.get(i, self.rows))
+    val_loss = evaluate(self.s.eval_step, self.state.params, val_at, tc.eval_batches, stop.pending)
+    if val_loss is None:
+      return False
+    bpb = val_loss / math.log(2) / self.data.val_bytes_per_token
+    self.val_losses.append(val_loss)
+    self.writer.write(
+      step, {"val_loss": val_loss, "val_bpb": bpb, "elapsed_s": self.timer.elapsed_s()}
+    )
+    say(f"eval step {step} | val_loss {val_loss:.4f} | val bits/byte {bpb:.4f}")
+    self.ckpt.save_best(self.state, meta, val_loss)
+    return True
+
+
+def evaluate(eval_fn, params, batch_at, num_batches: int, stop=lambda: False) -> float | None:
+  """Mean loss over the first num_batches validation batches (the same ones every time).
+
+  batch_at(i) gives batch i; on several hosts every process calls this with its share.
+  None when stop() turns true first (a preemption notice leaves ~30 s to save).
+  """
+  losses = []
+  for i in range(num_batches):
+    if stop():
+      return None
+    losses.append(eval_fn(params, batch_at(i)))
+    if i:  # at most two batches in flight: stop() is seen within a batch or two
+      losses[-2].block_until_ready()
+  return float(jnp.mean(jnp.stack(losses)))
+
+
+# --- After the last step -------------------------------------------------------------------
+
+
+def summarize(run: Run, preempted_at) -> dict:
+  """The run's summary; written to summary.json (and said) when the run completed."""
+  s, tc, step_ms, val_losses = run.s, run.config.train, run.step_ms, run.val_losses
+  wall_s = time.perf_counter() - run.timer.start
+  median = float(np.median(step_ms)) if step_ms else None
+  tokens_per_s = run.tokens_per_step / median * 1e3 if median else None
+  device_kind, devices = jax.devices()[0].device_kind, jax.device_count()
+  speed = metrics_lib.throughput(tokens_per_s or 0.0, s.model.cfg, devices, device_kind)
+  summary = {
+    "steps": tc.num_steps,
+    "n_params": count_params(s.abstract.params),
+    "mesh": dict(s.mesh.shape),
+    "memory": s.memory(),
+    "compile_s": s.compile_s,
+    "wall_s": wall_s,
+    "median_step_ms": median,
+    "tokens_per_sec": tokens_per_s,
+    "mfu": speed["mfu"] if median else None,
+    "final_loss": run.last_log.get("loss"),
+    "final_val_loss": val_losses[-1] if val_losses else None,
+    "best_val_loss": min(val_losses) if val_losses else None,
+    "preempted_at": preempted_at or None,
+  }
+  if preempted_at:
+    return summary
+  if jax.process_index() == 0:
+    with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  rate = f", median {median:.2f} ms/step, {tokens_per_s / 1e3:.1f}k tok/s" if median else ""
+  val = f", final val_loss {summary['final_val_loss']:.4f}" if val_losses else ""
+  say(
+    f"done: {tc.num_steps} steps; this run {metrics_lib.format_duration(wall_s)} "
+    f"(+{s.compile_s:.1f}s compile){rate}{val}"
+  )
+  return summary
+
+
+def _resume_note(ckpt: checkpoint.Checkpoints, what: str = "the same command") -> str:
+  steps = ckpt.finished_steps()
+  return (
+    f"rerunning {what} resumes from checkpoint {steps[-1]}"
+    if steps
+    else f"no checkpoint was saved yet, so rerunning {what} starts from step 0"
+  )
