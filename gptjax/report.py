@@ -25,7 +25,9 @@ def _read_jsonl(path: str) -> list[dict]:
 def collect(root: str) -> list[dict]:
   """One row per variant directory that has metrics.jsonl (in the sweep's order)."""
   if not os.path.isdir(root):
-    raise UserError(f"{root!r} is not a directory; pass the --workdir of a sweep")
+    raise UserError(
+      f"{root!r} is not a directory; pass the directory a sweep ran in (its --workdir)"
+    )
   record = os.path.join(root, "sweep.json")
   overrides = json.load(open(record))["variants"] if os.path.exists(record) else {}
   names = list(overrides) + sorted(n for n in os.listdir(root) if n not in overrides)

@@ -2,12 +2,17 @@
 switches to: it equals the default path without dropout, and with dropout it follows its RNG
 and stays causal."""
 
+import re
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import tiny_config
 
 from gptjax import attention
+from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
 
 B, T, N, H = 2, 8, 2, 16
@@ -68,6 +73,7 @@ def test_with_dropout_the_rng_decides_and_rows_stay_causal():
   assert not np.allclose(changed[:, t:], out[:, t:])
 
 
+@pytest.mark.slow
 def test_a_model_with_attention_dropout_stays_causal_while_training():
   """The whole model in training mode (the explicit path, as shakespeare_char's default
   attn_dropout=0.2 trains): a later token never changes an earlier position's logits."""
@@ -90,3 +96,11 @@ def test_a_model_with_attention_dropout_stays_causal_while_training():
   changed = apply(later, 1)
   np.testing.assert_allclose(changed[:, :t], logits[:, :t], atol=1e-6)
   assert not np.allclose(changed[:, t:], logits[:, t:])
+
+
+def test_cudnn_attention_off_a_gpu_is_refused_by_name():
+  """--config.model.attention=cudnn on CPU (or with float32 compute) is one line naming it."""
+  for dtype in (jnp.float32, jnp.bfloat16):
+    with pytest.raises(UserError, match=re.escape("model.attention='cudnn' needs an NVIDIA GPU")):
+      attention.resolve_implementation("cudnn", dtype)
+  assert attention.resolve_implementation("auto", jnp.float32) == "xla"

@@ -6,7 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ONE_DEVICE, REPO
+from conftest import COMPILATION_CACHE_DIR, ONE_DEVICE, REPO
+
+# Every benchmark runs as `python -m gptjax.bench` (a program module: its flags cannot be
+# defined in the test process beside another program's), so the whole file is the slow tier.
+pytestmark = pytest.mark.slow
 
 
 def test_checkpoint_bench_prints_one_json_line():
@@ -140,6 +144,7 @@ def test_train_bench_times_the_real_step_and_reports_model_flops():
       "train",
       "--config=experiments/tiny.py",
       "--config.model.vocab_size=65",
+      f"--config.compilation_cache_dir={COMPILATION_CACHE_DIR}",
       "--steps=4",
       "--warmup=1",
     ],

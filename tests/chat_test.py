@@ -28,6 +28,7 @@ def _chat(max_new=10, chunk=2, seed=0):
   ), notes
 
 
+@pytest.mark.slow
 def test_replies_stream_over_several_calls_and_end_at_the_turn():
   c, _ = _chat(max_new=10, chunk=2)
   pieces = []
@@ -38,6 +39,7 @@ def test_replies_stream_over_several_calls_and_end_at_the_turn():
   assert turn == f"A:\n{reply}\n\n" and TOKENIZER.decode(c.turns[0]) == "U:\nhi\n\n"
 
 
+@pytest.mark.slow
 def test_the_oldest_turns_are_dropped_to_fit_the_context():
   c, notes = _chat(max_new=8)
   traces, after_each_turn = [], []  # jit traces (and compiles) each new input shape once
@@ -73,6 +75,7 @@ def test_chat_errors():
     c.user_turn("café")
 
 
+@pytest.mark.slow
 def test_chat_session_on_stdin(trained_tiny):
   proc = run_cli(
     "--mode=chat",
@@ -89,6 +92,7 @@ def test_chat_session_on_stdin(trained_tiny):
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_chat_default_reply_length_fits_a_small_context(trained_tiny):
   """The default (half the 32-token context) left too little room beside JULIET's reply
   prefix, and chat refused its own default; now it shortens to what fits."""

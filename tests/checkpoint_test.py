@@ -11,9 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ONE_DEVICE, REPO, one_line_error, run_cli, run_cli_on_tmpfs, tiny_config
+from conftest import (
+  ONE_DEVICE,
+  REPO,
+  one_line_error,
+  run_cli,
+  run_cli_on_tmpfs,
+  tiny_config,
+  with_test_cache,
+)
 
-from gptjax import checkpoint, inference, optim, sharding, train
+from gptjax import checkpoint, export, inference, optim, sharding, train
 from gptjax import config as config_lib
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig, abstract_params
@@ -42,7 +50,12 @@ def _finalized(workdir):
 
 def _start(workdir, *extra):
   return subprocess.Popen(
-    [sys.executable, "-m", "gptjax.main", *ARGS, f"--workdir={workdir}", *extra],
+    [
+      sys.executable,
+      "-m",
+      "gptjax.main",
+      *with_test_cache([*ARGS, f"--workdir={workdir}", *extra]),
+    ],
     cwd=REPO,
     env={**os.environ, **ONE_DEVICE},
     stdout=subprocess.PIPE,
@@ -67,6 +80,7 @@ def uninterrupted(tmp_path_factory):
   return _metrics(workdir)
 
 
+@pytest.mark.slow
 def test_sigkill_then_restart_gives_the_uninterrupted_metrics_bit_for_bit(tmp_path, uninterrupted):
   workdir = tmp_path / "w"
   proc = _start(workdir)
@@ -84,6 +98,7 @@ def test_sigkill_then_restart_gives_the_uninterrupted_metrics_bit_for_bit(tmp_pa
   assert _metrics(workdir) == uninterrupted  # floats compared exactly
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_the_resumed_run_matches(tmp_path, uninterrupted):
   workdir = tmp_path / "w"
   proc = _start(workdir)
@@ -104,6 +119,7 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_matches(tmp_path, un
   assert _metrics(workdir) == uninterrupted
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_and_leaves_only_finite_checkpoints(tmp_path):
   workdir = tmp_path / "w"
   proc = run_cli(
@@ -131,6 +147,7 @@ def test_nan_stops_the_run_and_leaves_only_finite_checkpoints(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_fsdp8_restores_onto_one_device(tmp_path):
   c = tiny_config(model__n_head=8, train__batch_size=16)
   c.mesh.shape.update(dict(data=1, fsdp=8))
@@ -158,55 +175,38 @@ def test_checkpoint_from_fsdp8_restores_onto_one_device(tmp_path):
   np.testing.assert_allclose(float(m1["loss"]), float(m8["loss"]), rtol=1e-6)
 
 
-def test_shape_mismatch_names_the_parameter(tmp_path):
-  workdir = tmp_path / "w"
-  assert (
-    run_cli(
-      "--config=experiments/tiny.py",
-      f"--workdir={workdir}",
-      "--config.train.num_steps=2",
-      env=ONE_DEVICE,
-    ).returncode
-    == 0
-  )
-  proc = run_cli(
-    "--config=experiments/tiny.py",
-    f"--workdir={workdir}",
-    "--config.train.num_steps=4",
-    "--config.model.d_model=64",
-    env=ONE_DEVICE,
-  )
-  assert proc.returncode == 1
-  error = [l for l in proc.stderr.splitlines() if l.startswith("gptjax: error:")]
-  assert len(error) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  assert (
-    "checkpoint 2" in error[0]
-    and "parameter h_0/attn/key/bias has shape (2, 16)" in error[0]
-    and "the config makes (2, 32)" in error[0]
-  ), error[0]
-  proc = run_cli(
-    "--config=experiments/tiny.py",
-    f"--workdir={workdir}",  # no clipping state
-    "--config.train.num_steps=4",
-    "--config.optim.grad_clip=0",
-    env=ONE_DEVICE,
-  )
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  assert "optimizer state of another structure" in proc.stderr, proc.stderr[-2000:]
-  proc = run_cli(
-    "--config=experiments/tiny.py",
-    f"--workdir={workdir}",  # stacked layers
-    "--config.train.num_steps=4",
-    "--config.model.scan_layers=true",
-    env=ONE_DEVICE,
-  )
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  assert "set --config.model.scan_layers=False as it was trained" in proc.stderr, proc.stderr[
-    -2000:
-  ]
-  assert os.listdir(workdir / "checkpoints") == ["2"]  # nothing was set aside
+def test_a_checkpoint_that_does_not_fit_the_config_names_the_difference(tmp_path):
+  """A resume (Checkpoints.restore, as training's restore_or_init calls it) under another
+  shape, optimizer or layer layout names the first difference, and sets nothing aside."""
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def state(c, abstract=False):
+    model, tx = GPT(GPTConfig.from_config(c.model, 66)), optim.make(c.optim, 100)
+    init = lambda: train.init_state(model, tx, c.seed)
+    return jax.eval_shape(init) if abstract else init()
+
+  c = tiny_config(checkpoint__async_save=False)
+  saved = checkpoint.Checkpoints(str(tmp_path), c.checkpoint)
+  saved.save(state(c).replace(step=jnp.int32(2)), {"step": 2})
+  saved.close()
+  for overrides, fragments in [
+    (
+      {"model__d_model": 64},
+      ["checkpoint 2", "parameter h_0/attn/key/bias has shape (2, 16)", "the config makes (2, 32)"],
+    ),
+    ({"optim__grad_clip": 0}, ["optimizer state of another structure"]),  # no clipping state
+    ({"model__scan_layers": True}, ["set --config.model.scan_layers=False as it was trained"]),
+  ]:
+    abstract = state(tiny_config(**overrides), abstract=True)
+    with pytest.raises(UserError) as e:
+      checkpoint.Checkpoints(str(tmp_path), c.checkpoint).restore(
+        abstract, jax.tree.map(lambda _: one, abstract)
+      )
+    assert all(f in str(e.value) for f in fragments), str(e.value)
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]  # nothing was set aside
 
 
+@pytest.mark.slow
 def test_export_is_params_only_and_keep_best_keeps_the_lowest_val_loss(tmp_path):
   workdir = tmp_path / "w"
   proc = run_cli(
@@ -254,6 +254,7 @@ def _best(workdir, target, shardings):
   return meta["step"], meta["val_loss"], params
 
 
+@pytest.mark.slow
 def test_keep_best_after_a_resume_compares_with_the_kept_best(tmp_path):
   """A resumed run (a new Checkpoints) reads the best val loss from checkpoints_best/: a worse
   eval never replaces it, a better one does; a resume from before the best forgets it."""
@@ -303,29 +304,16 @@ def test_keep_best_after_a_resume_compares_with_the_kept_best(tmp_path):
   assert (step, val_loss, saved_at(params)) == (40, 1.6, 40)
 
 
-def test_export_to_an_unwritable_directory_is_a_one_line_error(tmp_path):
-  workdir = tmp_path / "w"
-  assert (
-    run_cli(
-      "--config=experiments/tiny.py",
-      f"--workdir={workdir}",
-      "--config.train.num_steps=2",
-      env=ONE_DEVICE,
-    ).returncode
-    == 0
-  )
+@pytest.mark.slow
+def test_export_to_an_unwritable_directory_is_named(tmp_path, trained_tiny):
   (tmp_path / "file").write_text("not a directory")
-  proc = run_cli(
-    "--mode=export", f"--workdir={workdir}", f"--export_dir={tmp_path}/file/x", env=ONE_DEVICE
-  )
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  assert "pass a writable --export_dir" in proc.stderr
+  with pytest.raises(UserError, match="pass a writable --export_dir$"):
+    export.export(str(trained_tiny), f"{tmp_path}/file/x")
 
 
-def test_export_without_a_checkpoint_is_a_one_line_error(tmp_path):
-  proc = run_cli("--mode=export", f"--workdir={tmp_path}", env=ONE_DEVICE)
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr
-  assert "config.json not found" in proc.stderr
+def test_export_without_a_checkpoint_is_named(tmp_path):
+  with pytest.raises(UserError, match="config.json not found"):
+    export.export(str(tmp_path))
 
 
 # --- Faults: nothing lost, ever -------------------------------------------------------------
@@ -333,6 +321,7 @@ def test_export_without_a_checkpoint_is_a_one_line_error(tmp_path):
 TINY = "--config=experiments/tiny.py"
 
 
+@pytest.mark.slow
 def test_a_state_that_turns_nan_is_never_saved(tmp_path):
   # eps=0: Adam divides 0 by 0 for the embedding rows no batch touches. The loss of step 1
   # (computed before the update) is finite; the state it leaves is not.
@@ -349,12 +338,17 @@ def test_a_state_that_turns_nan_is_never_saved(tmp_path):
   assert _finalized(tmp_path / "w") == []
 
 
-def test_non_finite_hyperparameters_are_refused(tmp_path):
+@pytest.mark.slow
+def test_a_bad_config_value_stops_the_cli_before_anything_is_written(tmp_path):
+  """The CLI contract of validate(): one line, exit 1, nothing in the workdir."""
   line = one_line_error(
     run_cli(TINY, f"--workdir={tmp_path}/w", "--config.optim.lr=nan", env=ONE_DEVICE)
   )
   assert "config.optim.lr=nan is not a finite number" in line
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_non_finite_hyperparameters_are_refused():
   for key in (
     "optim.lr",
     "optim.min_lr",
@@ -377,6 +371,7 @@ def _small_corpus(tmp_path):
 
 
 @pytest.mark.parametrize("foreseen", [True, False])
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_keeps_the_earlier_ones(tmp_path, foreseen):
   """Room for two checkpoints of the tiny model (~0.6 MiB each, the space check asks for
   0.85), not three. foreseen: the space check refuses the save before writing; else (the
@@ -433,6 +428,7 @@ def _corrupt(step_dir):
           f.truncate(64)
 
 
+@pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_falls_back_everywhere_in_one_clean_warning(tmp_path):
   workdir = tmp_path / "w"
   args = [
@@ -468,6 +464,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_everywhere_in_one_clean_warning(
   assert _metrics(workdir) == original  # steps 21..30 again, identical
 
 
+@pytest.mark.slow
 def test_a_restore_that_fails_for_every_checkpoint_moves_nothing(tmp_path, monkeypatch):
   """A fault of the setup (here the relative path orbax refuses, the wave-1 bug), not of
   the files: no checkpoint is called corrupt."""
@@ -494,6 +491,7 @@ def test_a_restore_that_fails_for_every_checkpoint_moves_nothing(tmp_path, monke
   assert _finalized(workdir) == [10, 20] and not os.path.exists(workdir / "checkpoints_corrupt")
 
 
+@pytest.mark.slow
 def test_a_non_finite_checkpoint_is_skipped(tmp_path, trained_tiny):
   """A NaN checkpoint (as older versions could save): sampling uses the previous one."""
   import shutil
@@ -527,6 +525,7 @@ def test_a_non_finite_checkpoint_is_skipped(tmp_path, trained_tiny):
   assert len(proc.stdout.split("---------------")[0].strip()) > len("ROMEO:")
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_long_eval_saves_without_finishing_it(tmp_path):
   workdir = tmp_path / "w"
   proc = subprocess.Popen(
@@ -534,8 +533,7 @@ def test_sigterm_during_a_long_eval_saves_without_finishing_it(tmp_path):
       sys.executable,
       "-m",
       "gptjax.main",
-      TINY,
-      f"--workdir={workdir}",
+      *with_test_cache([TINY, f"--workdir={workdir}"]),
       "--config.train.num_steps=100",
       "--config.train.eval_every=5",
       "--config.train.log_every=5",

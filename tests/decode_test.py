@@ -50,6 +50,7 @@ def test_cached_greedy_equals_full_recomputation_for_ragged_prompts(positions):
   assert decode.finish_reasons(state) == ["length"] * 3  # the cache (P + 12 slots) is full
 
 
+@pytest.mark.slow
 def test_generating_in_chunks_equals_one_call():
   model, params = _model()
   tokens, start = decode.left_pad(PROMPTS)
@@ -62,6 +63,7 @@ def test_generating_in_chunks_equals_one_call():
   np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
 
 
+@pytest.mark.slow
 def test_stop_tokens_and_sequences_end_rows_independently():
   model, params = _model()
   tokens, start = decode.left_pad(PROMPTS)
@@ -104,6 +106,7 @@ def _greedy_sliding_window(model, params, prompt, n):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt_len", [5, 45])  # within the 32-token context, and beyond it
 def test_complete_past_the_context_equals_greedy_sliding_by_hand(prompt_len):
   model, params = _model()
@@ -144,6 +147,7 @@ def test_top_p_never_leaves_the_nucleus():
   assert _draws(decode.Sampling(1.0)) == {0, 1, 2, 3, 4}
 
 
+@pytest.mark.slow
 def test_temperature_towards_zero_is_greedy_and_seeds_reproduce():
   model, params = _model()
   tokens, start = decode.left_pad(PROMPTS)
@@ -167,6 +171,7 @@ def test_errors_name_the_problem():
     decode.left_pad([[1], []])
 
 
+@pytest.mark.slow
 def test_decoding_with_params_sharded_over_a_mesh_matches_one_device():
   from gptjax import sharding
 
@@ -192,6 +197,7 @@ def test_decoding_with_params_sharded_over_a_mesh_matches_one_device():
   np.testing.assert_array_equal(results[1], results[3])  # sampled, same seed
 
 
+@pytest.mark.slow
 def test_bf16_decoding_picks_the_argmax_of_a_bf16_full_forward():
   """bf16 rounding differs between the cached and the full computation, so tokens may flip on
   near-ties; each cached greedy choice must be (within bf16 error) the full pass's argmax."""
@@ -212,6 +218,7 @@ def test_bf16_decoding_picks_the_argmax_of_a_bf16_full_forward():
       assert chosen >= step.max() - 0.02 * np.abs(step).max(), (b, i)
 
 
+@pytest.mark.slow
 def test_scan_layers_decodes_as_the_loop():
   """Stacked KV caches ((L, B, N, S, H), scan_layers) give the per-layer caches' tokens."""
   import dataclasses

@@ -49,6 +49,7 @@ def _flat(tree, prefix=""):
   return {prefix.lstrip("/"): float(tree)}
 
 
+# In the fast tier on purpose (~3-6 s): the one check that no relative test can make.
 def test_the_first_steps_of_tiny_match_the_golden_numbers():
   c = tiny_config()  # 2 x 2 x 32, block 32, batch 8, AdamW with warmup 2, no dropout
   c.mesh.shape.update(dict(data=1, fsdp=1, tensor=1))

@@ -5,10 +5,11 @@ import re
 import pytest
 from conftest import ONE_DEVICE, one_line_error, run_cli
 
-from gptjax import decode
+from gptjax import decode, inference
 from gptjax.errors import UserError
 
 
+@pytest.mark.slow
 def test_sample_prints_continuations_of_the_prompt(trained_tiny):
   proc = run_cli(
     "--mode=sample",
@@ -27,33 +28,36 @@ def test_sample_prints_continuations_of_the_prompt(trained_tiny):
   assert all(len(s) > len("ROMEO:") + 40 or "<|endoftext|>" in s for s in samples[:2])
 
 
-@pytest.mark.parametrize(
-  "args, fragment",
-  [
-    (
-      ["--prompt=caf\u00e9 \u20ac"],
-      "character '\u00e9' (U+00E9) is not in the char vocabulary"
-      " built from the training text: this model cannot read it; remove it from --prompt",
-    ),
-    (["--top_p=1.5"], "top_p=1.5 must be in (0, 1]"),
-    (["--temperature=nan"], "temperature=nan must be a finite number >= 0"),
-  ],
-)
-def test_sample_errors(trained_tiny, args, fragment):
-  line = one_line_error(
-    run_cli("--mode=sample", f"--workdir={trained_tiny}", *args, env=ONE_DEVICE)
-  )
-  assert fragment in line and "tokenizer=byte" not in line
+@pytest.mark.slow
+def test_a_prompt_the_tokenizer_cannot_read_is_named(trained_tiny):
+  with pytest.raises(UserError) as e:
+    inference.sample_text(str(trained_tiny), "caf\u00e9 \u20ac", 1, 5, decode.Sampling(), 0)
+  line = str(e.value)
+  assert (
+    "character '\u00e9' (U+00E9) is not in the char vocabulary"
+    " built from the training text: this model cannot read it; remove it from --prompt"
+  ) in line and "tokenizer=byte" not in line
 
 
+@pytest.mark.slow
 def test_sample_without_a_checkpoint(tmp_path):
+  """The CLI contract of a mode's UserError: one line, exit 1."""
   line = one_line_error(run_cli("--mode=sample", f"--workdir={tmp_path}", env=ONE_DEVICE))
   assert f"{tmp_path} holds no training run" in line and "export/config.json" not in line
+
+
+def test_a_workdir_without_a_run_is_named(tmp_path):
+  with pytest.raises(UserError) as e:
+    inference.sample_text(str(tmp_path), "", 1, 5, decode.Sampling(), 0)
+  assert f"{tmp_path} holds no training run" in str(e.value)
+  assert "export/config.json" not in str(e.value)
 
 
 @pytest.mark.parametrize(
   "sampling, fragment",
   [
+    (decode.Sampling(top_p=1.5), "--top_p=1.5 must be in (0, 1]"),
+    (decode.Sampling(temperature=float("nan")), "--temperature=nan must be a finite number >= 0"),
     (decode.Sampling(temperature=-1.0), "temperature=-1.0 must be a finite number >= 0"),
     (decode.Sampling(temperature=float("inf")), "temperature=inf must be a finite number"),
     (decode.Sampling(top_p=float("nan")), "top_p=nan must be in (0, 1]"),

@@ -102,6 +102,7 @@ def test_fused_loss_needs_a_chunk_that_divides_the_sequence():
     config_lib.validate(c)
 
 
+@pytest.mark.slow
 def test_training_with_a_chunked_loss_matches_the_whole_logits():
   """Same losses, gradient norms and parameters after 3 steps with an untied lm_head (the
   tied head, sharded 2x2x2 through train.setup, is in sharding_test)."""
@@ -130,6 +131,7 @@ def test_training_with_a_chunked_loss_matches_the_whole_logits():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_chunked_loss_needs_less_step_memory():
   """A large vocabulary: the whole-logits step holds (B, T, V) float32 tensors."""
   temps = []

@@ -1,5 +1,6 @@
 import dataclasses
 import itertools
+import re
 
 import flax.linen as nn
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
+from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig, count_params
 
 
@@ -101,6 +103,7 @@ def test_dropout_is_active_only_in_training():
   assert not np.allclose(a, b)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params():
   model = _model(dtype="bfloat16")
   params = _init(model)
@@ -123,6 +126,7 @@ def test_gpt2_small_parameter_count():
 
 
 @pytest.mark.parametrize("policy", ["dots", "dots_no_batch", "full"])
+@pytest.mark.slow
 def test_remat_changes_memory_not_results(policy):
   """Every remat policy gives the plain model's loss and gradients (same parameter tree)."""
   import optax
@@ -147,6 +151,7 @@ def test_remat_changes_memory_not_results(policy):
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.slow
 def test_scan_layers_equals_the_loop_over_stacked_parameters(remat):
   """nn.scan over the blocks: the same loss and gradients from the same (stacked) weights."""
   import optax
@@ -174,3 +179,9 @@ def test_scan_layers_equals_the_loop_over_stacked_parameters(remat):
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, per_layer(g1, scan)
   )
+
+
+def test_a_vocab_size_below_the_tokenizers_is_refused_by_name():
+  with pytest.raises(UserError, match=re.escape("config.model.vocab_size=10 is smaller than")):
+    GPTConfig.from_config(tiny_config(model__vocab_size=10).model, 66)
+  assert GPTConfig.from_config(tiny_config(model__vocab_size=100).model, 66).vocab_size == 100

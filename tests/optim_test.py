@@ -20,6 +20,7 @@ def test_weight_decay_mask_spares_biases_norms_and_embeddings():
   assert not mask["wte"]["embedding"] and not mask["wpe"]["embedding"]
 
 
+@pytest.mark.slow
 def test_weight_decay_only_moves_masked_params():
   """With zero gradients, AdamW's update is pure decay: only the masked leaves change."""
   c = tiny_config(optim__weight_decay=0.5, optim__warmup_steps=1)

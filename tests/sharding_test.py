@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, free_port, one_line_error, run_cli, tiny_config
+from conftest import REPO, free_port, one_line_error, run_cli, tiny_config, with_test_cache
 
 from gptjax import sharding, train
 from gptjax.errors import UserError
@@ -51,6 +51,7 @@ def one_device_run():
   [dict(data=8), dict(fsdp=8), dict(tensor=8), dict(data=2, fsdp=2, tensor=2)],
   ids=["data8", "fsdp8", "tensor8", "2x2x2"],
 )
+@pytest.mark.slow
 def test_losses_match_the_one_device_run(shape, one_device_run):
   c = _config()
   losses, eval_loss = _run(c, _mesh(c, **shape))
@@ -59,6 +60,7 @@ def test_losses_match_the_one_device_run(shape, one_device_run):
   assert losses[-1] < losses[0]  # it trained
 
 
+@pytest.mark.slow
 def test_fsdp_splits_parameters_and_adam_state_eight_ways():
   c = _config(model__d_model=128)
   s = train.setup(c, 60, _mesh(c, fsdp=8))
@@ -81,6 +83,7 @@ def test_fsdp_splits_parameters_and_adam_state_eight_ways():
   assert mem["temp"] > 0
 
 
+@pytest.mark.slow
 def test_tensor_parallel_splits_heads_mlp_and_vocab():
   c = _config()
   s = train.setup(c, 60, _mesh(c, data=2, tensor=4))
@@ -105,28 +108,28 @@ def test_mesh_fills_the_remaining_devices_and_rejects_a_bad_product():
     _mesh(c, data=-1)
 
 
-def test_cli_errors_for_meshes_that_do_not_fit(tmp_path):
-  one_line_error(
-    run_cli(TINY, f"--workdir={tmp_path}/a", "--config.mesh.shape.data=3"),
-    "needs 3 devices but 8",
-    "--config.mesh.shape",
+def test_meshes_that_do_not_fit_the_tiny_model_are_named():
+  """What training checks before compiling (make_mesh, then train.setup's batch and
+  parameter checks), on the tiny experiment as the CLI runs it."""
+
+  def refused(fragments, c, **shape):
+    with pytest.raises(UserError) as e:
+      train.setup(c, 66, _mesh(c, **shape), compile=False)
+    assert all(f in str(e.value) for f in fragments), str(e.value)
+
+  refused(["needs 3 devices but 8", "--config.mesh.shape"], tiny_config(), data=3)
+  refused(
+    ["batch_size=12", "data-parallel size 8", "data=8"], tiny_config(train__batch_size=12), data=8
   )
-  one_line_error(
-    run_cli(TINY, f"--workdir={tmp_path}/b", "--config.train.batch_size=12"),
-    "batch_size=12",
-    "data-parallel size 8",
-    "data=8",
-  )
-  one_line_error(  # tiny has 2 heads: 8-way tensor parallelism cannot split them
-    run_cli(
-      TINY, f"--workdir={tmp_path}/c", "--config.mesh.shape.data=1", "--config.mesh.shape.tensor=8"
-    ),
-    "parameter h_0/attn/key/bias",
-    "heads dimension 0 of size 2",
-    "tensor=8",
+  refused(  # tiny has 2 heads: 8-way tensor parallelism cannot split them
+    ["parameter h_0/attn/key/bias", "heads dimension 0 of size 2", "tensor=8"],
+    tiny_config(),
+    data=1,
+    tensor=8,
   )
 
 
+@pytest.mark.slow
 def test_cli_error_when_the_coordinator_cannot_be_reached(tmp_path):
   proc = run_cli(
     TINY,
@@ -144,6 +147,7 @@ def _train_lines(workdir):
   return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if '"loss"' in l]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_four_devices(tmp_path):
   args = [
     TINY,
@@ -165,7 +169,7 @@ def test_two_processes_match_one_process_with_the_same_four_devices(tmp_path):
         sys.executable,
         "-m",
         "gptjax.main",
-        *args,
+        *with_test_cache(args),
         f"--workdir={tmp_path}/two",
         f"--config.distributed.coordinator_address=127.0.0.1:{port}",
         "--config.distributed.num_processes=2",
@@ -203,6 +207,7 @@ def test_two_processes_match_one_process_with_the_same_four_devices(tmp_path):
   np.testing.assert_allclose(val(tmp_path / "two"), val(tmp_path / "one"), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_scan_layers_and_the_chunked_loss_train_on_2x2x2_as_on_one_device():
   """scan_layers (stacked layers) with the fused head + loss (vocab split over tensor),
   gradient accumulation and dropout, against scan_layers alone with whole logits. (Scanned

@@ -3,12 +3,14 @@ import json
 
 import jax
 import numpy as np
+import pytest
 from conftest import tiny_config
 
 from gptjax import loop, optim, train
 from gptjax.model import GPT, GPTConfig
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_generated_corpus(tmp_path, corpus):
   c = tiny_config(data__path=corpus, train__num_steps=60, train__eval_every=60, train__log_every=1)
   summary = loop.train_and_evaluate(c, str(tmp_path))
@@ -33,6 +35,7 @@ def _step_fn(c, grad_accum):
   return train.init_state(model, tx, 0), jax.jit(fn)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_full_batch():
   c = tiny_config(optim__warmup_steps=1)
   batch = np.random.default_rng(0).integers(0, 50, (8, 33)).astype(np.int32)
@@ -47,6 +50,7 @@ def test_gradient_accumulation_matches_the_full_batch():
     np.testing.assert_allclose(a, b, atol=1e-5)  # Adam magnifies float rounding where g ~ 0
 
 
+@pytest.mark.slow
 def test_train_step_is_deterministic():
   c = tiny_config(model__dropout=0.1)
   batch = np.random.default_rng(0).integers(0, 50, (8, 33)).astype(np.int32)
@@ -58,6 +62,7 @@ def test_train_step_is_deterministic():
   assert results[0] == results[1]
 
 
+@pytest.mark.slow
 def test_dropout_follows_the_state_rng_and_only_when_on():
   """A dropout that ignored its RNG (or drew it where there is no dropout) passes the
   determinism test above; here another state.rng must change the loss exactly when some

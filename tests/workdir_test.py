@@ -1,6 +1,7 @@
 """The workdir as a user types it: relative, with ~, a file, locked, shared by every process."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -8,7 +9,12 @@ import sys
 import time
 import types
 
-from conftest import ONE_DEVICE, REPO, free_port, one_line_error, run_cli
+import pytest
+from absl import flags
+from conftest import ONE_DEVICE, REPO, free_port, one_line_error, run_cli, with_test_cache
+
+from gptjax import workdir as workdir_lib
+from gptjax.errors import UserError, ensure_writable_dir
 
 TINY = "--config=experiments/tiny.py"
 
@@ -19,7 +25,7 @@ def _as_user(cwd, *args, env=None):
   if not os.path.exists(cwd / "experiments"):
     os.symlink(os.path.join(REPO, "experiments"), cwd / "experiments")
   return subprocess.run(
-    [sys.executable, "-m", "gptjax.main", *args],
+    [sys.executable, "-m", "gptjax.main", *with_test_cache(args)],
     cwd=cwd,
     capture_output=True,
     text=True,
@@ -28,6 +34,7 @@ def _as_user(cwd, *args, env=None):
   )
 
 
+@pytest.mark.slow
 def test_a_relative_workdir_checkpoints_and_resumes(tmp_path):
   args = [TINY, "--workdir=runs/x", "--config.checkpoint.every=3"]
   first = _as_user(tmp_path, *args, "--config.train.num_steps=6")
@@ -40,6 +47,7 @@ def test_a_relative_workdir_checkpoints_and_resumes(tmp_path):
   assert sorted(os.listdir(tmp_path / "runs/x/checkpoints")) == ["3", "6", "9"]
 
 
+@pytest.mark.slow
 def test_a_tilde_workdir_is_the_home_directory(tmp_path):
   home = tmp_path / "home"
   proc = _as_user(
@@ -55,9 +63,22 @@ def test_a_tilde_workdir_is_the_home_directory(tmp_path):
 
 
 def test_a_workdir_that_is_a_file(tmp_path):
+  """Right after the flags are parsed (cli.flags_parser -> workdir.normalize_flags)."""
   (tmp_path / "f").write_text("not a directory")
-  line = one_line_error(run_cli(TINY, f"--workdir={tmp_path}/f", env=ONE_DEVICE))
-  assert "is a file, not a directory" in line and "File exists" not in line
+  flag_values = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
+  flag_values(["gptjax", f"--workdir={tmp_path}/f"])
+  with pytest.raises(UserError) as e:
+    workdir_lib.normalize_flags(flag_values)
+  line = str(e.value)
+  assert f"--workdir={tmp_path}/f is a file, not a directory" in line and "File exists" not in line
+
+
+def test_a_workdir_that_cannot_be_created_is_named(tmp_path):
+  (tmp_path / "a_file").write_text("")  # a directory cannot live under a file, even for root
+  with pytest.raises(UserError, match=re.escape(f"cannot write to '{tmp_path}/a_file/run'")) as e:
+    ensure_writable_dir(f"{tmp_path}/a_file/run", "--workdir")  # what training checks first
+  assert str(e.value).endswith("pass a writable --workdir")
 
 
 def _start(workdir, *extra):
@@ -66,8 +87,7 @@ def _start(workdir, *extra):
       sys.executable,
       "-m",
       "gptjax.main",
-      TINY,
-      f"--workdir={workdir}",
+      *with_test_cache([TINY, f"--workdir={workdir}"]),
       "--config.train.num_steps=100000",
       *extra,
     ],
@@ -88,6 +108,7 @@ def _wait_for_line(proc, text, timeout=120):
   raise AssertionError(f"the run ended before printing {text!r}: {proc.stderr.read()[-2000:]}")
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_workdir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
   first = _start(tmp_path / "w")
   try:
@@ -112,8 +133,7 @@ def _two_processes(workdirs, *extra):
         sys.executable,
         "-m",
         "gptjax.main",
-        TINY,
-        f"--workdir={workdirs[i]}",
+        *with_test_cache([TINY, f"--workdir={workdirs[i]}"]),
         f"--config.distributed.coordinator_address=127.0.0.1:{port}",
         "--config.distributed.num_processes=2",
         f"--config.distributed.process_id={i}",
@@ -130,6 +150,7 @@ def _two_processes(workdirs, *extra):
   ]
 
 
+@pytest.mark.slow
 def test_processes_with_separate_local_workdirs_are_refused_at_once(tmp_path):
   procs = _two_processes([tmp_path / "host0", tmp_path / "host1"])
   try:
@@ -143,6 +164,7 @@ def test_processes_with_separate_local_workdirs_are_refused_at_once(tmp_path):
   assert not os.path.exists(tmp_path / "host0" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_a_dead_peer_stops_the_survivor_in_one_line_naming_it(tmp_path):
   # Killed between steps, a failed all-reduce names it at once; killed inside a save's
   # barrier, gptjax's watch names it at half the heartbeat timeout (JAX alone: 100 s, then
