@@ -2,10 +2,13 @@
 
 import re
 
+import jax
+import numpy as np
 import pytest
 from conftest import ONE_DEVICE, one_line_error, run_cli
 
-from gptjax import decode, inference
+from gptjax import config as config_lib
+from gptjax import decode, inference, sharding
 from gptjax.errors import UserError
 
 
@@ -67,3 +70,23 @@ def test_a_workdir_without_a_run_is_named(tmp_path):
 def test_sampling_values_are_checked(sampling, fragment):
   with pytest.raises(UserError, match=re.escape(fragment)):
     sampling.check(64)
+
+
+@pytest.mark.slow
+def test_a_run_loads_onto_a_mesh_as_training_lays_it_out(trained_tiny):
+  """inference.load(mesh=...) splits the params by the run's rules table; the values and
+  what they decode are those of the one-device load."""
+  config = config_lib.load_saved(str(trained_tiny))
+  config.mesh.shape.update(dict(data=1, fsdp=4, tensor=2))
+  mesh = sharding.make_mesh(config.mesh)
+  one, split = inference.load(str(trained_tiny)), inference.load(str(trained_tiny), mesh=mesh)
+  assert one.where == split.where == "checkpoint 30"
+  assert tuple(split.params["wte"]["embedding"].sharding.spec) == ("tensor", "fsdp")
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(split.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tokens, start = decode.left_pad([one.tokenizer.encode("ROMEO:").tolist()] * 4)
+  outs = []
+  for run, m in ((one, None), (split, mesh)):
+    d = decode.Decoder(run.model, run.params, mesh=m, rules=sharding.rules(config.mesh))
+    outs.append(np.asarray(d.generate(d.prefill(tokens, start, 8), 8, decode.Sampling(0.0))[1]))
+  np.testing.assert_array_equal(outs[0], outs[1])
