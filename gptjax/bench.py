@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +38,7 @@ from ml_collections import config_flags
 from gptjax import checkpoint, cli, decode, inference, metrics, runtime, sharding, train
 from gptjax import config as config_lib
 from gptjax.errors import UserError
-from gptjax.model import GPT, GPTConfig, count_params
+from gptjax.model import GPT, GPTConfig, count_params, init_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (default: a temporary one).")
@@ -68,7 +69,7 @@ def _trained_looking(state, shardings):
   )(state)
 
 
-def _check_flags() -> None:
+def _check_batch_flags() -> None:
   """--batch_size is the old spelling of --decode_batch: a warning, or an error if both."""
   if not _BATCH_SIZE.present:
     return
@@ -210,7 +211,7 @@ def bench_checkpoint(config, workdir: str) -> dict:
 def bench_decode(config, workdir: str) -> dict:
   """Times prefill and the generate loop separately; tokens/s counts new tokens only."""
   del workdir
-
+  config_lib.validate(config)
   cfg = GPTConfig.from_config(config.model, config.model.vocab_size or 50257)
   b, p, n = _decode_batch(), _PROMPT_LEN.value, _NEW_TOKENS.value
   if min(b, p, n, _REPEATS.value) < 1:
@@ -221,11 +222,7 @@ def bench_decode(config, workdir: str) -> dict:
     )
   model = GPT(cfg)
   device = jax.local_devices()[0]
-  init = lambda key: jax.tree.map(
-    lambda x: x.value if hasattr(x, "value") else x,
-    model.init(key, jnp.zeros((1, cfg.block_size), jnp.int32))["params"],
-    is_leaf=lambda x: hasattr(x, "value"),
-  )
+  init = lambda key: nn.meta.unbox(init_params(model, key))  # as training starts
   with jax.default_device(device):
     params = jax.jit(init)(jax.random.PRNGKey(config.seed))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, p), dtype=np.int32)
@@ -305,9 +302,16 @@ def main(argv):
     raise UserError(f"name one benchmark: {', '.join(benches)}")
   if _CONFIG.value is None and argv[1] != "sample":
     raise UserError("--config is required")
+  if argv[1] != "decode" and (_BATCH_SIZE.present or _DECODE_BATCH.present):
+    raise UserError(
+      f"--batch_size / --decode_batch set decode's prompts per batch; bench {argv[1]} takes "
+      "its batch from --config.train.batch_size"
+    )
+  if argv[1] == "decode":
+    _check_batch_flags()
   with tempfile.TemporaryDirectory() as tmp:
     print(json.dumps(benches[argv[1]](_CONFIG.value, _WORKDIR.value or tmp)))
 
 
 if __name__ == "__main__":
-  cli.run(main, "gptjax.bench", check=_check_flags)
+  cli.run(main, "gptjax.bench")

@@ -71,13 +71,14 @@ def with_shardings(abstract, shardings):
 class Checkpoints:
   """The workdir's checkpoints: save (async), restore the newest good one, keep the best."""
 
-  def __init__(self, workdir: str, cc=None, warn=print):
-    keep = cc.keep if cc is not None else 3
-    async_save = cc.async_save if cc is not None else False
+  def __init__(self, workdir: str, settings=None, warn=print):
+    """settings: config.checkpoint (None: keep 3, synchronous saves, no best; for reading)."""
+    keep = settings.keep if settings is not None else 3
+    async_save = settings.async_save if settings is not None else False
     self.workdir, self.warn = workdir, warn
     self.manager = _manager(os.path.join(workdir, CHECKPOINTS), _options(keep, async_save))
     self.best = None
-    if cc is not None and cc.keep_best:
+    if settings is not None and settings.keep_best:
       self.best = _manager(os.path.join(workdir, BEST), _options(1, async_save, best=True))
     self._best_loss = None
     self._needed = 0  # bytes the last save needed

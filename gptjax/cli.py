@@ -12,16 +12,10 @@ import os
 import sys
 from collections.abc import Callable
 
-import jax
 from absl import app, flags, logging
 
 from gptjax import workdir
-from gptjax.errors import UserError
-
-OUT_OF_MEMORY = (
-  "raise --config.optim.grad_accum, shard over more devices (--config.mesh.shape.fsdp), or "
-  "shorten --config.model.block_size"
-)
+from gptjax.errors import OUT_OF_MEMORY_FIX, UserError
 
 
 def fail(program: str, message) -> None:
@@ -39,10 +33,10 @@ def run(main: Callable, program: str, check: Callable[[], None] | None = None) -
       main(argv)
     except UserError as e:
       fail(program, e)
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
+    except Exception as e:  # JAX's runtime error, named without importing JAX (report, sweep)
+      if type(e).__name__ != "JaxRuntimeError" or "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      fail(program, f"out of device memory ({str(e).splitlines()[0][:160]}); {OUT_OF_MEMORY}")
+      fail(program, f"out of device memory ({str(e).splitlines()[0][:160]}); {OUT_OF_MEMORY_FIX}")
     except KeyboardInterrupt:
       fail(program, "interrupted")
 
@@ -82,7 +76,7 @@ def _unknown_key(e: BaseException, argv) -> str:
     e = e.args[0]
   lines = (str(e.args[0]) if e.args else str(e)).splitlines()
   name = lines[0].strip("'\"")
-  keys = [a.split("=")[0][len("--config.") :] for a in argv if a.startswith("--config.")]
+  keys = [a.split("=")[0][len("--") :] for a in argv if a.startswith("--config.")]
   key = next((k for k in keys if name in k.split(".")), name)
   hint = f" ({lines[1].strip()})" if len(lines) > 1 else ""
   return f"unknown config key {key!r}{hint}; the keys and their defaults are in gptjax/config.py"

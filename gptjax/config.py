@@ -295,11 +295,7 @@ def upgrade(saved: dict) -> config_dict.ConfigDict:
       for k, v in defaults.items()
     }
 
-  return from_dict(merge(default_config().to_dict(), saved))
-
-
-def from_dict(d: dict) -> config_dict.ConfigDict:
-  return config_dict.ConfigDict(d)
+  return config_dict.ConfigDict(merge(default_config().to_dict(), saved))
 
 
 def load_saved(directory: str) -> config_dict.ConfigDict:

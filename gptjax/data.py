@@ -221,9 +221,7 @@ def _tfds_builder(data_config):
     if data_config.manual_dir
     else None
   )
-  if (
-    data_config.download_retries is not None
-  ):  # TFDS has no setting for it; its default waits ~3 min
+  if data_config.download_retries is not None:  # TFDS's default waits ~3 min; no setting
     from tensorflow_datasets.core.download import downloader
 
     downloader.MAX_RETRIES = data_config.download_retries

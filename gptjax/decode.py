@@ -49,22 +49,24 @@ class Sampling:
       )
 
 
-def sample(logits_BxV, rng, s: Sampling):
+def sample(logits_BxV, rng, sampling: Sampling):
   """Next tokens (B,) from logits: greedy, or temperature + top-k + top-p, combinable."""
   logits_BxV = logits_BxV.astype(jnp.float32)
-  if s.temperature == 0:
+  if sampling.temperature == 0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  logits_BxV = logits_BxV / s.temperature
+  logits_BxV = logits_BxV / sampling.temperature
   neg = jnp.finfo(jnp.float32).min
-  if s.top_k and s.top_k < logits_BxV.shape[-1]:  # a larger k keeps everything (nanoGPT's)
-    kth_Bx1 = jax.lax.top_k(logits_BxV, s.top_k)[0][:, -1:]
+  if (
+    sampling.top_k and sampling.top_k < logits_BxV.shape[-1]
+  ):  # a larger k keeps everything (nanoGPT's)
+    kth_Bx1 = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
     logits_BxV = jnp.where(logits_BxV < kth_Bx1, neg, logits_BxV)
-  if s.top_p < 1:
+  if sampling.top_p < 1:
     # The nucleus: the most likely tokens until their mass reaches top_p (at least one).
     sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
     probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
     mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    keep_BxV = mass_before_BxV < s.top_p
+    keep_BxV = mass_before_BxV < sampling.top_p
     cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
     logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, neg, logits_BxV)
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)

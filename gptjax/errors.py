@@ -8,6 +8,13 @@ import os
 import re
 import uuid
 
+# The fix for a step that does not fit a device (metrics.check_fits before compiling, cli on an
+# out-of-memory error while running).
+OUT_OF_MEMORY_FIX = (
+  "raise --config.optim.grad_accum, shard over more devices (--config.mesh.shape.fsdp), or "
+  "shorten --config.model.block_size"
+)
+
 
 class UserError(Exception):
   """A bad input: the message names the bad value and how to fix it."""

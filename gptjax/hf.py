@@ -32,7 +32,7 @@ import zipfile
 import numpy as np
 
 from gptjax.errors import UserError, describe, ensure_writable_dir
-from gptjax.model import per_layer, to_layout
+from gptjax.model import layer_name, per_layer, to_layout
 
 _PREFIX = "transformer."
 _QKV = ("query", "key", "value")  # c_attn's three parts, in order
@@ -269,7 +269,7 @@ def to_params(tensors: dict, cfg, hf_config: dict) -> dict:
       "kernel": np.pad(get(_HEAD, (v, d)).T, ((0, 0), (0, cfg.padded_vocab - v)))
     }
   for i in range(cfg.n_layer):
-    params[f"h_{i}"] = _layer(get, f"h.{i}.", cfg)
+    params[layer_name(i)] = _layer(get, f"h.{i}.", cfg)
   dtype = np.dtype(cfg.param_dtype)
   params = _map(lambda x: np.ascontiguousarray(x, dtype), params)
   return to_layout(params, cfg, np)
@@ -331,7 +331,7 @@ def from_params(params, cfg) -> dict[str, np.ndarray]:
     "ln_f.bias": p["ln_f"]["bias"],
   }
   for i in range(cfg.n_layer):
-    h, pre = p[f"h_{i}"], f"h.{i}."
+    h, pre = p[layer_name(i)], f"h.{i}."
     attn = h["attn"]
     out |= {
       pre + "ln_1.weight": h["ln_1"]["scale"],

@@ -87,7 +87,7 @@ def _load_init_from(config, mesh) -> Loaded:
     )
   tok = tokenizer.build(config.data.tokenizer, data.tokenizer_path(config), None)
   model = GPT(GPTConfig.from_config(config.model, tok.vocab_size))
-  resolved = config_lib.from_dict(config_lib.resolved(config, tok.vocab_size))
+  resolved = config_lib.upgrade(config_lib.resolved(config, tok.vocab_size))
   params = jax.device_put(
     hf.load_params(config.init_from, model.cfg), param_shardings(resolved, mesh)
   )

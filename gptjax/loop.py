@@ -150,6 +150,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with summary["preempted_at"] set). A non-finite loss stops the run before any save.
   """
   s, data, lock = prepare(config, workdir, lock=True)
+  previous_hint = runtime.resume_hint  # what a lost peer's message says; restored below
   try:
     ckpt = checkpoint.Checkpoints(workdir, config.checkpoint, warn=say)
     runtime.resume_hint = lambda: _resume_note(ckpt, "the same command on every process")
@@ -166,6 +167,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     runtime.exit_if_peer_lost(e)
     raise
   finally:
+    runtime.resume_hint = previous_hint
     if lock:
       lock.release()
 
@@ -178,7 +180,7 @@ def _nothing_to_do(config, workdir: str, step: int) -> dict:
     "--config.optim.decay_steps to keep the old learning-rate schedule)"
   )
   path = os.path.join(workdir, "summary.json")
-  return json.load(open(path)) if os.path.exists(path) else {"steps": step}
+  return _read_json(path) if os.path.exists(path) else {"steps": step}
 
 
 class Run:
@@ -223,22 +225,24 @@ class Run:
 
   def _step(self, step: int, stop: runtime.PreemptionWatch) -> str | None:
     """One train step and what falls on it; returns the signal's name if the run stops."""
-    tc, every = self.config.train, self.config.checkpoint.every
-    self.state, m = self.s.train_step(
+    train_config, every = self.config.train, self.config.checkpoint.every
+    self.state, metrics = self.s.train_step(
       self.state, self.s.batch(self.data.train.get(step - 1, self.rows))
     )
     if step == self.first + 1 and self.lead:  # the vocabulary of a run that trained
       data_lib.save_tokenizer(self.data.tokenizer, self.workdir)
-    preempted = stop.reached(step) if step < tc.num_steps else None  # the end saves anyway
-    save = (every and step % every == 0) or step == tc.num_steps or preempted
-    log = step % tc.log_every == 0 or step == tc.num_steps
+    preempted = (
+      stop.reached(step) if step < train_config.num_steps else None
+    )  # the end saves anyway
+    save = (every and step % every == 0) or step == train_config.num_steps or preempted
+    log = step % train_config.log_every == 0 or step == train_config.num_steps
     if log or save:
-      m = jax.device_get(m)  # the only host syncs on the training path
-      self._check(step, m)
+      metrics = jax.device_get(metrics)  # the only host syncs on the training path
+      self._check(step, metrics)
     now = time.perf_counter()
     if log:
-      self._log(step, m, now)
-    evaluating = step % tc.eval_every == 0 or step == tc.num_steps
+      self._log(step, metrics, now)
+    evaluating = step % train_config.eval_every == 0 or step == train_config.num_steps
     if not (save or evaluating):
       return preempted
     jax.block_until_ready(self.state.params)  # pending train steps count as training time
@@ -255,23 +259,23 @@ class Run:
         self.ckpt.save(self.state, meta)
     return preempted
 
-  def _check(self, step: int, m: dict) -> None:
+  def _check(self, step: int, metrics: dict) -> None:
     """Stop before any save of a non-finite state; surface a failed background save."""
-    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
       raise UserError(
-        f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step {step}; nothing from "
+        f"loss became {metrics['loss']} (grad norm {metrics['grad_norm']}) at step {step}; nothing from "
         f"this state was saved. Lower --config.optim.lr or check the data; "
         f"{_resume_note(self.ckpt)}"
       )
-    if not m["finite"]:
+    if not metrics["finite"]:
       raise UserError(
         f"the parameters or optimizer state became NaN or inf at step {step} (loss "
-        f"{m['loss']:.4f} before the update); nothing from this state was saved. Lower "
+        f"{metrics['loss']:.4f} before the update); nothing from this state was saved. Lower "
         f"--config.optim.lr (or raise --config.optim.eps); {_resume_note(self.ckpt)}"
       )
     self.ckpt.check_for_errors()  # a background save that failed surfaces now, not a save late
 
-  def _log(self, step: int, m: dict, now: float) -> None:
+  def _log(self, step: int, metrics: dict, now: float) -> None:
     ms = self.timer.lap_ms(step, now)
     self.step_ms.append(ms)
     cfg, tokens_per_s = self.s.model.cfg, self.tokens_per_step / ms * 1e3
@@ -279,9 +283,9 @@ class Run:
       tokens_per_s, cfg, jax.device_count(), jax.devices()[0].device_kind
     )
     self.last_log = {
-      "loss": float(m["loss"]),
-      "lr": float(m["lr"]),
-      "grad_norm": float(m["grad_norm"]),
+      "loss": float(metrics["loss"]),
+      "lr": float(metrics["lr"]),
+      "grad_norm": float(metrics["grad_norm"]),
       "tokens_per_sec": tokens_per_s,
       "step_ms": ms,
       "tflops_per_device": speed["tflops_per_device"],
@@ -299,9 +303,11 @@ class Run:
 
   def _evaluate(self, step: int, meta: dict, stop: runtime.PreemptionWatch) -> bool:
     """Validation loss, logged, and the best checkpoint kept; False if a signal cut it short."""
-    tc = self.config.train
+    train_config = self.config.train
     val_at = lambda i: self.s.batch(self.data.val.get(i, self.rows))
-    val_loss = evaluate(self.s.eval_step, self.state.params, val_at, tc.eval_batches, stop.pending)
+    val_loss = evaluate(
+      self.s.eval_step, self.state.params, val_at, train_config.eval_batches, stop.pending
+    )
     if val_loss is None:
       return False
     bpb = val_loss / math.log(2) / self.data.val_bytes_per_token
@@ -335,14 +341,14 @@ def evaluate(eval_fn, params, batch_at, num_batches: int, stop=lambda: False) ->
 
 def summarize(run: Run, preempted_at) -> dict:
   """The run's summary; written to summary.json (and said) when the run completed."""
-  s, tc, step_ms, val_losses = run.s, run.config.train, run.step_ms, run.val_losses
+  s, train_config, step_ms, val_losses = run.s, run.config.train, run.step_ms, run.val_losses
   wall_s = time.perf_counter() - run.timer.start
   median = float(np.median(step_ms)) if step_ms else None
   tokens_per_s = run.tokens_per_step / median * 1e3 if median else None
   device_kind, devices = jax.devices()[0].device_kind, jax.device_count()
   speed = metrics_lib.throughput(tokens_per_s or 0.0, s.model.cfg, devices, device_kind)
   summary = {
-    "steps": tc.num_steps,
+    "steps": train_config.num_steps,
     "n_params": count_params(s.abstract.params),
     "mesh": dict(s.mesh.shape),
     "memory": s.memory(),
@@ -364,7 +370,7 @@ def summarize(run: Run, preempted_at) -> dict:
   rate = f", median {median:.2f} ms/step, {tokens_per_s / 1e3:.1f}k tok/s" if median else ""
   val = f", final val_loss {summary['final_val_loss']:.4f}" if val_losses else ""
   say(
-    f"done: {tc.num_steps} steps; this run {metrics_lib.format_duration(wall_s)} "
+    f"done: {train_config.num_steps} steps; this run {metrics_lib.format_duration(wall_s)} "
     f"(+{s.compile_s:.1f}s compile){rate}{val}"
   )
   return summary
@@ -377,3 +383,8 @@ def _resume_note(ckpt: checkpoint.Checkpoints, what: str = "the same command") -
     if steps
     else f"no checkpoint was saved yet, so rerunning {what} starts from step 0"
   )
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)

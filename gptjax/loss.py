@@ -45,7 +45,7 @@ def fused_cross_entropy(
 ):
   """Weighted mean next-token loss of logits x @ w.T, computed `chunk` positions at a time.
 
-  x_BxTxD: final hidden states; w_VxD: output embedding (GPT.activations and GPT.output_embedding).
+  x_BxTxD: final hidden states; w_VxD: output embedding (GPT.hidden_states and GPT.output_embedding).
   weights_BxT (default: all ones) weighs each position's loss, e.g. a loss mask; the result
   is sum(weights * loss) / sum(weights). Equals cross_entropy(...) averaged, with float32
   logits. chunk must divide T.

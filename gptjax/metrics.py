@@ -28,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from gptjax.errors import UserError
+from gptjax.errors import OUT_OF_MEMORY_FIX, UserError
 
 # Dense (no sparsity) bf16 peak TFLOP/s per device, from the vendors' data sheets. Matched
 # against jax's device_kind in order, first match wins (PCIe before plain H100).
@@ -261,8 +261,7 @@ def check_fits(report: dict) -> None:
   if limit and peak and peak > limit:
     raise UserError(
       f"the train step needs ~{format_bytes(peak)} per device but a device has "
-      f"{format_bytes(limit)} ({source}); raise --config.optim.grad_accum, shard over more "
-      "devices (--config.mesh.shape.fsdp), or shorten --config.model.block_size"
+      f"{format_bytes(limit)} ({source}); {OUT_OF_MEMORY_FIX}"
     )
 
 

@@ -176,7 +176,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
   """A decoder-only transformer, in parts (as Levanter's LmHeadModel):
 
-    activations(tokens (B, T) int32) -> final hidden states (B, T, D), after ln_f
+    hidden_states(tokens (B, T) int32) -> final hidden states (B, T, D), after ln_f
     output_embedding()               -> the output embedding (padded V, D)
     __call__(tokens)                 -> logits (B, T, padded_vocab) in the compute dtype
 
@@ -189,7 +189,7 @@ class GPT(nn.Module):
   cfg: GPTConfig
 
   def __call__(self, tokens_BxT, positions_BxT=None, deterministic: bool = True, start_B=None):
-    x_BxTxD = self.activations(tokens_BxT, positions_BxT, deterministic, start_B)
+    x_BxTxD = self.hidden_states(tokens_BxT, positions_BxT, deterministic, start_B)
     return vocab_logits(x_BxTxD, self.output_embedding(), self.cfg)
 
   def output_embedding(self):
@@ -200,7 +200,7 @@ class GPT(nn.Module):
     return params["lm_head"]["kernel"].T
 
   @nn.compact
-  def activations(self, tokens_BxT, positions_BxT=None, deterministic: bool = True, start_B=None):
+  def hidden_states(self, tokens_BxT, positions_BxT=None, deterministic: bool = True, start_B=None):
     cfg = self.cfg
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -240,7 +240,7 @@ class GPT(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,))
     if not cfg.scan_layers:
       for i in range(cfg.n_layer):
-        x_BxTxD = block(cfg, name=f"h_{i}")(x_BxTxD, positions_BxT, deterministic, start_B)
+        x_BxTxD = block(cfg, name=layer_name(i))(x_BxTxD, positions_BxT, deterministic, start_B)
       return x_BxTxD
 
     # One block compiled once and looped n_layer times over stacked parameters (and KV
@@ -298,6 +298,11 @@ def vocab_logits(x_BxTxD, w_VxD, cfg: GPTConfig, out_dtype=None):
 STACKED = "h"
 
 
+def layer_name(i: int) -> str:
+  """The per-layer params of block i (h_0 ... h_{L-1})."""
+  return f"{STACKED}_{i}"
+
+
 def init_params(model: GPT, rng):
   """Initial parameters, boxed in their logical names. A scanned model starts from the
   per-layer model's values, stacked: scanning changes how a step compiles, never where a
@@ -321,10 +326,10 @@ def to_layout(params, cfg: GPTConfig, xp=jnp) -> dict:
       return xs[0].replace(value=xp.stack([x.value for x in xs]), names=("layers",) + xs[0].names)
     return xp.stack(xs)
 
-  out = {k: v for k, v in params.items() if not k.startswith("h_")}
+  out = {k: v for k, v in params.items() if not k.startswith(STACKED + "_")}
   out[STACKED] = jax.tree.map(
     stack,
-    *[params[f"h_{i}"] for i in range(cfg.n_layer)],
+    *[params[layer_name(i)] for i in range(cfg.n_layer)],
     is_leaf=lambda x: isinstance(x, nn.Partitioned),
   )
   return out
@@ -336,7 +341,7 @@ def per_layer(params, cfg: GPTConfig) -> dict:
     return params
   out = {k: v for k, v in params.items() if k != STACKED}
   for i in range(cfg.n_layer):
-    out[f"h_{i}"] = jax.tree.map(lambda x, i=i: x[i], params[STACKED])
+    out[layer_name(i)] = jax.tree.map(lambda x, i=i: x[i], params[STACKED])
   return out
 
 

@@ -6,6 +6,7 @@ processes joined before any device is touched, the cache before compiling) and r
 mesh (gptjax/sharding.py owns meshes, rules and shardings; this module owns the process).
 """
 
+import importlib.util
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import threading
 import time
 
 import jax
+import jaxlib.version
 
 from gptjax import sharding
 from gptjax.errors import UserError, describe, ensure_writable_dir
@@ -43,7 +45,6 @@ def cpu_only() -> bool:
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  import importlib.util
 
   return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
 
@@ -63,7 +64,6 @@ def set_xla_flags(cpu_devices: int = 0) -> None:
   cpu_devices > 1 on a CPU-only host splits the CPU into that many JAX devices (the mesh's
   data axis then runs one batch shard per core), unless XLA_FLAGS already sets a count.
   """
-  import jaxlib.version
 
   flags = list(XLA_GPU_FLAGS)
   current = os.environ.get("XLA_FLAGS", "")
@@ -120,24 +120,24 @@ def _detected_cluster() -> str | None:
   return None
 
 
-def initialize_distributed(distributed_config) -> None:
-  """Joins a multi-process run when config.distributed asks, or on a detected cluster.
+def initialize_distributed(settings) -> None:
+  """Joins a multi-process run when config.distributed (`settings`) asks, or on a detected
+  cluster.
 
   Must run before anything touches the JAX backend. TPU pods need nothing here: the TPU
   runtime connects the hosts itself. JAX aborts the process (no exception) when the
   coordinator cannot be reached in time, so a watchdog turns that into a one-line error first.
   """
-  dc = distributed_config
   if jax.distributed.is_initialized():
     return
-  if dc.coordinator_address:  # validate() has checked the three go together
+  if settings.coordinator_address:  # validate() has checked the three go together
     kwargs = dict(
-      coordinator_address=dc.coordinator_address,
-      num_processes=dc.num_processes,
-      process_id=dc.process_id,
+      coordinator_address=settings.coordinator_address,
+      num_processes=settings.num_processes,
+      process_id=settings.process_id,
     )
-    where = f"the coordinator at {dc.coordinator_address}"
-  elif dc.auto and (cluster := _detected_cluster()):
+    where = f"the coordinator at {settings.coordinator_address}"
+  elif settings.auto and (cluster := _detected_cluster()):
     kwargs, where = {}, f"the {cluster} job's coordinator"
   else:
     return
@@ -149,7 +149,7 @@ def initialize_distributed(distributed_config) -> None:
       else "could not reach " + where
     )
     print(
-      f"gptjax: error: {role} within {dc.timeout_s}s; start every process with the same "
+      f"gptjax: error: {role} within {settings.timeout_s}s; start every process with the same "
       "coordinator_address and num_processes (process 0 on that host), check the port is "
       "open, or raise --config.distributed.timeout_s",
       file=sys.stderr,
@@ -161,15 +161,15 @@ def initialize_distributed(distributed_config) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process
   except Exception:  # the option may be gone in a later JAX; gloo is its default
     pass
-  watchdog = threading.Timer(dc.timeout_s, give_up)
+  watchdog = threading.Timer(settings.timeout_s, give_up)
   watchdog.daemon = True
   watchdog.start()
   try:
     # JAX's own deadline is later: our watchdog fires first with a readable message.
     jax.distributed.initialize(
       **kwargs,
-      initialization_timeout=int(dc.timeout_s) + 30,
-      heartbeat_timeout_seconds=int(dc.heartbeat_timeout_s),
+      initialization_timeout=int(settings.timeout_s) + 30,
+      heartbeat_timeout_seconds=int(settings.heartbeat_timeout_s),
     )
   except (RuntimeError, ValueError) as e:  # a malformed address, a port already taken, ...
     raise UserError(
@@ -241,10 +241,17 @@ def watch_peers(timeout_s: float) -> None:
   half that timeout, first. (A coordinator that dies is still JAX's to report: its client
   aborts at once.)
   """
-  from jax._src import distributed
+  me, n = jax.process_index(), jax.process_count()
+  if n < 2:
+    return
+  try:  # JAX's distributed client has no public handle; without it, JAX's own timeout rules
+    from jax._src import distributed
 
-  client, me, n = distributed.global_state.client, jax.process_index(), jax.process_count()
-  if client is None or n < 2:
+    client = distributed.global_state.client
+  except (ImportError, AttributeError) as e:
+    print(f"warning: no peer watch ({e}); a dead process is found by JAX's heartbeat", flush=True)
+    return
+  if client is None:
     return
   interval = max(timeout_s / 10, 0.2)
 

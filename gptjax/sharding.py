@@ -28,7 +28,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from gptjax.config import MESH_AXES
 from gptjax.errors import UserError
 
-AXES = MESH_AXES  # the names config.mesh.shape and the rules use
 # Rule precedence: a mesh axis serves at most one dimension of an array, and earlier names
 # claim theirs first. batch comes first so activations (batch, length, embed) split the batch
 # over (data, fsdp) and leave embed whole, while parameters (vocab, embed) split embed.
@@ -53,8 +52,8 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   sit on neighbouring devices (one host's NVLink, one TPU slice's ICI).
   """
   devices = jax.devices() if devices is None else devices
-  dcn = [int(mesh_config.dcn_shape[a]) for a in AXES]
-  ici = [int(mesh_config.shape[a]) for a in AXES]
+  dcn = [int(mesh_config.dcn_shape[a]) for a in MESH_AXES]
+  ici = [int(mesh_config.shape[a]) for a in MESH_AXES]
   fixed = math.prod(n for n in ici if n != -1) * math.prod(dcn)
   if -1 in ici and len(devices) % fixed == 0:
     ici[ici.index(-1)] = len(devices) // fixed
@@ -62,7 +61,7 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     sizes = [-1 if i == -1 else i * d for i, d in zip(ici, dcn)]
     need = f"a multiple of {fixed}" if -1 in ici else str(fixed)
     raise UserError(
-      f"the mesh {_fmt(AXES, sizes)} needs {need} devices but {len(devices)} "
+      f"the mesh {_fmt(MESH_AXES, sizes)} needs {need} devices but {len(devices)} "
       f"{devices[0].platform} device(s) are available; set --config.mesh.shape.AXIS so the "
       "sizes multiply to the device count (one axis may be -1 to fill)"
     )
@@ -73,13 +72,13 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
       grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=granule)
     except ValueError as e:
       raise UserError(
-        f"config.mesh.dcn_shape={_fmt(AXES, dcn)} does not fit the "
+        f"config.mesh.dcn_shape={_fmt(MESH_AXES, dcn)} does not fit the "
         f"{'processes' if granule else 'slices'} ({e}); its product must be the "
         f"number of {'processes' if granule else 'slices'}"
       ) from None
   else:
     grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
-  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def _fmt(names, sizes) -> str:

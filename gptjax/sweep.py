@@ -12,6 +12,7 @@ interrupted ones resume from their newest checkpoint, so rerunning a sweep finis
   --config.a.b=value   applies to every variant (a variant's own value wins)
 """
 
+import importlib.util
 import itertools
 import json
 import os
@@ -42,7 +43,6 @@ def product(axes: dict) -> dict:
 
 def load_sweep(spec: str) -> dict:
   """'experiments/X.py[:ARG]' -> its get_sweep(ARG), checked."""
-  import importlib.util
 
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("_gptjax_sweep_experiment", path)

@@ -13,6 +13,7 @@ holds the whole tokenizer (model files embedded), so a run or an export is self-
 
 import abc
 import base64
+import io
 import json
 import os
 import uuid
@@ -256,7 +257,6 @@ class SentencePieceTokenizer(Tokenizer):
     Lossless for language modelling: no normalisation, whitespace kept, newline a piece of
     its own, and byte fallback so any string encodes.
     """
-    import io
 
     import sentencepiece as spm
 

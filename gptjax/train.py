@@ -75,7 +75,7 @@ def _loss(
     logits_BxTxV = model.apply(variables, inputs_BxT, deterministic=deterministic, rngs=rngs)
     return cross_entropy(logits_BxTxV, targets_BxT, model.cfg.vocab_size, label_smoothing).mean()
   x_BxTxD = model.apply(
-    variables, inputs_BxT, deterministic=deterministic, rngs=rngs, method=GPT.activations
+    variables, inputs_BxT, deterministic=deterministic, rngs=rngs, method=GPT.hidden_states
   )
   w_VxD = model.apply(variables, method=GPT.output_embedding)
   return fused_cross_entropy(x_BxTxD, w_VxD, targets_BxT, model.cfg, loss_chunk, label_smoothing)
@@ -180,21 +180,21 @@ def setup(config, vocab_size: int, mesh: jax.sharding.Mesh, compile: bool = True
   are jitted with explicit in/out shardings and compiled ahead of time (compile=False: the
   layout only, steps None).
   """
-  tc, rules = config.train, sharding.rules(config.mesh)
-  sharding.check_batch(tc.batch_size, config.optim.grad_accum, mesh, rules)
+  train_config, rules = config.train, sharding.rules(config.mesh)
+  sharding.check_batch(train_config.batch_size, config.optim.grad_accum, mesh, rules)
   model = GPT(GPTConfig.from_config(config.model, vocab_size))
   resolve_implementation(model.cfg.attention, model.cfg.dtype)  # fail before compiling
-  lr_schedule = optim.schedule(config.optim, tc.num_steps)
-  tx = optim.make(config.optim, tc.num_steps)
+  lr_schedule = optim.schedule(config.optim, train_config.num_steps)
+  tx = optim.make(config.optim, train_config.num_steps)
   boxed = abstract_state(model, tx, config.seed)
   sharding.check_divisible(boxed.params, mesh, rules)
   state_sh = sharding.tree_shardings(boxed, mesh, rules)
   abstract = nn.meta.unbox(boxed)
   batch_sh = sharding.batch_sharding(mesh, rules)
-  shape = (tc.batch_size, model.cfg.block_size + 1)
+  shape = (train_config.batch_size, model.cfg.block_size + 1)
   batch_spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  loss_chunk = tc.loss_chunk
+  loss_chunk = train_config.loss_chunk
   t0 = time.perf_counter()
   if not compile:
     return Setup(model, tx, mesh, abstract, state_sh, batch_sh, shape, None, None, 0.0)
@@ -207,7 +207,7 @@ def setup(config, vocab_size: int, mesh: jax.sharding.Mesh, compile: bool = True
           tx=tx,
           lr_schedule=lr_schedule,
           grad_accum=config.optim.grad_accum,
-          label_smoothing=tc.label_smoothing,
+          label_smoothing=train_config.label_smoothing,
           loss_chunk=loss_chunk,
         ),
         in_shardings=(state_sh, batch_sh),

@@ -11,6 +11,8 @@ import datetime
 import fcntl
 import os
 import socket
+import time
+import uuid
 
 from gptjax.errors import UserError
 
@@ -47,7 +49,7 @@ def normalize_config(config) -> None:
       node = node[p]
     if node[leaf]:
       node[leaf] = normalize(node[leaf])
-  if config.get("init_from") and config.init_from.startswith("hf:"):
+  if config.init_from and config.init_from.startswith("hf:"):
     config.init_from = "hf:" + normalize(config.init_from[len("hf:") :])
 
 
@@ -106,10 +108,7 @@ def check_shared(path: str, wait_s: float = 5.0) -> None:
   file systems' caches). Separate local directories would otherwise hang at the first
   checkpoint, whose finalisation waits for a file only process 0 can see.
   """
-  import time
-  import uuid
-
-  import jax
+  import jax  # heavy: the programs' flag parsing imports this module, and needs no JAX
   import numpy as np
   from jax.experimental import multihost_utils
 

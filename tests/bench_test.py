@@ -93,6 +93,26 @@ def test_decode_bench_rejects_both_batch_flags_in_one_line():
   assert len(errors) == 1 and "--batch_size" in errors[0] and "--decode_batch" in errors[0]
 
 
+def test_the_decode_batch_flags_are_refused_by_the_other_benches():
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "gptjax.bench",
+      "train",
+      "--config=experiments/tiny.py",
+      "--batch_size=4",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+    env={**os.environ, **ONE_DEVICE},
+  )
+  assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+  assert "bench train takes its batch from --config.train.batch_size" in proc.stderr
+
+
 def test_decode_bench_rejects_a_prompt_beyond_the_context():
   proc = subprocess.run(
     [

@@ -62,7 +62,7 @@ def test_cli_trains_and_writes_outputs(tmp_path, corpus):
 def test_unknown_config_key(tmp_path):
   one_line_error(
     run_cli(TINY, f"--workdir={tmp_path}", "--config.model.n_layers=3"),
-    "unknown config key 'model.n_layers'",
+    "unknown config key 'config.model.n_layers'",
   )
 
 
@@ -73,7 +73,7 @@ def test_an_unknown_config_key_is_named_with_its_dotted_path():
   with pytest.raises(AttributeError) as e:
     tiny_config().model.n_layers  # noqa: B018 (the lookup is the test)
   assert cli._unknown_key(e.value, argv) == (
-    'unknown config key \'model.n_layers\' (Did you mean "n_layer" instead of "n_layers"?); '
+    'unknown config key \'config.model.n_layers\' (Did you mean "n_layer" instead of "n_layers"?); '
     "the keys and their defaults are in gptjax/config.py"
   )
 

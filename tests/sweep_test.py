@@ -185,7 +185,7 @@ def test_sweep_flag_errors_are_one_line(tmp_path):
   """The sweep program's flags go through cli.py as gptjax.main's do; its messages (a
   missing experiment file, a bad variant) are checked in-process below and in main_test."""
   args = ["--config=experiments/shakespeare_ablation.py", "--config.model.nrom=1"]
-  fragment = "unknown config key 'model.nrom' (Did you mean"
+  fragment = "unknown config key 'config.model.nrom' (Did you mean"
   proc = subprocess.run(
     [sys.executable, "-m", "gptjax.sweep", f"--workdir={tmp_path}", *args],
     cwd=REPO,
