@@ -24,6 +24,7 @@ setup(
     "sentencepiece>=0.2",
     "safetensors>=0.4",  # Hugging Face checkpoints in and out
     "matplotlib>=3.8",  # sweep reports: the val-loss plot
+    "jinja2>=3.1",  # chat templates (Hugging Face's and MaxText's format)
   ],
   extras_require={
     # torch and transformers only check interop against models built in the tests;

@@ -270,6 +270,8 @@ LAYERS = [
   "checkpoint_compat",
   "decode",
   "data",
+  "task_data",
+  "chat_template",
   "tokenizer",
   "hf",
   "loss",

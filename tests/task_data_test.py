@@ -1,0 +1,66 @@
+"""Task data: JSONL conversations in both record shapes, and every fault one line naming the
+file and line."""
+
+import os
+
+import pytest
+from conftest import REPO
+
+from gptjax import task_data
+from gptjax.errors import UserError
+
+DIALOGUE = os.path.join(REPO, "..", "shared", "data", "shakespeare_dialogue")
+
+
+def test_the_dialogue_fixture_reads_whole():
+  counts = {
+    split: len(task_data.read(os.path.join(DIALOGUE, f"{split}.jsonl")))
+    for split in ("train", "validation", "test")
+  }
+  assert counts == {"train": 6132, "validation": 424, "test": 487}
+  first = task_data.read(os.path.join(DIALOGUE, "train.jsonl"))[0]
+  assert first == [
+    {"role": "user", "content": "First Citizen: Before we proceed any further, hear me speak."},
+    {"role": "assistant", "content": "All: Speak, speak."},
+  ]
+  assert len(task_data.read(os.path.join(DIALOGUE, "*.jsonl"))) == sum(counts.values())
+
+
+def test_prompt_completion_records_with_configured_fields(tmp_path):
+  path = tmp_path / "qa.jsonl"
+  path.write_text('{"q": "Who?", "a": "Romeo."}\n\n{"q": "Where?", "a": "Verona."}\n')
+  assert task_data.read(str(path), prompt_field="q", completion_field="a") == [
+    [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Romeo."}],
+    [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": "Verona."}],
+  ]
+
+
+GOOD = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+
+
+@pytest.mark.parametrize(
+  "second_line, fragment",
+  [
+    ('{"messages": [', "data.jsonl:2: not valid JSON"),
+    ('{"messages": [{"role": "narrator", "content": "x"}]}', "data.jsonl:2: turn 1: unknown role 'narrator'"),
+    ('{"text": "x"}', "data.jsonl:2: a record needs \"messages\", or \"prompt\" and \"completion\" (it has 'text')"),
+    ('{"messages": [{"role": "user"}]}', "data.jsonl:2: turn 1: a turn is an object with \"role\" and \"content\""),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "data.jsonl:2: the conversation has no assistant turn"),
+    ('{"prompt": "x", "completion": 3}', "data.jsonl:2: assistant: \"content\" must be a string"),
+    ('[1, 2]', "data.jsonl:2: a record is a JSON object, not a list"),
+  ],
+)  # fmt: skip
+def test_a_bad_record_names_its_file_and_line(tmp_path, second_line, fragment):
+  path = tmp_path / "data.jsonl"
+  path.write_text(GOOD + "\n" + second_line + "\n")
+  with pytest.raises(UserError) as e:
+    task_data.read(str(path))
+  assert fragment in str(e.value) and str(path) in str(e.value)
+
+
+def test_an_empty_file_or_no_file_is_named(tmp_path):
+  (tmp_path / "empty.jsonl").write_text("\n")
+  with pytest.raises(UserError, match="empty.jsonl holds no records"):
+    task_data.read(str(tmp_path / "empty.jsonl"))
+  with pytest.raises(UserError, match="no file matches"):
+    task_data.read(str(tmp_path / "nothing*.jsonl"))
