@@ -41,13 +41,20 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> 
   return out.astype(x_BxTxNxH.dtype)
 
 
-def _explicit_attention(q, k, v, dropout, deterministic):
+def segment_mask(segments_BxT):
+  """(B, 1, T, S) bool: query t may see key s of its own segment (packed rows)."""
+  return (segments_BxT[:, :, None] == segments_BxT[:, None, :])[:, None, :, :]
+
+
+def _explicit_attention(q, k, v, dropout, deterministic, mask_Bx1xTxS=None):
   """Softmax attention with probability dropout; (B, T, N, H) in and out."""
   scale = q.shape[-1] ** -0.5
   logits_BxNxTxS = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) * scale
   t = q.shape[1]
-  causal_TxS = jnp.tril(jnp.ones((t, t), bool))
-  logits_BxNxTxS = jnp.where(causal_TxS, logits_BxNxTxS, jnp.finfo(jnp.float32).min)
+  allowed = jnp.tril(jnp.ones((t, t), bool))[None, None]
+  if mask_Bx1xTxS is not None:
+    allowed = allowed & mask_Bx1xTxS
+  logits_BxNxTxS = jnp.where(allowed, logits_BxNxTxS, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits_BxNxTxS, axis=-1).astype(v.dtype)
   probs = dropout(probs, deterministic=deterministic)
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
@@ -101,8 +108,10 @@ class CausalSelfAttention(nn.Module):
   cfg: "gptjax.model.GPTConfig"  # noqa: F821
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool, start_B=None):
-    """start_B given: decoding with the KV cache, rows left-padded to start at start_B."""
+  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool, start_B=None, segments_BxT=None):
+    """start_B given: decoding with the KV cache, rows left-padded to start at start_B.
+    segments_BxT given: packed rows, attention within each segment (XLA's path: cuDNN's
+    fused kernel takes no arbitrary mask)."""
     cfg = self.cfg
     head_dim = cfg.d_model // cfg.n_head
     qkv = functools.partial(
@@ -124,11 +133,16 @@ class CausalSelfAttention(nn.Module):
     k_BxTxNxH = nn.with_logical_constraint(k_BxTxNxH, axes)
     v_BxTxNxH = nn.with_logical_constraint(v_BxTxNxH, axes)
 
+    mask = None if segments_BxT is None else segment_mask(segments_BxT)
     if start_B is not None:
       out_BxTxNxH = self._cached(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, start_B)
     elif cfg.attn_dropout > 0 and not deterministic:
       out_BxTxNxH = _explicit_attention(
-        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, nn.Dropout(cfg.attn_dropout), deterministic
+        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, nn.Dropout(cfg.attn_dropout), deterministic, mask
+      )
+    elif mask is not None:
+      out_BxTxNxH = jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask, is_causal=True, implementation="xla"
       )
     else:
       out_BxTxNxH = jax.nn.dot_product_attention(

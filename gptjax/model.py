@@ -161,11 +161,11 @@ class Block(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool, start_B=None):
+  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool, start_B=None, segments_BxT=None):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout)
     y = CausalSelfAttention(cfg, name="attn")(
-      _norm(cfg, "ln_1")(x_BxTxD), positions_BxT, deterministic, start_B
+      _norm(cfg, "ln_1")(x_BxTxD), positions_BxT, deterministic, start_B, segments_BxT
     )
     x_BxTxD = x_BxTxD + drop(y, deterministic=deterministic)
     y = MLP(cfg, name="mlp")(_norm(cfg, "ln_2")(x_BxTxD))
@@ -188,8 +188,15 @@ class GPT(nn.Module):
 
   cfg: GPTConfig
 
-  def __call__(self, tokens_BxT, positions_BxT=None, deterministic: bool = True, start_B=None):
-    x_BxTxD = self.hidden_states(tokens_BxT, positions_BxT, deterministic, start_B)
+  def __call__(
+    self,
+    tokens_BxT,
+    positions_BxT=None,
+    deterministic: bool = True,
+    start_B=None,
+    segments_BxT=None,
+  ):
+    x_BxTxD = self.hidden_states(tokens_BxT, positions_BxT, deterministic, start_B, segments_BxT)
     return vocab_logits(x_BxTxD, self.output_embedding(), self.cfg)
 
   def output_embedding(self):
@@ -200,7 +207,16 @@ class GPT(nn.Module):
     return params["lm_head"]["kernel"].T
 
   @nn.compact
-  def hidden_states(self, tokens_BxT, positions_BxT=None, deterministic: bool = True, start_B=None):
+  def hidden_states(
+    self,
+    tokens_BxT,
+    positions_BxT=None,
+    deterministic: bool = True,
+    start_B=None,
+    segments_BxT=None,
+  ):
+    """segments_BxT: packed rows (several examples in one row, ids from 1; 0 is padding):
+    attention stays within a segment. Positions then restart per segment (pass them)."""
     cfg = self.cfg
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -226,12 +242,12 @@ class GPT(nn.Module):
       x_BxTxD += _lookup(wpe, positions_BxT, cfg.dtype, (None, None))
     x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
-    x_BxTxD = self._blocks(x_BxTxD, positions_BxT, deterministic, start_B)
+    x_BxTxD = self._blocks(x_BxTxD, positions_BxT, deterministic, start_B, segments_BxT)
     if not cfg.tie_embeddings:
       _Unembed(cfg, name="lm_head")()  # created with the rest; output_embedding() reads it
     return _norm(cfg, "ln_f")(x_BxTxD)
 
-  def _blocks(self, x_BxTxD, positions_BxT, deterministic: bool, start_B):
+  def _blocks(self, x_BxTxD, positions_BxT, deterministic: bool, start_B, segments_BxT):
     """The n_layer blocks, per layer (h_0 ... h_{L-1}) or scanned (h, see LAYERS)."""
     cfg = self.cfg
     block = Block
@@ -240,23 +256,25 @@ class GPT(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,))
     if not cfg.scan_layers:
       for i in range(cfg.n_layer):
-        x_BxTxD = block(cfg, name=layer_name(i))(x_BxTxD, positions_BxT, deterministic, start_B)
+        x_BxTxD = block(cfg, name=layer_name(i))(
+          x_BxTxD, positions_BxT, deterministic, start_B, segments_BxT
+        )
       return x_BxTxD
 
     # One block compiled once and looped n_layer times over stacked parameters (and KV
     # caches) with a leading "layers" axis: compile time no longer grows with depth, and
     # an FSDP step gathers one layer's weights at a time.
-    def body(blk, x_BxTxD, positions_BxT, start_B):
-      return blk(x_BxTxD, positions_BxT, deterministic, start_B), None
+    def body(blk, x_BxTxD, positions_BxT, start_B, segments_BxT):
+      return blk(x_BxTxD, positions_BxT, deterministic, start_B, segments_BxT), None
 
     x_BxTxD, _ = nn.scan(
       body,
       variable_axes={"params": 0, "cache": 0},
       split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast, nn.broadcast),
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
       length=cfg.n_layer,
       metadata_params={nn.PARTITION_NAME: "layers"},
-    )(block(cfg, name=STACKED), x_BxTxD, positions_BxT, start_B)
+    )(block(cfg, name=STACKED), x_BxTxD, positions_BxT, start_B, segments_BxT)
     return x_BxTxD
 
 

@@ -270,6 +270,7 @@ LAYERS = [
   "checkpoint_compat",
   "decode",
   "data",
+  "packing",
   "task_data",
   "chat_template",
   "tokenizer",

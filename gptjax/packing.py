@@ -1,0 +1,100 @@
+"""Packing: several fine-tuning examples share one row of the (B, T+1) batch.
+
+A row holds whole examples back to back (an example of L tokens takes L of the T+1 slots),
+then padding. The model sees, per input position t, its segment (1, 2, ... in the row; 0 for
+padding), so attention never crosses examples, and its position within the segment, so
+learned positions and RoPE restart at every example. The loss weight of target t is the
+example's weight for that token when slots t and t+1 belong to the same example, else 0: an
+example's last token never learns to predict the next example's first.
+
+Examples longer than a row keep their end (the reply; chat_template turns put it last) and
+are counted as truncated; chat data should drop whole old turns first (fit_turns).
+"""
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Packed:
+  tokens: np.ndarray  # (R, T+1) int32: inputs [:, :-1], targets [:, 1:]
+  weights: np.ndarray  # (R, T) float32: loss weight of each target
+  segments: np.ndarray  # (R, T) int32: example of each input, from 1; 0 is padding
+  positions: np.ndarray  # (R, T) int32: position of each input within its example
+  slot_segments: np.ndarray  # (R, T+1) int32: example of each token slot (0: padding)
+  truncated: int  # examples cut to fit a row
+
+  def real_share(self) -> np.ndarray:
+    """(R,): the share of each row's input slots that hold example tokens, not padding."""
+    return (self.segments > 0).mean(axis=1)
+
+
+def pack(examples, block_size: int, pad_id: int = 0) -> Packed:
+  """Packs (ids, weights) examples into rows of block_size + 1 tokens: first fit, longest
+  first, so rows fill up; a row's examples keep their input order (the epoch's shuffle
+  permutes rows)."""
+  width = block_size + 1
+  kept, truncated = [], 0
+  for ids, weights in examples:
+    if len(ids) > width:
+      ids, weights, truncated = ids[-width:], weights[-width:], truncated + 1
+    if len(ids) >= 2:  # something to predict
+      kept.append((np.asarray(ids, np.int32), np.asarray(weights, np.float32)))
+  room = np.zeros(0, np.int64)
+  row_of = np.zeros(len(kept), np.int64)
+  for e in sorted(range(len(kept)), key=lambda e: -len(kept[e][0])):
+    n = len(kept[e][0])
+    fits = np.flatnonzero(room >= n)
+    if fits.size:
+      row_of[e] = fits[0]
+    else:
+      room, row_of[e] = np.append(room, width), len(room)
+    room[row_of[e]] -= n
+  rows = [[] for _ in range(len(room))]
+  for e, example in enumerate(kept):
+    rows[row_of[e]].append(example)
+  return _arrays(rows, width, pad_id, truncated)
+
+
+def _arrays(rows, width: int, pad_id: int, truncated: int) -> Packed:
+  n = len(rows)
+  tokens = np.full((n, width), pad_id, np.int32)
+  token_weights = np.zeros((n, width), np.float32)
+  segment_of_slot = np.zeros((n, width), np.int32)
+  position_of_slot = np.zeros((n, width), np.int32)
+  for r, examples in enumerate(rows):
+    start = 0
+    for s, (ids, weights) in enumerate(examples, 1):
+      end = start + len(ids)
+      tokens[r, start:end], token_weights[r, start:end] = ids, weights
+      segment_of_slot[r, start:end] = s
+      position_of_slot[r, start:end] = np.arange(len(ids))
+      start = end
+  same = (segment_of_slot[:, :-1] == segment_of_slot[:, 1:]) & (segment_of_slot[:, 1:] > 0)
+  return Packed(
+    tokens=tokens,
+    weights=np.where(same, token_weights[:, 1:], 0.0).astype(np.float32),
+    segments=segment_of_slot[:, :-1],
+    positions=position_of_slot[:, :-1],
+    slot_segments=segment_of_slot,
+    truncated=truncated,
+  )
+
+
+def fit_turns(messages: list[dict], encode, max_tokens: int):
+  """(ids, weights, dropped) of the conversation with its oldest non-system turns dropped, in
+  whole user/assistant turns, until it fits max_tokens (the last reply is always kept; if it
+  alone is too long, pack() keeps its end). encode: messages -> (ids, weights)."""
+  system = [m for m in messages[:1] if m["role"] == "system"]
+  turns = messages[len(system) :]
+  dropped = 0
+  ids, weights = encode(messages)
+  while len(ids) > max_tokens and len(turns) > 1:
+    turns = turns[1:]
+    while len(turns) > 1 and turns[0]["role"] == "assistant":  # start at a user turn
+      turns = turns[1:]
+      dropped += 1
+    dropped += 1
+    ids, weights = encode(system + turns)
+  return ids, weights, dropped

@@ -1,0 +1,108 @@
+"""Packing: examples share rows exactly (each example's loss and gradients as if alone), with
+positions restarting per example, and over-long conversations fitted by dropping old turns."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import tiny_config
+
+from gptjax import chat_template, packing
+from gptjax import tokenizer as tokenizer_lib
+from gptjax.model import GPT, GPTConfig, init_params
+
+VOCAB = 50
+
+
+def _examples(n=9, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    length = int(rng.integers(4, 20))
+    ids = rng.integers(0, VOCAB, length).astype(np.int32)
+    out.append((ids, rng.integers(0, 2, length).astype(np.float32)))
+  return out
+
+
+def test_rows_hold_whole_examples_with_their_own_positions():
+  examples = _examples()
+  p = packing.pack(examples, block_size=32)
+  assert p.tokens.shape[1] == 33 and p.truncated == 0
+  found = []
+  for r in range(p.tokens.shape[0]):
+    for s in set(p.segments[r].tolist()) - {0}:
+      slots = np.flatnonzero(p.segments[r] == s)
+      found.append(p.tokens[r, p.slot_segments[r] == s].tolist())
+      assert (np.diff(slots) == 1).all() and p.positions[r, slots].tolist() == list(
+        range(len(slots))
+      )
+      last = slots[-1]  # the example's last input predicts the next example: never trained
+      assert p.weights[r, last] == 0
+  assert (p.weights[p.segments == 0] == 0).all()  # padding trains nothing
+  assert sorted(found) == sorted(ids.tolist() for ids, _ in examples)  # every example, whole
+
+
+def test_an_over_long_example_keeps_its_end():
+  ids = np.arange(40, dtype=np.int32)
+  p = packing.pack([(ids, np.ones(40, np.float32))], block_size=15)
+  assert p.truncated == 1 and p.tokens[0].tolist() == list(range(24, 40))
+
+
+@pytest.mark.slow  # ~16 s: the separate passes compile once per example length
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_packed_losses_and_gradients_equal_separate_passes(positions):
+  cfg = GPTConfig.from_config(tiny_config(model__positions=positions).model, VOCAB)
+  model = GPT(cfg)
+  params = jax.tree.map(
+    lambda x: x.value if hasattr(x, "value") else x,
+    init_params(model, jax.random.PRNGKey(0)),
+    is_leaf=lambda x: hasattr(x, "value"),
+  )
+  examples = _examples()
+  p = packing.pack(examples, block_size=cfg.block_size)
+  assert p.tokens.shape[0] < len(examples)  # really packed
+
+  def token_losses(params, tokens_BxT1, **kwargs):
+    logits = model.apply({"params": params}, tokens_BxT1[:, :-1], **kwargs)[..., :VOCAB]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxT1[:, 1:])
+
+  example_ids = (p.segments + (p.segments.max() + 1) * np.arange(len(p.tokens))[:, None]).ravel()
+
+  def packed_loss(params):
+    per_token = token_losses(
+      params, p.tokens, positions_BxT=p.positions, segments_BxT=p.segments
+    ) * jnp.asarray(p.weights)
+    per_example = jax.ops.segment_sum(per_token.ravel(), example_ids, int(example_ids.max()) + 1)
+    return per_token.sum(), per_example
+
+  def separate_loss(params):
+    sums = [
+      (token_losses(params, jnp.asarray(ids)[None]) * weights[None, 1:]).sum()
+      for ids, weights in examples
+    ]
+    return sum(sums), jnp.stack(sums)
+
+  (total_p, per_p), grads_p = jax.jit(jax.value_and_grad(packed_loss, has_aux=True))(params)
+  (total_s, per_s), grads_s = jax.jit(jax.value_and_grad(separate_loss, has_aux=True))(params)
+  np.testing.assert_allclose(total_p, total_s, rtol=1e-5)
+  np.testing.assert_allclose(np.sort(per_p[per_p != 0]), np.sort(per_s[per_s != 0]), rtol=1e-5)
+  # float32 sums taken in other orders: within 1e-5 of each element or of the gradient's scale
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_s))
+  for a, b in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_s)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_fit_turns_drops_the_oldest_turns_and_keeps_the_system_one():
+  tok = tokenizer_lib.ByteTokenizer()
+  template = chat_template.load("plain")
+  messages = [{"role": "system", "content": "S"}] + [
+    {"role": ("user", "assistant")[i % 2], "content": f"turn {i} " + "x" * 10} for i in range(6)
+  ]
+  encode = lambda m: template.encode(m, tok)
+  ids, weights, dropped = packing.fit_turns(messages, encode, max_tokens=50)
+  text = tok.decode(ids)
+  assert len(ids) <= 50 and dropped == 4 and text.startswith("S\n\nturn 4")
+  assert tok.decode(ids[weights == 1]).startswith("turn 5")  # the reply is kept, trained
+  ids, _, dropped = packing.fit_turns(messages, encode, max_tokens=10)  # even the last pair
+  assert dropped == 5 and tok.decode(ids).startswith("S\n\nturn 5")  # is long: pack() cuts
