@@ -25,6 +25,8 @@ setup(
     "safetensors>=0.4",  # Hugging Face checkpoints in and out
     "matplotlib>=3.8",  # sweep reports: the val-loss plot
     "jinja2>=3.1",  # chat templates (Hugging Face's and MaxText's format)
+    "sacrebleu>=2.4",  # BLEU and chrF of generated replies
+    "rouge-score>=0.1.2",  # ROUGE-1/2/L of generated replies
   ],
   extras_require={
     # torch and transformers only check interop against models built in the tests;

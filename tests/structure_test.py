@@ -278,6 +278,7 @@ LAYERS = [
   "loss",
   "optim",
   "metrics",
+  "scores",
   "model",
   "attention",
   "runtime",
