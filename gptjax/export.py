@@ -15,7 +15,6 @@ from gptjax import checkpoint, hf, inference
 from gptjax import config as config_lib
 from gptjax.errors import UserError, ensure_writable_dir
 from gptjax.metrics import format_bytes
-from gptjax.model import abstract_params
 
 
 def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, dict]:
@@ -24,8 +23,9 @@ def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, d
   Restored onto one device: an export is for sampling, wherever the training ran.
   """
   config = config_lib.load_saved(workdir)
+  abstract, shardings = inference.param_layout(config, None)
   restored = checkpoint.Checkpoints(workdir, warn=warn).restore_params(
-    abstract_params(config), inference.param_shardings(config, None), set_aside=False
+    abstract, shardings, set_aside=False
   )
   if restored is None:
     raise UserError(

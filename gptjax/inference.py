@@ -13,6 +13,7 @@ import os
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
@@ -49,8 +50,7 @@ def load(workdir: str, config=None, mesh: jax.sharding.Mesh | None = None) -> Lo
     )
   config = config_lib.load_saved(config_dir)
   model = GPT(GPTConfig.from_config(config.model, config.model.vocab_size))
-  target = abstract_params(config)
-  shardings = param_shardings(config, mesh)
+  target, shardings = param_layout(config, mesh)
   restored = None
   if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS)):
     restored = checkpoint.Checkpoints(workdir).restore_params(target, shardings, set_aside=False)
@@ -66,15 +66,15 @@ def load(workdir: str, config=None, mesh: jax.sharding.Mesh | None = None) -> Lo
   return Loaded(model, params, tokenizer.load(os.path.join(config_dir, "tokenizer.json")), where)
 
 
-def param_shardings(config, mesh: jax.sharding.Mesh | None):
-  """Where each parameter goes: all on the first local device, or split over `mesh` by
-  config.mesh.rules (as training lays them out)."""
+def param_layout(config, mesh: jax.sharding.Mesh | None):
+  """(shapes and dtypes of the params, where each goes): all on the first local device, or
+  split over `mesh` by config.mesh.rules (as training lays them out)."""
+  boxed = abstract_params(config, boxed=True)
+  abstract = nn.meta.unbox(boxed)
   if mesh is None:
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda _: one, abstract_params(config))
-  return sharding.tree_shardings(
-    abstract_params(config, boxed=True), mesh, sharding.rules(config.mesh)
-  )
+    return abstract, jax.tree.map(lambda _: one, abstract)
+  return abstract, sharding.tree_shardings(boxed, mesh, sharding.rules(config.mesh))
 
 
 def _load_init_from(config, mesh) -> Loaded:
@@ -89,7 +89,7 @@ def _load_init_from(config, mesh) -> Loaded:
   model = GPT(GPTConfig.from_config(config.model, tok.vocab_size))
   resolved = config_lib.upgrade(config_lib.resolved(config, tok.vocab_size))
   params = jax.device_put(
-    hf.load_params(config.init_from, model.cfg), param_shardings(resolved, mesh)
+    hf.load_params(config.init_from, model.cfg), param_layout(resolved, mesh)[1]
   )
   return Loaded(model, params, tok, config.init_from)
 

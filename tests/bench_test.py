@@ -1,4 +1,4 @@
-"""Benchmarks run end to end (their figures are recorded in BUILD_NOTES.md, never asserted)."""
+"""Benchmarks run end to end (their figures are recorded in docs/BENCHMARKS.md, never asserted)."""
 
 import json
 import os
@@ -6,175 +6,89 @@ import subprocess
 import sys
 
 import pytest
-from conftest import COMPILATION_CACHE_DIR, ONE_DEVICE, REPO
+from conftest import ONE_DEVICE, REPO, with_test_cache
 
 # Every benchmark runs as `python -m gptjax.bench` (a program module: its flags cannot be
 # defined in the test process beside another program's), so the whole file is the slow tier.
 pytestmark = pytest.mark.slow
+TINY = "--config=experiments/tiny.py"
 
 
-def test_checkpoint_bench_prints_one_json_line():
-  proc = subprocess.run(
-    [sys.executable, "-m", "gptjax.bench", "checkpoint", "--config=experiments/tiny.py"],
+def _bench(*args, one_device=True, timeout=240):
+  """`python -m gptjax.bench ARGS` from the repository root, with the tests' compile cache;
+  one_device=False keeps the tests' 8 simulated devices."""
+  return subprocess.run(
+    [sys.executable, "-m", "gptjax.bench", *with_test_cache(args)],
     cwd=REPO,
     capture_output=True,
     text=True,
-    timeout=240,
-    env={**os.environ, **ONE_DEVICE},
+    timeout=timeout,
+    env={**os.environ, **(ONE_DEVICE if one_device else {})},
   )
+
+
+def _result(proc) -> dict:
   assert proc.returncode == 0, proc.stderr[-2000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_checkpoint_bench_prints_one_json_line():
+  result = _result(_bench("checkpoint", TINY))
   assert result["bench"] == "checkpoint" and result["bytes"] > 0
   assert result["save_total_s"] >= result["save_blocking_s"] > 0 and result["restore_s"] > 0
 
 
 def test_bench_without_a_name_is_a_one_line_error():
-  proc = subprocess.run(
-    [sys.executable, "-m", "gptjax.bench", "--config=experiments/tiny.py"],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  proc = _bench(TINY, one_device=False, timeout=120)
   assert (
     proc.returncode == 1 and "name one benchmark: train, checkpoint, decode, sample" in proc.stderr
   )
 
 
 def test_decode_bench_prints_one_json_line():
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "gptjax.bench",
-      "decode",
-      "--config=experiments/tiny.py",
-      "--decode_batch=2",
-      "--prompt_len=8",
-      "--new_tokens=16",
-      "--repeats=2",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=240,
-  )
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  args = ("--decode_batch=2", "--prompt_len=8", "--new_tokens=16", "--repeats=2")
+  proc = _bench("decode", TINY, *args, one_device=False)
+  result = _result(proc)
   assert "deprecated" not in proc.stderr
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["bench"] == "decode" and result["batch"] == 2 and result["new_tokens"] == 16
   assert result["decode_tokens_per_s"] >= result["tokens_per_s"] > 0
   assert result["ms_per_step"] > 0 and result["prefill_ms"] > 0
 
 
-def _decode_bench(*flags):
-  return subprocess.run(
-    [sys.executable, "-m", "gptjax.bench", "decode", "--config=experiments/tiny.py", *flags],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=240,
-    env={**os.environ, **ONE_DEVICE},
-  )
-
-
 def test_decode_bench_still_takes_the_old_batch_size_flag_with_a_warning():
-  proc = _decode_bench("--batch_size=2", "--prompt_len=8", "--new_tokens=4", "--repeats=1")
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = _bench("decode", TINY, "--batch_size=2", "--prompt_len=8", "--new_tokens=4", "--repeats=1")
+  assert _result(proc)["batch"] == 2
   warnings = [l for l in proc.stderr.splitlines() if "deprecated" in l]
   assert warnings == ["gptjax.bench: warning: --batch_size is deprecated; use --decode_batch"]
-  assert json.loads(proc.stdout.strip().splitlines()[-1])["batch"] == 2
 
 
 def test_decode_bench_rejects_both_batch_flags_in_one_line():
-  proc = _decode_bench("--batch_size=2", "--decode_batch=4")
+  proc = _bench("decode", TINY, "--batch_size=2", "--decode_batch=4")
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith("gptjax.bench: error:")]
   assert len(errors) == 1 and "--batch_size" in errors[0] and "--decode_batch" in errors[0]
 
 
 def test_the_decode_batch_flags_are_refused_by_the_other_benches():
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "gptjax.bench",
-      "train",
-      "--config=experiments/tiny.py",
-      "--batch_size=4",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=240,
-    env={**os.environ, **ONE_DEVICE},
-  )
+  proc = _bench("train", TINY, "--batch_size=4")
   assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
   assert "bench train takes its batch from --config.train.batch_size" in proc.stderr
 
 
 def test_decode_bench_rejects_a_prompt_beyond_the_context():
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "gptjax.bench",
-      "decode",
-      "--config=experiments/tiny.py",
-      "--prompt_len=30",
-      "--new_tokens=8",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  proc = _bench("decode", TINY, "--prompt_len=30", "--new_tokens=8", one_device=False, timeout=120)
   assert proc.returncode == 1 and "exceeds the 32-token context" in proc.stderr
 
 
 def test_sample_bench_times_a_trained_run(trained_tiny):
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "gptjax.bench",
-      "sample",
-      f"--workdir={trained_tiny}",
-      "--new_tokens=40",
-      "--repeats=2",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=240,
-    env={**os.environ, **ONE_DEVICE},
-  )
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = _result(_bench("sample", f"--workdir={trained_tiny}", "--new_tokens=40", "--repeats=2"))
   assert result["bench"] == "sample" and result["from"] == "checkpoint 30"
   assert result["tokens_per_s_max"] >= result["tokens_per_s"] >= result["tokens_per_s_min"] > 0
 
 
 def test_train_bench_times_the_real_step_and_reports_model_flops():
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "gptjax.bench",
-      "train",
-      "--config=experiments/tiny.py",
-      "--config.model.vocab_size=65",
-      f"--config.compilation_cache_dir={COMPILATION_CACHE_DIR}",
-      "--steps=4",
-      "--warmup=1",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=240,
-  )
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  args = ("--config.model.vocab_size=65", "--steps=4", "--warmup=1")
+  result = _result(_bench("train", TINY, *args, one_device=False))
   assert result["bench"] == "train" and result["devices"] == 8 and result["steps"] == 4
   assert result["step_ms_max"] >= result["step_ms_median"] >= result["step_ms_min"] > 0
   assert result["tokens_per_step"] == 8 * 32
