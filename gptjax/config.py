@@ -23,7 +23,7 @@ CHOICES = {
   "model.remat": ("none", "dots", "dots_no_batch", "full"),
   "model.dtype": ("auto", "float32", "bfloat16", "float16"),
   "model.param_dtype": ("float32", "bfloat16"),
-  "data.source": ("tfds", "text"),
+  "data.source": ("tfds", "text", "task"),
   "data.tokenizer": ("char", "byte", "bpe", "sentencepiece"),
 }
 
@@ -32,8 +32,9 @@ def default_config() -> config_dict.ConfigDict:
   """GPT-2 small on tiny Shakespeare (char level): every key, with its default."""
   c = config_dict.ConfigDict()
   c.seed = 0
-  # Start from other weights: "hf:DIR", a Hugging Face GPT-2 directory (config.json +
-  # model.safetensors or pytorch_model.bin). The model config must have its shapes.
+  # Start from other weights: a gptjax run's workdir or export (its newest checkpoint, else
+  # its export; the model's shape and tokenizer come with it), or "hf:DIR", a Hugging Face
+  # GPT-2 directory (config.json + model.safetensors); the model config must have its shapes.
   c.init_from = config_dict.placeholder(str)
   # JAX's persistent compilation cache ('' turns it off): reruns and resumed jobs of the
   # same shapes skip compiling.
@@ -86,6 +87,15 @@ def default_config() -> config_dict.ConfigDict:
   c.data.path = config_dict.placeholder(str)  # source=text: a file, or a glob of files
   c.data.val_fraction = 0.1  # source=text: the tail of the corpus held out for evals
   c.data.tokenizer = "char"
+  # source=task (fine-tuning): data.path is a JSONL file or glob of conversations
+  # ({"messages": [...]}) or prompt/completion records (gptjax/task_data.py).
+  c.data.val_path = config_dict.placeholder(str)  # None: the last val_fraction of the records
+  c.data.prompt_field = "prompt"
+  c.data.completion_field = "completion"
+  # How conversations become text, for training, chat and evaluation alike: a built-in
+  # (chat_template.BUILTIN: play, plain, gpt2) or a Jinja2 file.
+  c.data.chat_template = "play"
+  c.data.train_on_all = False  # task: weigh every token, not only the assistant's replies
   # bpe: a tokenizer.json, or a directory with it or vocab.json + merges.txt (None: the
   # init_from directory's files if any, else tiktoken's gpt2); sentencepiece: a .model file.
   c.data.tokenizer_path = config_dict.placeholder(str)
@@ -226,18 +236,16 @@ def _check_training(config) -> None:
       f"config.train.batch_size={t.batch_size} is not divisible by "
       f"config.optim.grad_accum={o.grad_accum}"
     )
-  if config.init_from and not config.init_from.startswith("hf:"):
-    raise UserError(
-      f"config.init_from={config.init_from!r} is not understood; use "
-      "hf:DIR (a Hugging Face GPT-2 directory)"
-    )
 
 
 def _check_data(config) -> None:
   d = config.data
-  if d.source == "text" and not d.path:
-    raise UserError("config.data.source='text' needs --config.data.path=FILE_OR_GLOB")
-  if d.source == "text" and not 0.0 < d.val_fraction < 1.0:
+  if d.source in ("text", "task") and not d.path:
+    raise UserError(
+      f"config.data.source='{d.source}' needs --config.data.path=FILE_OR_GLOB"
+      + (" (JSONL conversations)" if d.source == "task" else "")
+    )
+  if d.source in ("text", "task") and not 0.0 < d.val_fraction < 1.0:
     raise UserError(f"config.data.val_fraction={d.val_fraction} must be in (0, 1)")
 
 
@@ -310,6 +318,28 @@ def load_saved(directory: str) -> config_dict.ConfigDict:
     ) from None
   except json.JSONDecodeError as e:
     raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+# What a fine-tuning run takes from the run it starts from (init_from): its shape and vocabulary.
+SOURCE_KEYS = (
+  "model.n_layer", "model.n_head", "model.d_model", "model.d_ff", "model.vocab_size",
+  "model.norm", "model.positions", "model.activation", "model.tie_embeddings", "model.bias",
+  "model.rope_theta", "model.vocab_multiple", "data.tokenizer",
+)  # fmt: skip
+
+
+def adopt(config, source) -> list[str]:
+  """Sets config's SOURCE_KEYS (and block_size with learned positions, which fix it) to the
+  source run's config; returns what changed, as 'key a -> b'."""
+  keys = SOURCE_KEYS + (("model.block_size",) if source.model.positions == "learned" else ())
+  changes = []
+  for key in keys:
+    section, leaf = key.split(".")
+    old, new = config[section][leaf], source[section][leaf]
+    if old != new:
+      config[section][leaf] = new
+      changes.append(f"{key} {old} -> {new}")
+  return changes
 
 
 def _leaves(node, prefix: str = ""):

@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from grain.experimental import index_shuffle
 
+from gptjax import task_data
 from gptjax import tokenizer as tokenizer_lib
+from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
 from gptjax.metrics import format_bytes
 
@@ -78,26 +80,20 @@ class Batches:
 @dataclasses.dataclass
 class Data:
   tokenizer: tokenizer_lib.Tokenizer
-  train: Batches
-  val: Batches
+  train: Batches | task_data.PackedBatches
+  val: Batches | task_data.PackedBatches
   val_bytes_per_token: float  # UTF-8 bytes per token of the val split, for bits per byte
+  notes: tuple[str, ...] = ()  # what preparing the data did, for the log
 
 
 def load(config, workdir: str) -> Data:
   """Builds (or reuses) the tokenizer and token files in workdir; returns the batches."""
   data_config = config.data
-  docs = _sources(data_config)
-  tok_path = tokenizer_file(workdir)
-  kept = os.path.exists(tok_path)
-  if kept:  # a trained workdir keeps its vocabulary, so ids stay stable
-    tokenizer = tokenizer_lib.load(tok_path)
-  else:  # saved after the first training step (save_tokenizer): a failed start leaves none
-    tokenizer = tokenizer_lib.build(data_config.tokenizer, tokenizer_path(config), docs["train"])
-  if tokenizer.kind != data_config.tokenizer:
-    raise UserError(
-      f"{tok_path} holds a {tokenizer.kind} tokenizer but config.data.tokenizer="
-      f"{data_config.tokenizer!r}; use a fresh --workdir"
-    )
+  task = task_data.splits(data_config) if data_config.source == "task" else None
+  docs = _sources(data_config, task)
+  tokenizer = _tokenizer(config, workdir, docs)
+  if task:
+    return _task(config, tokenizer, task)
   out = {}
   for split in ("train", "val"):
     try:
@@ -105,10 +101,10 @@ def load(config, workdir: str) -> Data:
         docs[split], tokenizer, split, _fingerprint(data_config), os.path.join(workdir, "data")
       )
     except tokenizer_lib.UnknownCharacter as e:
-      if not kept:
+      if not os.path.exists(tokenizer_file(workdir)):
         raise
       raise UserError(
-        f"{e.problem} of {tok_path}, which an earlier run in this workdir "
+        f"{e.problem} of {tokenizer_file(workdir)}, which an earlier run in this workdir "
         "left (built from other text); delete that file, or use a fresh "
         "--workdir"
       ) from None
@@ -116,6 +112,41 @@ def load(config, workdir: str) -> Data:
     out[split] = (Batches(tokens, batch, config.model.block_size, config.seed, split), n_bytes)
   val, val_bytes = out["val"]
   return Data(tokenizer, out["train"][0], val, val_bytes / len(val.tokens))
+
+
+def _tokenizer(config, workdir: str, docs) -> tokenizer_lib.Tokenizer:
+  """The workdir's own vocabulary, else the init_from run's, else one built for the data."""
+  tok_path = tokenizer_file(workdir)
+  if os.path.exists(tok_path):  # a trained workdir keeps its vocabulary, so ids stay stable
+    tokenizer = tokenizer_lib.load(tok_path)
+  elif config.init_from and not config.init_from.startswith("hf:"):  # vocabulary of the weights
+    tok_path = tokenizer_file(workdir_lib.run_files(config.init_from))
+    tokenizer = tokenizer_lib.load(tok_path)
+  else:  # saved after the first training step (save_tokenizer): a failed start leaves none
+    return tokenizer_lib.build(config.data.tokenizer, tokenizer_path(config), docs["train"])
+  if tokenizer.kind != config.data.tokenizer:
+    raise UserError(
+      f"{tok_path} holds a {tokenizer.kind} tokenizer but config.data.tokenizer="
+      f"{config.data.tokenizer!r}; use a fresh --workdir"
+    )
+  return tokenizer
+
+
+def _task(config, tokenizer, conversations: dict) -> Data:
+  """Conversations encoded by the chat template and packed into rows of block_size + 1."""
+  batches, notes = {}, []
+  for split in ("train", "val"):
+    stats = task_data.encode_and_pack(
+      conversations[split], tokenizer, config.data, config.model.block_size
+    )
+    notes.append(stats.line(split))
+    batches[split] = task_data.PackedBatches(
+      stats.packed, config.train.batch_size, config.seed, split
+    )
+  texts = task_data.texts(config.data, conversations["val"])
+  n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+  n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
+  return Data(tokenizer, batches["train"], batches["val"], n_bytes / n_tokens, tuple(notes))
 
 
 def tokenizer_file(workdir: str) -> str:
@@ -143,11 +174,14 @@ def tokenizer_path(config) -> str | None:
 
 def train_texts(config) -> Iterable[str]:
   """The documents of the training split (for training a tokenizer)."""
-  return _sources(config.data)["train"]()
+  task = task_data.splits(config.data) if config.data.source == "task" else None
+  return _sources(config.data, task)["train"]()
 
 
-def _sources(data_config) -> dict[str, Callable[[], Iterable[str]]]:
-  """Re-iterable sources of documents for 'train' and 'val'."""
+def _sources(data_config, task=None) -> dict[str, Callable[[], Iterable[str]]]:
+  """Re-iterable sources of documents for 'train' and 'val' (task: rendered conversations)."""
+  if task is not None:
+    return {split: (lambda c=c: task_data.texts(data_config, c)) for split, c in task.items()}
   if data_config.source == "text":
     texts = dict(zip(("train", "val"), _text_files(data_config.path, data_config.val_fraction)))
     return {split: (lambda t=text: [t]) for split, text in texts.items()}

@@ -19,8 +19,9 @@ import orbax.checkpoint as ocp
 
 from gptjax import checkpoint, data, decode, hf, sharding, tokenizer
 from gptjax import config as config_lib
+from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
-from gptjax.model import GPT, GPTConfig, abstract_params
+from gptjax.model import GPT, GPTConfig, abstract_params, per_layer, to_layout
 
 EXPORT = "export"  # WORKDIR/export: params only, with config.json and tokenizer.json
 
@@ -33,6 +34,7 @@ class Loaded:
   params: Any
   tokenizer: tokenizer.Tokenizer
   where: str
+  config: Any  # the run's config (ConfigDict, upgraded to today's keys)
 
 
 def load(workdir: str, config=None, mesh: jax.sharding.Mesh | None = None) -> Loaded:
@@ -41,6 +43,8 @@ def load(workdir: str, config=None, mesh: jax.sharding.Mesh | None = None) -> Lo
   if config is not None and config.init_from:
     return _load_init_from(config, mesh)
   export_dir = os.path.join(workdir, EXPORT)
+  if os.path.isdir(os.path.join(workdir, "params")):  # an export directory itself
+    export_dir = workdir
   config_dir = workdir if os.path.exists(os.path.join(workdir, "config.json")) else export_dir
   if not os.path.exists(os.path.join(config_dir, "config.json")):
     raise UserError(
@@ -63,7 +67,8 @@ def load(workdir: str, config=None, mesh: jax.sharding.Mesh | None = None) -> Lo
       f"{workdir} has no checkpoint and no export; train there first (or pass "
       "the --workdir of a trained run)"
     )
-  return Loaded(model, params, tokenizer.load(os.path.join(config_dir, "tokenizer.json")), where)
+  tok = tokenizer.load(os.path.join(config_dir, "tokenizer.json"))
+  return Loaded(model, params, tok, where, config)
 
 
 def param_layout(config, mesh: jax.sharding.Mesh | None):
@@ -91,7 +96,28 @@ def _load_init_from(config, mesh) -> Loaded:
   params = jax.device_put(
     hf.load_params(config.init_from, model.cfg), param_layout(resolved, mesh)[1]
   )
-  return Loaded(model, params, tok, config.init_from)
+  return Loaded(model, params, tok, config.init_from, resolved)
+
+
+def is_hf(init_from) -> bool:
+  return bool(init_from) and init_from.startswith("hf:")
+
+
+def adopt_init_from(config) -> list[str]:
+  """A run starting from a gptjax run takes its shape and vocabulary (config.adopt); returns
+  what changed."""
+  if not config.init_from or is_hf(config.init_from):
+    return []
+  return config_lib.adopt(config, config_lib.load_saved(workdir_lib.run_files(config.init_from)))
+
+
+def init_from(source: str, cfg: GPTConfig):
+  """(params as numpy or on one device, where they came from) to start a run of model cfg:
+  hf:DIR, or a gptjax run's newest checkpoint, else its export, in cfg's layer layout."""
+  if is_hf(source):
+    return hf.load_params(source, cfg), source
+  loaded = load(source)
+  return to_layout(per_layer(loaded.params, loaded.model.cfg), cfg), f"{source} ({loaded.where})"
 
 
 def load_export(export_dir: str, abstract, shardings):

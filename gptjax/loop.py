@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import checkpoint, hf, runtime, sharding
+from gptjax import checkpoint, hf, inference, runtime, sharding
 from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import metrics as metrics_lib
@@ -46,6 +46,8 @@ def prepare(
   need_data=False (compile_only with config.model.vocab_size set) reads no data at all.
   lock=True: process 0 holds the workdir's lock (returned) before writing anything there.
   """
+  for change in inference.adopt_init_from(config):  # its shape and vocabulary
+    say(f"from init_from {config.init_from}: {change}")
   config_lib.validate(config)
   mesh = runtime.start(config)
   sharding.check_batch(
@@ -56,9 +58,11 @@ def prepare(
     workdir_lib.check_shared(workdir)
   held = workdir_lib.Lock(workdir) if lock and jax.process_index() == 0 else None
   try:
-    if config.init_from:  # a wrong directory fails before data preparation and compiling
+    if inference.is_hf(config.init_from):  # a wrong directory fails before data and compiling
       hf.directory(config.init_from, config.model)
     data = data_lib.load(config, workdir) if need_data else None
+    for note in data.notes if data else ():
+      say(note)
     s = setup(config, data.tokenizer.vocab_size if data else config.model.vocab_size, mesh)
     _describe(s)
     metrics_lib.check_fits(s.memory())
@@ -134,9 +138,9 @@ def restore_or_init(config, workdir: str, s: Setup, ckpt: checkpoint.Checkpoints
     )
   state = s.init(config.seed)
   if config.init_from:  # imported weights, a fresh optimizer (Adam starts at zero anyway)
-    params = hf.load_params(config.init_from, s.model.cfg)
+    params, where = inference.init_from(config.init_from, s.model.cfg)
     state = state.replace(params=jax.device_put(params, s.state_shardings.params))
-    say(f"initialised the parameters from {config.init_from}")
+    say(f"initialised the parameters from {where}")
   return Start(state, 0, 0.0, False)
 
 
@@ -292,6 +296,8 @@ class Run:
       **({"mfu": speed["mfu"]} if speed["mfu"] is not None else {}),
       "elapsed_s": self.timer.elapsed_s(now),
     }
+    if "trained_tokens" in metrics:  # task data: the step's loss-weighted tokens
+      self.last_log["trained_tokens"] = float(metrics["trained_tokens"])
     self.writer.write(step, self.last_log)
     num_steps = self.config.train.num_steps
     eta = (num_steps - step) * float(np.median(self.step_ms)) / 1e3
@@ -305,9 +311,9 @@ class Run:
     """Validation loss, logged, and the best checkpoint kept; False if a signal cut it short."""
     train_config = self.config.train
     val_at = lambda i: self.s.batch(self.data.val.get(i, self.rows))
-    val_loss = evaluate(
-      self.s.eval_step, self.state.params, val_at, train_config.eval_batches, stop.pending
-    )
+    n = train_config.eval_batches
+    n = min(n, self.data.val.num_batches) if hasattr(self.data.val, "num_batches") else n
+    val_loss = evaluate(self.s.eval_step, self.state.params, val_at, n, stop.pending)
     if val_loss is None:
       return False
     bpb = val_loss / math.log(2) / self.data.val_bytes_per_token
@@ -333,7 +339,10 @@ def evaluate(eval_fn, params, batch_at, num_batches: int, stop=lambda: False) ->
     losses.append(eval_fn(params, batch_at(i)))
     if i:  # at most two batches in flight: stop() is seen within a batch or two
       losses[-2].block_until_ready()
-  return float(jnp.mean(jnp.stack(losses)))
+  losses = jnp.stack(losses)
+  if losses.ndim == 2:  # task batches: (weighted loss sum, weight) each
+    return float(jnp.sum(losses[:, 0]) / jnp.maximum(jnp.sum(losses[:, 1]), 1.0))
+  return float(jnp.mean(losses))
 
 
 # --- After the last step -------------------------------------------------------------------

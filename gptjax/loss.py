@@ -42,12 +42,14 @@ def fused_cross_entropy(
   chunk: int,
   label_smoothing: float = 0.0,
   weights_BxT=None,
+  mean: bool = True,
 ):
   """Weighted mean next-token loss of logits x @ w.T, computed `chunk` positions at a time.
 
   x_BxTxD: final hidden states; w_VxD: output embedding (GPT.hidden_states and GPT.output_embedding).
   weights_BxT (default: all ones) weighs each position's loss, e.g. a loss mask; the result
-  is sum(weights * loss) / sum(weights). Equals cross_entropy(...) averaged, with float32
+  is sum(weights * loss) / sum(weights), or with mean=False sum(weights * loss) (the caller
+  normalises over a larger batch). Equals cross_entropy(...) averaged, with float32
   logits. chunk must divide T.
   """
   _, T, _ = x_BxTxD.shape
@@ -57,7 +59,8 @@ def fused_cross_entropy(
     weights_BxT = jnp.full(targets_BxT.shape, 1.0 / targets_BxT.size, jnp.float32)
   else:  # normalised here, so the gradients computed chunk by chunk need no later rescaling
     weights_BxT = weights_BxT.astype(jnp.float32)
-    weights_BxT = weights_BxT / jnp.maximum(jnp.sum(weights_BxT), 1e-9)
+    if mean:
+      weights_BxT = weights_BxT / jnp.maximum(jnp.sum(weights_BxT), 1e-9)
   return _fused(cfg, chunk, label_smoothing, x_BxTxD, w_VxD, targets_BxT, weights_BxT)
 
 

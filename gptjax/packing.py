@@ -33,28 +33,44 @@ class Packed:
 def pack(examples, block_size: int, pad_id: int = 0) -> Packed:
   """Packs (ids, weights) examples into rows of block_size + 1 tokens: first fit, longest
   first, so rows fill up; a row's examples keep their input order (the epoch's shuffle
-  permutes rows)."""
+  permutes rows).
+
+  An example that fits no row whole goes, before a new row is opened, into the roomiest row
+  that can take its trained tokens and some of their context: its oldest context is cut
+  (counted as truncated). Examples just over half a row would otherwise leave rows half empty.
+  """
   width = block_size + 1
   kept, truncated = [], 0
   for ids, weights in examples:
     if len(ids) > width:
       ids, weights, truncated = ids[-width:], weights[-width:], truncated + 1
     if len(ids) >= 2:  # something to predict
-      kept.append((np.asarray(ids, np.int32), np.asarray(weights, np.float32)))
+      kept.append([np.asarray(ids, np.int32), np.asarray(weights, np.float32)])
   room = np.zeros(0, np.int64)
   row_of = np.zeros(len(kept), np.int64)
   for e in sorted(range(len(kept)), key=lambda e: -len(kept[e][0])):
-    n = len(kept[e][0])
-    fits = np.flatnonzero(room >= n)
+    ids, weights = kept[e]
+    fits = np.flatnonzero(room >= len(ids))
     if fits.size:
       row_of[e] = fits[0]
+    elif room.size and room.max() >= _needed(weights):
+      row_of[e] = int(np.argmax(room))
+      kept[e] = [ids[-room[row_of[e]] :], weights[-room[row_of[e]] :]]
+      truncated += 1
     else:
       room, row_of[e] = np.append(room, width), len(room)
-    room[row_of[e]] -= n
+    room[row_of[e]] -= len(kept[e][0])
   rows = [[] for _ in range(len(room))]
   for e, example in enumerate(kept):
     rows[row_of[e]].append(example)
   return _arrays(rows, width, pad_id, truncated)
+
+
+def _needed(weights) -> int:
+  """The shortest end of an example that keeps every trained target and one token of
+  context before the first (weights[i] is the weight of token i as a target)."""
+  trained = np.flatnonzero(weights)
+  return len(weights) - trained[0] + 1 if trained.size else len(weights)
 
 
 def _arrays(rows, width: int, pad_id: int, truncated: int) -> Packed:

@@ -1,4 +1,5 @@
-"""Task data for fine-tuning: JSONL files of conversations, read into message lists.
+"""Task data for fine-tuning: JSONL files of conversations, read, encoded by the chat
+template (ids and loss weights), packed into rows and served as random-access batches.
 
 One JSON object per line, either shape:
   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
@@ -8,10 +9,16 @@ A conversation must hold at least one assistant turn (what fine-tuning learns). 
 is a UserError naming the file and line.
 """
 
+import dataclasses
+import functools
 import glob
 import json
 import os
 
+import numpy as np
+from grain.experimental import index_shuffle
+
+from gptjax import chat_template, packing
 from gptjax.chat_template import ROLES
 from gptjax.errors import UserError
 
@@ -66,3 +73,91 @@ def _turn(message, where: str) -> dict:
   if not isinstance(message["content"], str):
     raise UserError(f'{where}: "content" must be a string')
   return {"role": message["role"], "content": message["content"]}
+
+
+def splits(data_config) -> dict[str, list]:
+  """{"train", "val"} conversations: data.path and data.val_path, or, without val_path, the
+  last val_fraction of data.path's records (in file order) held out."""
+  fields = (data_config.prompt_field, data_config.completion_field)
+  train = read(data_config.path, *fields)
+  if data_config.val_path:
+    return {"train": train, "val": read(data_config.val_path, *fields)}
+  cut = int(len(train) * (1 - data_config.val_fraction))
+  if not 0 < cut < len(train):
+    raise UserError(
+      f"{data_config.path} holds {len(train)} records, too few to hold out "
+      f"val_fraction={data_config.val_fraction}; pass --config.data.val_path=FILE"
+    )
+  return {"train": train[:cut], "val": train[cut:]}
+
+
+def texts(data_config, conversations) -> list[str]:
+  """The rendered text of each conversation (what a char or BPE tokenizer is built from)."""
+  template = chat_template.load(data_config.chat_template)
+  return [template.render(m).replace(chat_template.EOT, "") for m in conversations]
+
+
+@dataclasses.dataclass
+class Stats:
+  """What packing a split did, for the log."""
+
+  examples: int
+  skipped: int  # no trained token (nothing to learn): left out
+  packed: packing.Packed
+
+  def line(self, split: str) -> str:
+    share = self.packed.real_share()
+    return (
+      f"{split} task data: {self.examples} conversations in {len(share)} rows of "
+      f"{self.packed.tokens.shape[1]} tokens, {share.mean():.1%} real tokens (lowest row "
+      f"{share.min():.1%}); {self.packed.truncated} cut to fit (oldest context first), "
+      f"{self.skipped} without a trained token skipped"
+    )
+
+
+def encode_and_pack(conversations, tokenizer, data_config, block_size: int) -> Stats:
+  template = chat_template.load(data_config.chat_template)
+  examples = [template.encode(m, tokenizer, data_config.train_on_all) for m in conversations]
+  trained = [(ids, w) for ids, w in examples if w[1:].any()]  # weight of ids[0] never counts
+  if not trained:
+    raise UserError(
+      f"no conversation in {data_config.path} has a trained token under chat template "
+      f"{template.name}; check the template and the records' roles"
+    )
+  return Stats(len(examples), len(examples) - len(trained), packing.pack(trained, block_size))
+
+
+class PackedBatches:
+  """Random-access batches of packed rows: `get(step, rows)` -> {"tokens" (B, T+1),
+  "weights", "segments", "positions" (B, T)}, a pure function of (seed, split, step).
+
+  train: epoch by epoch, every row once in a shuffled order (grain's index_shuffle).
+  val: the rows in order, num_batches of them, the last batch padded with empty rows."""
+
+  def __init__(self, packed: packing.Packed, batch_size: int, seed: int, split: str):
+    self.packed, self.batch_size, self.seed, self.split = packed, batch_size, seed, split
+    self.num_rows = len(packed.tokens)
+    self.num_batches = -(-self.num_rows // batch_size)
+
+  @functools.lru_cache(maxsize=8)  # noqa: B019 (lives as long as the run)
+  def _epoch_seed(self, epoch: int) -> int:
+    return int(np.random.SeedSequence((self.seed, 2, epoch)).generate_state(1)[0])
+
+  def _row(self, i: int) -> int:
+    if self.split != "train":
+      return i if i < self.num_rows else -1  # -1: an empty row
+    epoch, j = divmod(i, self.num_rows)
+    return index_shuffle(j, max_index=self.num_rows - 1, seed=self._epoch_seed(epoch), rounds=4)
+
+  def get(self, step: int, rows: slice = slice(None)) -> dict:
+    idx = np.array(
+      [self._row(i) for i in range(step * self.batch_size, (step + 1) * self.batch_size)[rows]]
+    )
+    p, empty = self.packed, idx < 0
+    take = lambda a: np.where(empty[:, None], 0, a[np.maximum(idx, 0)]).astype(a.dtype)
+    return {
+      "tokens": take(p.tokens),
+      "weights": take(p.weights),
+      "segments": take(p.segments),
+      "positions": take(p.positions),
+    }

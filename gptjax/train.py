@@ -14,7 +14,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from gptjax import checkpoint, optim, sharding
@@ -61,29 +60,46 @@ def init_state(
 def _loss(
   params,
   model: GPT,
-  batch_BxT1,
+  batch,
   rng,
   deterministic: bool,
   label_smoothing: float,
   loss_chunk: int = 0,
 ):
-  """Mean next-token loss; loss_chunk > 0 applies the LM head and the loss that many
-  positions at a time (loss.fused_cross_entropy) instead of materialising all logits."""
-  inputs_BxT, targets_BxT = batch_BxT1[:, :-1], batch_BxT1[:, 1:]
+  """Next-token loss of a batch: a (B, T+1) token array -> the mean over its tokens; a task
+  batch (a dict, task_data.PackedBatches) -> the weighted sum over its tokens (the caller
+  divides by the global batch's weight). loss_chunk > 0 applies the LM head and the loss
+  that many positions at a time (loss.fused_cross_entropy), never all logits at once."""
+  weights_BxT, extra = None, {}
+  if isinstance(batch, dict):
+    weights_BxT = batch["weights"]
+    extra = {"positions_BxT": batch["positions"], "segments_BxT": batch["segments"]}
+    batch = batch["tokens"]
+  inputs_BxT, targets_BxT = batch[:, :-1], batch[:, 1:]
   variables, rngs = {"params": params}, None if deterministic else {"dropout": rng}
   if not loss_chunk:
-    logits_BxTxV = model.apply(variables, inputs_BxT, deterministic=deterministic, rngs=rngs)
-    return cross_entropy(logits_BxTxV, targets_BxT, model.cfg.vocab_size, label_smoothing).mean()
+    logits_BxTxV = model.apply(
+      variables, inputs_BxT, deterministic=deterministic, rngs=rngs, **extra
+    )
+    loss_BxT = cross_entropy(logits_BxTxV, targets_BxT, model.cfg.vocab_size, label_smoothing)
+    return loss_BxT.mean() if weights_BxT is None else jnp.sum(loss_BxT * weights_BxT)
   x_BxTxD = model.apply(
-    variables, inputs_BxT, deterministic=deterministic, rngs=rngs, method=GPT.hidden_states
+    variables,
+    inputs_BxT,
+    deterministic=deterministic,
+    rngs=rngs,
+    method=GPT.hidden_states,
+    **extra,
   )
   w_VxD = model.apply(variables, method=GPT.output_embedding)
-  return fused_cross_entropy(x_BxTxD, w_VxD, targets_BxT, model.cfg, loss_chunk, label_smoothing)
+  return fused_cross_entropy(
+    x_BxTxD, w_VxD, targets_BxT, model.cfg, loss_chunk, label_smoothing, weights_BxT, mean=False
+  )
 
 
 def train_step(
   state: TrainState,
-  batch_BxT1,
+  batch,
   *,
   model: GPT,
   tx,
@@ -92,40 +108,29 @@ def train_step(
   label_smoothing: float = 0.0,
   loss_chunk: int = 0,
 ):
-  """One optimizer update over a (B, T+1) batch -> (new state, metrics).
+  """One optimizer update over a batch -> (new state, metrics).
+
+  batch: (B, T+1) tokens (the loss is their mean), or a task batch (a dict with loss
+  weights, packed segments and positions): the loss is the weighted sum over the whole
+  global batch divided by its total weight, the same for any grad_accum and any mesh (a
+  mean of per-microbatch means would weigh tokens unevenly when masks are uneven).
 
   With grad_accum > 1 the batch is split into microbatches whose gradients a lax.scan
-  averages, so memory scales with B / grad_accum while the update sees all of B.
+  adds up, so memory scales with B / grad_accum while the update sees all of B.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   grad_fn = jax.value_and_grad(_loss)
   deterministic = model.cfg.dropout == 0 and model.cfg.attn_dropout == 0
+  # Task batches: microbatches' weighted sums over the global batch's weight (all-zero: 0).
+  weighted = isinstance(batch, dict)
+  denominator = jnp.maximum(jnp.sum(batch["weights"]), 1.0) if weighted else grad_accum
+  args = (model, rng, deterministic, label_smoothing, loss_chunk)
   if grad_accum == 1:
-    loss, grads = grad_fn(
-      state.params, model, batch_BxT1, rng, deterministic, label_smoothing, loss_chunk
-    )
+    loss, grads = grad_fn(state.params, model, batch, *args[1:])
   else:
-    # Microbatch i takes rows i, i+A, i+2A, ...: each device's rows split evenly among the
-    # microbatches, so every microbatch stays spread over all data-parallel devices.
-    micro_AxbxT1 = batch_BxT1.reshape(-1, grad_accum, batch_BxT1.shape[-1]).swapaxes(0, 1)
-    micro_AxbxT1 = nn.with_logical_constraint(micro_AxbxT1, (None, "batch", None))
-
-    def accumulate(carry, i_and_micro):
-      i, micro_bxT1 = i_and_micro
-      loss_i, grads_i = grad_fn(
-        state.params,
-        model,
-        micro_bxT1,
-        jax.random.fold_in(rng, i),
-        deterministic,
-        label_smoothing,
-        loss_chunk,
-      )
-      return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
-
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro_AxbxT1))
-    loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+    loss, grads = _accumulate(grad_fn, state.params, batch, grad_accum, args)
+  if weighted or grad_accum > 1:
+    loss, grads = jax.tree.map(lambda x: x / denominator, (loss, grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -135,12 +140,37 @@ def train_step(
     # what a checkpoint of the new state would hold: never save NaN or inf
     "finite": checkpoint.all_finite((params, opt_state)),
   }
+  if weighted:
+    metrics["trained_tokens"] = jnp.sum(batch["weights"])
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch_BxT1, *, model: GPT, loss_chunk: int = 0):
-  """Mean next-token loss (nats) of a (B, T+1) batch, dropout off."""
-  return _loss(params, model, batch_BxT1, None, True, 0.0, loss_chunk)
+def _accumulate(grad_fn, params, batch, grad_accum: int, args):
+  """Sums of (loss, grads) over grad_accum microbatches, in a lax.scan.
+
+  Microbatch i takes rows i, i+A, i+2A, ...: each device's rows split evenly among the
+  microbatches, so every microbatch stays spread over all data-parallel devices."""
+  model, rng, *rest = args
+
+  def split(x):
+    micro = x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(micro, (None, "batch") + (None,) * (x.ndim - 1))
+
+  def accumulate(carry, i_and_micro):
+    i, micro = i_and_micro
+    loss_i, grads_i = grad_fn(params, model, micro, jax.random.fold_in(rng, i), *rest)
+    return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  micro = jax.tree.map(split, batch)
+  return jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))[0]
+
+
+def eval_step(params, batch, *, model: GPT, loss_chunk: int = 0):
+  """Mean next-token loss (nats) of a (B, T+1) batch, dropout off; of a task batch,
+  (weighted loss sum, total weight), so that evaluations add up over batches."""
+  loss = _loss(params, model, batch, None, True, 0.0, loss_chunk)
+  return jnp.stack([loss, jnp.sum(batch["weights"])]) if isinstance(batch, dict) else loss
 
 
 @dataclasses.dataclass
@@ -165,8 +195,15 @@ class Setup:
     """The rows of each global batch that this process loads."""
     return sharding.process_rows(self.batch_sharding, self.batch_shape)
 
-  def batch(self, local_rows: np.ndarray) -> jax.Array:
-    """This process's rows (an int32 array) -> the global, sharded batch."""
+  def batch(self, local_rows):
+    """This process's rows (an int32 array, or a task batch's dict of arrays) -> the global,
+    sharded batch."""
+    if isinstance(local_rows, dict):
+      B = self.batch_shape[0]
+      return {
+        k: sharding.global_batch(v, self.batch_sharding, (B, *v.shape[1:]))
+        for k, v in local_rows.items()
+      }
     return sharding.global_batch(local_rows, self.batch_sharding, self.batch_shape)
 
   def memory(self) -> dict:
@@ -192,7 +229,7 @@ def setup(config, vocab_size: int, mesh: jax.sharding.Mesh, compile: bool = True
   abstract = nn.meta.unbox(boxed)
   batch_sh = sharding.batch_sharding(mesh, rules)
   shape = (train_config.batch_size, model.cfg.block_size + 1)
-  batch_spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
+  batch_spec = _batch_spec(shape, batch_sh, task=config.data.source == "task")
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   loss_chunk = train_config.loss_chunk
   t0 = time.perf_counter()
@@ -229,3 +266,19 @@ def setup(config, vocab_size: int, mesh: jax.sharding.Mesh, compile: bool = True
   return Setup(
     model, tx, mesh, abstract, state_sh, batch_sh, shape, step_fn, eval_fn, time.perf_counter() - t0
   )
+
+
+def _batch_spec(shape, batch_sh, task: bool):
+  """The step's batch argument: (B, T+1) tokens, or a task batch (task_data.PackedBatches)."""
+  tokens = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
+  if not task:
+    return tokens
+  per_target = lambda dtype: jax.ShapeDtypeStruct(
+    (shape[0], shape[1] - 1), dtype, sharding=batch_sh
+  )
+  return {
+    "tokens": tokens,
+    "weights": per_target(jnp.float32),
+    "segments": per_target(jnp.int32),
+    "positions": per_target(jnp.int32),
+  }

@@ -33,6 +33,7 @@ def normalize(path: str | None) -> str | None:
 # Config keys that hold local paths (or globs); init_from's path follows its "hf:".
 CONFIG_PATHS = (
   "data.path",
+  "data.val_path",
   "data.data_dir",
   "data.manual_dir",
   "data.tokenizer_path",
@@ -51,6 +52,22 @@ def normalize_config(config) -> None:
       node[leaf] = normalize(node[leaf])
   if config.init_from and config.init_from.startswith("hf:"):
     config.init_from = "hf:" + normalize(config.init_from[len("hf:") :])
+  elif config.init_from:
+    config.init_from = normalize(config.init_from)
+  if config.data.chat_template and os.sep in config.data.chat_template:  # a file, not a built-in
+    config.data.chat_template = normalize(config.data.chat_template)
+
+
+def run_files(path: str) -> str:
+  """Where a gptjax run keeps config.json and tokenizer.json: `path` itself (a workdir or an
+  export), else path/export (a workdir whose run was exported and cleaned up)."""
+  for d in (path, os.path.join(path, "export")):
+    if os.path.isfile(os.path.join(d, "config.json")):
+      return d
+  raise UserError(
+    f"init_from {path!r} is not a gptjax run (no config.json there or in its export/); pass "
+    "the --workdir of a trained run or its export, or hf:DIR for a Hugging Face model"
+  )
 
 
 # Flags that name paths, in gptjax.main and the side programs (tokenize's --input is a glob).

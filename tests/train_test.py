@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from gptjax import loop, optim, train
+from gptjax import loop, optim, packing, sharding, train
+from gptjax import loss as loss_lib
 from gptjax.model import GPT, GPTConfig
 
 
@@ -89,3 +90,90 @@ def test_scan_layers_starts_from_the_loops_initial_parameters():
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
+
+
+# --- Task batches: weighted loss over the whole global batch ---------------------------------
+
+
+def _task_batch(seed=0, rows=8, block=32, vocab=60):
+  """Packed random examples with uneven loss masks (some rows weigh far more than others)."""
+  rng = np.random.default_rng(seed)
+  examples = []
+  for i in range(30):
+    n = int(rng.integers(5, 30))
+    weights = (rng.random(n) < (0.05 if i % 3 else 0.9)).astype(np.float32)
+    examples.append((rng.integers(0, vocab, n).astype(np.int32), weights))
+  p = packing.pack(examples, block)
+  take = lambda a: np.resize(a, (rows, *a.shape[1:]))  # repeat rows up to the batch size
+  batch = {
+    "tokens": take(p.tokens),
+    "weights": take(p.weights),
+    "segments": take(p.segments),
+    "positions": take(p.positions),
+  }
+  batch["weights"][:2] = 0.0  # whole rows without a trained token
+  return batch
+
+
+def _task_step(c, mesh, batch, steps=2):
+  s = train.setup(c, 60, mesh)
+  state = s.init(c.seed)
+  for _ in range(steps):
+    state, m = s.train_step(state, s.batch({k: v[s.rows()] for k, v in batch.items()}))
+  loss_and_weight = np.asarray(
+    s.eval_step(state.params, s.batch({k: v[s.rows()] for k, v in batch.items()}))
+  )
+  return float(m["loss"]), float(m["grad_norm"]), float(m["trained_tokens"]), loss_and_weight
+
+
+def _task_config(**overrides):
+  return tiny_config(data__source="task", model__dropout=0.0, model__n_head=8, **overrides)
+
+
+@pytest.fixture(scope="module")
+def task_one_device():
+  c = _task_config()
+  c.mesh.shape.update(dict(data=1, fsdp=1, tensor=1))
+  return _task_step(c, sharding.make_mesh(c.mesh, jax.devices()[:1]), _task_batch())
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 8])
+def test_task_loss_is_the_same_with_gradient_accumulation(loss_chunk, task_one_device):
+  c = _task_config(optim__grad_accum=4, train__loss_chunk=loss_chunk)
+  c.mesh.shape.update(dict(data=1, fsdp=1, tensor=1))
+  loss, norm, tokens, evaluated = _task_step(
+    c, sharding.make_mesh(c.mesh, jax.devices()[:1]), _task_batch()
+  )
+  want_loss, want_norm, want_tokens, want_eval = task_one_device
+  assert tokens == want_tokens and tokens > 0
+  np.testing.assert_allclose([loss, norm], [want_loss, want_norm], rtol=1e-6)
+  np.testing.assert_allclose(evaluated, want_eval, rtol=1e-6)
+
+
+def test_task_loss_is_the_same_on_a_2x2x2_mesh(task_one_device):
+  c = _task_config()
+  c.mesh.shape.update(dict(data=2, fsdp=2, tensor=2))
+  loss, norm, tokens, evaluated = _task_step(c, sharding.make_mesh(c.mesh), _task_batch())
+  np.testing.assert_allclose([loss, norm], task_one_device[:2], rtol=1e-6)
+  np.testing.assert_allclose(evaluated, task_one_device[3], rtol=1e-6)
+
+
+def test_task_loss_is_the_weighted_mean_and_zero_weights_give_zero_not_nan():
+  c = _task_config()
+  c.mesh.shape.update(dict(data=1, fsdp=1, tensor=1))
+  s = train.setup(c, 60, sharding.make_mesh(c.mesh, jax.devices()[:1]))
+  state = s.init(c.seed)
+  batch = _task_batch()
+  logits = s.model.apply(
+    {"params": state.params},
+    batch["tokens"][:, :-1],
+    batch["positions"],
+    segments_BxT=batch["segments"],
+  )
+  nll = loss_lib.cross_entropy(logits, batch["tokens"][:, 1:], 60)
+  want = float(np.sum(nll * batch["weights"]) / batch["weights"].sum())
+  _, m = s.train_step(s.init(c.seed), s.batch(batch))
+  np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+  batch["weights"][:] = 0.0
+  _, m = s.train_step(s.init(c.seed), s.batch(batch))
+  assert float(m["loss"]) == 0.0 and float(m["grad_norm"]) == 0.0
