@@ -12,7 +12,13 @@ That asks of a template the property every usable chat template has: the convers
 plus the generation prompt is a prefix of the conversation with the reply. The end-of-turn
 marker (what generation stops at) is read off the template the same way.
 
+Variables beyond those are the template's own: `ChatTemplate.with_names` passes `user_name`
+and `assistant_name`, which templates that do not name speakers ignore.
+
 Built-in templates, for models without chat tokens:
+  play   "User:\n...", "Assistant:\n..." turns (speakers renamed by user_name and
+         assistant_name), each ended by a blank line: Shakespeare's play layout, which a base
+         model trained on the plays continues naturally; --mode=chat's layout before templates
   gpt2   "User: ...", "Assistant: ..." turns, each ended by <|endoftext|> (GPT-2 BPE)
   plain  the contents alone, each turn ended by a blank line: the play layout of the
          Shakespeare dialogue data ("SPEAKER: speech"), for char and byte vocabularies
@@ -31,6 +37,16 @@ from gptjax.tokenizer import EOT, Tokenizer
 ROLES = ("system", "user", "assistant")
 
 BUILTIN = {
+  "play": (
+    "{% set user = user_name | default('User') %}"
+    "{% set assistant = assistant_name | default('Assistant') %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'system' %}{{ m.content }}\n\n"
+    "{% elif m.role == 'user' %}{{ user }}:\n{{ m.content }}\n\n"
+    "{% else %}{{ assistant }}:\n{{ m.content }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ assistant }}:\n{% endif %}"
+  ),
   "gpt2": (
     "{% for m in messages %}"
     "{% if m.role == 'system' %}{{ m.content }}<|endoftext|>"
@@ -47,10 +63,12 @@ _PROBE = "\x00assistant reply\x00"  # a reply no template adds to or cuts
 
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
-  """A compiled template; `name` is a built-in's name or the file it came from."""
+  """A compiled template; `name` is a built-in's name or the file it came from, `names` the
+  extra variables every render sees (see with_names)."""
 
   name: str
   source: str
+  names: dict = dataclasses.field(default_factory=dict, hash=False)
 
   def __post_init__(self):
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined)
@@ -65,9 +83,15 @@ class ChatTemplate:
 
   def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
     try:
-      return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt)
+      return self._compiled.render(
+        messages=messages, add_generation_prompt=add_generation_prompt, **self.names
+      )
     except jinja2.TemplateError as e:
       raise UserError(f"chat template {self.name} failed to render: {e}") from None
+
+  def with_names(self, user: str, assistant: str) -> "ChatTemplate":
+    """This template with the speakers named (for templates that name them, e.g. play)."""
+    return dataclasses.replace(self, names={"user_name": user, "assistant_name": assistant})
 
   def spans(self, messages: list[dict]) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, trained) pieces: trained are the assistant turns
@@ -150,6 +174,18 @@ def encode_text(tokenizer: Tokenizer, text: str) -> np.ndarray:
     if part:
       out.append(tokenizer.encode(part))
   return np.concatenate(out).astype(np.int32) if out else np.zeros((0,), np.int32)
+
+
+def decode_text(tokenizer: Tokenizer, ids) -> str:
+  """encode_text's inverse: the end-of-text id becomes `<|endoftext|>`, as templates write it."""
+  parts, part = [], []
+  for t in list(ids) + [tokenizer.eot_id]:
+    if t == tokenizer.eot_id:
+      parts.append(tokenizer.decode(part) if part else "")
+      part = []
+    else:
+      part.append(t)
+  return EOT.join(parts)
 
 
 def load(name_or_path: str) -> ChatTemplate:

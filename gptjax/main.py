@@ -7,7 +7,7 @@ becomes one line on stderr and exit code 1 (gptjax/cli.py).
 from absl import flags
 from ml_collections import config_flags
 
-from gptjax import chat, cli, decode, export, inference, loop
+from gptjax import chat, cli, decode, evaluation, export, inference, loop
 from gptjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -21,13 +21,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, events, config a
 _MODE = flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "compile_only", "export", "sample", "chat"],
+  ["train", "compile_only", "export", "sample", "chat", "evaluate"],
   "train: train and evaluate (resuming from the workdir's newest checkpoint). compile_only: "
   "compile the step for the configured mesh, print per-device memory and exit (non-zero when "
   "it will not fit). export: write the newest checkpoint's params (no optimizer state) with "
   "config and tokenizer to WORKDIR/export (or --export_dir); needs no --config. sample: "
   "print continuations of --prompt from the newest checkpoint (or export) in WORKDIR. "
-  "chat: an interactive conversation on stdin with that model, replies streamed.",
+  "chat: an interactive conversation on stdin with that model, replies streamed. evaluate: "
+  "that model's loss on held-out data (--eval_data, else a task run's data.val_path) and, on "
+  "task data, its replies scored with BLEU/chrF/ROUGE, written to --eval_dir.",
 )
 _EXPORT_DIR = flags.DEFINE_string(
   "export_dir",
@@ -48,7 +50,8 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples to draw (one batc
 _MAX_NEW = flags.DEFINE_integer(
   "max_new_tokens",
   500,
-  "Tokens to generate per sample (chat: per reply, default half the context).",
+  "Tokens to generate per sample (chat: per reply, default half the context; evaluate: per "
+  "reply, default twice the longest reference's tokens, at most the context).",
 )
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
@@ -57,15 +60,57 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STREAM_TOKENS = flags.DEFINE_integer(
   "stream_tokens", 8, "--mode=chat: tokens per jitted call, printed after each call."
 )
-_USER = flags.DEFINE_string("user_name", "User", "--mode=chat: the user's speaker name.")
+_USER = flags.DEFINE_string(
+  "user_name",
+  "User",
+  "--mode=chat: the user's speaker name, shown and given to the chat template (the play "
+  "template writes it; templates without speaker names ignore it).",
+)
 _ASSISTANT = flags.DEFINE_string(
   "assistant_name",
   "Assistant",
-  "--mode=chat: the model's speaker name (e.g. ROMEO and JULIET for Shakespeare).",
+  "--mode=chat: the model's speaker name (e.g. ROMEO and JULIET for Shakespeare), shown and "
+  "given to the chat template (the play template writes it; others may ignore it).",
+)
+
+_EVAL_DATA = flags.DEFINE_string(
+  "eval_data",
+  None,
+  "--mode=evaluate: held-out data: a .jsonl file or glob of conversations (scored on the "
+  "assistant's tokens), or any other file or glob of text (strided loss). Default: a task "
+  "run's data.val_path.",
+)
+_EVAL_DIR = flags.DEFINE_string(
+  "eval_dir", None, "--mode=evaluate: where scores.json and predictions.jsonl go (WORKDIR/eval)."
+)
+_EVAL_STRIDE = flags.DEFINE_integer(
+  "eval_stride",
+  None,
+  "--mode=evaluate on text: tokens between windows; each scores only the tokens the previous "
+  "did not (default half the context; the context itself: non-overlapping windows).",
+)
+_EVAL_RECORDS = flags.DEFINE_integer(
+  "eval_records", 100, "--mode=evaluate: records to generate replies for, from the first (0: all)."
+)
+_EVAL_BATCH = flags.DEFINE_integer(
+  "eval_batch", 16, "--mode=evaluate: rows per forward pass and prompts per generate call."
+)
+_EVAL_GENERATE = flags.DEFINE_bool(
+  "eval_generate",
+  True,
+  "--mode=evaluate on task data: generate replies and score them (greedy unless --temperature "
+  "is given); --eval_generate=0 scores the loss alone.",
+)
+_EVAL_TEMPLATE = flags.DEFINE_string(
+  "eval_template",
+  None,
+  "--mode=evaluate: the chat template for task data (a built-in name or a Jinja2 file; "
+  "default the run's data.chat_template).",
 )
 
 
-# The others read WORKDIR/config.json; sample and chat take a --config with init_from.
+# The others read WORKDIR/config.json; sample, chat and evaluate take a --config with
+# init_from.
 _NEEDS_CONFIG = ("train", "compile_only")
 
 
@@ -98,12 +143,31 @@ def main(argv) -> None:
     )
   elif mode == "chat":
     max_new = _MAX_NEW.value if flags.FLAGS["max_new_tokens"].present else None
-    chat.run(
-      workdir,
-      chat.Options(max_new, sampling, _SEED.value, _STREAM_TOKENS.value),
-      chat.Template(_USER.value, _ASSISTANT.value),
-      config,
+    options = chat.Options(
+      max_new, sampling, _SEED.value, _STREAM_TOKENS.value, _USER.value, _ASSISTANT.value
     )
+    chat.run(workdir, options, config)
+  elif mode == "evaluate":
+    evaluation.run(workdir, evaluate_options(sampling), config)
+
+
+def evaluate_options(sampling: decode.Sampling) -> evaluation.Options:
+  """--mode=evaluate's flags; greedy and the reference-sized budget unless given."""
+  given = lambda name: flags.FLAGS[name].present
+  if not given("temperature"):  # sampling's default 0.8 is for sample and chat
+    sampling = decode.Sampling(0.0, sampling.top_k, sampling.top_p)
+  return evaluation.Options(
+    data=_EVAL_DATA.value,
+    eval_dir=_EVAL_DIR.value,
+    stride=_EVAL_STRIDE.value,
+    records=_EVAL_RECORDS.value,
+    batch=_EVAL_BATCH.value,
+    generate=_EVAL_GENERATE.value,
+    max_new=_MAX_NEW.value if given("max_new_tokens") else None,
+    sampling=sampling,
+    seed=_SEED.value,
+    template=_EVAL_TEMPLATE.value,
+  )
 
 
 if __name__ == "__main__":

@@ -24,13 +24,14 @@ class Packed:
   positions: np.ndarray  # (R, T) int32: position of each input within its example
   slot_segments: np.ndarray  # (R, T+1) int32: example of each token slot (0: padding)
   truncated: int  # examples cut to fit a row
+  members: list  # per row, the input index of the example in each segment (segment s: [s-1])
 
   def real_share(self) -> np.ndarray:
     """(R,): the share of each row's input slots that hold example tokens, not padding."""
     return (self.segments > 0).mean(axis=1)
 
 
-def pack(examples, block_size: int, pad_id: int = 0) -> Packed:
+def pack(examples, block_size: int, pad_id: int = 0, cut_to_fill: bool = True) -> Packed:
   """Packs (ids, weights) examples into rows of block_size + 1 tokens: first fit, longest
   first, so rows fill up; a row's examples keep their input order (the epoch's shuffle
   permutes rows).
@@ -38,14 +39,16 @@ def pack(examples, block_size: int, pad_id: int = 0) -> Packed:
   An example that fits no row whole goes, before a new row is opened, into the roomiest row
   that can take its trained tokens and some of their context: its oldest context is cut
   (counted as truncated). Examples just over half a row would otherwise leave rows half empty.
+  cut_to_fill=False never cuts an example that fits a row (evaluation: losses as if alone).
   """
   width = block_size + 1
-  kept, truncated = [], 0
-  for ids, weights in examples:
+  kept, index, truncated = [], [], 0
+  for i, (ids, weights) in enumerate(examples):
     if len(ids) > width:
       ids, weights, truncated = ids[-width:], weights[-width:], truncated + 1
     if len(ids) >= 2:  # something to predict
       kept.append([np.asarray(ids, np.int32), np.asarray(weights, np.float32)])
+      index.append(i)
   room = np.zeros(0, np.int64)
   row_of = np.zeros(len(kept), np.int64)
   for e in sorted(range(len(kept)), key=lambda e: -len(kept[e][0])):
@@ -53,17 +56,18 @@ def pack(examples, block_size: int, pad_id: int = 0) -> Packed:
     fits = np.flatnonzero(room >= len(ids))
     if fits.size:
       row_of[e] = fits[0]
-    elif room.size and room.max() >= _needed(weights):
+    elif cut_to_fill and room.size and room.max() >= _needed(weights):
       row_of[e] = int(np.argmax(room))
       kept[e] = [ids[-room[row_of[e]] :], weights[-room[row_of[e]] :]]
       truncated += 1
     else:
       room, row_of[e] = np.append(room, width), len(room)
     room[row_of[e]] -= len(kept[e][0])
-  rows = [[] for _ in range(len(room))]
+  rows, members = [[] for _ in range(len(room))], [[] for _ in range(len(room))]
   for e, example in enumerate(kept):
     rows[row_of[e]].append(example)
-  return _arrays(rows, width, pad_id, truncated)
+    members[row_of[e]].append(index[e])
+  return _arrays(rows, width, pad_id, truncated, members)
 
 
 def _needed(weights) -> int:
@@ -73,7 +77,7 @@ def _needed(weights) -> int:
   return len(weights) - trained[0] + 1 if trained.size else len(weights)
 
 
-def _arrays(rows, width: int, pad_id: int, truncated: int) -> Packed:
+def _arrays(rows, width: int, pad_id: int, truncated: int, members: list) -> Packed:
   n = len(rows)
   tokens = np.full((n, width), pad_id, np.int32)
   token_weights = np.zeros((n, width), np.float32)
@@ -95,6 +99,7 @@ def _arrays(rows, width: int, pad_id: int, truncated: int) -> Packed:
     positions=position_of_slot[:, :-1],
     slot_segments=segment_of_slot,
     truncated=truncated,
+    members=members,
   )
 
 

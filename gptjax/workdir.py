@@ -71,7 +71,7 @@ def run_files(path: str) -> str:
 
 
 # Flags that name paths, in gptjax.main and the side programs (tokenize's --input is a glob).
-PATH_FLAGS = ("workdir", "export_dir", "input", "output")
+PATH_FLAGS = ("workdir", "export_dir", "input", "output", "eval_data", "eval_dir")
 
 
 def normalize_flags(flag_values) -> None:

@@ -78,6 +78,46 @@ def test_end_of_turn_markers_and_endoftext_ids():
   tok = tokenizer_lib.ByteTokenizer()
   ids = chat_template.encode_text(tok, f"a{tokenizer_lib.EOT}b{tokenizer_lib.EOT}")
   assert ids.tolist() == [ord("a"), tok.eot_id, ord("b"), tok.eot_id]
+  assert chat_template.decode_text(tok, ids) == f"a{tokenizer_lib.EOT}b{tokenizer_lib.EOT}"
+
+
+def _old_chat_layout(messages, user="User", assistant="Assistant"):
+  """--mode=chat's text before templates (chat.Template): what play must still render."""
+  names = {"user": user, "assistant": assistant}
+  turns = "".join(f"{names[m['role']]}:\n{m['content']}\n\n" for m in messages)
+  return turns + f"{assistant}:\n"
+
+
+def test_play_renders_the_old_chat_layout(conversations):
+  play = chat_template.load("play")
+  assert play.end_of_turn == "\n\n"
+  for messages in conversations[1:3]:  # no system turn
+    assert play.render(messages[:-1], add_generation_prompt=True) == _old_chat_layout(messages[:-1])
+    named = play.with_names("ROMEO", "JULIET")
+    want = _old_chat_layout(messages[:-1], "ROMEO", "JULIET")
+    assert named.render(messages[:-1], add_generation_prompt=True) == want
+  system = [SYSTEM, {"role": "user", "content": "hi"}]
+  assert play.render(system) == "You speak as in the plays.\n\nUser:\nhi\n\n"
+
+
+def test_play_names_change_the_prompt_and_leave_the_masks_to_the_replies():
+  tok = tokenizer_lib.CharTokenizer("abcdefghijklmnopqrstuvwxyzUARJ:.\n ")
+  messages = [
+    {"role": "user", "content": "hail"},
+    {"role": "assistant", "content": "well met"},
+    {"role": "user", "content": "farewell"},
+    {"role": "assistant", "content": "adieu"},
+  ]
+  for template in [chat_template.load("play"), chat_template.load("play").with_names("R", "J")]:
+    speaker = template.names.get("assistant_name", "Assistant")
+    prompt = template.prompt(messages[:-1], tok)
+    whole = chat_template.encode_text(tok, template.render(messages))
+    np.testing.assert_array_equal(whole[: len(prompt)], prompt)
+    assert tok.decode(prompt).endswith(f"\n\n{speaker}:\n")
+    ids, weights = template.encode(messages, tok)
+    assert [tok.decode(ids[run]) for run in _runs(weights == 1)] == ["well met\n\n", "adieu\n\n"]
+  plain = chat_template.load("plain").with_names("R", "J")  # a template without names
+  assert plain.render(messages) == chat_template.load("plain").render(messages)
 
 
 def test_a_template_from_a_file(tmp_path):
@@ -115,7 +155,7 @@ def test_a_broken_template_is_one_clear_error(tmp_path, source, fragment):
 
 
 def test_an_unknown_template_name_lists_the_built_ins():
-  with pytest.raises(UserError, match="neither a built-in \\(gpt2, plain\\) nor a file"):
+  with pytest.raises(UserError, match="neither a built-in \\(play, gpt2, plain\\) nor a file"):
     chat_template.load("chatml")
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import ONE_DEVICE, run_cli, tiny_config
 
-from gptjax import chat, decode
+from gptjax import chat, chat_template, decode
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
@@ -19,8 +19,8 @@ def _chat(max_new=10, chunk=2, seed=0):
   model = GPT(GPTConfig.from_config(tiny_config().model, TOKENIZER.vocab_size))
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32), jnp.int32))["params"]
   params = jax.tree.map(lambda x: x.value, params, is_leaf=lambda x: hasattr(x, "value"))
-  template = chat.Template("U", "A")
-  stop = TOKENIZER.encode(template.end_of_turn).tolist()
+  template = chat_template.load("play").with_names("U", "A")
+  stop = chat_template.encode_text(TOKENIZER, template.end_of_turn).tolist()
   decoder = decode.Decoder(model, params, [TOKENIZER.eot_id], [stop])
   notes = []
   return chat.Chat(
@@ -32,16 +32,17 @@ def _chat(max_new=10, chunk=2, seed=0):
 def test_replies_stream_over_several_calls_and_end_at_the_turn():
   c, _ = _chat(max_new=10, chunk=2)
   pieces = []
-  reply = c.reply(c.user_turn("hi"), pieces.append)
+  reply = c.reply("hi", pieces.append)
   assert "".join(pieces) == reply and "\n\n" not in reply
   assert len(reply) > 2 and len(pieces) >= 2  # text arrived after more than one call
-  turn = TOKENIZER.decode(c.turns[-1])
-  assert turn == f"A:\n{reply}\n\n" and TOKENIZER.decode(c.turns[0]) == "U:\nhi\n\n"
+  assert c.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+  assert c.template.render(c.messages) == f"U:\nhi\n\nA:\n{reply}\n\n"
 
 
 @pytest.mark.slow
 def test_the_oldest_turns_are_dropped_to_fit_the_context():
   c, notes = _chat(max_new=8)
+  c.messages = [{"role": "system", "content": "be"}]  # set-up that outlives every drop
   traces, after_each_turn = [], []  # jit traces (and compiles) each new input shape once
 
   def listen(event, duration, fun_name="", **kwargs):
@@ -51,18 +52,20 @@ def test_the_oldest_turns_are_dropped_to_fit_the_context():
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     for text in ["one", "two two", "three three", "four four four"]:
-      c.reply(c.user_turn(text), lambda piece: None)
+      c.reply(text, lambda piece: None)
       after_each_turn.append(len(traces))
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
   # One compile per session: the prompt is always padded to the same width, so the first
   # reply traces its steps and later replies (longer histories included) trace nothing.
   assert after_each_turn[0] > 0 and after_each_turn == after_each_turn[:1] * 4, traces
-  prompt = c.context(c.user_turn("five"))
+  prompt = TOKENIZER.decode(c.context("five"))
   assert len(prompt) <= c.width  # prompt + reply budget within the 32-token context
-  assert TOKENIZER.decode(prompt).endswith("U:\nfive\n\nA:\n")
-  assert not TOKENIZER.decode(prompt).startswith("U:\none")
+  assert prompt.startswith("be\n\n") and prompt.endswith("U:\nfive\n\nA:\n")
+  assert "U:\none" not in prompt and len(c.messages) % 2 == 1  # whole pairs dropped
   assert any("dropped the oldest" in n for n in notes)
+  c.reset()
+  assert c.messages == [{"role": "system", "content": "be"}]
 
 
 def test_chat_errors():
@@ -72,7 +75,8 @@ def test_chat_errors():
   assert _chat(max_new=None)[0].max_new == 16  # half the context
   c, _ = _chat()
   with pytest.raises(UserError, match="'é'"):
-    c.user_turn("café")
+    c.reply("café", lambda piece: None)
+  assert c.messages == [] and c.replies == 0
 
 
 @pytest.mark.slow

@@ -19,6 +19,8 @@ VARIANTS = {
   "shakespeare_char.py": [None, "gpu", "cpu"],
   "gpt2.py": [None, "small", "medium", "large", "xl"],
   "shakespeare_ablation.py": [None, "product"],
+  "shakespeare_dialogue.py": [None],
+  "gpt2_sft.py": [None, "small", "medium", "large", "xl"],
 }
 
 
@@ -72,6 +74,7 @@ def test_the_variants_differ_as_documented():
   [
     ("shakespeare_char.py", "unknown variant 'gpu2' of shakespeare_char.py"),
     ("gpt2.py", "unknown GPT-2 size 'gpu2'; use one of small, medium, large, xl"),
+    ("gpt2_sft.py", "unknown GPT-2 size 'gpu2'; use one of small, medium, large, xl"),
     ("shakespeare_ablation.py", "unknown variant 'gpu2' of shakespeare_ablation.py"),
   ],
 )

@@ -1,0 +1,297 @@
+"""Supervised fine-tuning through the CLI: task runs resume bit-exact after SIGKILL and agree
+across grad_accum and meshes, bad input is one line naming the file and line, and
+--config.init_from starts from a gptjax run's weights, shape and vocabulary."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ONE_DEVICE, REPO, one_line_error, run_cli, with_test_cache
+
+from gptjax.workdir import LOCK
+
+DIALOGUE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "shakespeare_dialogue"))
+TINY = "--config=experiments/tiny.py"
+TASK = ["--config.data.source=task", "--config.data.chat_template=plain"]
+EXACT = ("loss", "lr", "grad_norm", "trained_tokens", "val_loss", "val_bpb")
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+GOOD = (
+  '{"messages": [{"role": "user", "content": "Hail."}, {"role": "assistant", "content": "Ho."}]}'
+)
+
+
+def _small_jsonl(directory, n=200) -> str:
+  """The first n conversations of the dialogue fixture, as a JSONL file of their own."""
+  path = os.path.join(directory, f"first{n}.jsonl")
+  with open(os.path.join(DIALOGUE, "train.jsonl")) as f:
+    lines = [next(f) for _ in range(n)]
+  with open(path, "w") as f:
+    f.writelines(lines)
+  return path
+
+
+def _metrics(workdir, keys=EXACT):
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [{k: l[k] for k in ("step", *keys) if k in l} for l in lines]
+
+
+def _losses(workdir):
+  return {l["step"]: l["loss"] for l in _metrics(workdir) if "loss" in l}
+
+
+def _finalized(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _wait_for(proc, condition, timeout=120):
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    assert time.time() < deadline, "timed out waiting for the run"
+    time.sleep(0.005)
+
+
+def _config(workdir):
+  with open(os.path.join(workdir, "config.json")) as f:
+    return json.load(f)
+
+
+def _snapshot(directory) -> dict:
+  """Every file under `directory` (but the run lock, which each start takes and truncates):
+  relative path -> (mtime_ns, sha256 of its bytes)."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      if name == LOCK and root == str(directory):
+        continue
+      with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      out[os.path.relpath(path, directory)] = (os.stat(path).st_mtime_ns, digest)
+  return out
+
+
+# --- Sharded, resumable, bit-exact like pre-training -----------------------------------------
+
+STEPS = 60
+RESUMABLE = [
+  TINY,
+  *TASK,
+  f"--config.train.num_steps={STEPS}",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=20",
+  "--config.checkpoint.every=10",
+  "--config.model.dropout=0.1",  # so the rng state matters too
+]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+  return _small_jsonl(tmp_path_factory.mktemp("small_data"))
+
+
+@pytest.mark.slow
+def test_a_task_run_killed_and_rerun_gives_the_uninterrupted_metrics_bit_for_bit(
+  tmp_path, small_data
+):
+  args = [*RESUMABLE, f"--config.data.path={small_data}"]
+  whole = run_cli(*args, f"--workdir={tmp_path}/whole", env=ONE_DEVICE)
+  assert whole.returncode == 0, whole.stderr[-2000:]
+  assert "train task data: 180 conversations in " in whole.stdout  # 200 less val_fraction 0.1
+  assert "val task data: 20 conversations in " in whole.stdout
+  uninterrupted = _metrics(tmp_path / "whole")
+  assert [m["step"] for m in uninterrupted if "loss" in m] == list(range(1, STEPS + 1))
+  assert [m["step"] for m in uninterrupted if "val_loss" in m] == [20, 40, 60]
+
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "gptjax.main", *with_test_cache([*args, f"--workdir={workdir}"])],
+    cwd=REPO,
+    env={**os.environ, **ONE_DEVICE},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    _wait_for(proc, lambda: len(_finalized(workdir)) >= 2)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.communicate()
+  assert proc.returncode == -signal.SIGKILL
+  assert _metrics(workdir)[-1]["step"] < STEPS  # it really was cut short
+  resumed_at = max(_finalized(workdir))
+  rerun = run_cli(*args, f"--workdir={workdir}", env=ONE_DEVICE)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert f"resumed from checkpoint {resumed_at}" in rerun.stdout, rerun.stdout[-2000:]
+  assert "data order from here differs" not in rerun.stdout
+  assert _metrics(workdir) == uninterrupted  # floats compared exactly
+
+
+@pytest.mark.slow
+def test_task_first_steps_agree_with_grad_accum_and_on_a_2x2x2_mesh(tmp_path, small_data):
+  args = [
+    TINY,
+    *TASK,
+    f"--config.data.path={small_data}",
+    "--config.train.num_steps=3",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=3",
+    "--config.model.n_head=8",  # the tensor axis splits heads
+    "--config.model.dropout=0.0",  # dropout masks need not agree across layouts
+  ]
+  one = run_cli(*args, f"--workdir={tmp_path}/one", env=ONE_DEVICE)
+  assert one.returncode == 0, one.stderr[-2000:]
+  accum = run_cli(
+    *args, "--config.optim.grad_accum=2", f"--workdir={tmp_path}/accum", env=ONE_DEVICE
+  )
+  assert accum.returncode == 0, accum.stderr[-2000:]
+  mesh = run_cli(
+    *args,
+    "--config.mesh.shape.data=2",
+    "--config.mesh.shape.fsdp=2",
+    "--config.mesh.shape.tensor=2",
+    f"--workdir={tmp_path}/mesh",
+    env=EIGHT_DEVICES,
+  )
+  assert mesh.returncode == 0, mesh.stderr[-2000:]
+  assert "over 8 cpu device(s)" in mesh.stdout, mesh.stdout[-2000:]
+  assert _config(tmp_path / "accum")["optim"]["grad_accum"] == 2
+  assert {
+    k: _config(tmp_path / "mesh")["mesh"]["shape"][k] for k in ("data", "fsdp", "tensor")
+  } == {
+    "data": 2,
+    "fsdp": 2,
+    "tensor": 2,
+  }
+
+  want = _losses(tmp_path / "one")
+  assert sorted(want) == [1, 2, 3]
+  for name in ("accum", "mesh"):
+    got = _losses(tmp_path / name)
+    assert sorted(got) == [1, 2, 3], name
+    for step in (1, 2, 3):
+      assert got[step] == pytest.approx(want[step], rel=1e-5), (name, step, got, want)
+  tokens = {l["step"]: l["trained_tokens"] for l in _metrics(tmp_path / "one") if "loss" in l}
+  for name in ("accum", "mesh"):
+    got = {l["step"]: l["trained_tokens"] for l in _metrics(tmp_path / name) if "loss" in l}
+    assert got == tokens, name
+
+
+# --- Bad input: one line naming the file and line, and the workdir untouched ----------------
+
+
+@pytest.fixture(scope="module")
+def finished(trained_tiny, tmp_path_factory):
+  """A copy of a finished tiny run (trained_tiny is shared by other tests)."""
+  workdir = tmp_path_factory.mktemp("finished") / "w"
+  shutil.copytree(trained_tiny, workdir)
+  return workdir
+
+
+TEMPLATE_WITH_SYNTAX_ERROR = "{% for m in messages %}\n{{ m.content }}\n\n{% if m.role == 'user' %}\n{% endfor %}\n"  # line 5 closes the for while the if is open
+USER_TURNS_ONLY = (
+  "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}\n\n{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+  "case, data_lines, template, fragments",
+  [
+    ("malformed", [GOOD, GOOD, '{"messages": [{"role": "user"'], None, [":3: not valid JSON"]),
+    (
+      "role",
+      [GOOD, '{"messages": [{"role": "narrator", "content": "x"}]}'],
+      None,
+      [":2: turn 1: unknown role 'narrator'"],
+    ),
+    ("fields", [GOOD, GOOD, GOOD, '{"prompt": "no completion"}'], None, [":4: a record needs"]),
+    ("empty", [], None, ["holds no records"]),
+    ("syntax", [GOOD] * 20, TEMPLATE_WITH_SYNTAX_ERROR, ["syntax error at line 5"]),
+    ("no_reply", [GOOD] * 20, USER_TURNS_ONLY, ["marks no assistant reply"]),
+  ],
+)
+def test_bad_task_input_is_one_line_naming_the_file_and_line(
+  tmp_path, finished, case, data_lines, template, fragments
+):
+  data = tmp_path / f"{case}.jsonl"
+  data.write_text("".join(line + "\n" for line in data_lines))
+  named = data  # the file at fault
+  args = [TINY, f"--workdir={finished}", "--config.data.source=task", f"--config.data.path={data}"]
+  if template is None:
+    args.append("--config.data.chat_template=plain")
+  else:
+    named = tmp_path / f"{case}.jinja"
+    named.write_text(template)
+    args.append(f"--config.data.chat_template={named}")
+  before = _snapshot(finished)
+  proc = run_cli(*args, env=ONE_DEVICE)
+  line = one_line_error(proc, str(named), *fragments)
+  if case in ("malformed", "role", "fields"):  # FILE:LINE
+    assert f"{named}:{fragments[0].split(':')[1]}:" in line, line
+  assert _snapshot(finished) == before  # nothing in the finished run changed
+
+
+# --- Fine-tuning from a gptjax run ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_init_from_a_workdir_takes_its_weights_shape_and_vocabulary(tmp_path, trained_tiny):
+  data = _small_jsonl(tmp_path, 100)
+  args = [
+    TINY,
+    *TASK,
+    f"--config.data.path={data}",
+    "--config.train.num_steps=3",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=3",
+  ]
+  source = _config(trained_tiny)
+  source_files = _snapshot(trained_tiny)
+  tuned = run_cli(
+    *args,
+    f"--config.init_from={trained_tiny}",
+    "--config.model.n_layer=3",  # overridden by the source's shape
+    "--config.model.d_model=48",
+    f"--workdir={tmp_path}/tuned",
+    env=ONE_DEVICE,
+  )
+  assert tuned.returncode == 0, tuned.stderr[-2000:]
+  assert f"initialised the parameters from {trained_tiny} (checkpoint 30)" in tuned.stdout
+  assert f"from init_from {trained_tiny}: model.n_layer 3 -> 2" in tuned.stdout
+  config = _config(tmp_path / "tuned")
+  for key in ("n_layer", "n_head", "d_model", "d_ff", "block_size", "vocab_size"):
+    assert config["model"][key] == source["model"][key], key
+  assert config["init_from"] == str(trained_tiny)
+  with (
+    open(tmp_path / "tuned" / "tokenizer.json", "rb") as a,
+    open(trained_tiny / "tokenizer.json", "rb") as b,
+  ):
+    assert a.read() == b.read()  # the source's vocabulary, not one built from the task data
+  assert _snapshot(trained_tiny) == source_files  # the source run is only read
+
+  fresh = run_cli(*args, f"--workdir={tmp_path}/fresh", env=ONE_DEVICE)
+  assert fresh.returncode == 0, fresh.stderr[-2000:]
+  assert "initialised the parameters" not in fresh.stdout
+  # Step 1's loss is that of the starting weights: the pretrained ones already know the text.
+  assert _losses(tmp_path / "tuned")[1] < _losses(tmp_path / "fresh")[1] - 0.3
+
+
+def test_init_from_a_missing_directory_is_one_line_naming_it(tmp_path, small_data):
+  proc = run_cli(
+    TINY,
+    *TASK,
+    f"--config.data.path={small_data}",
+    "--config.init_from=/nonexistent",
+    f"--workdir={tmp_path}/w",
+    env=ONE_DEVICE,
+  )
+  one_line_error(proc, "/nonexistent")
+  assert not os.path.exists(tmp_path / "w")  # refused before the workdir was made
