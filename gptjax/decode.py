@@ -267,10 +267,28 @@ def complete(
     new = {}
     for i, b in enumerate(live):
       new[b] = out[i, : count[i]].tolist()
+      before = len(produced[b])
       produced[b] += new[b]
       if finished[i] in ("stop_token", "stop_sequence"):
         reasons[b] = finished[i]
+      elif (end := _stop_across(produced[b], before, decoder.stop_sequences)) is not None:
+        new[b] = new[b][: end - before]  # a stop sequence split by a new prefill
+        produced[b], reasons[b] = produced[b][:end], "stop_sequence"
     if on_tokens:
       on_tokens(new)
     live = [b for b in live if reasons[b] == "length" and len(produced[b]) < max_new]
   return produced, reasons
+
+
+def _stop_across(tokens: list[int], before: int, stop_sequences) -> int | None:
+  """The end of the first stop sequence in `tokens` that ends after index `before` and
+  started before it (the jitted loop sees only the tokens of its own round)."""
+  for end in range(before + 1, len(tokens) + 1):
+    for seq in stop_sequences:
+      if (
+        len(seq) > 1
+        and end - len(seq) < before
+        and tokens[max(0, end - len(seq)) : end] == list(seq)
+      ):
+        return end
+  return None

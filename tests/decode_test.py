@@ -236,3 +236,11 @@ def test_scan_layers_decodes_as_the_loop():
       state, out, _ = d.generate(state, 6, decode.Sampling(0.0))
       outs.append(np.asarray(out))
   np.testing.assert_array_equal(np.concatenate(outs[:2], 1), np.concatenate(outs[2:], 1))
+
+
+def test_a_stop_sequence_split_between_two_prefills_is_found():
+  # complete() re-prefills when the cache is full; the jitted loop then sees only its own
+  # round's tokens, so "\n\n" as its last and the next round's first token is found here.
+  assert decode._stop_across([5, 6, 0, 0, 7], before=3, stop_sequences=[(0, 0)]) == 4
+  assert decode._stop_across([5, 0, 0, 7], before=3, stop_sequences=[(0, 0)]) is None  # seen
+  assert decode._stop_across([5, 6, 0, 7], before=3, stop_sequences=[(0, 0)]) is None
