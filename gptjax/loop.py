@@ -64,7 +64,7 @@ def prepare(
     for note in data.notes if data else ():
       say(note)
     s = setup(config, data.tokenizer.vocab_size if data else config.model.vocab_size, mesh)
-    _describe(s)
+    _describe(s, packed=config.data.source == "task")
     metrics_lib.check_fits(s.memory())
   except BaseException:
     if held:
@@ -73,13 +73,16 @@ def prepare(
   return s, data, held
 
 
-def _describe(s: Setup) -> None:
+def _describe(s: Setup, packed: bool) -> None:
   cfg, params = s.model.cfg, s.abstract.params
+  attention = resolve_implementation(cfg.attention, cfg.dtype)
+  if packed and attention != "xla":  # attention.py: segment masks take XLA's path
+    attention = "xla (packed rows need a segment mask, which cuDNN's fused kernel cannot take)"
   say(
     f"model: {count_params(params) / 1e6:.2f}M parameters ("
     f"{count_params(params, True) / 1e6:.2f}M without embeddings), vocab "
     f"{cfg.vocab_size} padded to {cfg.padded_vocab}, {jnp.dtype(cfg.dtype).name} compute, "
-    f"attention {resolve_implementation(cfg.attention, cfg.dtype)}"
+    f"attention {attention}"
   )
   say(f"compiled train and eval steps in {s.compile_s:.1f}s")
   mem, fmt = s.memory(), metrics_lib.format_bytes
@@ -184,7 +187,10 @@ def _nothing_to_do(config, workdir: str, step: int) -> dict:
     "--config.optim.decay_steps to keep the old learning-rate schedule)"
   )
   path = os.path.join(workdir, "summary.json")
-  return _read_json(path) if os.path.exists(path) else {"steps": step}
+  if not os.path.exists(path):
+    return {"steps": step}
+  with open(path) as f:
+    return json.load(f)
 
 
 class Run:
@@ -392,8 +398,3 @@ def _resume_note(ckpt: checkpoint.Checkpoints, what: str = "the same command") -
     if steps
     else f"no checkpoint was saved yet, so rerunning {what} starts from step 0"
   )
-
-
-def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)

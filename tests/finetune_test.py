@@ -162,27 +162,21 @@ def test_task_first_steps_agree_with_grad_accum_and_on_a_2x2x2_mesh(tmp_path, sm
     env=EIGHT_DEVICES,
   )
   assert mesh.returncode == 0, mesh.stderr[-2000:]
-  assert "over 8 cpu device(s)" in mesh.stdout, mesh.stdout[-2000:]
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 cpu device(s)" in mesh.stdout
+  shape = _config(tmp_path / "mesh")["mesh"]["shape"]
+  assert (shape["data"], shape["fsdp"], shape["tensor"]) == (2, 2, 2)
   assert _config(tmp_path / "accum")["optim"]["grad_accum"] == 2
-  assert {
-    k: _config(tmp_path / "mesh")["mesh"]["shape"][k] for k in ("data", "fsdp", "tensor")
-  } == {
-    "data": 2,
-    "fsdp": 2,
-    "tensor": 2,
-  }
 
-  want = _losses(tmp_path / "one")
-  assert sorted(want) == [1, 2, 3]
+  def numbers(name):  # (step, key) -> value of the train lines and the step-3 eval
+    return {(m["step"], k): m[k] for m in _metrics(tmp_path / name) for k in EXACT if k in m}
+
+  want = numbers("one")
+  assert {k for _, k in want} == set(EXACT) and {s for s, _ in want} == {1, 2, 3}
   for name in ("accum", "mesh"):
-    got = _losses(tmp_path / name)
-    assert sorted(got) == [1, 2, 3], name
-    for step in (1, 2, 3):
-      assert got[step] == pytest.approx(want[step], rel=1e-5), (name, step, got, want)
-  tokens = {l["step"]: l["trained_tokens"] for l in _metrics(tmp_path / "one") if "loss" in l}
-  for name in ("accum", "mesh"):
-    got = {l["step"]: l["trained_tokens"] for l in _metrics(tmp_path / name) if "loss" in l}
-    assert got == tokens, name
+    got = numbers(name)
+    assert got.keys() == want.keys(), name
+    for key, value in want.items():
+      assert got[key] == pytest.approx(value, rel=1e-5), (name, key, got[key], value)
 
 
 # --- Bad input: one line naming the file and line, and the workdir untouched ----------------
@@ -196,7 +190,10 @@ def finished(trained_tiny, tmp_path_factory):
   return workdir
 
 
-TEMPLATE_WITH_SYNTAX_ERROR = "{% for m in messages %}\n{{ m.content }}\n\n{% if m.role == 'user' %}\n{% endfor %}\n"  # line 5 closes the for while the if is open
+# Line 5 closes the for while the if is still open.
+TEMPLATE_WITH_SYNTAX_ERROR = (
+  "{% for m in messages %}\n{{ m.content }}\n\n{% if m.role == 'user' %}\n{% endfor %}\n"
+)
 USER_TURNS_ONLY = (
   "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}\n\n{% endif %}{% endfor %}"
 )
