@@ -8,7 +8,8 @@ example's weight for that token when slots t and t+1 belong to the same example,
 example's last token never learns to predict the next example's first.
 
 Examples longer than a row keep their end (the reply; chat_template turns put it last) and
-are counted as truncated; chat data should drop whole old turns first (fit_turns).
+are counted as truncated; so is an example whose oldest context is cut to fill a row that
+would otherwise stay half empty (its reply and one token of context always stay).
 """
 
 import dataclasses
@@ -101,21 +102,3 @@ def _arrays(rows, width: int, pad_id: int, truncated: int, members: list) -> Pac
     truncated=truncated,
     members=members,
   )
-
-
-def fit_turns(messages: list[dict], encode, max_tokens: int):
-  """(ids, weights, dropped) of the conversation with its oldest non-system turns dropped, in
-  whole user/assistant turns, until it fits max_tokens (the last reply is always kept; if it
-  alone is too long, pack() keeps its end). encode: messages -> (ids, weights)."""
-  system = [m for m in messages[:1] if m["role"] == "system"]
-  turns = messages[len(system) :]
-  dropped = 0
-  ids, weights = encode(messages)
-  while len(ids) > max_tokens and len(turns) > 1:
-    turns = turns[1:]
-    while len(turns) > 1 and turns[0]["role"] == "assistant":  # start at a user turn
-      turns = turns[1:]
-      dropped += 1
-    dropped += 1
-    ids, weights = encode(system + turns)
-  return ids, weights, dropped

@@ -34,6 +34,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "tinyshakespeare"))
+DIALOGUE_DIR = os.path.join(os.path.dirname(SHAKESPEARE_DIR), "shakespeare_dialogue")
 
 
 def tiny_config(**overrides):

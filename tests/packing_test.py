@@ -1,14 +1,16 @@
 """Packing: examples share rows exactly (each example's loss and gradients as if alone), with
 positions restarting per example, and over-long conversations fitted by dropping old turns."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_config
+from conftest import DIALOGUE_DIR, tiny_config
 
-from gptjax import chat_template, packing
+from gptjax import chat_template, packing, task_data
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.model import GPT, GPTConfig, init_params
 
@@ -93,16 +95,28 @@ def test_packed_losses_and_gradients_equal_separate_passes(positions):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
 
 
-def test_fit_turns_drops_the_oldest_turns_and_keeps_the_system_one():
-  tok = tokenizer_lib.ByteTokenizer()
+def test_an_example_that_fits_no_row_fills_a_half_empty_one_keeping_its_reply():
+  width = 33
+  first = (np.arange(20, dtype=np.int32), np.zeros(20, np.float32))
+  reply_w = np.zeros(18, np.float32)
+  reply_w[-5:] = 1.0  # the reply: its last 5 tokens
+  second = (np.arange(100, 118, dtype=np.int32), reply_w)
+  p = packing.pack([first, second], block_size=width - 1)
+  assert len(p.tokens) == 1 and p.truncated == 1 and p.members == [[0, 1]]
+  kept = p.tokens[0, p.slot_segments[0] == 2]
+  assert kept.tolist() == list(range(105, 118))  # its oldest context cut to the 13 free slots
+  assert p.weights[0].sum() == 5.0  # every reply token still trained
+  whole = packing.pack([first, second], block_size=width - 1, cut_to_fill=False)
+  assert len(whole.tokens) == 2 and whole.truncated == 0
+
+
+@pytest.mark.parametrize("block", [256, 1024])
+def test_packing_the_dialogue_fixture_fills_every_row(block):
+  """Acceptance: at least 85% real tokens in each row (char tokens, the plain template)."""
+  conversations = task_data.read(os.path.join(DIALOGUE_DIR, "train.jsonl"))
   template = chat_template.load("plain")
-  messages = [{"role": "system", "content": "S"}] + [
-    {"role": ("user", "assistant")[i % 2], "content": f"turn {i} " + "x" * 10} for i in range(6)
-  ]
-  encode = lambda m: template.encode(m, tok)
-  ids, weights, dropped = packing.fit_turns(messages, encode, max_tokens=50)
-  text = tok.decode(ids)
-  assert len(ids) <= 50 and dropped == 4 and text.startswith("S\n\nturn 4")
-  assert tok.decode(ids[weights == 1]).startswith("turn 5")  # the reply is kept, trained
-  ids, _, dropped = packing.fit_turns(messages, encode, max_tokens=10)  # even the last pair
-  assert dropped == 5 and tok.decode(ids).startswith("S\n\nturn 5")  # is long: pack() cuts
+  texts = [template.render(m) for m in conversations]
+  tok = tokenizer_lib.build("char", None, lambda: texts)
+  p = packing.pack([template.encode(m, tok) for m in conversations], block)
+  assert p.real_share().min() >= 0.85
+  assert sorted(i for row in p.members for i in row) == list(range(len(conversations)))
