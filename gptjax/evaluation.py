@@ -238,7 +238,7 @@ def task_loss(loaded: inference.Loaded, template, conversations, path: str, batc
 
 def _scored_bytes(tok, example, block: int) -> int:
   """UTF-8 bytes of an example's scored tokens (end-of-text counts none, as in training)."""
-  ids, weights = (np.asarray(a)[-(block + 1) :] for a in example)
+  ids, weights = packing.cut(*(np.asarray(a) for a in example), block + 1)
   scored = ids[1:][weights[1:] > 0]
   return len(tok.decode(scored).replace(EOT, "").encode("utf-8"))
 
@@ -292,7 +292,10 @@ def summary(out: dict, eval_dir: str) -> str:
   lines = [f"evaluated {out['checkpoint']} on {out['data']} ({where})"]
   line = f"{count}, {out['tokens']} tokens scored"
   if out.get("truncated"):
-    line += f"; {out['truncated']} examples longer than the context kept their end"
+    line += (
+      f"; {out['truncated']} examples longer than the context were cut (oldest context "
+      "first; a reply longer than the context keeps its start)"
+    )
   if out.get("unscored"):
     line += f"; {out['unscored']} had no token to score"
   lines.append(line)

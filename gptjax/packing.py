@@ -7,8 +7,8 @@ learned positions and RoPE restart at every example. The loss weight of target t
 example's weight for that token when slots t and t+1 belong to the same example, else 0: an
 example's last token never learns to predict the next example's first.
 
-Examples longer than a row keep their end (the reply; chat_template turns put it last) and
-are counted as truncated; so is an example whose oldest context is cut to fill a row that
+Examples longer than a row lose their oldest context first (the reply comes last in a
+conversation); a reply longer than a row keeps its start. Both are counted as truncated; so is an example whose oldest context is cut to fill a row that
 would otherwise stay half empty (its reply and one token of context always stay).
 """
 
@@ -46,7 +46,7 @@ def pack(examples, block_size: int, pad_id: int = 0, cut_to_fill: bool = True) -
   kept, index, truncated = [], [], 0
   for i, (ids, weights) in enumerate(examples):
     if len(ids) > width:
-      ids, weights, truncated = ids[-width:], weights[-width:], truncated + 1
+      (ids, weights), truncated = cut(ids, weights, width), truncated + 1
     if len(ids) >= 2:  # something to predict
       kept.append([np.asarray(ids, np.int32), np.asarray(weights, np.float32)])
       index.append(i)
@@ -69,6 +69,17 @@ def pack(examples, block_size: int, pad_id: int = 0, cut_to_fill: bool = True) -
     rows[row_of[e]].append(example)
     members[row_of[e]].append(index[e])
   return _arrays(rows, width, pad_id, truncated, members)
+
+
+def cut(ids, weights, width: int):
+  """An over-long example cut to `width` tokens: its oldest context goes first; a reply too
+  long even alone keeps its start (after one token of context), where the speaker and the
+  form of a reply are, rather than its tail."""
+  trained = np.flatnonzero(np.asarray(weights))
+  start = len(ids) - width
+  if trained.size and trained[0] - 1 < start:
+    start = max(int(trained[0]) - 1, 0)
+  return ids[start : start + width], weights[start : start + width]
 
 
 def _needed(weights) -> int:

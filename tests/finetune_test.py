@@ -12,11 +12,11 @@ import sys
 import time
 
 import pytest
-from conftest import ONE_DEVICE, REPO, one_line_error, run_cli, with_test_cache
+from conftest import DIALOGUE_DIR, ONE_DEVICE, REPO, one_line_error, run_cli, with_test_cache
 
 from gptjax.workdir import LOCK
 
-DIALOGUE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "shakespeare_dialogue"))
+DIALOGUE = DIALOGUE_DIR
 TINY = "--config=experiments/tiny.py"
 TASK = ["--config.data.source=task", "--config.data.chat_template=plain"]
 EXACT = ("loss", "lr", "grad_norm", "trained_tokens", "val_loss", "val_bpb")
@@ -288,3 +288,35 @@ def test_init_from_a_missing_directory_is_one_line_naming_it(tmp_path, small_dat
   )
   one_line_error(proc, "/nonexistent")
   assert not os.path.exists(tmp_path / "w")  # refused before the workdir was made
+
+
+@pytest.mark.slow
+def test_the_gpt2_recipe_fine_tunes_a_hugging_face_gpt2_with_its_bpe(tmp_path):
+  """experiments/gpt2_sft.py: init_from=hf:DIR (a random GPT-2 saved by transformers, with a
+  BPE tokenizer.json), the gpt2 template (turns ended by <|endoftext|>), packed task data."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from gptjax import tokenizer as tokenizer_lib
+
+  with open(os.path.join(DIALOGUE, "train.jsonl")) as f:
+    text = " ".join(json.loads(line)["messages"][-1]["content"] for line in f)
+  bpe = tokenizer_lib.BPETokenizer.train([text[:100_000]], 300)
+  torch.manual_seed(0)
+  config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+  transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+  (tmp_path / "hf" / "tokenizer.json").write_text(bpe.hf_json)
+  proc = run_cli(
+    "--config=experiments/gpt2_sft.py:small",
+    *("--config.model.n_layer=2", "--config.model.n_head=2", "--config.model.d_model=32"),
+    "--config.model.block_size=64",
+    f"--config.init_from=hf:{tmp_path / 'hf'}",
+    f"--config.data.path={_small_jsonl(tmp_path, 300)}",
+    *("--config.train.batch_size=8", "--config.optim.grad_accum=2"),
+    *("--config.train.num_steps=3", "--config.train.eval_every=3", "--config.train.eval_batches=2"),
+    f"--workdir={tmp_path / 'w'}",
+    env=ONE_DEVICE,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"initialised the parameters from hf:{tmp_path / 'hf'}" in proc.stdout
+  assert "train task data: 300 conversations in" in proc.stdout
+  assert json.load(open(tmp_path / "w" / "config.json"))["data"]["chat_template"] == "gpt2"

@@ -45,10 +45,15 @@ def test_rows_hold_whole_examples_with_their_own_positions():
   assert sorted(found) == sorted(ids.tolist() for ids, _ in examples)  # every example, whole
 
 
-def test_an_over_long_example_keeps_its_end():
-  ids = np.arange(40, dtype=np.int32)
-  p = packing.pack([(ids, np.ones(40, np.float32))], block_size=15)
+def test_an_over_long_example_loses_its_oldest_context_and_a_long_reply_its_tail():
+  ids, weights = np.arange(40, dtype=np.int32), np.zeros(40, np.float32)
+  weights[30:] = 1.0  # a 10-token reply after 30 of context: the context's start goes
+  p = packing.pack([(ids, weights)], block_size=15)
   assert p.truncated == 1 and p.tokens[0].tolist() == list(range(24, 40))
+  weights[10:] = 1.0  # a 30-token reply: one token of context, then the reply's first 15
+  p = packing.pack([(ids, weights)], block_size=15)
+  assert p.truncated == 1 and p.tokens[0].tolist() == list(range(9, 25))
+  assert p.weights[0].tolist() == [1.0] * 15  # every target in the row is the reply's
 
 
 @pytest.mark.slow  # ~16 s: the separate passes compile once per example length
