@@ -32,15 +32,19 @@ class Packed:
     return (self.segments > 0).mean(axis=1)
 
 
+MIN_FILL = 0.85  # rows less full than this are dissolved or merged where examples allow
+
+
 def pack(examples, block_size: int, pad_id: int = 0, cut_to_fill: bool = True) -> Packed:
   """Packs (ids, weights) examples into rows of block_size + 1 tokens: first fit, longest
   first, so rows fill up; a row's examples keep their input order (the epoch's shuffle
   permutes rows).
 
-  An example that fits no row whole goes, before a new row is opened, into the roomiest row
-  that can take its trained tokens and some of their context: its oldest context is cut
-  (counted as truncated). Examples just over half a row would otherwise leave rows half empty.
-  cut_to_fill=False never cuts an example that fits a row (evaluation: losses as if alone).
+  Examples just over half a row leave rows half empty. With cut_to_fill, each row under
+  MIN_FILL full is then dissolved into the other rows' free room, or else merged with
+  another such row; an example moved so keeps its trained tokens and at least one token of
+  context, and loses its oldest context if it must (counted as truncated). Evaluation
+  passes cut_to_fill=False: every example whole, its loss as if alone.
   """
   width = block_size + 1
   kept, index, truncated = [], [], 0
@@ -50,25 +54,106 @@ def pack(examples, block_size: int, pad_id: int = 0, cut_to_fill: bool = True) -
     if len(ids) >= 2:  # something to predict
       kept.append([np.asarray(ids, np.int32), np.asarray(weights, np.float32)])
       index.append(i)
-  room = np.zeros(0, np.int64)
-  row_of = np.zeros(len(kept), np.int64)
+  room, rows = np.zeros(0, np.int64), []
   for e in sorted(range(len(kept)), key=lambda e: -len(kept[e][0])):
-    ids, weights = kept[e]
-    fits = np.flatnonzero(room >= len(ids))
-    if fits.size:
-      row_of[e] = fits[0]
-    elif cut_to_fill and room.size and room.max() >= _needed(weights):
-      row_of[e] = int(np.argmax(room))
-      kept[e] = [ids[-room[row_of[e]] :], weights[-room[row_of[e]] :]]
-      truncated += 1
-    else:
-      room, row_of[e] = np.append(room, width), len(room)
-    room[row_of[e]] -= len(kept[e][0])
-  rows, members = [[] for _ in range(len(room))], [[] for _ in range(len(room))]
-  for e, example in enumerate(kept):
-    rows[row_of[e]].append(example)
-    members[row_of[e]].append(index[e])
-  return _arrays(rows, width, pad_id, truncated, members)
+    fits = np.flatnonzero(room >= len(kept[e][0]))
+    if not fits.size:
+      room, rows, fits = np.append(room, width), rows + [[]], [len(room)]
+    room[fits[0]] -= len(kept[e][0])
+    rows[fits[0]].append(e)
+  if cut_to_fill:
+    truncated += _dissolve(kept, rows, room, width) + _merge(kept, rows, room, width)
+    truncated += _top_up(kept, rows, room, width)
+  rows = [sorted(r) for r in rows if r]  # segments in input order
+  examples_by_row = [[kept[e] for e in r] for r in rows]
+  return _arrays(examples_by_row, width, pad_id, truncated, [[index[e] for e in r] for r in rows])
+
+
+def _sparse(rows, room, width: int) -> list[int]:
+  """Rows under MIN_FILL, emptiest first."""
+  return [
+    r for r in np.argsort(-room, kind="stable") if rows[r] and room[r] > (1 - MIN_FILL) * width
+  ]
+
+
+def _dissolve(kept, rows, room, width: int) -> int:
+  """Moves each sparse row's examples into other rows' room where they fit (whole, or cut
+  to their trained tokens plus some context); returns how many were cut."""
+  cuts = 0
+  for r in _sparse(rows, room, width):
+    trial, plan = room.copy(), []
+    trial[r] = -1  # not into itself
+    for e in sorted(rows[r], key=lambda e: -len(kept[e][0])):
+      n = len(kept[e][0])
+      fits = np.flatnonzero(trial >= n)
+      target = int(fits[0]) if fits.size else int(np.argmax(trial))
+      take = min(n, int(trial[target]))
+      if take < _needed(kept[e][1]):
+        break
+      trial[target] -= take
+      plan.append((e, target, take))
+    if len(plan) == len(rows[r]):
+      for e, target, take in plan:
+        cuts += _keep_last(kept, e, take)
+        rows[target].append(e)
+      rows[r], room[:], room[r] = [], trial, 0
+  return cuts
+
+
+def _merge(kept, rows, room, width: int) -> int:
+  """Merges pairs of sparse rows (emptiest first), cutting the examples with the most
+  context to spare until the pair fits one row; returns how many were cut."""
+  cuts, active = 0, _sparse(rows, room, width)
+  while active:
+    r = active.pop(0)
+    for q in active:
+      members = rows[r] + rows[q]
+      lengths = {e: len(kept[e][0]) for e in members}
+      excess = sum(lengths.values()) - width
+      for e in sorted(members, key=lambda e: _needed(kept[e][1]) - lengths[e]):
+        trim = max(0, min(excess, lengths[e] - _needed(kept[e][1])))
+        lengths[e], excess = lengths[e] - trim, excess - trim
+      if excess > 0:
+        continue
+      cuts += sum(_keep_last(kept, e, lengths[e]) for e in members)
+      rows[r], rows[q] = members, []
+      room[r], room[q] = width - sum(lengths.values()), 0
+      active.remove(q)
+      if room[r] > (1 - MIN_FILL) * width:
+        active.insert(0, r)  # still sparse: merge on
+      break
+  return cuts
+
+
+def _top_up(kept, rows, room, width: int) -> int:
+  """Fills each still-sparse row with examples from rows that stay MIN_FILL full without
+  them: whole ones first (longest first), then cut ones; returns how many were cut."""
+  cuts, row_of = 0, {e: r for r, members in enumerate(rows) for e in members}
+  by_length = sorted(row_of, key=lambda e: -len(kept[e][0]))
+  for r in _sparse(rows, room, width):
+    for whole in (True, False):
+      for e in by_length:
+        n, donor = len(kept[e][0]), row_of[e]
+        if room[r] <= (1 - MIN_FILL) * width:
+          break
+        if donor == r or (n > room[r] if whole else _needed(kept[e][1]) > room[r]):
+          continue
+        if width - room[donor] - n < MIN_FILL * width:
+          continue  # the donor would go sparse
+        take = min(n, int(room[r]))
+        cuts += _keep_last(kept, e, take)
+        rows[donor].remove(e)
+        rows[r].append(e)
+        room[donor], room[r], row_of[e] = room[donor] + n, room[r] - take, r
+  return cuts
+
+
+def _keep_last(kept, e: int, n: int) -> int:
+  """Cuts example e to its last n tokens; 1 if that cut anything."""
+  if n >= len(kept[e][0]):
+    return 0
+  kept[e] = [kept[e][0][-n:], kept[e][1][-n:]]
+  return 1
 
 
 def cut(ids, weights, width: int):
