@@ -137,16 +137,16 @@ def _task(config, tokenizer, conversations: dict) -> Data:
   batches, notes = {}, []
   for split in ("train", "val"):
     stats = task_data.encode_and_pack(
-      conversations[split], tokenizer, config.data, config.model.block_size
+      conversations[split], tokenizer, config.data, config.model.block_size, split == "train"
     )
     notes.append(stats.line(split))
     batches[split] = task_data.PackedBatches(
       stats.packed, config.train.batch_size, config.seed, split
     )
-  texts = task_data.texts(config.data, conversations["val"])
-  n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-  n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
-  return Data(tokenizer, batches["train"], batches["val"], n_bytes / n_tokens, tuple(notes))
+  val = batches["val"].packed  # bytes per scored token, as --mode=evaluate counts them
+  scored = val.tokens[:, 1:][val.weights > 0]
+  n_bytes = len(tokenizer.decode(scored).replace(tokenizer_lib.EOT, "").encode("utf-8"))
+  return Data(tokenizer, batches["train"], batches["val"], n_bytes / len(scored), tuple(notes))
 
 
 def tokenizer_file(workdir: str) -> str:

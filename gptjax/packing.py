@@ -160,6 +160,8 @@ def cut(ids, weights, width: int):
   """An over-long example cut to `width` tokens: its oldest context goes first; a reply too
   long even alone keeps its start (after one token of context), where the speaker and the
   form of a reply are, rather than its tail."""
+  if len(ids) <= width:
+    return ids, weights
   trained = np.flatnonzero(np.asarray(weights))
   start = len(ids) - width
   if trained.size and trained[0] - 1 < start:

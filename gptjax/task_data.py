@@ -115,7 +115,11 @@ class Stats:
     )
 
 
-def encode_and_pack(conversations, tokenizer, data_config, block_size: int) -> Stats:
+def encode_and_pack(
+  conversations, tokenizer, data_config, block_size: int, cut_to_fill: bool = True
+) -> Stats:
+  """Encoded by the template and packed (validation: cut_to_fill=False, so every example's
+  loss is as if alone and equals --mode=evaluate's)."""
   template = chat_template.load(data_config.chat_template)
   examples = [template.encode(m, tokenizer, data_config.train_on_all) for m in conversations]
   trained = [(ids, w) for ids, w in examples if w[1:].any()]  # weight of ids[0] never counts
@@ -124,7 +128,8 @@ def encode_and_pack(conversations, tokenizer, data_config, block_size: int) -> S
       f"no conversation in {data_config.path} has a trained token under chat template "
       f"{template.name}; check the template and the records' roles"
     )
-  return Stats(len(examples), len(examples) - len(trained), packing.pack(trained, block_size))
+  packed = packing.pack(trained, block_size, cut_to_fill=cut_to_fill)
+  return Stats(len(examples), len(examples) - len(trained), packed)
 
 
 class PackedBatches:

@@ -130,3 +130,9 @@ def test_packing_the_dialogue_fixture_fills_every_row(block):
   assert whole.real_share().min() < 0.85 and len(whole.tokens) > len(p.tokens)
   assert p.weights.sum() == whole.weights.sum()  # filling cuts context, never a reply token
   assert sorted(i for row in p.members for i in row) == list(range(len(conversations)))
+
+
+def test_cut_leaves_an_example_that_fits_whole():
+  ids, weights = np.arange(10, dtype=np.int32), np.ones(10, np.float32)
+  kept_ids, kept_weights = packing.cut(ids, weights, 12)
+  assert kept_ids.tolist() == ids.tolist() and kept_weights.tolist() == weights.tolist()
