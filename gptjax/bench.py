@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from gptjax import checkpoint, cli, decode, inference, metrics, runtime, sharding, train
+from gptjax import checkpoint, cli, decode, inference, metrics, packing, runtime, sharding, train
 from gptjax import config as config_lib
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig, count_params, init_params
@@ -85,15 +85,26 @@ def _decode_batch() -> int:
   return _BATCH_SIZE.value if _BATCH_SIZE.present else _DECODE_BATCH.value
 
 
-def _synthetic_batches(s, vocab_size: int) -> list:
+def _synthetic_batches(s, vocab_size: int, task: bool) -> list:
   """A few different batches of random tokens (not one repeated): the step never sees the
-  same input twice in a row, as in training. Transfers happen here, outside the timed loop."""
+  same input twice in a row, as in training. Transfers happen here, outside the timed loop.
+  task: packed rows of random examples (a quarter to a whole row long, half of each trained),
+  with their segments, positions and weights, as fine-tuning runs them."""
   rows, rng = s.rows(), np.random.default_rng(0)
-  n_rows = len(range(*rows.indices(s.batch_shape[0])))
-  return [
-    s.batch(rng.integers(0, vocab_size, (n_rows,) + s.batch_shape[1:], dtype=np.int32))
-    for _ in range(4)
-  ]
+  n_rows, width = len(range(*rows.indices(s.batch_shape[0]))), s.batch_shape[1]
+  if not task:
+    return [s.batch(rng.integers(0, vocab_size, (n_rows, width), dtype=np.int32)) for _ in range(4)]
+  out = []
+  for _ in range(4):
+    examples = []
+    while sum(len(ids) for ids, _ in examples) < 1.2 * n_rows * width:
+      n = int(rng.integers(width // 4, width + 1))
+      weights = (np.arange(n) >= n // 2).astype(np.float32)
+      examples.append((rng.integers(0, vocab_size, n, dtype=np.int32), weights))
+    p = packing.pack(examples, width - 1)
+    fields = dict(tokens=p.tokens, weights=p.weights, segments=p.segments, positions=p.positions)
+    out.append(s.batch({k: np.resize(v, (n_rows, *v.shape[1:])) for k, v in fields.items()}))
+  return out
 
 
 def _time_steps(s, state, batches):
@@ -135,7 +146,7 @@ def bench_train(config, workdir: str) -> dict:
   metrics.check_fits(s.memory())
   cfg = s.model.cfg
   state = s.init(config.seed)
-  batches = _synthetic_batches(s, cfg.vocab_size)
+  batches = _synthetic_batches(s, cfg.vocab_size, config.data.source == "task")
   times, pipelined_s, m = _time_steps(s, state, batches)
   if not np.isfinite(float(m["loss"])):
     raise UserError(f"the benchmarked step gave loss {float(m['loss'])}; check the config")

@@ -86,6 +86,12 @@ def test_sample_bench_times_a_trained_run(trained_tiny):
   assert result["tokens_per_s_max"] >= result["tokens_per_s"] >= result["tokens_per_s_min"] > 0
 
 
+def test_train_bench_times_a_fine_tuning_step_on_packed_rows():
+  args = ("--config.data.source=task", "--config.model.vocab_size=65", "--steps=2", "--warmup=1")
+  result = _result(_bench("train", TINY, *args))
+  assert result["steps"] == 2 and result["tokens_per_step"] == 8 * 32
+
+
 def test_train_bench_times_the_real_step_and_reports_model_flops():
   args = ("--config.model.vocab_size=65", "--steps=4", "--warmup=1")
   result = _result(_bench("train", TINY, *args, one_device=False))

@@ -1,5 +1,6 @@
 """--mode=sample end to end through the inference loader, and its errors as one line each."""
 
+import dataclasses
 import re
 
 import jax
@@ -8,7 +9,7 @@ import pytest
 from conftest import ONE_DEVICE, one_line_error, run_cli
 
 from gptjax import config as config_lib
-from gptjax import decode, inference, sharding
+from gptjax import decode, export, inference, sharding
 from gptjax.errors import UserError
 
 
@@ -90,3 +91,26 @@ def test_a_run_loads_onto_a_mesh_as_training_lays_it_out(trained_tiny):
     d = decode.Decoder(run.model, run.params, mesh=m, rules=sharding.rules(config.mesh))
     outs.append(np.asarray(d.generate(d.prefill(tokens, start, 8), 8, decode.Sampling(0.0))[1]))
   np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_init_from_a_run_or_its_export_gives_the_same_params_in_any_layer_layout(
+  trained_tiny, tmp_path
+):
+  """A fine-tuning run's starting point: a workdir's newest checkpoint, or its export alone
+  (params + config.json + tokenizer.json), stacked for scan_layers when the new run scans."""
+  export.export(str(trained_tiny), str(tmp_path / "export"))
+  run = inference.load(str(trained_tiny))
+  from_run, where_run = inference.init_from(str(trained_tiny), run.model.cfg)
+  from_export, where_export = inference.init_from(str(tmp_path / "export"), run.model.cfg)
+  assert where_run.endswith("(checkpoint 30)") and where_export.endswith("(export)")
+  jax.tree.map(np.testing.assert_array_equal, from_run, from_export)
+  scanned = dataclasses.replace(run.model.cfg, scan_layers=True)
+  stacked, _ = inference.init_from(str(tmp_path / "export"), scanned)
+  np.testing.assert_array_equal(
+    stacked["h"]["mlp"]["up"]["kernel"][1], from_run["h_1"]["mlp"]["up"]["kernel"]
+  )
+  config = config_lib.default_config()
+  config.init_from = str(tmp_path / "export")
+  changes = inference.adopt_init_from(config)  # the shape and vocabulary of the source
+  assert config.model.n_layer == run.model.cfg.n_layer and "model.n_layer 12 -> 2" in changes
+  assert config.model.vocab_size == run.model.cfg.vocab_size
