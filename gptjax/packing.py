@@ -12,6 +12,7 @@ conversation); a reply longer than a row keeps its start. Both are counted as tr
 would otherwise stay half empty (its reply and one token of context always stay).
 """
 
+import bisect
 import dataclasses
 
 import numpy as np
@@ -33,10 +34,14 @@ class Packed:
 
 
 MIN_FILL = 0.85  # rows less full than this are dissolved or merged where examples allow
+# Bounds on the repair passes (each step of them scans every row or example): rows to try
+# dissolving, and candidates per row to top up from. Linear time for any dataset size.
+_DISSOLVE_AT_MOST = 1000
+_TOP_UP_SCAN = 5000
 
 
 def pack(examples, block_size: int, pad_id: int = 0, cut_to_fill: bool = True) -> Packed:
-  """Packs (ids, weights) examples into rows of block_size + 1 tokens: first fit, longest
+  """Packs (ids, weights) examples into rows of block_size + 1 tokens: best fit, longest
   first, so rows fill up; a row's examples keep their input order (the epoch's shuffle
   permutes rows).
 
@@ -54,19 +59,60 @@ def pack(examples, block_size: int, pad_id: int = 0, cut_to_fill: bool = True) -
     if len(ids) >= 2:  # something to predict
       kept.append([np.asarray(ids, np.int32), np.asarray(weights, np.float32)])
       index.append(i)
-  room, rows = np.zeros(0, np.int64), []
-  for e in sorted(range(len(kept)), key=lambda e: -len(kept[e][0])):
-    fits = np.flatnonzero(room >= len(kept[e][0]))
-    if not fits.size:
-      room, rows, fits = np.append(room, width), rows + [[]], [len(room)]
-    room[fits[0]] -= len(kept[e][0])
-    rows[fits[0]].append(e)
+  rows, room = _best_fit([len(ids) for ids, _ in kept], width)
   if cut_to_fill:
     truncated += _dissolve(kept, rows, room, width) + _merge(kept, rows, room, width)
     truncated += _top_up(kept, rows, room, width)
   rows = [sorted(r) for r in rows if r]  # segments in input order
   examples_by_row = [[kept[e] for e in r] for r in rows]
   return _arrays(examples_by_row, width, pad_id, truncated, [[index[e] for e in r] for r in rows])
+
+
+def _best_fit(lengths: list[int], width: int):
+  """Best fit decreasing: each example, longest first, into the row with the least room that
+  holds it, else a new row -> (rows as lists of example indices, free room per row).
+
+  Rows are kept in buckets by free room, and a count tree over the room values finds the
+  smallest one >= n in O(log width): linear in the examples, where scanning every row
+  would be quadratic (a million conversations)."""
+  size = 1 << width.bit_length()  # leaves: room values 0 .. width
+  count = [0] * (2 * size)  # rows per room value, summed up the tree
+  buckets = [[] for _ in range(width + 1)]
+
+  def update(value: int, delta: int) -> None:
+    i = value + size
+    while i:
+      count[i] += delta
+      i //= 2
+
+  def smallest_at_least(n: int) -> int | None:
+    i = n + size
+    if not count[i]:
+      while i > 1 and (i % 2 or not count[i + 1]):  # up to a left child with a right sibling
+        i //= 2
+      if i <= 1:
+        return None
+      i += 1
+      while i < size:  # down to its leftmost leaf with rows
+        i = 2 * i if count[2 * i] else 2 * i + 1
+    return i - size
+
+  rows, room = [], []
+  for e in sorted(range(len(lengths)), key=lambda e: -lengths[e]):
+    value = smallest_at_least(lengths[e])
+    if value is None:
+      rows.append([])
+      room.append(width)
+      r = len(rows) - 1
+    else:
+      r = buckets[value].pop()
+      update(value, -1)
+    rows[r].append(e)
+    room[r] -= lengths[e]
+    if room[r] >= 2:  # an example has at least two tokens
+      buckets[room[r]].append(r)
+      update(room[r], 1)
+  return rows, np.asarray(room, np.int64)
 
 
 def _sparse(rows, room, width: int) -> list[int]:
@@ -80,7 +126,7 @@ def _dissolve(kept, rows, room, width: int) -> int:
   """Moves each sparse row's examples into other rows' room where they fit (whole, or cut
   to their trained tokens plus some context); returns how many were cut."""
   cuts = 0
-  for r in _sparse(rows, room, width):
+  for r in _sparse(rows, room, width)[:_DISSOLVE_AT_MOST]:
     trial, plan = room.copy(), []
     trial[r] = -1  # not into itself
     for e in sorted(rows[r], key=lambda e: -len(kept[e][0])):
@@ -130,9 +176,16 @@ def _top_up(kept, rows, room, width: int) -> int:
   them: whole ones first (longest first), then cut ones; returns how many were cut."""
   cuts, row_of = 0, {e: r for r, members in enumerate(rows) for e in members}
   by_length = sorted(row_of, key=lambda e: -len(kept[e][0]))
-  for r in _sparse(rows, room, width):
+  negated = [-len(kept[e][0]) for e in by_length]
+  for r in _sparse(rows, room, width)[:_DISSOLVE_AT_MOST]:
     for whole in (True, False):
-      for e in by_length:
+      start = bisect.bisect_left(negated, -int(room[r]))  # the first that fits whole
+      candidates = (  # whole: longest first; cut: the least to cut first
+        by_length[start : start + _TOP_UP_SCAN]
+        if whole
+        else by_length[max(0, start - _TOP_UP_SCAN) : start][::-1]
+      )
+      for e in candidates:
         n, donor = len(kept[e][0]), row_of[e]
         if room[r] <= (1 - MIN_FILL) * width:
           break

@@ -136,3 +136,22 @@ def test_cut_leaves_an_example_that_fits_whole():
   ids, weights = np.arange(10, dtype=np.int32), np.ones(10, np.float32)
   kept_ids, kept_weights = packing.cut(ids, weights, 12)
   assert kept_ids.tolist() == ids.tolist() and kept_weights.tolist() == weights.tolist()
+
+
+def test_best_fit_matches_a_plain_scan_of_every_row():
+  """The count tree finds the tightest row as scanning every row would (same room left in
+  every row, in the same order), for random lengths."""
+  rng = np.random.default_rng(0)
+  for width in (7, 33, 257):
+    lengths = rng.integers(2, width + 1, 500).tolist()
+    rows, room = packing._best_fit(lengths, width)
+    assert sorted(e for r in rows for e in r) == list(range(500))
+    assert [width - sum(lengths[e] for e in r) for r in rows] == room.tolist()
+    scan = []  # the free room of each row, by a plain scan for the tightest fit
+    for n in sorted(lengths, reverse=True):
+      fits = [i for i, free in enumerate(scan) if free >= n]
+      if fits:
+        scan[min(fits, key=lambda i: scan[i])] -= n
+      else:
+        scan.append(width - n)
+    assert sorted(scan) == sorted(room.tolist())
