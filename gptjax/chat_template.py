@@ -188,6 +188,22 @@ def decode_text(tokenizer: Tokenizer, ids) -> str:
   return EOT.join(parts)
 
 
+SAVED = "chat_template.jinja"  # a run's own copy of a template file (WORKDIR/SAVED)
+
+
+def save(name_or_path: str, directory: str) -> None:
+  """Keeps a template file's text with the run that trained on it (once), so chat and
+  evaluation render exactly what training did even if the file changes or goes; a
+  built-in is saved by its name (in config.json)."""
+  path = os.path.join(directory, SAVED)
+  if name_or_path in BUILTIN or os.path.exists(path):
+    return
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(load(name_or_path).source)
+  os.replace(tmp, path)
+
+
 def load(name_or_path: str) -> ChatTemplate:
   """A built-in template by name, or a Jinja2 file."""
   if name_or_path in BUILTIN:

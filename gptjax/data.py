@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from grain.experimental import index_shuffle
 
-from gptjax import task_data
+from gptjax import chat_template, task_data
 from gptjax import tokenizer as tokenizer_lib
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
@@ -91,9 +91,10 @@ def load(config, workdir: str) -> Data:
   data_config = config.data
   task = task_data.splits(data_config) if data_config.source == "task" else None
   docs = _sources(data_config, task)
+  if task:  # a char vocabulary from every conversation: a held-out reply may hold a new letter
+    both = lambda: [*docs["train"](), *docs["val"]()]
+    return _task(config, _tokenizer(config, workdir, {"train": both}), task)
   tokenizer = _tokenizer(config, workdir, docs)
-  if task:
-    return _task(config, tokenizer, task)
   out = {}
   for split in ("train", "val"):
     try:
@@ -160,6 +161,14 @@ def save_tokenizer(tokenizer, workdir: str) -> None:
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     tokenizer_lib.save(tokenizer, tmp)
     os.replace(tmp, path)
+
+
+def save_run_files(tokenizer, config, workdir: str) -> None:
+  """What a run trained with, written once after its first step: the vocabulary, and a task
+  run's chat template file (chat_template.save)."""
+  save_tokenizer(tokenizer, workdir)
+  if config.data.source == "task":
+    chat_template.save(config.data.chat_template, workdir)
 
 
 def tokenizer_path(config) -> str | None:

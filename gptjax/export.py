@@ -11,7 +11,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from gptjax import checkpoint, hf, inference
+from gptjax import chat_template, checkpoint, hf, inference
 from gptjax import config as config_lib
 from gptjax.errors import UserError, ensure_writable_dir
 from gptjax.metrics import format_bytes
@@ -41,7 +41,7 @@ def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, d
   checkpointer.save(os.path.join(out_dir, "params"), params)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    for name in ("config.json", "tokenizer.json"):
+    for name in ("config.json", "tokenizer.json", chat_template.SAVED):
       if os.path.exists(os.path.join(workdir, name)):
         shutil.copy(os.path.join(workdir, name), os.path.join(out_dir, name))
     with open(os.path.join(out_dir, "export.json"), "w") as f:

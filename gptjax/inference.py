@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from gptjax import checkpoint, data, decode, hf, sharding, tokenizer
+from gptjax import chat_template, checkpoint, data, decode, hf, sharding, tokenizer
 from gptjax import config as config_lib
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
@@ -53,6 +53,8 @@ def load(workdir: str, config=None, mesh: jax.sharding.Mesh | None = None) -> Lo
       "--config.init_from=hf:DIR"
     )
   config = config_lib.load_saved(config_dir)
+  if os.path.exists(os.path.join(config_dir, chat_template.SAVED)):  # what it trained on
+    config.data.chat_template = os.path.join(config_dir, chat_template.SAVED)
   model = GPT(GPTConfig.from_config(config.model, config.model.vocab_size))
   target, shardings = param_layout(config, mesh)
   restored = None

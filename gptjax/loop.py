@@ -240,7 +240,7 @@ class Run:
       self.state, self.s.batch(self.data.train.get(step - 1, self.rows))
     )
     if step == self.first + 1 and self.lead:  # the vocabulary of a run that trained
-      data_lib.save_tokenizer(self.data.tokenizer, self.workdir)
+      data_lib.save_run_files(self.data.tokenizer, self.config, self.workdir)
     preempted = (
       stop.reached(step) if step < train_config.num_steps else None
     )  # the end saves anyway

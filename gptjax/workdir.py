@@ -54,8 +54,9 @@ def normalize_config(config) -> None:
     config.init_from = "hf:" + normalize(config.init_from[len("hf:") :])
   elif config.init_from:
     config.init_from = normalize(config.init_from)
-  if config.data.chat_template and os.sep in config.data.chat_template:  # a file, not a built-in
-    config.data.chat_template = normalize(config.data.chat_template)
+  template = config.data.chat_template  # a file (not a built-in's name) becomes absolute
+  if template and (os.sep in template or os.path.isfile(os.path.expanduser(template))):
+    config.data.chat_template = normalize(template)
 
 
 def run_files(path: str) -> str:

@@ -12,8 +12,17 @@ import sys
 import time
 
 import pytest
-from conftest import DIALOGUE_DIR, ONE_DEVICE, REPO, one_line_error, run_cli, with_test_cache
+from conftest import (
+  DIALOGUE_DIR,
+  ONE_DEVICE,
+  REPO,
+  one_line_error,
+  run_cli,
+  tiny_config,
+  with_test_cache,
+)
 
+from gptjax import chat_template, export, inference, loop
 from gptjax.workdir import LOCK
 
 DIALOGUE = DIALOGUE_DIR
@@ -320,3 +329,29 @@ def test_the_gpt2_recipe_fine_tunes_a_hugging_face_gpt2_with_its_bpe(tmp_path):
   assert f"initialised the parameters from hf:{tmp_path / 'hf'}" in proc.stdout
   assert "train task data: 300 conversations in" in proc.stdout
   assert json.load(open(tmp_path / "w" / "config.json"))["data"]["chat_template"] == "gpt2"
+
+
+def test_a_run_keeps_its_template_file_and_chat_uses_that_copy(tmp_path):
+  """Chat and evaluation render exactly what training did, even after the file changes."""
+  template = tmp_path / "turns.jinja"
+  template.write_text(
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+  )
+  c = tiny_config(
+    data__source="task",
+    data__path=_small_jsonl(tmp_path, 40),
+    data__chat_template=str(template),
+    train__num_steps=2,
+    train__eval_every=2,
+  )
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(c, str(workdir))
+  trained = template.read_text()
+  template.write_text("changed {{ messages }}")
+  loaded = inference.load(str(workdir))
+  assert loaded.config.data.chat_template == str(workdir / chat_template.SAVED)
+  assert (workdir / chat_template.SAVED).read_text() == trained
+  out_dir, _ = export.export(str(workdir))
+  assert (tmp_path / "run" / "export" / chat_template.SAVED).read_text() == trained
+  assert out_dir == str(workdir / "export")
