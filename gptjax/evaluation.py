@@ -65,7 +65,7 @@ def run(workdir: str, options: Options, config=None) -> dict:
   else:
     d = loaded.config.data
     template = chat_template.load(options.template or d.chat_template)
-    conversations = task_data.read(path, d.prompt_field, d.completion_field)
+    conversations = task_data.read(path, d.prompt_field, d.completion_field, "--eval_data")
     out.update(task_loss(loaded, template, conversations, path, options.batch))
     out["template"] = template.name
     if options.generate:

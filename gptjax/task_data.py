@@ -23,11 +23,16 @@ from gptjax.chat_template import ROLES
 from gptjax.errors import UserError
 
 
-def read(pattern: str, prompt_field: str = "prompt", completion_field: str = "completion"):
+def read(
+  pattern: str,
+  prompt_field: str = "prompt",
+  completion_field: str = "completion",
+  flag: str = "config.data.path",
+):
   """Conversations (lists of {"role", "content"}) from a JSONL file or glob, in file order."""
   files = sorted(glob.glob(os.path.expanduser(pattern)))
   if not files:
-    raise UserError(f"no file matches {pattern!r}; pass a JSONL file or a glob of them")
+    raise UserError(f"no file matches --{flag}={pattern!r}; pass a JSONL file or a glob of them")
   out = []
   for path in files:
     start = len(out)
@@ -81,7 +86,7 @@ def splits(data_config) -> dict[str, list]:
   fields = (data_config.prompt_field, data_config.completion_field)
   train = read(data_config.path, *fields)
   if data_config.val_path:
-    return {"train": train, "val": read(data_config.val_path, *fields)}
+    return {"train": train, "val": read(data_config.val_path, *fields, "config.data.val_path")}
   cut = int(len(train) * (1 - data_config.val_fraction))
   if not 0 < cut < len(train):
     raise UserError(
