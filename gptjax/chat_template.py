@@ -119,7 +119,7 @@ class ChatTemplate:
   def _end_of_turn(self) -> str:
     """What the template puts after an assistant reply: generation stops there."""
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-    reply = self.spans(messages)[-1]
+    reply = (self.spans(messages) or [("", False)])[-1]  # an empty template renders nothing
     if not reply[1] or _PROBE not in reply[0]:
       raise UserError(
         f"chat template {self.name} marks no assistant reply (rendering a user turn and an "

@@ -24,7 +24,7 @@ import numpy as np
 from gptjax import chat_template, data, decode, inference, packing, scores, task_data
 from gptjax.errors import UserError, ensure_writable_dir
 from gptjax.loss import cross_entropy
-from gptjax.tokenizer import EOT
+from gptjax.tokenizer import EOT, UnknownCharacter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,12 @@ def run(workdir: str, options: Options, config=None) -> dict:
   options.check()
   loaded = inference.load(workdir, config)
   options.sampling.check(loaded.model.cfg.vocab_size)
-  path, kind = data_path(options.data, loaded.config)
+  path, kind, flag = data_path(options.data, loaded.config)
+  if kind == "text" and options.template:
+    raise UserError(
+      f"--eval_template applies to conversations (.jsonl), and --eval_data={path} is text; "
+      "drop --eval_template"
+    )
   out = {"checkpoint": loaded.where, "data": os.path.abspath(path), "kind": kind}
   predictions = None
   if kind == "text":
@@ -65,7 +70,7 @@ def run(workdir: str, options: Options, config=None) -> dict:
   else:
     d = loaded.config.data
     template = chat_template.load(options.template or d.chat_template)
-    conversations = task_data.read(path, d.prompt_field, d.completion_field, "--eval_data")
+    conversations = task_data.read(path, d.prompt_field, d.completion_field, flag)
     out.update(task_loss(loaded, template, conversations, path, options.batch))
     out["template"] = template.name
     if options.generate:
@@ -81,12 +86,13 @@ def run(workdir: str, options: Options, config=None) -> dict:
   return out
 
 
-def data_path(given: str | None, config) -> tuple[str, str]:
-  """(path, "task" | "text"): a .jsonl path or glob is task data, anything else text."""
+def data_path(given: str | None, config) -> tuple[str, str, str]:
+  """(path, "task" | "text", the setting that named it): a .jsonl (or .json) path or glob is
+  task data, anything else text."""
   if given:
-    return given, "task" if given.endswith(".jsonl") else "text"
+    return given, "task" if given.endswith((".jsonl", ".json")) else "text", "--eval_data"
   if config.data.source == "task" and config.data.val_path:
-    return config.data.val_path, "task"
+    return config.data.val_path, "task", "the run's config.data.val_path (pass --eval_data)"
   which = "has no data.val_path" if config.data.source == "task" else "is not a task run"
   raise UserError(
     f"the run {which}, so there is no held-out data to default to; pass "
@@ -181,12 +187,17 @@ def text_loss(loaded: inference.Loaded, path: str, stride: int, batch: int) -> d
 
 def encode_all(template, conversations, tok, path: str):
   """(ids, weights) of each conversation, weight 1 on the assistant's tokens."""
+  where = getattr(conversations, "where", None) or [
+    f"{path}: record {i + 1}" for i in range(len(conversations))
+  ]
   out = []
-  for i, messages in enumerate(conversations):
+  for messages, at in zip(conversations, where):
     try:
       out.append(template.encode(messages, tok))
+    except UnknownCharacter as e:  # the model's vocabulary is fixed: only the data can change
+      raise UserError(f"{at}: {e.problem}; the model cannot read it: remove it") from None
     except UserError as e:
-      raise UserError(f"{path}: record {i + 1}: {e}") from None
+      raise UserError(f"{at}: {e}") from None
   return out
 
 

@@ -21,6 +21,18 @@ from grain.experimental import index_shuffle
 from gptjax import chat_template, packing
 from gptjax.chat_template import ROLES
 from gptjax.errors import UserError
+from gptjax.tokenizer import UnknownCharacter
+
+
+class Records(list):
+  """Conversations in file order; where[i] is conversation i's "file:line" (for errors)."""
+
+  def __init__(self, conversations, where):
+    super().__init__(conversations)
+    self.where = list(where)
+
+  def part(self, start, stop) -> "Records":
+    return Records(self[start:stop], self.where[start:stop])
 
 
 def read(
@@ -28,21 +40,33 @@ def read(
   prompt_field: str = "prompt",
   completion_field: str = "completion",
   flag: str = "config.data.path",
-):
+) -> Records:
   """Conversations (lists of {"role", "content"}) from a JSONL file or glob, in file order."""
   files = sorted(glob.glob(os.path.expanduser(pattern)))
   if not files:
-    raise UserError(f"no file matches --{flag}={pattern!r}; pass a JSONL file or a glob of them")
-  out = []
+    raise UserError(f"no file matches {flag}={pattern!r}; pass a JSONL file or a glob of them")
+  out, where = [], []
   for path in files:
+    if os.path.isdir(path):
+      raise UserError(
+        f"{flag}={pattern!r}: {path} is a directory; pass a JSONL file or a glob such as "
+        f"{os.path.join(path, '*.jsonl')}"
+      )
     start = len(out)
-    with open(path, encoding="utf-8") as f:
-      for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte's line can be named
+      for number, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+          raise UserError(
+            f"{path}:{number}: not UTF-8 text ({e.reason}); save the file as UTF-8"
+          ) from None
         if line.strip():
-          out.append(_conversation(line, f"{path}:{number}", prompt_field, completion_field))
+          where.append(f"{path}:{number}")
+          out.append(_conversation(line, where[-1], prompt_field, completion_field))
     if len(out) == start:
       raise UserError(f"{path} holds no records; one JSON object per line is expected")
-  return out
+  return Records(out, where)
 
 
 def _conversation(line: str, where: str, prompt_field: str, completion_field: str) -> list:
@@ -61,8 +85,11 @@ def _conversation(line: str, where: str, prompt_field: str, completion_field: st
       raise UserError(f"{where}: the conversation has no assistant turn, so nothing to learn")
     return turns
   if prompt_field in record and completion_field in record:
-    turns = [("user", record[prompt_field]), ("assistant", record[completion_field])]
-    return [_turn({"role": r, "content": c}, f"{where}: {r}") for r, c in turns]
+    for field in (prompt_field, completion_field):
+      if not isinstance(record[field], str):
+        raise UserError(f'{where}: "{field}" must be a string')
+    turns = [("user", prompt_field), ("assistant", completion_field)]
+    return [{"role": role, "content": record[field]} for role, field in turns]
   raise UserError(
     f'{where}: a record needs "messages", or "{prompt_field}" and "{completion_field}" '
     f"(it has {', '.join(map(repr, record)) or 'no fields'}); name other fields with the "
@@ -93,7 +120,7 @@ def splits(data_config) -> dict[str, list]:
       f"{data_config.path} holds {len(train)} records, too few to hold out "
       f"val_fraction={data_config.val_fraction}; pass --config.data.val_path=FILE"
     )
-  return {"train": train[:cut], "val": train[cut:]}
+  return {"train": train.part(0, cut), "val": train.part(cut, len(train))}
 
 
 def texts(data_config, conversations) -> list[str]:
@@ -126,7 +153,20 @@ def encode_and_pack(
   """Encoded by the template and packed (validation: cut_to_fill=False, so every example's
   loss is as if alone and equals --mode=evaluate's)."""
   template = chat_template.load(data_config.chat_template)
-  examples = [template.encode(m, tokenizer, data_config.train_on_all) for m in conversations]
+  where = getattr(conversations, "where", None) or [
+    f"{data_config.path}: record {i + 1}" for i in range(len(conversations))
+  ]
+  examples = []
+  for messages, at in zip(conversations, where):
+    try:
+      examples.append(template.encode(messages, tokenizer, data_config.train_on_all))
+    except UnknownCharacter as e:
+      raise UserError(
+        f"{at}: {e.problem}, which this run's data must use; remove the character (or "
+        "start from a vocabulary that has it)"
+      ) from None
+    except UserError as e:
+      raise UserError(f"{at}: {e}") from None
   trained = [(ids, w) for ids, w in examples if w[1:].any()]  # weight of ids[0] never counts
   if not trained:
     raise UserError(

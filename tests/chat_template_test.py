@@ -145,6 +145,7 @@ def test_a_template_from_a_file(tmp_path):
     ("{% for m in messages %}{{ m.content }}{% endfor %}", "ends an assistant turn with nothing"),
     ("{{ messages | length }}{% for m in messages %}{{ m.content }}|{% endfor %}", "as a prefix"),
     ("{% for m in messages %}{{ m.nope }}{% endfor %}", "failed to render"),
+    ("", "marks no assistant reply"),  # an empty file renders nothing at all
   ],
 )  # fmt: skip
 def test_a_broken_template_is_one_clear_error(tmp_path, source, fragment):

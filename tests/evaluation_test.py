@@ -147,8 +147,9 @@ def test_the_data_to_evaluate_defaults_to_a_task_runs_validation_file(tmp_path):
   with pytest.raises(UserError, match="has no data.val_path"):
     evaluation.data_path(None, config)
   config.data.val_path = "val.jsonl"
-  assert evaluation.data_path(None, config) == ("val.jsonl", "task")
-  assert evaluation.data_path("x/*.txt", config) == ("x/*.txt", "text")
+  assert evaluation.data_path(None, config)[:2] == ("val.jsonl", "task")
+  assert evaluation.data_path("x/*.txt", config)[:2] == ("x/*.txt", "text")
+  assert evaluation.data_path("x.json", config)[:2] == ("x.json", "task")
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ GOOD = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "c
     ('{"text": "x"}', "data.jsonl:2: a record needs \"messages\", or \"prompt\" and \"completion\" (it has 'text')"),
     ('{"messages": [{"role": "user"}]}', "data.jsonl:2: turn 1: a turn is an object with \"role\" and \"content\""),
     ('{"messages": [{"role": "user", "content": "x"}]}', "data.jsonl:2: the conversation has no assistant turn"),
-    ('{"prompt": "x", "completion": 3}', "data.jsonl:2: assistant: \"content\" must be a string"),
+    ('{"prompt": "x", "completion": 3}', "data.jsonl:2: \"completion\" must be a string"),
     ('[1, 2]', "data.jsonl:2: a record is a JSON object, not a list"),
   ],
 )  # fmt: skip
@@ -64,3 +64,21 @@ def test_an_empty_file_or_no_file_is_named(tmp_path):
     task_data.read(str(tmp_path / "empty.jsonl"))
   with pytest.raises(UserError, match="no file matches"):
     task_data.read(str(tmp_path / "nothing*.jsonl"))
+
+
+def test_a_directory_or_a_file_that_is_not_utf8_is_named(tmp_path):
+  (tmp_path / "d").mkdir()
+  with pytest.raises(UserError, match=r"is a directory; pass a JSONL file or a glob such as"):
+    task_data.read(str(tmp_path / "d"))
+  (tmp_path / "latin1.jsonl").write_bytes(
+    b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n'
+  )
+  with pytest.raises(UserError, match=r"latin1.jsonl:2: not UTF-8 text"):
+    task_data.read(str(tmp_path / "latin1.jsonl"))
+
+
+def test_records_keep_where_they_came_from(tmp_path):
+  (tmp_path / "a.jsonl").write_text('{"prompt": "a", "completion": "b"}\n\n' * 2)
+  records = task_data.read(str(tmp_path / "a.jsonl"))
+  assert records.where == [f"{tmp_path / 'a.jsonl'}:1", f"{tmp_path / 'a.jsonl'}:3"]
+  assert records.part(1, 2).where == records.where[1:]
