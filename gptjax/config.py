@@ -330,16 +330,29 @@ SOURCE_KEYS = (
 
 def adopt(config, source) -> list[str]:
   """Sets config's SOURCE_KEYS (and block_size with learned positions, which fix it) to the
-  source run's config; returns what changed, as 'key a -> b'."""
+  source run's config where config leaves them at their defaults; returns what changed, as
+  'key a -> b'. A key set to something else (by the experiment or a flag) is a UserError:
+  the weights cannot take it, and silently replacing a user's choice would hide that."""
   keys = SOURCE_KEYS + (("model.block_size",) if source.model.positions == "learned" else ())
-  changes = []
-  for key in keys:
-    section, leaf = key.split(".")
-    old, new = config[section][leaf], source[section][leaf]
-    if old != new:
-      config[section][leaf] = new
-      changes.append(f"{key} {old} -> {new}")
-  return changes
+  defaults = default_config()
+  differ = [
+    (section, leaf, config[section][leaf], source[section][leaf])
+    for section, leaf in (key.split(".") for key in keys)
+    if config[section][leaf] != source[section][leaf]
+  ]
+  conflicts = [
+    f"--config.{section}.{leaf}={new} (not {old})"
+    for section, leaf, old, new in differ
+    if old != defaults[section][leaf]
+  ]
+  if conflicts:
+    raise UserError(
+      f"config.init_from={config.init_from} is a run whose weights fix these: pass "
+      f"{' '.join(conflicts)}, or start from another run"
+    )
+  for section, leaf, _, new in differ:
+    config[section][leaf] = new
+  return [f"{section}.{leaf} {old} -> {new}" for section, leaf, old, new in differ]
 
 
 def _leaves(node, prefix: str = ""):

@@ -281,19 +281,11 @@ def _tfds_builder(data_config):
   return builder
 
 
+_FINGERPRINT = ("source", "tfds_name", "train_split", "val_split", "text_feature", "path", "val_fraction")  # fmt: skip
+
+
 def _fingerprint(data_config) -> dict:
-  fp = {
-    k: data_config[k]
-    for k in (
-      "source",
-      "tfds_name",
-      "train_split",
-      "val_split",
-      "text_feature",
-      "path",
-      "val_fraction",
-    )
-  }
+  fp = {k: data_config[k] for k in _FINGERPRINT}
   if data_config.source == "text":  # a changed file must be re-tokenized
     fp["files"] = [
       (f, os.path.getsize(f), os.path.getmtime(f))
@@ -375,18 +367,30 @@ def _chunks(items, n: int):
 
 def position(step: int, config) -> dict:
   """Where the data iterator stands (saved in checkpoints): batches are a pure function of
-  (seed, step), so the step is the position; the rest tells whether the order still holds."""
+  (seed, step), so the step is the position; the rest tells whether the order still holds,
+  and what data it is (`source`: a run never resumes onto other data)."""
   return {
     "next_batch": step,
     "seed": config.seed,
     "batch_size": config.train.batch_size,
     "block_size": config.model.block_size,
+    "source": task_data.identity(config.data),
   }
 
 
-def position_changes(saved: dict, config) -> list[str]:
-  """What changed since a saved position that alters the order of batches from here."""
+def position_changes(saved: dict, config, workdir: str) -> list[str]:
+  """What changed since a saved position that alters the order of batches from here; a
+  change of the data itself (source, task files, template) is a UserError."""
   now = position(saved.get("next_batch", 0), config)
+  if "source" in saved and saved["source"] != now["source"]:
+    was, asked = saved["source"], now["source"]
+    diff = ", ".join(
+      f"{k} {was.get(k)!r} -> {asked.get(k)!r}" for k in asked if was.get(k) != asked.get(k)
+    )
+    raise UserError(
+      f"{workdir} holds a run trained on other data ({diff}); resuming would mix the two. "
+      f"Use a fresh --workdir, with --config.init_from={workdir} to start from its weights"
+    )
   return [
     f"{k} {saved[k]} -> {now[k]}"
     for k in ("seed", "batch_size", "block_size")

@@ -40,8 +40,8 @@ class Loaded:
 def load(workdir: str, config=None, mesh: jax.sharding.Mesh | None = None) -> Loaded:
   """The newest checkpoint of the run in `workdir`, else its export; or, given a config with
   init_from, those weights with the config's tokenizer. mesh None: one device."""
-  if config is not None and config.init_from:
-    return _load_init_from(config, mesh)
+  if config is not None:
+    return _load_config(workdir, config, mesh)
   export_dir = os.path.join(workdir, EXPORT)
   if os.path.isdir(os.path.join(workdir, "params")):  # an export directory itself
     export_dir = workdir
@@ -82,6 +82,26 @@ def param_layout(config, mesh: jax.sharding.Mesh | None):
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return abstract, jax.tree.map(lambda _: one, abstract)
   return abstract, sharding.tree_shardings(boxed, mesh, sharding.rules(config.mesh))
+
+
+def _load_config(workdir: str, config, mesh) -> Loaded:
+  """--config given to sample, chat or evaluate: the weights its init_from names (a trained
+  workdir has its own config, and a --config beside it would be silently ignored)."""
+  if any(
+    os.path.exists(os.path.join(d, "config.json")) for d in (workdir, os.path.join(workdir, EXPORT))
+  ):
+    raise UserError(
+      f"--workdir={workdir} holds a trained run, which brings its own config; drop --config "
+      "(with --config, the weights come from --config.init_from)"
+    )
+  if not config.init_from:
+    raise UserError(
+      "--config names no weights without --config.init_from=hf:DIR or a gptjax run; or "
+      "pass the --workdir of a trained run without --config"
+    )
+  if not is_hf(config.init_from):
+    return load(config.init_from, mesh=mesh)
+  return _load_init_from(config, mesh)
 
 
 def _load_init_from(config, mesh) -> Loaded:

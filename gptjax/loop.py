@@ -127,7 +127,7 @@ def restore_or_init(config, workdir: str, s: Setup, ckpt: checkpoint.Checkpoints
   if restored is not None:
     state, meta = restored
     start = Start(state, int(meta["step"]), float(meta.get("elapsed_s", 0.0)), True)
-    for change in data_lib.position_changes(meta.get("data", {}), config):
+    for change in data_lib.position_changes(meta.get("data", {}), config, workdir):
       say(
         f"warning: {change} since the checkpoint: the data order from here differs from "
         "the run that saved it"

@@ -12,6 +12,7 @@ is a UserError naming the file and line.
 import dataclasses
 import functools
 import glob
+import hashlib
 import json
 import os
 
@@ -121,6 +122,19 @@ def splits(data_config) -> dict[str, list]:
       f"val_fraction={data_config.val_fraction}; pass --config.data.val_path=FILE"
     )
   return {"train": train.part(0, cut), "val": train.part(cut, len(train))}
+
+
+def identity(data_config) -> dict:
+  """What data a run trains on, for the resume check: the source, and for task data its
+  files, fields, loss switch and template (a file by a hash of its text)."""
+  if data_config.source != "task":
+    return {"source": data_config.source}
+  template = data_config.chat_template
+  if template not in chat_template.BUILTIN:
+    source = chat_template.load(template).source
+    template = f"{template} (sha256 {hashlib.sha256(source.encode()).hexdigest()[:12]})"
+  keys = ("path", "val_path", "prompt_field", "completion_field", "train_on_all")
+  return {"source": "task", **{k: data_config[k] for k in keys}, "chat_template": template}
 
 
 def texts(data_config, conversations) -> list[str]:

@@ -23,6 +23,7 @@ from conftest import (
 )
 
 from gptjax import chat_template, export, inference, loop
+from gptjax.errors import UserError
 from gptjax.workdir import LOCK
 
 DIALOGUE = DIALOGUE_DIR
@@ -257,17 +258,20 @@ def test_init_from_a_workdir_takes_its_weights_shape_and_vocabulary(tmp_path, tr
   ]
   source = _config(trained_tiny)
   source_files = _snapshot(trained_tiny)
-  tuned = run_cli(
+  conflicting = run_cli(
     *args,
     f"--config.init_from={trained_tiny}",
-    "--config.model.n_layer=3",  # overridden by the source's shape
-    "--config.model.d_model=48",
-    f"--workdir={tmp_path}/tuned",
+    "--config.model.n_layer=3",  # the weights have 2 layers: never silently replaced
+    f"--workdir={tmp_path}/conflicting",
     env=ONE_DEVICE,
+  )
+  one_line_error(conflicting, "pass --config.model.n_layer=2 (not 3), or start from another run")
+  tuned = run_cli(
+    *args, f"--config.init_from={trained_tiny}", f"--workdir={tmp_path}/tuned", env=ONE_DEVICE
   )
   assert tuned.returncode == 0, tuned.stderr[-2000:]
   assert f"initialised the parameters from {trained_tiny} (checkpoint 30)" in tuned.stdout
-  assert f"from init_from {trained_tiny}: model.n_layer 3 -> 2" in tuned.stdout
+  assert f"from init_from {trained_tiny}: model.vocab_size None -> " in tuned.stdout
   config = _config(tmp_path / "tuned")
   for key in ("n_layer", "n_head", "d_model", "d_ff", "block_size", "vocab_size"):
     assert config["model"][key] == source["model"][key], key
@@ -355,3 +359,24 @@ def test_a_run_keeps_its_template_file_and_chat_uses_that_copy(tmp_path):
   out_dir, _ = export.export(str(workdir))
   assert (tmp_path / "run" / "export" / chat_template.SAVED).read_text() == trained
   assert out_dir == str(workdir / "export")
+
+
+def test_a_run_never_resumes_onto_other_data(tmp_path):
+  """A task run in a text run's workdir, or a resumed task run whose template file changed,
+  is refused before anything in the workdir changes."""
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(tiny_config(train__num_steps=2, train__eval_every=2), str(workdir))
+  config_json = (workdir / "config.json").read_text()
+  data = _small_jsonl(tmp_path, 40)
+  task = dict(data__source="task", data__path=data, train__num_steps=4, train__eval_every=2)
+  with pytest.raises(UserError, match=r"holds a run trained on other data \(source 'text' -> "):
+    loop.train_and_evaluate(tiny_config(**task), str(workdir))
+  assert (workdir / "config.json").read_text() == config_json
+  template = tmp_path / "t.jinja"
+  template.write_text(chat_template.BUILTIN["plain"])
+  task.update(data__chat_template=str(template), train__num_steps=2)
+  loop.train_and_evaluate(tiny_config(**task), str(workdir / "task"))
+  template.write_text(chat_template.BUILTIN["plain"].replace("\n\n", "\n---\n"))
+  task.update(train__num_steps=4)
+  with pytest.raises(UserError, match=r"other data \(chat_template '.*t.jinja \(sha256 "):
+    loop.train_and_evaluate(tiny_config(**task), str(workdir / "task"))

@@ -6,7 +6,7 @@ import re
 import jax
 import numpy as np
 import pytest
-from conftest import ONE_DEVICE, one_line_error, run_cli
+from conftest import ONE_DEVICE, one_line_error, run_cli, tiny_config
 
 from gptjax import config as config_lib
 from gptjax import decode, export, inference, sharding
@@ -114,3 +114,12 @@ def test_init_from_a_run_or_its_export_gives_the_same_params_in_any_layer_layout
   changes = inference.adopt_init_from(config)  # the shape and vocabulary of the source
   assert config.model.n_layer == run.model.cfg.n_layer and "model.n_layer 12 -> 2" in changes
   assert config.model.vocab_size == run.model.cfg.vocab_size
+
+
+def test_a_config_beside_a_trained_run_or_without_weights_is_refused(trained_tiny, tmp_path):
+  with pytest.raises(UserError, match="holds a trained run, which brings its own config"):
+    inference.load(str(trained_tiny), tiny_config())
+  with pytest.raises(UserError, match="--config names no weights without --config.init_from"):
+    inference.load(str(tmp_path), tiny_config())
+  loaded = inference.load(str(tmp_path), tiny_config(init_from=str(trained_tiny)))
+  assert loaded.where == "checkpoint 30"  # a gptjax run as init_from: its own weights
