@@ -4,14 +4,20 @@ everywhere, SIGTERM during a long eval. Each keeps what was saved and says so in
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import ONE_DEVICE, REPO, one_line_error, run_cli, run_cli_on_tmpfs, with_test_cache
+from conftest import (
+  ONE_DEVICE,
+  REPO,
+  finalized_steps,
+  one_line_error,
+  run_cli,
+  run_cli_on_tmpfs,
+  start_cli,
+)
 
 from gptjax import checkpoint, train
 from gptjax import config as config_lib
@@ -20,11 +26,6 @@ from gptjax.model import abstract_params
 
 TINY = "--config=experiments/tiny.py"
 EXACT = ("loss", "lr", "grad_norm", "val_loss", "val_bpb")  # timing fields differ, these not
-
-
-def _finalized(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
 def _metrics(workdir):
@@ -76,7 +77,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_earlier_ones(tmp_path, foreseen):
   line = one_line_error(proc)
   assert "not enough disk space to save" in line and f"in {disk}/w/checkpoints" in line
   assert "it needs ~" in line and "is free" in line
-  kept = _finalized(left / "w")
+  kept = finalized_steps(left / "w")
   assert kept == [2, 4] and f"checkpoint {kept[-1]} is intact" in line, (line, proc.stdout[-1500:])
   assert sorted(os.listdir(left / "w" / "checkpoints")) == ["2", "4"]  # no *-tmp left
   assert "No space left" not in proc.stderr  # orbax's own tracebacks are not echoed
@@ -123,7 +124,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_everywhere_in_one_clean_warning(
     ):
       assert noise not in out, out[-3000:]
   assert "from checkpoint 20" in proc.stdout or "exported step 20" in proc.stdout
-  assert _finalized(workdir) == [10, 20, 30]  # read-only modes move nothing
+  assert finalized_steps(workdir) == [10, 20, 30]  # read-only modes move nothing
   original = _metrics(workdir)
   proc = run_cli(*args, env=ONE_DEVICE)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -157,7 +158,9 @@ def test_a_restore_that_fails_for_every_checkpoint_moves_nothing(tmp_path, monke
     r" \(newest, 20: .*\); nothing was moved",
   ):
     checkpoint.Checkpoints("w").restore_params(target, jax.tree.map(lambda _: one, target))
-  assert _finalized(workdir) == [10, 20] and not os.path.exists(workdir / "checkpoints_corrupt")
+  assert finalized_steps(workdir) == [10, 20] and not os.path.exists(
+    workdir / "checkpoints_corrupt"
+  )
 
 
 @pytest.mark.slow
@@ -197,22 +200,14 @@ def test_a_non_finite_checkpoint_is_skipped(tmp_path, trained_tiny):
 @pytest.mark.slow
 def test_sigterm_during_a_long_eval_saves_without_finishing_it(tmp_path):
   workdir = tmp_path / "w"
-  proc = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "gptjax.main",
-      *with_test_cache([TINY, f"--workdir={workdir}"]),
-      "--config.train.num_steps=100",
-      "--config.train.eval_every=5",
-      "--config.train.log_every=5",
-      "--config.train.eval_batches=100000",
-    ],
-    cwd=REPO,
-    env={**os.environ, **ONE_DEVICE},
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
+  proc = start_cli(
+    TINY,
+    f"--workdir={workdir}",
+    "--config.train.num_steps=100",
+    "--config.train.eval_every=5",
+    "--config.train.log_every=5",
+    "--config.train.eval_batches=100000",
+    env=ONE_DEVICE,
   )
   try:
     for line in proc.stdout:  # step 5 is logged; its eval (100k batches, minutes) starts
@@ -225,5 +220,5 @@ def test_sigterm_during_a_long_eval_saves_without_finishing_it(tmp_path):
     proc.kill()
   assert proc.returncode == 0, err[-3000:]
   assert "SIGTERM received: saved checkpoint 5" in out
-  assert _finalized(workdir) == [5]
+  assert finalized_steps(workdir) == [5]
   assert not [l for l in _metrics(workdir) if "val_loss" in l]  # the eval was cut short

@@ -4,8 +4,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -14,11 +12,12 @@ import numpy as np
 import pytest
 from conftest import (
   ONE_DEVICE,
-  REPO,
+  finalized_steps,
   one_line_error,
   run_cli,
+  start_cli,
   tiny_config,
-  with_test_cache,
+  wait_for,
 )
 
 from gptjax import checkpoint, export, inference, optim, sharding, train
@@ -43,33 +42,8 @@ def _metrics(workdir):
   return [{k: l[k] for k in ("step", *EXACT) if k in l} for l in lines]
 
 
-def _finalized(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
 def _start(workdir, *extra):
-  return subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "gptjax.main",
-      *with_test_cache([*ARGS, f"--workdir={workdir}", *extra]),
-    ],
-    cwd=REPO,
-    env={**os.environ, **ONE_DEVICE},
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-
-
-def _wait_for(proc, condition, timeout=120):
-  deadline = time.time() + timeout
-  while not condition():
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    assert time.time() < deadline, "timed out waiting for the run"
-    time.sleep(0.005)
+  return start_cli(*ARGS, f"--workdir={workdir}", *extra, env=ONE_DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +59,7 @@ def test_sigkill_then_restart_gives_the_uninterrupted_metrics_bit_for_bit(tmp_pa
   workdir = tmp_path / "w"
   proc = _start(workdir)
   try:
-    _wait_for(proc, lambda: len(_finalized(workdir)) >= 2)
+    wait_for(proc, lambda: len(finalized_steps(workdir)) >= 2)
     proc.send_signal(signal.SIGKILL)
   finally:
     proc.kill()
@@ -103,7 +77,7 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_matches(tmp_path, un
   workdir = tmp_path / "w"
   proc = _start(workdir)
   try:
-    _wait_for(proc, lambda: len(_finalized(workdir)) >= 1)
+    wait_for(proc, lambda: len(finalized_steps(workdir)) >= 1)
     time.sleep(0.05)  # mid-interval, between two periodic checkpoints
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -111,7 +85,7 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_matches(tmp_path, un
     proc.kill()
   assert proc.returncode == 0, err[-2000:]
   stopped = int(out.split("saved checkpoint ")[1].split()[0])
-  assert "SIGTERM received" in out and stopped in _finalized(workdir)
+  assert "SIGTERM received" in out and stopped in finalized_steps(workdir)
   assert stopped < STEPS
   rerun = run_cli(*ARGS, f"--workdir={workdir}", env=ONE_DEVICE)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -135,7 +109,7 @@ def test_nan_stops_the_run_and_leaves_only_finite_checkpoints(tmp_path):
   error = [l for l in proc.stderr.splitlines() if l.startswith("gptjax: error:")]
   assert len(error) == 1 and "loss became nan" in error[0] and "at step" in error[0], error
   bad_step = int(error[0].split("at step ")[1].split(";")[0])
-  saved = _finalized(workdir)
+  saved = finalized_steps(workdir)
   assert saved and max(saved) < bad_step
   config = config_lib.load_saved(str(workdir))
   target = abstract_params(config)
@@ -220,7 +194,7 @@ def test_export_is_params_only_and_keep_best_keeps_the_lowest_val_loss(tmp_path)
     env=ONE_DEVICE,
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert _finalized(workdir) == [30, 40]
+  assert finalized_steps(workdir) == [30, 40]
   vals = {l["step"]: l["val_loss"] for l in _metrics(workdir) if "val_loss" in l}
   best_dir = workdir / "checkpoints_best"
   assert [int(n) for n in os.listdir(best_dir) if n.isdigit()] == [min(vals, key=vals.get)]
@@ -335,7 +309,7 @@ def test_a_state_that_turns_nan_is_never_saved(tmp_path):
   )
   line = one_line_error(proc)
   assert "became NaN or inf at step 1" in line and "nothing from this state was saved" in line
-  assert _finalized(tmp_path / "w") == []
+  assert finalized_steps(tmp_path / "w") == []
 
 
 @pytest.mark.slow

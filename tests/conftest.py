@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -87,6 +88,33 @@ def run_cli(*args, timeout=240, env=None, stdin=""):
     input=stdin,
     env={**os.environ, **(env or {})},
   )
+
+
+def start_cli(*args, env=None) -> subprocess.Popen:
+  """Starts `python -m gptjax.main ARGS` (to signal or kill while it runs); pipes text."""
+  return subprocess.Popen(
+    [sys.executable, "-m", "gptjax.main", *with_test_cache(args)],
+    cwd=REPO,
+    env={**os.environ, **(env or {})},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def wait_for(proc, condition, timeout=120) -> None:
+  """Polls condition() while proc runs; fails if proc ends first or time runs out."""
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    assert time.time() < deadline, "timed out waiting for the run"
+    time.sleep(0.005)
+
+
+def finalized_steps(workdir) -> list[int]:
+  """The steps of a workdir's finished checkpoints (orbax lists a save once it is whole)."""
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # fast subprocesses

@@ -7,19 +7,17 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from conftest import (
   DIALOGUE_DIR,
   ONE_DEVICE,
-  REPO,
+  finalized_steps,
   one_line_error,
   run_cli,
+  start_cli,
   tiny_config,
-  with_test_cache,
+  wait_for,
 )
 
 from gptjax import chat_template, export, inference, loop
@@ -53,19 +51,6 @@ def _metrics(workdir, keys=EXACT):
 
 def _losses(workdir):
   return {l["step"]: l["loss"] for l in _metrics(workdir) if "loss" in l}
-
-
-def _finalized(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-def _wait_for(proc, condition, timeout=120):
-  deadline = time.time() + timeout
-  while not condition():
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    assert time.time() < deadline, "timed out waiting for the run"
-    time.sleep(0.005)
 
 
 def _config(workdir):
@@ -121,23 +106,16 @@ def test_a_task_run_killed_and_rerun_gives_the_uninterrupted_metrics_bit_for_bit
   assert [m["step"] for m in uninterrupted if "val_loss" in m] == [20, 40, 60]
 
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen(
-    [sys.executable, "-m", "gptjax.main", *with_test_cache([*args, f"--workdir={workdir}"])],
-    cwd=REPO,
-    env={**os.environ, **ONE_DEVICE},
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
+  proc = start_cli(*args, f"--workdir={workdir}", env=ONE_DEVICE)
   try:
-    _wait_for(proc, lambda: len(_finalized(workdir)) >= 2)
+    wait_for(proc, lambda: len(finalized_steps(workdir)) >= 2)
     proc.send_signal(signal.SIGKILL)
   finally:
     proc.kill()
     proc.communicate()
   assert proc.returncode == -signal.SIGKILL
   assert _metrics(workdir)[-1]["step"] < STEPS  # it really was cut short
-  resumed_at = max(_finalized(workdir))
+  resumed_at = max(finalized_steps(workdir))
   rerun = run_cli(*args, f"--workdir={workdir}", env=ONE_DEVICE)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert f"resumed from checkpoint {resumed_at}" in rerun.stdout, rerun.stdout[-2000:]
