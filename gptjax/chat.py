@@ -97,7 +97,8 @@ class Chat:
     if len(ids) > self.width:
       room = self.width - self.prefix
       self.notify(
-        f"your message has {len(ids) - self.prefix} tokens; the model sees its last {room}"
+        f"your message takes {len(ids) - self.prefix} tokens with the template's text around "
+        f"it; the model sees the last {room}"
       )
       ids = ids[-self.width :]
     return ids

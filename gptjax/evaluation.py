@@ -81,6 +81,8 @@ def run(workdir: str, options: Options, config=None) -> dict:
   if predictions is not None:
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
     _write(os.path.join(eval_dir, "predictions.jsonl"), lines)
+  elif os.path.exists(os.path.join(eval_dir, "predictions.jsonl")):  # an older evaluation's:
+    os.remove(os.path.join(eval_dir, "predictions.jsonl"))  # it pairs with the scores replaced
   _write(os.path.join(eval_dir, "scores.json"), json.dumps(out, indent=2) + "\n")
   print(summary(out, eval_dir), flush=True)
   return out

@@ -137,6 +137,9 @@ def test_evaluate_writes_predictions_and_scores(tmp_path, loaded, monkeypatch, c
   assert sorted(os.listdir(tmp_path / "run")) == ["eval", "keep.txt"]
   assert sorted(os.listdir(eval_dir)) == ["predictions.jsonl", "scores.json"]
   assert "loss" in capsys.readouterr().out
+  (tmp_path / "text.txt").write_text("one two three four five six seven eight.\n" * 4)
+  evaluation.run(str(tmp_path / "run"), evaluation.Options(data=str(tmp_path / "text.txt")))
+  assert sorted(os.listdir(eval_dir)) == ["scores.json"]  # no replies left from the task eval
 
 
 def test_the_data_to_evaluate_defaults_to_a_task_runs_validation_file(tmp_path):
