@@ -5,6 +5,7 @@ across grad_accum and meshes, bad input is one line naming the file and line, an
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -28,7 +29,6 @@ DIALOGUE = DIALOGUE_DIR
 TINY = "--config=experiments/tiny.py"
 TASK = ["--config.data.source=task", "--config.data.chat_template=plain"]
 EXACT = ("loss", "lr", "grad_norm", "trained_tokens", "val_loss", "val_bpb")
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 GOOD = (
   '{"messages": [{"role": "user", "content": "Hail."}, {"role": "assistant", "content": "Ho."}]}'
 )
@@ -123,50 +123,6 @@ def test_a_task_run_killed_and_rerun_gives_the_uninterrupted_metrics_bit_for_bit
   assert _metrics(workdir) == uninterrupted  # floats compared exactly
 
 
-@pytest.mark.slow
-def test_task_first_steps_agree_with_grad_accum_and_on_a_2x2x2_mesh(tmp_path, small_data):
-  args = [
-    TINY,
-    *TASK,
-    f"--config.data.path={small_data}",
-    "--config.train.num_steps=3",
-    "--config.train.log_every=1",
-    "--config.train.eval_every=3",
-    "--config.model.n_head=8",  # the tensor axis splits heads
-    "--config.model.dropout=0.0",  # dropout masks need not agree across layouts
-  ]
-  one = run_cli(*args, f"--workdir={tmp_path}/one", env=ONE_DEVICE)
-  assert one.returncode == 0, one.stderr[-2000:]
-  accum = run_cli(
-    *args, "--config.optim.grad_accum=2", f"--workdir={tmp_path}/accum", env=ONE_DEVICE
-  )
-  assert accum.returncode == 0, accum.stderr[-2000:]
-  mesh = run_cli(
-    *args,
-    "--config.mesh.shape.data=2",
-    "--config.mesh.shape.fsdp=2",
-    "--config.mesh.shape.tensor=2",
-    f"--workdir={tmp_path}/mesh",
-    env=EIGHT_DEVICES,
-  )
-  assert mesh.returncode == 0, mesh.stderr[-2000:]
-  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 cpu device(s)" in mesh.stdout
-  shape = _config(tmp_path / "mesh")["mesh"]["shape"]
-  assert (shape["data"], shape["fsdp"], shape["tensor"]) == (2, 2, 2)
-  assert _config(tmp_path / "accum")["optim"]["grad_accum"] == 2
-
-  def numbers(name):  # (step, key) -> value of the train lines and the step-3 eval
-    return {(m["step"], k): m[k] for m in _metrics(tmp_path / name) for k in EXACT if k in m}
-
-  want = numbers("one")
-  assert {k for _, k in want} == set(EXACT) and {s for s, _ in want} == {1, 2, 3}
-  for name in ("accum", "mesh"):
-    got = numbers(name)
-    assert got.keys() == want.keys(), name
-    for key, value in want.items():
-      assert got[key] == pytest.approx(value, rel=1e-5), (name, key, got[key], value)
-
-
 # --- Bad input: one line naming the file and line, and the workdir untouched ----------------
 
 
@@ -202,22 +158,34 @@ BAD_INPUT = {
 }
 
 
-@pytest.mark.parametrize("case", BAD_INPUT)
-def test_bad_task_input_is_one_line_naming_the_file_and_line(tmp_path, finished, case):
-  data_lines, template, said = BAD_INPUT[case]
+def _bad_input(tmp_path, case):
+  """(config overrides, the file at fault) for a BAD_INPUT case."""
+  data_lines, template, _ = BAD_INPUT[case]
   data = tmp_path / f"{case}.jsonl"
   data.write_text("".join(line + "\n" for line in data_lines))
-  named = data  # the file at fault
-  args = [TINY, f"--workdir={finished}", "--config.data.source=task", f"--config.data.path={data}"]
   if template is None:
-    args.append("--config.data.chat_template=plain")
-  else:
-    named = tmp_path / f"{case}.jinja"
-    named.write_text(template)
-    args.append(f"--config.data.chat_template={named}")
+    return dict(data__source="task", data__path=str(data), data__chat_template="plain"), data
+  named = tmp_path / f"{case}.jinja"
+  named.write_text(template)
+  return dict(data__source="task", data__path=str(data), data__chat_template=str(named)), named
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_task_input_names_the_file_and_line(tmp_path, finished, case):
+  overrides, named = _bad_input(tmp_path, case)
   before = _snapshot(finished)
-  one_line_error(run_cli(*args, env=ONE_DEVICE), f"{named}{said}")  # e.g. FILE:3: ...
+  with pytest.raises(UserError, match=re.escape(f"{named}{BAD_INPUT[case][2]}")):  # FILE:3: ...
+    loop.train_and_evaluate(tiny_config(**overrides), str(finished))
   assert _snapshot(finished) == before  # nothing in the finished run changed
+
+
+@pytest.mark.slow
+def test_bad_task_input_is_one_line_from_the_cli(tmp_path, finished):
+  overrides, named = _bad_input(tmp_path, "malformed")
+  args = [f"--config.{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+  before = _snapshot(finished)
+  one_line_error(run_cli(TINY, f"--workdir={finished}", *args, env=ONE_DEVICE), f"{named}:3:")
+  assert _snapshot(finished) == before
 
 
 # --- Fine-tuning from a gptjax run ------------------------------------------------------------
@@ -268,17 +236,11 @@ def test_init_from_a_workdir_takes_its_weights_shape_and_vocabulary(tmp_path, tr
   assert _losses(tmp_path / "tuned")[1] < _losses(tmp_path / "fresh")[1] - 0.3
 
 
-def test_init_from_a_missing_directory_is_one_line_naming_it(tmp_path, small_data):
-  proc = run_cli(
-    TINY,
-    *TASK,
-    f"--config.data.path={small_data}",
-    "--config.init_from=/nonexistent",
-    f"--workdir={tmp_path}/w",
-    env=ONE_DEVICE,
-  )
-  one_line_error(proc, "/nonexistent")
-  assert not os.path.exists(tmp_path / "w")  # refused before the workdir was made
+def test_init_from_a_missing_directory_is_named_before_anything_is_written(tmp_path, small_data):
+  config = tiny_config(data__source="task", data__path=small_data, init_from="/nonexistent")
+  with pytest.raises(UserError, match="init_from '/nonexistent' is not a gptjax run"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.slow
@@ -313,6 +275,7 @@ def test_the_gpt2_recipe_fine_tunes_a_hugging_face_gpt2_with_its_bpe(tmp_path):
   assert json.load(open(tmp_path / "w" / "config.json"))["data"]["chat_template"] == "gpt2"
 
 
+@pytest.mark.slow
 def test_a_run_keeps_its_template_file_and_chat_uses_that_copy(tmp_path):
   """Chat and evaluation render exactly what training did, even after the file changes."""
   template = tmp_path / "turns.jinja"
@@ -339,6 +302,7 @@ def test_a_run_keeps_its_template_file_and_chat_uses_that_copy(tmp_path):
   assert out_dir == str(workdir / "export")
 
 
+@pytest.mark.slow
 def test_a_run_never_resumes_onto_other_data(tmp_path):
   """A task run in a text run's workdir, or a resumed task run whose template file changed,
   is refused before anything in the workdir changes."""
