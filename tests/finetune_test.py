@@ -204,14 +204,9 @@ def test_init_from_a_workdir_takes_its_weights_shape_and_vocabulary(tmp_path, tr
   ]
   source = _config(trained_tiny)
   source_files = _snapshot(trained_tiny)
-  conflicting = run_cli(
-    *args,
-    f"--config.init_from={trained_tiny}",
-    "--config.model.n_layer=3",  # the weights have 2 layers: never silently replaced
-    f"--workdir={tmp_path}/conflicting",
-    env=ONE_DEVICE,
-  )
-  one_line_error(conflicting, "pass --config.model.n_layer=2 (not 3), or start from another run")
+  conflicting = tiny_config(init_from=str(trained_tiny), model__n_layer=3)  # weights have 2
+  with pytest.raises(UserError, match=re.escape("pass --config.model.n_layer=2 (not 3), or")):
+    inference.adopt_init_from(conflicting)  # never silently replaced
   tuned = run_cli(
     *args, f"--config.init_from={trained_tiny}", f"--workdir={tmp_path}/tuned", env=ONE_DEVICE
   )
