@@ -8,8 +8,9 @@ example's weight for that token when slots t and t+1 belong to the same example,
 example's last token never learns to predict the next example's first.
 
 Examples longer than a row lose their oldest context first (the reply comes last in a
-conversation); a reply longer than a row keeps its start. Both are counted as truncated; so is an example whose oldest context is cut to fill a row that
-would otherwise stay half empty (its reply and one token of context always stay).
+conversation); a reply longer than a row keeps its start. Both are counted as truncated, and
+so is an example whose oldest context is cut to fill a row that would otherwise stay half
+empty (its reply and one token of context always stay).
 """
 
 import bisect
@@ -37,6 +38,7 @@ MIN_FILL = 0.85  # rows less full than this are dissolved or merged where exampl
 # Bounds on the repair passes (each step of them scans every row or example): rows to try
 # dissolving, and candidates per row to top up from. Linear time for any dataset size.
 _DISSOLVE_AT_MOST = 1000
+_MERGE_SCAN = 200  # partners tried per sparse row
 _TOP_UP_SCAN = 5000
 
 
@@ -52,20 +54,22 @@ def pack(examples, block_size: int, pad_id: int = 0, cut_to_fill: bool = True) -
   passes cut_to_fill=False: every example whole, its loss as if alone.
   """
   width = block_size + 1
-  kept, index, truncated = [], [], 0
+  kept, index, was_cut = [], [], set()  # was_cut: indices into kept of shortened examples
   for i, (ids, weights) in enumerate(examples):
-    if len(ids) > width:
-      (ids, weights), truncated = cut(ids, weights, width), truncated + 1
     if len(ids) >= 2:  # something to predict
+      if len(ids) > width:
+        ids, weights = cut(ids, weights, width)
+        was_cut.add(len(kept))
       kept.append([np.asarray(ids, np.int32), np.asarray(weights, np.float32)])
       index.append(i)
   rows, room = _best_fit([len(ids) for ids, _ in kept], width)
   if cut_to_fill:
-    truncated += _dissolve(kept, rows, room, width) + _merge(kept, rows, room, width)
-    truncated += _top_up(kept, rows, room, width)
+    for repair in (_dissolve, _merge, _top_up):
+      repair(kept, rows, room, width, was_cut)
   rows = [sorted(r) for r in rows if r]  # segments in input order
   examples_by_row = [[kept[e] for e in r] for r in rows]
-  return _arrays(examples_by_row, width, pad_id, truncated, [[index[e] for e in r] for r in rows])
+  members = [[index[e] for e in r] for r in rows]
+  return _arrays(examples_by_row, width, pad_id, len(was_cut), members)
 
 
 def _best_fit(lengths: list[int], width: int):
@@ -122,10 +126,9 @@ def _sparse(rows, room, width: int) -> list[int]:
   ]
 
 
-def _dissolve(kept, rows, room, width: int) -> int:
+def _dissolve(kept, rows, room, width: int, was_cut: set) -> None:
   """Moves each sparse row's examples into other rows' room where they fit (whole, or cut
-  to their trained tokens plus some context); returns how many were cut."""
-  cuts = 0
+  to their trained tokens plus some context)."""
   for r in _sparse(rows, room, width)[:_DISSOLVE_AT_MOST]:
     trial, plan = room.copy(), []
     trial[r] = -1  # not into itself
@@ -140,19 +143,18 @@ def _dissolve(kept, rows, room, width: int) -> int:
       plan.append((e, target, take))
     if len(plan) == len(rows[r]):
       for e, target, take in plan:
-        cuts += _keep_last(kept, e, take)
+        _keep_last(kept, e, take, was_cut)
         rows[target].append(e)
       rows[r], room[:], room[r] = [], trial, 0
-  return cuts
 
 
-def _merge(kept, rows, room, width: int) -> int:
+def _merge(kept, rows, room, width: int, was_cut: set) -> None:
   """Merges pairs of sparse rows (emptiest first), cutting the examples with the most
-  context to spare until the pair fits one row; returns how many were cut."""
-  cuts, active = 0, _sparse(rows, room, width)
+  context to spare until the pair fits one row."""
+  active = _sparse(rows, room, width)
   while active:
     r = active.pop(0)
-    for q in active:
+    for q in active[:_MERGE_SCAN]:
       members = rows[r] + rows[q]
       lengths = {e: len(kept[e][0]) for e in members}
       excess = sum(lengths.values()) - width
@@ -161,20 +163,20 @@ def _merge(kept, rows, room, width: int) -> int:
         lengths[e], excess = lengths[e] - trim, excess - trim
       if excess > 0:
         continue
-      cuts += sum(_keep_last(kept, e, lengths[e]) for e in members)
+      for e in members:
+        _keep_last(kept, e, lengths[e], was_cut)
       rows[r], rows[q] = members, []
       room[r], room[q] = width - sum(lengths.values()), 0
       active.remove(q)
       if room[r] > (1 - MIN_FILL) * width:
         active.insert(0, r)  # still sparse: merge on
       break
-  return cuts
 
 
-def _top_up(kept, rows, room, width: int) -> int:
+def _top_up(kept, rows, room, width: int, was_cut: set) -> None:
   """Fills each still-sparse row with examples from rows that stay MIN_FILL full without
-  them: whole ones first (longest first), then cut ones; returns how many were cut."""
-  cuts, row_of = 0, {e: r for r, members in enumerate(rows) for e in members}
+  them: whole ones first (longest first), then cut ones."""
+  row_of = {e: r for r, members in enumerate(rows) for e in members}
   by_length = sorted(row_of, key=lambda e: -len(kept[e][0]))
   negated = [-len(kept[e][0]) for e in by_length]
   for r in _sparse(rows, room, width)[:_DISSOLVE_AT_MOST]:
@@ -194,19 +196,17 @@ def _top_up(kept, rows, room, width: int) -> int:
         if width - room[donor] - n < MIN_FILL * width:
           continue  # the donor would go sparse
         take = min(n, int(room[r]))
-        cuts += _keep_last(kept, e, take)
+        _keep_last(kept, e, take, was_cut)
         rows[donor].remove(e)
         rows[r].append(e)
         room[donor], room[r], row_of[e] = room[donor] + n, room[r] - take, r
-  return cuts
 
 
-def _keep_last(kept, e: int, n: int) -> int:
-  """Cuts example e to its last n tokens; 1 if that cut anything."""
-  if n >= len(kept[e][0]):
-    return 0
-  kept[e] = [kept[e][0][-n:], kept[e][1][-n:]]
-  return 1
+def _keep_last(kept, e: int, n: int, was_cut: set) -> None:
+  """Cuts example e to its last n tokens (noting it in was_cut if that cut anything)."""
+  if n < len(kept[e][0]):
+    kept[e] = [kept[e][0][-n:], kept[e][1][-n:]]
+    was_cut.add(e)
 
 
 def cut(ids, weights, width: int):
