@@ -64,8 +64,10 @@ def pack(examples, block_size: int, pad_id: int = 0, cut_to_fill: bool = True) -
       index.append(i)
   rows, room = _best_fit([len(ids) for ids, _ in kept], width)
   if cut_to_fill:
-    for repair in (_dissolve, _merge, _top_up):
-      repair(kept, rows, room, width, was_cut)
+    repair = _Repair(kept, rows, room, width, was_cut)
+    repair.dissolve()
+    repair.merge()
+    repair.top_up()
   rows = [sorted(r) for r in rows if r]  # segments in input order
   examples_by_row = [[kept[e] for e in r] for r in rows]
   members = [[index[e] for e in r] for r in rows]
@@ -119,94 +121,108 @@ def _best_fit(lengths: list[int], width: int):
   return rows, np.asarray(room, np.int64)
 
 
-def _sparse(rows, room, width: int) -> list[int]:
-  """Rows under MIN_FILL, emptiest first."""
-  return [
-    r for r in np.argsort(-room, kind="stable") if rows[r] and room[r] > (1 - MIN_FILL) * width
-  ]
+@dataclasses.dataclass
+class _Repair:
+  """The passes that fill rows under MIN_FILL after best fit, over shared state: examples
+  (ids, weights; cut in place), rows (example indices), free room per row, and the
+  examples shortened so far. needed[e]: the fewest tokens example e may be cut to (its
+  trained tokens and one of context; a cut of older context leaves it unchanged)."""
 
+  kept: list
+  rows: list
+  room: np.ndarray
+  width: int
+  was_cut: set
 
-def _dissolve(kept, rows, room, width: int, was_cut: set) -> None:
-  """Moves each sparse row's examples into other rows' room where they fit (whole, or cut
-  to their trained tokens plus some context)."""
-  for r in _sparse(rows, room, width)[:_DISSOLVE_AT_MOST]:
-    trial, plan = room.copy(), []
-    trial[r] = -1  # not into itself
-    for e in sorted(rows[r], key=lambda e: -len(kept[e][0])):
-      n = len(kept[e][0])
-      fits = np.flatnonzero(trial >= n)
-      target = int(fits[0]) if fits.size else int(np.argmax(trial))
-      take = min(n, int(trial[target]))
-      if take < _needed(kept[e][1]):
-        break
-      trial[target] -= take
-      plan.append((e, target, take))
-    if len(plan) == len(rows[r]):
-      for e, target, take in plan:
-        _keep_last(kept, e, take, was_cut)
-        rows[target].append(e)
-      rows[r], room[:], room[r] = [], trial, 0
+  def __post_init__(self):
+    self.needed = [_needed(w) for _, w in self.kept]
+    self.sparse_room = (1 - MIN_FILL) * self.width  # more free room than this: sparse
 
+  def sparse(self) -> list[int]:
+    """Rows under MIN_FILL, emptiest first."""
+    order = np.argsort(-self.room, kind="stable")
+    return [r for r in order if self.rows[r] and self.room[r] > self.sparse_room]
 
-def _merge(kept, rows, room, width: int, was_cut: set) -> None:
-  """Merges pairs of sparse rows (emptiest first), cutting the examples with the most
-  context to spare until the pair fits one row."""
-  active = _sparse(rows, room, width)
-  while active:
-    r = active.pop(0)
-    for q in active[:_MERGE_SCAN]:
-      members = rows[r] + rows[q]
-      lengths = {e: len(kept[e][0]) for e in members}
-      excess = sum(lengths.values()) - width
-      for e in sorted(members, key=lambda e: _needed(kept[e][1]) - lengths[e]):
-        trim = max(0, min(excess, lengths[e] - _needed(kept[e][1])))
-        lengths[e], excess = lengths[e] - trim, excess - trim
-      if excess > 0:
-        continue
-      for e in members:
-        _keep_last(kept, e, lengths[e], was_cut)
-      rows[r], rows[q] = members, []
-      room[r], room[q] = width - sum(lengths.values()), 0
-      active.remove(q)
-      if room[r] > (1 - MIN_FILL) * width:
-        active.insert(0, r)  # still sparse: merge on
-      break
+  def keep_last(self, e: int, n: int) -> None:
+    if n < len(self.kept[e][0]):
+      self.kept[e] = [self.kept[e][0][-n:], self.kept[e][1][-n:]]
+      self.was_cut.add(e)
 
-
-def _top_up(kept, rows, room, width: int, was_cut: set) -> None:
-  """Fills each still-sparse row with examples from rows that stay MIN_FILL full without
-  them: whole ones first (longest first), then cut ones."""
-  row_of = {e: r for r, members in enumerate(rows) for e in members}
-  by_length = sorted(row_of, key=lambda e: -len(kept[e][0]))
-  negated = [-len(kept[e][0]) for e in by_length]
-  for r in _sparse(rows, room, width)[:_DISSOLVE_AT_MOST]:
-    for whole in (True, False):
-      start = bisect.bisect_left(negated, -int(room[r]))  # the first that fits whole
-      candidates = (  # whole: longest first; cut: the least to cut first
-        by_length[start : start + _TOP_UP_SCAN]
-        if whole
-        else by_length[max(0, start - _TOP_UP_SCAN) : start][::-1]
-      )
-      for e in candidates:
-        n, donor = len(kept[e][0]), row_of[e]
-        if room[r] <= (1 - MIN_FILL) * width:
+  def dissolve(self) -> None:
+    """Moves each sparse row's examples into other rows' room where they fit (whole, or
+    cut to their needed tokens at least)."""
+    for r in self.sparse()[:_DISSOLVE_AT_MOST]:
+      trial, plan = self.room.copy(), []
+      trial[r] = -1  # not into itself
+      for e in sorted(self.rows[r], key=lambda e: -len(self.kept[e][0])):
+        n = len(self.kept[e][0])
+        fits = np.flatnonzero(trial >= n)
+        target = int(fits[0]) if fits.size else int(np.argmax(trial))
+        take = min(n, int(trial[target]))
+        if take < self.needed[e]:
           break
-        if donor == r or (n > room[r] if whole else _needed(kept[e][1]) > room[r]):
-          continue
-        if width - room[donor] - n < MIN_FILL * width:
-          continue  # the donor would go sparse
-        take = min(n, int(room[r]))
-        _keep_last(kept, e, take, was_cut)
-        rows[donor].remove(e)
-        rows[r].append(e)
-        room[donor], room[r], row_of[e] = room[donor] + n, room[r] - take, r
+        trial[target] -= take
+        plan.append((e, target, take))
+      if len(plan) == len(self.rows[r]):
+        for e, target, take in plan:
+          self.keep_last(e, take)
+          self.rows[target].append(e)
+        self.rows[r], self.room[:], self.room[r] = [], trial, 0
 
+  def merge(self) -> None:
+    """Merges pairs of sparse rows (emptiest first; a pair fits when the needed tokens of
+    both do), cutting the examples with the most context to spare."""
+    active = self.sparse()
+    need = {r: sum(self.needed[e] for e in self.rows[r]) for r in active}
+    while active:
+      r = active.pop(0)
+      partner = next((q for q in active[:_MERGE_SCAN] if need[r] + need[q] <= self.width), None)
+      if partner is None:
+        continue
+      members = self.rows[r] + self.rows[partner]
+      lengths = {e: len(self.kept[e][0]) for e in members}
+      excess = sum(lengths.values()) - self.width
+      for e in sorted(members, key=lambda e: self.needed[e] - lengths[e]):  # most spare first
+        trim = max(0, min(excess, lengths[e] - self.needed[e]))
+        lengths[e], excess = lengths[e] - trim, excess - trim
+      for e in members:
+        self.keep_last(e, lengths[e])
+      self.rows[r], self.rows[partner] = members, []
+      self.room[r], self.room[partner] = self.width - sum(lengths.values()), 0
+      need[r] += need[partner]
+      active.remove(partner)
+      if self.room[r] > self.sparse_room:
+        active.insert(0, r)  # still sparse: merge on
 
-def _keep_last(kept, e: int, n: int, was_cut: set) -> None:
-  """Cuts example e to its last n tokens (noting it in was_cut if that cut anything)."""
-  if n < len(kept[e][0]):
-    kept[e] = [kept[e][0][-n:], kept[e][1][-n:]]
-    was_cut.add(e)
+  def top_up(self) -> None:
+    """Fills each still-sparse row with examples from rows that stay MIN_FILL full without
+    them: whole ones first (longest first), then cut ones (the least to cut first)."""
+    row_of = {e: r for r, members in enumerate(self.rows) for e in members}
+    by_length = sorted(row_of, key=lambda e: -len(self.kept[e][0]))
+    negated = [-len(self.kept[e][0]) for e in by_length]
+    spare = self.width - self.room - MIN_FILL * self.width  # what a donor row can give
+    longest = bisect.bisect_left(negated, -int(spare.max(initial=0)))  # no donor gives more
+    for r in self.sparse()[:_DISSOLVE_AT_MOST]:
+      for whole in (True, False):
+        start = bisect.bisect_left(negated, -int(self.room[r]))  # the first that fits whole
+        candidates = (
+          by_length[max(start, longest) : max(start, longest) + _TOP_UP_SCAN]
+          if whole
+          else by_length[max(longest, start - _TOP_UP_SCAN) : start][::-1]
+        )
+        for e in candidates:
+          if self.room[r] <= self.sparse_room:
+            break
+          n, donor = len(self.kept[e][0]), row_of[e]
+          if donor == r or (n if whole else self.needed[e]) > self.room[r]:
+            continue
+          if self.width - self.room[donor] - n < MIN_FILL * self.width:
+            continue  # the donor would go sparse
+          take = min(n, int(self.room[r]))
+          self.keep_last(e, take)
+          self.rows[donor].remove(e)
+          self.rows[r].append(e)
+          self.room[donor], self.room[r], row_of[e] = self.room[donor] + n, self.room[r] - take, r
 
 
 def cut(ids, weights, width: int):
