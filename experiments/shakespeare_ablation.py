@@ -29,7 +29,7 @@ def get_config(variant: str = ""):
   if variant not in ("", "product"):
     raise UserError(f"unknown variant {variant!r} of shakespeare_ablation.py; use :product or none")
   c = shakespeare_char.get_config("cpu")
-  c.train.num_steps = c.optim.decay_steps = 300
+  c.train.num_steps = 300
   c.train.eval_every, c.train.eval_batches = 50, 20
   c.checkpoint.every = 100
   return c

@@ -22,13 +22,12 @@ def get_config(variant: str = "gpu"):
   m.bias = False  # nanoGPT's train.py default
   t.batch_size, t.num_steps = 64, 5000
   t.eval_every, t.eval_batches, t.log_every = 250, 200, 10
-  o.lr, o.min_lr, o.warmup_steps, o.decay_steps = 1e-3, 1e-4, 100, 5000
+  o.lr, o.min_lr, o.warmup_steps = 1e-3, 1e-4, 100  # the cosine ends at train.num_steps
   o.b2 = 0.99  # small batches of tokens: a shorter second-moment memory
   if variant == "cpu":
     m.n_layer, m.n_head, m.d_model, m.block_size = 4, 4, 128, 64
     m.dropout = m.attn_dropout = 0.0
     t.batch_size, t.num_steps, t.eval_batches = 12, 2000, 20
-    o.decay_steps = 2000
   elif variant != "gpu":
     raise UserError(f"unknown variant {variant!r} of shakespeare_char.py; use :cpu or none")
   return c

@@ -29,7 +29,7 @@ def get_config():
   m.n_layer, m.n_head, m.d_model, m.block_size, m.bias = 4, 4, 128, 64, False
   t.batch_size, t.num_steps = 12, 600
   t.eval_every, t.eval_batches, t.log_every = 100, 1000, 20  # eval_batches: all 424 replies
-  o.lr, o.min_lr, o.warmup_steps, o.decay_steps, o.b2 = 3e-4, 3e-5, 20, 600, 0.99
+  o.lr, o.min_lr, o.warmup_steps, o.b2 = 3e-4, 3e-5, 20, 0.99
   o.weight_decay = 0.0
   c.checkpoint.every = 200
   return c

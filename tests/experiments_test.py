@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 
 from gptjax import config as config_lib
-from gptjax import sweep
+from gptjax import optim, sweep
 from gptjax.errors import UserError
 
 EXPERIMENTS = os.path.join(REPO, "experiments")
@@ -81,3 +81,17 @@ def test_the_variants_differ_as_documented():
 def test_a_bad_variant_name_is_a_user_error(name, match):
   with pytest.raises(UserError, match=match):
     _load(name).get_config("gpu2")
+
+
+@pytest.mark.parametrize(
+  "name, variant", [(name, v) for name, variants in VARIANTS.items() for v in variants]
+)
+def test_num_steps_drives_the_learning_rate_decay(name, variant):
+  """--config.train.num_steps=N alone gives a schedule that ends at min_lr at step N: no
+  experiment pins decay_steps to its own step count."""
+  module = _load(name)
+  config = module.get_config() if variant is None else module.get_config(variant)
+  assert config.optim.decay_steps is None, "leave optim.decay_steps to follow num_steps"
+  config.train.num_steps = 200
+  lr = optim.schedule(config.optim, config.train.num_steps)
+  assert float(lr(200)) == pytest.approx(config.optim.min_lr)
