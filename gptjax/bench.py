@@ -143,7 +143,7 @@ def bench_train(config, workdir: str) -> dict:
   mesh = runtime.start(config)
   vocab = config.model.vocab_size or 50257
   s = train.setup(config, vocab, mesh)
-  metrics.check_fits(s.memory())
+  metrics.check_fits(s.memory(), config)
   cfg = s.model.cfg
   state = s.init(config.seed)
   batches = _synthetic_batches(s, cfg.vocab_size, config.data.source == "task")

@@ -65,7 +65,7 @@ def prepare(
       say(note)
     s = setup(config, data.tokenizer.vocab_size if data else config.model.vocab_size, mesh)
     _describe(s, packed=config.data.source == "task")
-    metrics_lib.check_fits(s.memory())
+    metrics_lib.check_fits(s.memory(), config)
   except BaseException:
     if held:
       held.release()

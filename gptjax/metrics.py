@@ -28,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from gptjax.errors import OUT_OF_MEMORY_FIX, UserError
+from gptjax.errors import UserError, out_of_memory_fix
 
 # Dense (no sparsity) bf16 peak TFLOP/s per device, from the vendors' data sheets. Matched
 # against jax's device_kind in order, first match wins (PCIe before plain H100).
@@ -254,14 +254,15 @@ def device_memory_limit() -> tuple[int | None, str]:
   return None, ""
 
 
-def check_fits(report: dict) -> None:
-  """Raises UserError when the compiled step's peak estimate exceeds a device's memory."""
+def check_fits(report: dict, config=None) -> None:
+  """Raises UserError when the compiled step's peak estimate exceeds a device's memory,
+  naming the switches that would shrink it (those `config` does not use yet)."""
   limit, source = device_memory_limit()
   peak = report.get("peak_estimate")
   if limit and peak and peak > limit:
     raise UserError(
       f"the train step needs ~{format_bytes(peak)} per device but a device has "
-      f"{format_bytes(limit)} ({source}); {OUT_OF_MEMORY_FIX}"
+      f"{format_bytes(limit)} ({source}); {out_of_memory_fix(config)}"
     )
 
 

@@ -90,3 +90,14 @@ def test_a_step_that_does_not_fit_is_refused_before_it_runs():
   metrics.check_fits({"peak_estimate": 1024})
   with pytest.raises(UserError, match=r"needs ~1024.0 GiB per device but a device has"):
     metrics.check_fits({"peak_estimate": 1024**4})
+
+
+def test_the_fit_advice_names_the_switches_the_config_does_not_use_yet():
+  config = tiny_config()
+  with pytest.raises(UserError, match=r"--config.model.scan_layers=true --config.model.remat=full"):
+    metrics.check_fits({"peak_estimate": 1024**4}, config)
+  config.model.scan_layers, config.model.remat, config.train.loss_chunk = True, "full", 8
+  with pytest.raises(UserError) as refused:
+    metrics.check_fits({"peak_estimate": 1024**4}, config)
+  assert "scan_layers" not in str(refused.value) and "loss_chunk" not in str(refused.value)
+  assert "raise --config.optim.grad_accum (now 1)" in str(refused.value)
