@@ -192,7 +192,7 @@ def check_layout(cfg, exporting: bool = False) -> None:
   Importing, the user's config is the fix; exporting, the run is what it is."""
   for key, field, want in _LAYOUT:
     have = getattr(cfg, field)
-    if have == want:
+    if have == want or (exporting and field == "bias"):  # no bias exports as zero biases
       continue
     if exporting:
       raise UserError(
@@ -200,7 +200,11 @@ def check_layout(cfg, exporting: bool = False) -> None:
         f"GPT-2 cannot hold (it needs {want!r}); export it with "
         "--export_format=gptjax instead"
       )
-    raise UserError(f"config.{key}={have!r}, but GPT-2 weights need {want!r}; drop that override")
+    raise UserError(
+      f"config.{key}={have!r}, but GPT-2 weights need {want!r}: set "
+      f"--config.{key}={want!r}"
+      + (" (the experiment sets it; GPT-2 has biases)" if field == "bias" else "")
+    )
 
 
 def check_config(cfg, hf_config: dict) -> None:
@@ -324,30 +328,32 @@ def from_params(params, cfg) -> dict[str, np.ndarray]:
   params = per_layer(params, cfg)
   p = _map(lambda x: np.asarray(x, np.float32), params)
   d = cfg.d_model
+  # A model without biases (bias=False, nanoGPT's default) is exactly GPT-2 with zero biases.
+  bias = lambda node, n: node["bias"].reshape(n) if "bias" in node else np.zeros(n, np.float32)
   out = {
     "wte.weight": p["wte"]["embedding"][: cfg.vocab_size],
     "wpe.weight": p["wpe"]["embedding"],
     "ln_f.weight": p["ln_f"]["scale"],
-    "ln_f.bias": p["ln_f"]["bias"],
+    "ln_f.bias": bias(p["ln_f"], d),
   }
   for i in range(cfg.n_layer):
     h, pre = p[layer_name(i)], f"h.{i}."
     attn = h["attn"]
     out |= {
       pre + "ln_1.weight": h["ln_1"]["scale"],
-      pre + "ln_1.bias": h["ln_1"]["bias"],
+      pre + "ln_1.bias": bias(h["ln_1"], d),
       pre + "ln_2.weight": h["ln_2"]["scale"],
-      pre + "ln_2.bias": h["ln_2"]["bias"],
+      pre + "ln_2.bias": bias(h["ln_2"], d),
       pre + "attn.c_attn.weight": np.concatenate(
         [attn[k]["kernel"].reshape(d, d) for k in _QKV], axis=1
       ),
-      pre + "attn.c_attn.bias": np.concatenate([attn[k]["bias"].reshape(d) for k in _QKV]),
+      pre + "attn.c_attn.bias": np.concatenate([bias(attn[k], d) for k in _QKV]),
       pre + "attn.c_proj.weight": attn["out"]["kernel"].reshape(d, d),
-      pre + "attn.c_proj.bias": attn["out"]["bias"],
+      pre + "attn.c_proj.bias": bias(attn["out"], d),
       pre + "mlp.c_fc.weight": h["mlp"]["up"]["kernel"],
-      pre + "mlp.c_fc.bias": h["mlp"]["up"]["bias"],
+      pre + "mlp.c_fc.bias": bias(h["mlp"]["up"], cfg.d_ff),
       pre + "mlp.c_proj.weight": h["mlp"]["down"]["kernel"],
-      pre + "mlp.c_proj.bias": h["mlp"]["down"]["bias"],
+      pre + "mlp.c_proj.bias": bias(h["mlp"]["down"], d),
     }
   out = {_PREFIX + k: v for k, v in out.items()}
   if not cfg.tie_embeddings:
