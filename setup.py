@@ -37,5 +37,7 @@ setup(
       "transformers>=4.45",
       "ruff==0.17.6",  # pinned: the formatter's output changes between releases
     ],
+    # The viewer for WORKDIR/events.out.tfevents.* (gptjax writes them with tensorboardX).
+    "tensorboard": ["tensorboard"],
   },
 )

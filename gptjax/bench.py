@@ -18,8 +18,8 @@
               then the same number back to back with one sync at the end (as the training
               loop runs). Tokens/s, model FLOPs per token and MFU as in gptjax/metrics.py.
 
-Each prints one JSON line. The vocabulary is config.model.vocab_size (default 50257, GPT-2's),
-so no dataset is read.
+Each prints one JSON line. The vocabulary is config.model.vocab_size, else the tokenizer's
+when it is fixed (byte 257, bpe 50257), else 50257 with a note saying so: no dataset is read.
 """
 
 import json
@@ -85,6 +85,22 @@ def _decode_batch() -> int:
   return _BATCH_SIZE.value if _BATCH_SIZE.present else _DECODE_BATCH.value
 
 
+def _vocab(config) -> int:
+  """The vocabulary to time: the config's, else the tokenizer's when fixed, else GPT-2's
+  (said on stderr: a char or SentencePiece vocabulary depends on files not read here)."""
+  if config.model.vocab_size:
+    return config.model.vocab_size
+  fixed = {"byte": 257, "bpe": 50257}.get(config.data.tokenizer)
+  if fixed:
+    return fixed
+  print(
+    f"gptjax.bench: timing a 50257-token vocabulary (GPT-2's): the {config.data.tokenizer} "
+    "tokenizer's size comes from data; pass --config.model.vocab_size=N for the model's own",
+    file=sys.stderr,
+  )
+  return 50257
+
+
 def _synthetic_batches(s, vocab_size: int, task: bool) -> list:
   """A few different batches of random tokens (not one repeated): the step never sees the
   same input twice in a row, as in training. Transfers happen here, outside the timed loop.
@@ -141,7 +157,7 @@ def bench_train(config, workdir: str) -> dict:
     raise UserError("--steps must be >= 1 and --warmup >= 0")
   config_lib.validate(config)
   mesh = runtime.start(config)
-  vocab = config.model.vocab_size or 50257
+  vocab = _vocab(config)
   s = train.setup(config, vocab, mesh)
   metrics.check_fits(s.memory(), config)
   cfg = s.model.cfg
@@ -165,6 +181,7 @@ def bench_train(config, workdir: str) -> dict:
     "dtype": jnp.dtype(cfg.dtype).name,
     "batch": config.train.batch_size,
     "seq_len": cfg.block_size,
+    "vocab_size": cfg.vocab_size,
     "grad_accum": config.optim.grad_accum,
     "tokens_per_step": tokens,
     "tokens_per_s": round(tokens / median, 1),
@@ -189,7 +206,7 @@ def bench_train(config, workdir: str) -> dict:
 def bench_checkpoint(config, workdir: str) -> dict:
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  s = train.setup(config, config.model.vocab_size or 50257, mesh, compile=False)
+  s = train.setup(config, _vocab(config), mesh, compile=False)
   state = jax.block_until_ready(_trained_looking(s.init(config.seed), s.state_shardings))
   ckpt = checkpoint.Checkpoints(workdir, config.checkpoint)
   t0 = time.perf_counter()
@@ -223,7 +240,7 @@ def bench_decode(config, workdir: str) -> dict:
   """Times prefill and the generate loop separately; tokens/s counts new tokens only."""
   del workdir
   config_lib.validate(config)
-  cfg = GPTConfig.from_config(config.model, config.model.vocab_size or 50257)
+  cfg = GPTConfig.from_config(config.model, _vocab(config))
   b, p, n = _decode_batch(), _PROMPT_LEN.value, _NEW_TOKENS.value
   if min(b, p, n, _REPEATS.value) < 1:
     raise UserError("--decode_batch, --prompt_len, --new_tokens and --repeats must be >= 1")
