@@ -10,6 +10,7 @@ Parameters land on one device, or laid out over a mesh by the config's rules tab
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Any
 
@@ -59,7 +60,10 @@ def load(workdir: str, config=None, mesh: jax.sharding.Mesh | None = None) -> Lo
   target, shardings = param_layout(config, mesh)
   restored = None
   if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS)):
-    restored = checkpoint.Checkpoints(workdir).restore_params(target, shardings, set_aside=False)
+    note = lambda message: print(message, file=sys.stderr, flush=True)  # stdout: results only
+    restored = checkpoint.Checkpoints(workdir, warn=note).restore_params(
+      target, shardings, set_aside=False
+    )
   if restored is not None:
     params, where = restored[0], f"checkpoint {restored[1]['step']}"
   elif os.path.isdir(os.path.join(export_dir, "params")):
@@ -159,7 +163,8 @@ def sample_text(
   seed: int,
   config=None,
 ) -> list[str]:
-  """--mode=sample: prints num_samples continuations of `prompt` and returns them."""
+  """--mode=sample: prints num_samples continuations of `prompt` and returns them. stdout
+  holds the samples alone, each followed by a separator line; notes and timing go to stderr."""
   run = load(workdir, config)
   model, tok = run.model, run.tokenizer
   sampling.check(model.cfg.vocab_size)
@@ -173,6 +178,7 @@ def sample_text(
     print(
       f"warning: the prompt has {len(ids)} tokens; the model sees only the last "
       f"{model.cfg.block_size - 1} (its context is {model.cfg.block_size})",
+      file=sys.stderr,
       flush=True,
     )
   decoder = decode.Decoder(model, run.params, stop_tokens=[tok.eot_id])
@@ -188,6 +194,7 @@ def sample_text(
   print(
     f"{n} tokens in {seconds:.2f}s ({n / seconds:.0f} tokens/s incl. compile) from "
     f"{run.where}; finish: {', '.join(reasons)}",
+    file=sys.stderr,
     flush=True,
   )
   return texts

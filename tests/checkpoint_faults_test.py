@@ -123,7 +123,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_everywhere_in_one_clean_warning(
       "tensorstore_spec",
     ):
       assert noise not in out, out[-3000:]
-  assert "from checkpoint 20" in proc.stdout or "exported step 20" in proc.stdout
+  assert "from checkpoint 20" in proc.stderr or "exported step 20" in proc.stdout
   assert finalized_steps(workdir) == [10, 20, 30]  # read-only modes move nothing
   original = _metrics(workdir)
   proc = run_cli(*args, env=ONE_DEVICE)
@@ -192,8 +192,8 @@ def test_a_non_finite_checkpoint_is_skipped(tmp_path, trained_tiny):
     env=ONE_DEVICE,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "checkpoint 40" in proc.stdout and "NaN or inf" in proc.stdout
-  assert "using checkpoint 30" in proc.stdout and "from checkpoint 30" in proc.stdout
+  assert "checkpoint 40" in proc.stderr and "NaN or inf" in proc.stderr  # notes: stderr
+  assert "using checkpoint 30" in proc.stderr and "from checkpoint 30" in proc.stderr
   assert len(proc.stdout.split("---------------")[0].strip()) > len("ROMEO:")
 
 

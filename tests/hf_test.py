@@ -230,8 +230,8 @@ def test_sample_from_an_hf_directory_with_its_bpe_tokenizer(tmp_path):
     env=ONE_DEVICE,
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
-  text, info = proc.stdout.split("---------------\n")
-  assert text.startswith("ROMEO:") and f"from hf:{tmp_path / 'hf'}" in info
+  text, after = proc.stdout.split("---------------\n")
+  assert text.startswith("ROMEO:") and not after and f"from hf:{tmp_path / 'hf'}" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -25,9 +25,9 @@ def test_sample_prints_continuations_of_the_prompt(trained_tiny):
     env=ONE_DEVICE,
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
-  samples = proc.stdout.split("---------------\n")
-  assert len(samples) == 3 and all(s.startswith("ROMEO:") for s in samples[:2])
-  assert "from checkpoint 30" in samples[2] and "tokens/s" in samples[2]
+  samples = proc.stdout.split("---------------\n")  # stdout: the samples alone
+  assert len(samples) == 3 and all(s.startswith("ROMEO:") for s in samples[:2]) and not samples[2]
+  assert "from checkpoint 30" in proc.stderr and "tokens/s" in proc.stderr
   # 80 new tokens beyond the 32-token context: the sliding window refilled the cache
   assert all(len(s) > len("ROMEO:") + 40 or "<|endoftext|>" in s for s in samples[:2])
 
@@ -123,3 +123,11 @@ def test_a_config_beside_a_trained_run_or_without_weights_is_refused(trained_tin
     inference.load(str(tmp_path), tiny_config())
   loaded = inference.load(str(tmp_path), tiny_config(init_from=str(trained_tiny)))
   assert loaded.where == "checkpoint 30"  # a gptjax run as init_from: its own weights
+
+
+def test_sample_prints_only_the_samples_on_stdout(trained_tiny, capsys):
+  """Results on stdout, notes and timing on stderr: `> out.txt` keeps the text alone."""
+  texts = inference.sample_text(str(trained_tiny), "ROMEO:", 2, 10, decode.Sampling(0.0), seed=0)
+  captured = capsys.readouterr()
+  assert captured.out == "".join(f"{t}\n---------------\n" for t in texts)
+  assert "tokens/s" in captured.err and "from checkpoint 30" in captured.err
