@@ -9,7 +9,7 @@ import json
 import math
 import os
 
-from gptjax import cli
+from gptjax import cli, sweep
 from gptjax.errors import UserError
 
 
@@ -42,6 +42,8 @@ def collect(root: str) -> list[dict]:
     speeds = sorted(m["tokens_per_sec"] for m in lines if "tokens_per_sec" in m)
     summary_path = os.path.join(root, name, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    failure_path = os.path.join(root, name, sweep.FAILED)
+    failure = open(failure_path).read().strip() if os.path.exists(failure_path) else None
     rows.append(
       {
         "variant": name,
@@ -49,6 +51,7 @@ def collect(root: str) -> list[dict]:
         "params": summary.get("n_params"),
         "steps": max([s for s, _ in train + val], default=0),
         "finished": bool(summary) and not summary.get("preempted_at"),
+        "failed": failure,
         "final_loss": train[-1][1] if train else None,
         "final_val_loss": val[-1][1] if val else None,
         "best_val_loss": min(v for _, v in val) if val else None,
@@ -77,7 +80,8 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(base)"
     params = _fmt(r["params"] / 1e6, ".3f") + "M" if r["params"] else "-"
-    steps = f"{r['steps']}" + ("" if r["finished"] else " (unfinished)")
+    state = "" if r["finished"] else f" ({r['failed']})" if r["failed"] else " (unfinished)"
+    steps = f"{r['steps']}{state}"
     wall = _fmt(r["wall_s"], ".0f") + " s" if r["wall_s"] is not None else "-"
     lines.append(
       f"| {r['variant']} | {over} | {params} | {steps} | "

@@ -158,15 +158,32 @@ def run(
     say(f"[{name}] training in {workdir} (log: {workdir}/train.log)")
     with open(os.path.join(workdir, "train.log"), "a") as log:
       rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    failure = os.path.join(workdir, FAILED)
     if rc == 0 and finished(workdir, config.train.num_steps):
       status[name] = "finished"
       say(f"[{name}] finished")
+      if os.path.exists(failure):
+        os.remove(failure)  # an earlier attempt's
     else:
-      with open(os.path.join(workdir, "train.log")) as log:
-        errors = [l.strip() for l in log if l.startswith("gptjax: error:")]
-      status[name] = f"failed: {errors[-1] if errors else f'exit code {rc}'}"
-      say(f"[{name}] {status[name]}")
+      status[name] = f"failed: {_cause(os.path.join(workdir, 'train.log'), rc)}"
+      say(f"[{name}] {status[name]} (log: {workdir}/train.log)")
+      with open(failure, "w") as f:  # for gptjax.report
+        f.write(status[name] + "\n")
   return status
+
+
+FAILED = "sweep_failed.txt"  # DIR/<variant>/FAILED: why the variant's last attempt failed
+
+
+def _cause(log_path: str, rc: int) -> str:
+  """The failed run's one-line error, else the last line of its log (a traceback's
+  exception), else its exit code."""
+  with open(log_path, errors="replace") as log:
+    lines = [line.strip() for line in log if line.strip()]
+  errors = [line for line in lines if line.startswith("gptjax: error:")]
+  if errors:
+    return errors[-1]
+  return f"{lines[-1][:300]} (exit code {rc})" if lines else f"exit code {rc}"
 
 
 def _split_argv(argv):

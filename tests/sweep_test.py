@@ -207,3 +207,20 @@ def test_a_missing_experiment_file_or_an_unknown_variant_is_named():
   spec.loader.exec_module(ablation)  # what --config=FILE:bad loads, before any variant runs
   with pytest.raises(UserError, match="unknown variant 'bad'"):
     ablation.get_config("bad")
+
+
+def test_a_failed_variant_says_why_on_the_console_and_in_the_report(tmp_path):
+  log = tmp_path / "train.log"
+  log.write_text(
+    "step 1/10 | loss 4.1\nTraceback (most recent call last):\n  ...\nValueError: boom\n"
+  )
+  assert sweep._cause(str(log), 1) == "ValueError: boom (exit code 1)"
+  log.write_text("step 1/10\ngptjax: error: config.optim.lr=0 must be above 0\n")
+  assert sweep._cause(str(log), 1) == "gptjax: error: config.optim.lr=0 must be above 0"
+  variant = tmp_path / "runs" / "broken"
+  variant.mkdir(parents=True)
+  (variant / "metrics.jsonl").write_text('{"step": 5, "loss": 3.0}\n')
+  (variant / sweep.FAILED).write_text("failed: ValueError: boom (exit code 1)\n")
+  (row,) = report.collect(str(tmp_path / "runs"))
+  assert row["failed"] == "failed: ValueError: boom (exit code 1)"
+  assert "| 5 (failed: ValueError: boom (exit code 1)) |" in report.table([row])
