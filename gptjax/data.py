@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from grain.experimental import index_shuffle
 
-from gptjax import chat_template, task_data
+from gptjax import chat_template, task_data, tfds_data
 from gptjax import tokenizer as tokenizer_lib
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
@@ -194,31 +194,8 @@ def _sources(data_config, task=None) -> dict[str, Callable[[], Iterable[str]]]:
   if data_config.source == "text":
     texts = dict(zip(("train", "val"), _text_files(data_config.path, data_config.val_fraction)))
     return {split: (lambda t=text: [t]) for split, text in texts.items()}
-  builder = _tfds_builder(data_config)
-  return {split: _tfds_docs(builder, data_config, split) for split in ("train", "val")}
-
-
-def _tfds_docs(builder, data_config, split):
-  name = data_config.train_split if split == "train" else data_config.val_split
-  if name not in builder.info.splits:
-    raise UserError(
-      f"TFDS dataset {data_config.tfds_name!r} has no split {name!r} (it has "
-      f"{', '.join(builder.info.splits)}); set --config.data.{split}_split"
-    )
-  if data_config.text_feature not in builder.info.features:
-    raise UserError(
-      f"TFDS dataset {data_config.tfds_name!r} has no feature {data_config.text_feature!r} (it has "
-      f"{', '.join(builder.info.features)}); set --config.data.text_feature"
-    )
-
-  def docs():
-    import tensorflow_datasets as tfds
-
-    ds = builder.as_dataset(split=name, shuffle_files=False)
-    for example in tfds.as_numpy(ds):
-      yield example[data_config.text_feature].decode("utf-8")
-
-  return docs
+  builder = tfds_data.builder(data_config)
+  return {split: tfds_data.docs(builder, data_config, split) for split in ("train", "val")}
 
 
 def read_text_files(path: str, flag: str = "config.data.path") -> list[str]:
@@ -243,42 +220,6 @@ def _text_files(path: str, val_fraction: float) -> tuple[str, str]:
     raise UserError(f"config.data.path={path!r} is empty; point it at a non-empty text file")
   cut = int(len(text) * (1 - val_fraction))
   return text[:cut], text[cut:]
-
-
-def _tfds_builder(data_config):
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-
-  tf.config.set_visible_devices([], "GPU")  # TF only reads data; the accelerators are JAX's
-  try:
-    builder = tfds.builder(data_config.tfds_name, data_dir=data_config.data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise UserError(
-      f"TFDS has no dataset {data_config.tfds_name!r}; check --config.data.tfds_name"
-    ) from None
-  if data_config.manual_dir and not os.path.isdir(data_config.manual_dir):
-    raise UserError(f"config.data.manual_dir={data_config.manual_dir!r} is not a directory")
-  download = (
-    tfds.download.DownloadConfig(manual_dir=data_config.manual_dir)
-    if data_config.manual_dir
-    else None
-  )
-  if data_config.download_retries is not None:  # TFDS's default waits ~3 min; no setting
-    from tensorflow_datasets.core.download import downloader
-
-    downloader.MAX_RETRIES = data_config.download_retries
-  try:
-    builder.download_and_prepare(download_config=download)
-  except Exception as e:  # network, checksum or manual-file failures all end the same way
-    reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    raise UserError(
-      f"cannot download or prepare TFDS dataset {data_config.tfds_name!r} ({reason}); pass "
-      "--config.data.manual_dir=DIR with its source files (for tiny_shakespeare the "
-      "folder holding input.txt), or use --config.data.source=text "
-      "--config.data.path=FILE"
-    ) from None
-  return builder
 
 
 _FINGERPRINT = ("source", "tfds_name", "train_split", "val_split", "text_feature", "path", "val_fraction")  # fmt: skip

@@ -11,7 +11,7 @@ from conftest import (
   tiny_config,
 )
 
-from gptjax import data
+from gptjax import data, tfds_data
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 
@@ -176,3 +176,15 @@ def test_tokenizing_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_
   assert f"disk full writing the train tokens to {disk}/w/data/train.bin" in line
   assert "it needs up to 105.5 KiB" in line and "is free" in line  # 54k chars, uint16
   assert os.listdir(left / "w" / "data") == []
+
+
+def test_a_dataset_that_cannot_be_prepared_is_one_complete_line():
+  config = tiny_config(data__source="tfds", data__tfds_name="lm1b")
+  offline = tfds_data._cannot_prepare(config.data, OSError("NameResolutionError(...)"), True)
+  assert "'lm1b' (no network: the download's host name does not resolve)" in offline
+  assert "files TFDS downloads for lm1b" in offline and "input.txt" not in offline
+  long = OSError("HTTPSConnectionPool(host='x', port=443): " + "word " * 60)
+  line = tfds_data._cannot_prepare(config.data, long, False)
+  assert "word ...);" in line and "\n" not in line  # cut between words, said to be cut
+  config.data.tfds_name = "tiny_shakespeare"
+  assert "the folder holding input.txt" in tfds_data._cannot_prepare(config.data, long, False)

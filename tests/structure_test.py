@@ -271,6 +271,7 @@ LAYERS = [
   "checkpoint_compat",
   "decode",
   "data",
+  "tfds_data",
   "task_data",
   "packing",
   "chat_template",
