@@ -88,9 +88,7 @@ def _decode_batch() -> int:
 def _vocab(config) -> int:
   """The vocabulary to time: the config's, else the tokenizer's when fixed, else GPT-2's
   (said on stderr: a char or SentencePiece vocabulary depends on files not read here)."""
-  if config.model.vocab_size:
-    return config.model.vocab_size
-  fixed = {"byte": 257, "bpe": 50257}.get(config.data.tokenizer)
+  fixed = config.model.vocab_size or config_lib.fixed_vocab_size(config)
   if fixed:
     return fixed
   print(

@@ -355,6 +355,14 @@ def adopt(config, source) -> list[str]:
   return [f"{section}.{leaf} {old} -> {new}" for section, leaf, old, new in differ]
 
 
+def fixed_vocab_size(config) -> int | None:
+  """The vocabulary size when no data can change it: byte's, or GPT-2 BPE's without a file of
+  its own (a char or SentencePiece vocabulary, or a BPE file, must be read)."""
+  if config.data.tokenizer_path or config.init_from:
+    return None
+  return {"byte": 257, "bpe": 50257}.get(config.data.tokenizer)
+
+
 def _leaves(node, prefix: str = ""):
   """(dotted key, value) of every leaf of a ConfigDict."""
   for key, value in node.items():

@@ -100,11 +100,9 @@ def _describe(s: Setup, packed: bool) -> None:
 
 def compile_only(config, workdir: str) -> dict:
   """Lowers and compiles the steps for the configured mesh, reports memory, runs nothing."""
+  config.model.vocab_size = config.model.vocab_size or config_lib.fixed_vocab_size(config)
   if config.model.vocab_size:
-    say(
-      f"compile_only: vocabulary {config.model.vocab_size} from config.model.vocab_size; "
-      "no data is read"
-    )
+    say(f"compile_only: vocabulary {config.model.vocab_size}; no data is read")
   s, _, _ = prepare(config, workdir, need_data=not config.model.vocab_size)
   say("compile_only: the step fits; nothing was run")
   return {"compile_s": s.compile_s, "mesh": dict(s.mesh.shape), "memory": s.memory()}

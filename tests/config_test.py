@@ -75,3 +75,14 @@ def test_static_checks_live_in_validate(overrides, fragment):
   with pytest.raises(UserError) as e:
     config_lib.validate(tiny_config(**overrides))
   assert fragment in str(e.value)
+
+
+def test_the_vocabulary_size_is_known_without_data_only_where_no_file_sets_it():
+  config = config_lib.default_config()
+  assert config_lib.fixed_vocab_size(config) is None  # char: built from the data
+  config.data.tokenizer = "byte"
+  assert config_lib.fixed_vocab_size(config) == 257
+  config.data.tokenizer = "bpe"
+  assert config_lib.fixed_vocab_size(config) == 50257
+  config.data.tokenizer_path = "/models/other_bpe"  # its own file: read it
+  assert config_lib.fixed_vocab_size(config) is None

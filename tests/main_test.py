@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import one_line_error, run_cli, tiny_config
 
-from gptjax import cli
+from gptjax import cli, loop
 from gptjax.errors import UserError
 
 TINY = "--config=experiments/tiny.py"
@@ -139,3 +139,12 @@ def test_a_missing_or_broken_experiment_file_is_named(tmp_path):
   )
   (tmp_path / "good.py").write_text("from tiny import get_config\n")  # imported counts
   cli.check_config_file([f"--config={tmp_path}/good.py", "--config.model.n_layer=1"])
+
+
+@pytest.mark.slow
+def test_compile_only_with_gpt2_bpe_reads_no_data(tmp_path, capsys):
+  """GPT-2 BPE's size is fixed, so compile_only needs neither the dataset nor vocab_size."""
+  config = tiny_config(data__tokenizer="bpe", data__path=str(tmp_path / "absent.txt"))
+  out = loop.compile_only(config, str(tmp_path / "w"))
+  assert "compile_only: vocabulary 50257; no data is read" in capsys.readouterr().out
+  assert out["memory"]["params"] > 0 and not (tmp_path / "w" / "data").exists()
