@@ -86,6 +86,13 @@ class Checkpoints:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def resume_note(self, what: str = "the same command") -> str:
+    """Where rerunning `what` would start, for error messages."""
+    steps = self.finished_steps()
+    if not steps:
+      return f"no checkpoint was saved yet, so rerunning {what} starts from step 0"
+    return f"rerunning {what} resumes from checkpoint {steps[-1]}"
+
   def finished_steps(self) -> list[int]:
     """The steps whose saves completed, read from the directory (not orbax's cached list)."""
     directory = str(self.manager.directory)

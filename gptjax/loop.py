@@ -154,11 +154,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Saves every config.checkpoint.every steps, at the end, and on SIGTERM/SIGINT (then returns
   with summary["preempted_at"] set). A non-finite loss stops the run before any save.
   """
-  s, data, lock = prepare(config, workdir, lock=True)
+  with runtime.interrupt_kills():  # Ctrl-C while compiling: no state yet, stop at once
+    s, data, lock = prepare(config, workdir, lock=True)
   previous_hint = runtime.resume_hint  # what a lost peer's message says; restored below
   try:
     ckpt = checkpoint.Checkpoints(workdir, config.checkpoint, warn=say)
-    runtime.resume_hint = lambda: _resume_note(ckpt, "the same command on every process")
+    runtime.resume_hint = lambda: ckpt.resume_note("the same command on every process")
     start = restore_or_init(config, workdir, s, ckpt)
     resolved = config_lib.resolved(config, s.model.cfg.vocab_size)
     if jax.process_index() == 0:
@@ -206,6 +207,7 @@ class Run:
     self.run_meta = {"config": resolved, "tokenizer": data.tokenizer.to_dict()}
     self.tokens_per_step = config.train.batch_size * s.model.cfg.block_size
     self.step_ms, self.val_losses, self.last_log = [], [], {}
+    self.in_flight = []  # losses of dispatched steps: at most 2 ahead of the device
 
   def loop(self) -> dict:
     num_steps, preempted, step = self.config.train.num_steps, None, self.first
@@ -237,6 +239,9 @@ class Run:
     self.state, metrics = self.s.train_step(
       self.state, self.s.batch(self.data.train.get(step - 1, self.rows))
     )
+    self.in_flight.append(metrics["loss"])  # the host never runs further ahead: a signal
+    if len(self.in_flight) > 2:  # waits one or two steps, not log_every of them
+      self.in_flight.pop(0).block_until_ready()
     if step == self.first + 1 and self.lead:  # the vocabulary of a run that trained
       data_lib.save_run_files(self.data.tokenizer, self.config, self.workdir)
     preempted = (
@@ -273,13 +278,13 @@ class Run:
       raise UserError(
         f"loss became {metrics['loss']} (grad norm {metrics['grad_norm']}) at step {step}; nothing from "
         f"this state was saved. Lower --config.optim.lr or check the data; "
-        f"{_resume_note(self.ckpt)}"
+        f"{self.ckpt.resume_note()}"
       )
     if not metrics["finite"]:
       raise UserError(
         f"the parameters or optimizer state became NaN or inf at step {step} (loss "
         f"{metrics['loss']:.4f} before the update); nothing from this state was saved. Lower "
-        f"--config.optim.lr (or raise --config.optim.eps); {_resume_note(self.ckpt)}"
+        f"--config.optim.lr (or raise --config.optim.eps); {self.ckpt.resume_note()}"
       )
     self.ckpt.check_for_errors()  # a background save that failed surfaces now, not a save late
 
@@ -310,6 +315,8 @@ class Run:
         step, num_steps, self.last_log["loss"], tokens_per_s, eta, self.last_log["lr"], speed["mfu"]
       )
     )
+    if len(self.step_ms) == 1 and eta > 4 * 3600 and jax.default_backend() == "cpu":
+      say(metrics_lib.slow_run_note(eta))
 
   def _evaluate(self, step: int, meta: dict, stop: runtime.PreemptionWatch) -> bool:
     """Validation loss, logged, and the best checkpoint kept; False if a signal cut it short."""
@@ -387,12 +394,3 @@ def summarize(run: Run, preempted_at) -> dict:
     f"(+{s.compile_s:.1f}s compile){rate}{val}"
   )
   return summary
-
-
-def _resume_note(ckpt: checkpoint.Checkpoints, what: str = "the same command") -> str:
-  steps = ckpt.finished_steps()
-  return (
-    f"rerunning {what} resumes from checkpoint {steps[-1]}"
-    if steps
-    else f"no checkpoint was saved yet, so rerunning {what} starts from step 0"
-  )

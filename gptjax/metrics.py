@@ -254,6 +254,16 @@ def device_memory_limit() -> tuple[int | None, str]:
   return None, ""
 
 
+def slow_run_note(eta_s: float) -> str:
+  """What to say when a run sized for a GPU starts on a CPU (the default experiment would
+  take most of a day)."""
+  return (
+    f"warning: at this speed the run needs {format_duration(eta_s)} more on this CPU; a CPU "
+    "run wants a CPU-sized experiment, e.g. experiments/shakespeare_char.py:cpu (~2 min), "
+    "or fewer --config.train.num_steps"
+  )
+
+
 def check_fits(report: dict, config=None) -> None:
   """Raises UserError when the compiled step's peak estimate exceeds a device's memory,
   naming the switches that would shrink it (those `config` does not use yet)."""

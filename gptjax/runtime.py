@@ -6,6 +6,7 @@ processes joined before any device is touched, the cache before compiling) and r
 mesh (gptjax/sharding.py owns meshes, rules and shardings; this module owns the process).
 """
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -278,6 +279,22 @@ def watch_peers(timeout_s: float) -> None:
 
 
 # --- Preemption: SIGTERM / SIGINT -----------------------------------------------------
+
+
+@contextlib.contextmanager
+def interrupt_kills():
+  """Ctrl-C ends the process at once inside (the OS default) instead of raising
+  KeyboardInterrupt when Python next runs, which during a long XLA compile is minutes
+  later. For start-up only: nothing has been trained yet, so there is nothing to save."""
+  try:
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+  except ValueError:  # not the main thread: signals stay as they were
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 class PreemptionWatch:

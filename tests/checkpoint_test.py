@@ -335,3 +335,33 @@ def test_non_finite_hyperparameters_are_refused():
       c = tiny_config(**{key.replace(".", "__"): value})
       with pytest.raises(UserError, match=f"config.{key}=.* is not a finite number"):
         config_lib.validate(c)
+
+
+@pytest.mark.slow
+def test_a_run_too_long_for_the_cpu_says_so_and_ctrl_c_stops_it_within_seconds(tmp_path):
+  """The first progress line warns that a GPU-sized run will take hours on a CPU; Ctrl-C
+  then saves the last step and exits 0 within seconds (the host stays at most two steps
+  ahead of the device, so no queue of dispatched steps delays it)."""
+  proc = start_cli(
+    TINY,
+    f"--workdir={tmp_path}/w",
+    "--config.train.num_steps=10000000",
+    "--config.train.log_every=2",
+    *("--config.model.d_model=128", "--config.model.n_head=4", "--config.train.batch_size=32"),
+    env=ONE_DEVICE,
+  )
+  try:
+    deadline, seen = time.time() + 180, []
+    while not any(l.startswith("warning: at this speed") for l in seen):
+      assert proc.poll() is None and time.time() < deadline, "".join(seen)[-2000:]
+      seen.append(proc.stdout.readline())
+    assert "experiments/shakespeare_char.py:cpu" in seen[-1]
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    waited = time.time() - sent
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-2000:]
+  assert "SIGINT received: saved checkpoint" in out
+  assert waited < 15, f"Ctrl-C took {waited:.1f}s"  # a checkpoint save included
