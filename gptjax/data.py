@@ -306,7 +306,7 @@ def _chunks(items, n: int):
     yield chunk
 
 
-def position(step: int, config) -> dict:
+def position(step: int, config, source: dict | None = None) -> dict:
   """Where the data iterator stands (saved in checkpoints): batches are a pure function of
   (seed, step), so the step is the position; the rest tells whether the order still holds,
   and what data it is (`source`: a run never resumes onto other data)."""
@@ -315,7 +315,7 @@ def position(step: int, config) -> dict:
     "seed": config.seed,
     "batch_size": config.train.batch_size,
     "block_size": config.model.block_size,
-    "source": task_data.identity(config.data),
+    "source": source or task_data.identity(config.data),  # a run passes it, found once
   }
 
 

@@ -208,6 +208,8 @@ class Run:
     self.tokens_per_step = config.train.batch_size * s.model.cfg.block_size
     self.step_ms, self.val_losses, self.last_log = [], [], {}
     self.in_flight = []  # losses of dispatched steps: at most 2 ahead of the device
+    # the data's identity, found once: a template file edited or moved mid-run cannot matter
+    self.source = data_lib.position(0, config)["source"]
 
   def loop(self) -> dict:
     num_steps, preempted, step = self.config.train.num_steps, None, self.first
@@ -263,7 +265,7 @@ class Run:
       meta = {
         "step": step,
         "elapsed_s": self.timer.elapsed_s(now),
-        "data": data_lib.position(step, self.config),
+        "data": data_lib.position(step, self.config, self.source),
         **self.run_meta,
       }
       if evaluating and not self._evaluate(step, meta, stop):
