@@ -1,5 +1,13 @@
 from setuptools import find_packages, setup
 
+# TensorFlow Datasets, an extra: TensorFlow (~1.3 GB of the ~2.5 GB install) is there only to
+# prepare TFDS datasets. Training on local text or JSONL needs none of it.
+TFDS = [
+  "tensorflow-datasets>=4.9.8",
+  "tensorflow-cpu>=2.18",  # TFDS needs TF to prepare datasets; the CPU build never takes a GPU
+  "importlib_resources",  # TFDS imports it and does not declare it
+]
+
 setup(
   name="gptjax",
   version="0.1.0",
@@ -11,9 +19,6 @@ setup(
     "flax>=0.12,<0.14",
     "optax>=0.2.5",
     "orbax-checkpoint>=0.11",
-    "tensorflow-datasets>=4.9.8",
-    "tensorflow-cpu>=2.18",  # TFDS needs TF to prepare datasets; the CPU build never takes a GPU
-    "importlib_resources",  # TFDS imports it and does not declare it
     "absl-py>=2.1",
     "ml_collections>=1.0",
     "grain>=0.2.10",  # stateless index_shuffle: epoch permutations with O(1) memory
@@ -29,9 +34,11 @@ setup(
     "rouge-score>=0.1.2",  # ROUGE-1/2/L of generated replies
   ],
   extras_require={
+    "tfds": TFDS,  # pip install -e ".[tfds]": TFDS datasets (the default experiments' data)
     # torch and transformers only check interop against models built in the tests;
     # torch reads pytorch_model.bin checkpoints too when installed.
     "test": [
+      *TFDS,  # the TFDS tests, and reading TensorBoard events back
       "pytest>=8",
       "pytest-xdist>=3.5",  # the suite runs on 2 workers (README): ~8 instead of ~12 minutes
       "torch==2.13.0",

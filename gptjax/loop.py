@@ -63,6 +63,7 @@ def prepare(
     data = data_lib.load(config, workdir) if need_data else None
     for note in data.notes if data else ():
       say(note)
+    say("compiling the train and eval steps")  # minutes for large models: say so first
     s = setup(config, data.tokenizer.vocab_size if data else config.model.vocab_size, mesh)
     _describe(s, packed=config.data.source == "task")
     metrics_lib.check_fits(s.memory(), config)
@@ -207,7 +208,7 @@ class Run:
     self.run_meta = {"config": resolved, "tokenizer": data.tokenizer.to_dict()}
     self.tokens_per_step = config.train.batch_size * s.model.cfg.block_size
     self.step_ms, self.val_losses, self.last_log = [], [], {}
-    self.in_flight = []  # losses of dispatched steps: at most 2 ahead of the device
+    self.in_flight = runtime.InFlight()  # how far the host may run ahead of the device
     # the data's identity, found once: a template file edited or moved mid-run cannot matter
     self.source = data_lib.position(0, config)["source"]
 
@@ -241,9 +242,7 @@ class Run:
     self.state, metrics = self.s.train_step(
       self.state, self.s.batch(self.data.train.get(step - 1, self.rows))
     )
-    self.in_flight.append(metrics["loss"])  # the host never runs further ahead: a signal
-    if len(self.in_flight) > 2:  # waits one or two steps, not log_every of them
-      self.in_flight.pop(0).block_until_ready()
+    self.in_flight.add(metrics["loss"])  # a signal waits a step or three, not log_every
     if step == self.first + 1 and self.lead:  # the vocabulary of a run that trained
       data_lib.save_run_files(self.data.tokenizer, self.config, self.workdir)
     preempted = (

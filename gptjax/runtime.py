@@ -297,6 +297,28 @@ def interrupt_kills():
     signal.signal(signal.SIGINT, previous)
 
 
+class InFlight:
+  """Bounds the dispatched steps not yet waited for, so that a signal is acted on soon.
+
+  Fast steps keep two in flight (the host prepares the next batch meanwhile). Steps over a
+  second keep none: Ctrl-C or SIGTERM then waits for the running step alone, not three. The
+  first step is waited for, which measures it.
+  """
+
+  def __init__(self):
+    self.pending, self.ahead = [], 0
+
+  def add(self, result) -> None:
+    """result: an array the step returned (its loss)."""
+    self.pending.append(result)
+    if len(self.pending) > self.ahead:
+      waited = time.perf_counter()
+      self.pending.pop(0).block_until_ready()
+      self.ahead = 2 if time.perf_counter() - waited < 1.0 else 0
+      while len(self.pending) > self.ahead:
+        self.pending.pop(0).block_until_ready()
+
+
 class PreemptionWatch:
   """SIGTERM/SIGINT -> `reached(step)` turns true, so the loop saves that step and stops.
 

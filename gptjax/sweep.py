@@ -131,6 +131,7 @@ def run(
   ensure_writable_dir(root, "--workdir")
   record = os.path.join(root, "sweep.json")
   previous = json.load(open(record)) if os.path.exists(record) else {}
+  _check_same_sweep(previous, spec, common, record)
   with open(record, "w") as f:  # what report.py reads: the overrides of every variant
     json.dump(
       {"config": spec, "common": common, "variants": {**previous.get("variants", {}), **variants}},
@@ -156,8 +157,7 @@ def run(
       continue
     os.makedirs(workdir, exist_ok=True)
     say(f"[{name}] training in {workdir} (log: {workdir}/train.log)")
-    with open(os.path.join(workdir, "train.log"), "a") as log:
-      rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    rc = _train(cmd, os.path.join(workdir, "train.log"), f"[{name}] ", say)
     failure = os.path.join(workdir, FAILED)
     if rc == 0 and finished(workdir, config.train.num_steps):
       status[name] = "finished"
@@ -170,6 +170,58 @@ def run(
       with open(failure, "w") as f:  # for gptjax.report
         f.write(status[name] + "\n")
   return status
+
+
+def _train(cmd: list[str], log_path: str, prefix: str, say) -> int:
+  """Runs one variant, its output appended to log_path; its step and eval lines also go to
+  say(), after prefix (the sweep's console shows progress inside each variant)."""
+  with open(log_path, "a") as log:
+    proc = subprocess.Popen(
+      cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+    for line in proc.stdout:
+      log.write(line)
+      log.flush()
+      if line.startswith(("step ", "eval step ", "done: ")):
+        say(prefix + line.rstrip())
+    return proc.wait()
+
+
+# Overrides that change where things are found, not what is trained: they may differ on a rerun.
+_HARMLESS = ("compilation_cache_dir", "data.manual_dir", "data.data_dir")
+
+
+def _spec_key(spec: str) -> tuple[str, str]:
+  path, _, arg = spec.partition(":")
+  return os.path.realpath(path), arg
+
+
+def _check_same_sweep(previous: dict, spec: str, common: list[str], record: str) -> None:
+  """A rerun in a sweep's directory must be that sweep: the same experiment and the same
+  --config.* overrides. Otherwise a finished variant would silently resume with other
+  settings (e.g. extended to another num_steps); UserError naming the difference."""
+  if not previous:
+    return
+  if "config" in previous and _spec_key(previous["config"]) != _spec_key(spec):
+    raise UserError(
+      f"{os.path.dirname(record)} holds the sweep of {previous['config']} (sweep.json), not "
+      f"{spec}; use another --workdir"
+    )
+  if "common" not in previous:
+    return
+
+  def settings(args):
+    pairs = (a[len("--config.") :].partition("=") for a in args)
+    return {k: v for k, _, v in pairs if k not in _HARMLESS}
+
+  then, now = settings(previous["common"]), settings(common)
+  if then != now:
+    keys = sorted(k for k in {*then, *now} if then.get(k) != now.get(k))
+    was = " ".join(f"--config.{k}={then[k]}" if k in then else f"(no --config.{k})" for k in keys)
+    raise UserError(
+      f"{os.path.dirname(record)} was swept with {was} (sweep.json); rerun with the same "
+      "--config.* flags as the first time, or use a new --workdir for other settings"
+    )
 
 
 FAILED = "sweep_failed.txt"  # DIR/<variant>/FAILED: why the variant's last attempt failed

@@ -1,17 +1,34 @@
 """TFDS text datasets: the builder (downloaded once, or prepared offline from manual_dir)
 and each split's documents. TensorFlow is imported here only, when a TFDS source is used."""
 
+import contextlib
+import io
 import os
+import sys
+
+from absl import logging
 
 from gptjax.errors import UserError
 
 
 def builder(data_config):
   """The prepared TFDS builder: downloaded once, or built from manual_dir offline."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-
+  loud = logging.level_info()  # --verbosity=0 (or more) shows TensorFlow's and TFDS's chatter
+  if not loud:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TF logs its oneDNN notice before it reads the level above; TF only reads files here.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  try:
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise UserError(
+      f"TFDS dataset {data_config.tfds_name!r} needs TensorFlow Datasets, which is not "
+      f'installed ({e.name} missing): pip install -e ".[tfds]", or train on local text with '
+      "--config.data.source=text --config.data.path=FILE"
+    ) from None
+  if not loud:
+    tfds.disable_progress_bar()
   tf.config.set_visible_devices([], "GPU")  # TF only reads data; the accelerators are JAX's
   try:
     found = tfds.builder(data_config.tfds_name, data_dir=data_config.data_dir)
@@ -32,10 +49,15 @@ def builder(data_config):
   retries = (
     downloader.MAX_RETRIES if data_config.download_retries is None else data_config.download_retries
   )
+  if not tf.io.gfile.exists(os.path.join(found.data_dir, "dataset_info.json")):
+    where = f"from {data_config.manual_dir}" if data_config.manual_dir else "(downloading)"
+    print(f"preparing TFDS dataset {found.name} {where}, once", file=sys.stderr, flush=True)
   for attempt_retries in (min(1, retries), retries):
     downloader.MAX_RETRIES = attempt_retries
     try:
-      found.download_and_prepare(download_config=download)
+      # TFDS prints its notes on stdout, which carries results only: they go to stderr.
+      with contextlib.redirect_stdout(sys.stderr if loud else io.StringIO()):
+        found.download_and_prepare(download_config=download)
       return found
     except Exception as e:  # network, checksum or manual-file failures all end the same way
       offline = any(m in str(e) for m in _OFFLINE)

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -100,6 +101,33 @@ def test_tfds_tiny_shakespeare_offline(tmp_path):
   assert len(d.train.tokens) == 1_003_854 + 1 and len(d.val.tokens) == 55_770 + 1
   assert d.tokenizer.vocab_size == 66  # 65 characters + end-of-text
   assert d.tokenizer.decode(d.train.tokens[:14]) == "First Citizen:"
+
+
+@pytest.mark.slow
+def test_preparing_a_tfds_dataset_is_quiet(tmp_path):
+  """TensorFlow's and TFDS's chatter (oneDNN notices, progress bars, "Downloading and
+  preparing" on stdout) stays out without --verbosity: one note on stderr, the log on stdout."""
+  proc = run_cli(
+    "--config=experiments/tiny.py",
+    f"--workdir={tmp_path / 'w'}",
+    "--config.data.source=tfds",
+    "--config.data.tfds_name=tiny_shakespeare",
+    f"--config.data.data_dir={tmp_path / 'tfds'}",
+    f"--config.data.manual_dir={SHAKESPEARE_DIR}",
+    "--config.train.num_steps=2",
+    env=ONE_DEVICE,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  note = f"preparing TFDS dataset tiny_shakespeare from {SHAKESPEARE_DIR}, once"
+  assert proc.stderr.strip() == note, proc.stderr[-2000:]
+  assert "Downloading" not in proc.stdout and "step 2/2" in proc.stdout, proc.stdout
+
+
+def test_tfds_without_tensorflow_names_the_extra(tmp_path, monkeypatch):
+  """TFDS is the `tfds` extra: a base install without it gets the command that adds it."""
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # what a failed import sees
+  with pytest.raises(UserError, match=r'needs TensorFlow Datasets.*pip install -e "\.\[tfds\]"'):
+    _load(tmp_path, data__source="tfds", data__tfds_name="tiny_shakespeare")
 
 
 def test_tfds_download_failure_names_manual_dir(tmp_path):

@@ -1,6 +1,7 @@
 """Process start-up: XLA flags, CPU device counts, the compilation cache."""
 
 import os
+import time
 
 import jax
 import pytest
@@ -55,3 +56,33 @@ def test_an_unwritable_compilation_cache_is_a_warning_not_a_failure(capsys):
   runtime.use_compilation_cache("/proc/no_cache_here")
   assert "warning: no compilation cache" in capsys.readouterr().out
   assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_in_flight_runs_ahead_only_of_fast_steps():
+  """Two steps in flight while steps are fast; none once a step takes over a second (a
+  signal then waits for the running step alone)."""
+
+  class Step:
+    def __init__(self, seconds, waited):
+      self.seconds, self.waited = seconds, waited
+
+    def block_until_ready(self):
+      time.sleep(self.seconds)
+      self.waited.append(self)
+
+  waited, bound = [], runtime.InFlight()
+  first = Step(0, waited)
+  bound.add(first)
+  assert waited == [first] and bound.ahead == 2  # the first step is measured
+  fast = [Step(0, waited) for _ in range(3)]
+  for step in fast:
+    bound.add(step)
+  assert waited == [first, fast[0]] and len(bound.pending) == 2
+  slow = Step(1.1, waited)
+  bound.add(slow)  # waits for fast[1], which is quick: still two ahead
+  bound.add(Step(0, waited))  # waits for fast[2]
+  bound.add(Step(0, waited))  # waits for the slow one: from now on none ahead
+  assert bound.ahead == 0 and not bound.pending  # the two after it were waited for too
+  last = Step(0, waited)
+  bound.add(last)
+  assert waited[-1] is last and not bound.pending

@@ -138,6 +138,8 @@ def test_a_bad_override_fails_its_variant_only(swept):
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert "[typo] error: variant 'typo': unknown config key 'model.nrom'" in proc.stdout
   assert "2 of 3 variants done; failed: typo" in proc.stdout
+  # Progress inside each variant reaches the console (its whole log is in train.log).
+  assert "[base] step 12/12 | loss " in proc.stdout and "[rms] eval step 12 | " in proc.stdout
   for name in ("base", "rms"):
     summary = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
     assert summary["steps"] == 12
@@ -224,3 +226,21 @@ def test_a_failed_variant_says_why_on_the_console_and_in_the_report(tmp_path):
   (row,) = report.collect(str(tmp_path / "runs"))
   assert row["failed"] == "failed: ValueError: boom (exit code 1)"
   assert "| 5 (failed: ValueError: boom (exit code 1)) |" in report.table([row])
+
+
+def test_a_rerun_with_other_overrides_is_refused(tmp_path):
+  """A finished 200-step variant must not silently resume to another num_steps because the
+  rerun left out the sweep's overrides; paths that only say where things are may differ."""
+  (tmp_path / "exp.py").write_text(EXPERIMENT.format(experiments=os.path.join(REPO, "experiments")))
+  spec, root = str(tmp_path / "exp.py"), str(tmp_path / "runs")
+  first = ["--config.train.num_steps=200", "--config.compilation_cache_dir=/tmp/a"]
+  quiet = lambda line: None
+  sweep.run(spec, None, root, first, print_commands=True, say=quiet)
+  sweep.run(spec, None, root, ["--config.train.num_steps=200"], "base", True, quiet)
+  with pytest.raises(UserError, match=r"swept with --config.train.num_steps=200 \(sweep.json\)"):
+    sweep.run(spec, None, root, [], "base", print_commands=True, say=quiet)
+  with pytest.raises(UserError, match="swept with \\(no --config.model.norm\\)"):
+    sweep.run(spec, None, root, [*first, "--config.model.norm=rmsnorm"], print_commands=True)
+  (tmp_path / "other.py").write_text((tmp_path / "exp.py").read_text())
+  with pytest.raises(UserError, match="holds the sweep of .*exp.py"):
+    sweep.run(str(tmp_path / "other.py"), None, root, first, print_commands=True, say=quiet)
