@@ -178,6 +178,8 @@ class CausalSelfAttention(nn.Module):
     i = index.value
     # Under a mesh the cache splits like the activations: batch over data, heads over tensor.
     cache_axes = ("batch", "heads", "length", "kv")
+    if i.ndim == 1:  # one write index per row: the serving engine's slots (engine.py)
+      return _row_cached(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, key, value, index, cache_axes)
     for var, new_BxTxNxH in ((key, k_BxTxNxH), (value, v_BxTxNxH)):
       var.value = nn.with_logical_constraint(
         jax.lax.dynamic_update_slice(var.value, new_BxTxNxH.transpose(0, 2, 1, 3), (0, 0, i, 0)),
@@ -196,3 +198,24 @@ class CausalSelfAttention(nn.Module):
     logits_BxNxTxS = jnp.where(mask_Bx1xTxS, logits_BxNxTxS, jnp.finfo(jnp.float32).min)
     probs_BxNxTxS = jax.nn.softmax(logits_BxNxTxS, axis=-1).astype(value.value.dtype)
     return jnp.einsum("bnts,bnsh->btnh", probs_BxNxTxS, value.value)
+
+
+def _row_cached(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, key, value, index, cache_axes):
+  """One new token per row, row b's at its own slot index[b], attending to its slots
+  0..index[b]: rows of a continuous batch start and end at different times."""
+  b, t, n, h = q_BxTxNxH.shape
+  assert t == 1, "a per-row cache index takes one token per row and call"
+  i_B, rows_B = index.value, jnp.arange(b)
+  for var, new_BxTxNxH in ((key, k_BxTxNxH), (value, v_BxTxNxH)):
+    # a scatter of B slots (in place when the cache is donated), not a rewrite of the cache
+    var.value = nn.with_logical_constraint(
+      var.value.at[rows_B, :, i_B, :].set(new_BxTxNxH[:, 0]), cache_axes
+    )
+  index.value = i_B + 1
+  mask_Bx1x1xS = jnp.arange(key.value.shape[2])[None, None, None, :] <= i_B[:, None, None, None]
+  logits_BxNx1xS = jnp.einsum(
+    "btnh,bnsh->bnts", q_BxTxNxH * h**-0.5, key.value, preferred_element_type=jnp.float32
+  )
+  logits_BxNx1xS = jnp.where(mask_Bx1x1xS, logits_BxNx1xS, jnp.finfo(jnp.float32).min)
+  probs_BxNx1xS = jax.nn.softmax(logits_BxNx1xS, axis=-1).astype(value.value.dtype)
+  return jnp.einsum("bnts,bnsh->btnh", probs_BxNx1xS, value.value)

@@ -267,6 +267,7 @@ LAYERS = [
   "export",
   "evaluation",
   "inference",
+  "engine",
   "checkpoint",
   "checkpoint_compat",
   "decode",
