@@ -148,20 +148,27 @@ step evaluate-base 0 \
   'python -m gptjax.main --mode=evaluate --workdir=runs/shakespeare_cpu --eval_template=plain --eval_data=../shared/data/shakespeare_dialogue/validation.jsonl --eval_records=16' \
   runs/shakespeare_cpu/eval/scores.json
 step chat 0 \
-  'printf "ROMEO: Good morrow, fair maid.\n/quit\n" | python -m gptjax.main --mode=chat --workdir=runs/dialogue --temperature=0 --max_new_tokens=40'
+  'printf "ROMEO: Good morrow, fair maid.\n/quit\n" | python -m gptjax.main --mode=chat --workdir=runs/dialogue --temperature=0 --max_new_tokens=24'
 
 # --- Sharding ---------------------------------------------------------------------------
 # GPT-2 on lm1b needs the download: compile for the README's meshes instead (no data).
 step fsdp-8 0 \
-  'XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gptjax.main --mode=compile_only --config.model.vocab_size=50257 --config=experiments/gpt2.py:small --workdir=runs/g --config.mesh.shape.fsdp=8 --config.mesh.shape.data=1 --config.optim.grad_accum=5'
+  'XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gptjax.main --mode=compile_only --config=experiments/gpt2.py:small --config.model.vocab_size=50257 --workdir=runs/g --config.mesh.shape.fsdp=8 --config.mesh.shape.data=1 --config.optim.grad_accum=5'
 step mesh-2x2x2 0 \
-  'XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gptjax.main --mode=compile_only --config.model.vocab_size=50257 --config=experiments/gpt2.py:small --workdir=runs/g --config.mesh.shape.data=2 --config.mesh.shape.fsdp=2 --config.mesh.shape.tensor=2'
-step compile-only-xl 0 \
+  'XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gptjax.main --mode=compile_only --config=experiments/gpt2.py:small --config.model.vocab_size=50257 --workdir=runs/g --config.mesh.shape.data=2 --config.mesh.shape.fsdp=2 --config.mesh.shape.tensor=2'
+# ~5.3 GiB per device: on a CPU host, 8 simulated devices share its RAM (README says so).
+RAM_GIB=$(python3 -c "import os; print(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30)")
+XL_FITS=$((RAM_GIB / 8 > 5 ? 1 : 0))
+step compile-only-xl $((1 - XL_FITS)) \
   "XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gptjax.main --mode=compile_only --config=experiments/gpt2.py:xl --config.model.vocab_size=50257 --workdir=$SCRATCH/xl --config.mesh.shape.fsdp=8 --config.mesh.shape.data=1 --config.optim.grad_accum=60 --config.model.scan_layers=true --config.model.remat=full"
 
 # --- Speed ------------------------------------------------------------------------------
-step bench-gpt2 0 \
+step compile-only-xl-says 0 "grep -q 'needs ~5.3 GiB per device' '$LAST_LOG' || [ $XL_FITS = 1 ]"
+# A GPU's shape: a CPU refuses it in seconds, naming the switches (a GPU runs it).
+GPT2_FITS=$((RAM_GIB > 31 ? 1 : 0))
+step bench-gpt2 $((1 - GPT2_FITS)) \
   'python -m gptjax.bench train --config=experiments/gpt2.py:small --config.train.batch_size=12 --config.optim.grad_accum=1 --steps=2'
+step bench-gpt2-says 0 "grep -q 'gptjax.bench: error: the train step needs ~' '$LAST_LOG' || [ $GPT2_FITS = 1 ]"
 step bench-char 0 \
   'python -m gptjax.bench train --config=experiments/shakespeare_char.py:cpu --config.model.vocab_size=66'
 
@@ -171,7 +178,7 @@ step export 0 'python -m gptjax.main --mode=export --workdir=runs/shakespeare_cp
 step sample 0 \
   'python -m gptjax.main --mode=sample --workdir=runs/shakespeare_cpu --prompt="ROMEO:" --num_samples=3 --max_new_tokens=100 --temperature=0.8 --top_k=200 --top_p=0.95 --seed=0'
 step chat-base 0 \
-  'printf "Good morrow.\n/reset\nFarewell.\n" | python -m gptjax.main --mode=chat --workdir=runs/shakespeare_cpu --user_name=ROMEO --assistant_name=JULIET --max_new_tokens=40 --stream_tokens=8 --temperature=0.8 --top_k=200'
+  'printf "Good morrow.\n/reset\nFarewell.\n" | python -m gptjax.main --mode=chat --workdir=runs/shakespeare_cpu --user_name=ROMEO --assistant_name=JULIET --max_new_tokens=24 --stream_tokens=8 --temperature=0.8 --top_k=200'
 step bench-decode 0 \
   'python -m gptjax.bench decode --config=experiments/gpt2.py:small --decode_batch=32 --prompt_len=64 --new_tokens=16'
 
