@@ -32,6 +32,8 @@ setup(
     "jinja2>=3.1",  # chat templates (Hugging Face's and MaxText's format)
     "sacrebleu>=2.4",  # BLEU and chrF of generated replies
     "rouge-score>=0.1.2",  # ROUGE-1/2/L of generated replies
+    "fastapi>=0.110",  # python -m gptjax.serve: the OpenAI-compatible HTTP API
+    "uvicorn>=0.29",
   ],
   extras_require={
     "tfds": TFDS,  # pip install -e ".[tfds]": TFDS datasets (the default experiments' data)
@@ -43,6 +45,8 @@ setup(
       "pytest-xdist>=3.5",  # the suite runs on 2 workers (README): ~8 instead of ~12 minutes
       "torch==2.13.0",
       "transformers>=4.45",
+      "httpx>=0.27",  # the server's tests: a client, and the official openai one
+      "openai>=1.30",
       "ruff==0.17.6",  # pinned: the formatter's output changes between releases
     ],
     # The viewer for WORKDIR/events.out.tfevents.* (gptjax writes them with tensorboardX).

@@ -13,6 +13,7 @@ whatever else shares its batch.
 thread-safe by itself.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -36,6 +37,10 @@ class Slots:
   temperature_B: jax.Array
   top_k_B: jax.Array  # int32, 0: off
   top_p_B: jax.Array  # 1: off
+  logprobs_B: jax.Array  # int32: alternatives to report per token (0..TOP)
+
+
+TOP = 5  # the most alternatives a token's logprobs report (OpenAI's limit for completions)
 
 
 def buckets(block_size: int, smallest: int = 16) -> tuple[int, ...]:
@@ -99,19 +104,22 @@ class Engine:
     self.stop_tokens = tuple(int(t) for t in stop_tokens)
     self._insert = jax.jit(self._insert_fn, donate_argnums=(1,))
     self._generate = jax.jit(self._generate_fn, donate_argnums=(1,))
+    self._score = jax.jit(self._score_fn)
     self._free = jax.jit(lambda st, slot: st.replace(done_B=st.done_B.at[slot].set(True)))
     # committed to the device, as every later state is: else the first call compiles twice
     self.state = jax.device_put(jax.jit(self._empty)(), jax.local_devices()[0])
 
   def compiles(self) -> int:
     """Compiled programs so far: a fixed number after warm_up (one per bucket + generate)."""
-    return sum(f._cache_size() for f in (self._insert, self._generate, self._free))
+    jitted = (self._insert, self._generate, self._free, self._score)
+    return sum(f._cache_size() for f in jitted)
 
   def warm_up(self) -> None:
     """Compiles every bucket's prefill and the generate step (through slot 0, then freed)."""
     for length in self.buckets:
       self.insert(0, [0] * length, 1, 0.0, 0, 1.0, 0)
       self.free(0)
+      self.score([0] * length)
     self.generate()
     self.free(0)
 
@@ -120,9 +128,11 @@ class Engine:
       raise UserError(f"a prompt of {length} tokens does not fit the {self.block}-token context")
     return next(b for b in self.buckets if b >= length)
 
-  def insert(self, slot: int, prompt, max_new: int, temperature, top_k, top_p, seed) -> None:
+  def insert(
+    self, slot: int, prompt, max_new: int, temperature, top_k, top_p, seed, logprobs=0
+  ) -> None:
     """Prefills `prompt` into `slot` with a budget of max_new tokens (the context's end caps
-    it: the caller checks prompt + max_new fits)."""
+    it: the caller checks prompt + max_new fits); logprobs: alternatives to report."""
     length = len(prompt)
     tokens = np.zeros((1, self.bucket(length)), np.int32)
     tokens[0, :length] = prompt
@@ -133,6 +143,7 @@ class Engine:
       np.float32(temperature),
       np.int32(top_k),
       np.float32(top_p),
+      np.int32(logprobs),
     )
     self.state = self._insert(self.params, self.state, tokens, np.int32(slot), *row)
 
@@ -140,11 +151,21 @@ class Engine:
     """Ends the row in `slot` (finished, or its client left): it generates no more."""
     self.state = self._free(self.state, np.int32(slot))
 
-  def generate(self):
-    """Up to `chunk` tokens for every live row -> (tokens (B, K) with -1 past a row's end,
-    done (B,), stopped (B,)), as numpy."""
-    self.state, out_BxK = self._generate(self.params, self.state)
-    return np.asarray(out_BxK), np.asarray(self.state.done_B), np.asarray(self.state.stopped_B)
+  def generate(self) -> "Chunk":
+    """Up to `chunk` tokens for every live row, as numpy."""
+    self.state, out = self._generate(self.params, self.state)
+    return Chunk(
+      *(np.asarray(x) for x in out), np.asarray(self.state.done_B), np.asarray(self.state.stopped_B)
+    )
+
+  def score(self, prompt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teacher-forced: each prompt token's logprob given the ones before it (the first gets
+    none: nan), with the TOP likeliest alternatives' ids and logprobs, (P,), (P, TOP) x 2."""
+    tokens = np.zeros((1, self.bucket(len(prompt))), np.int32)
+    tokens[0, : len(prompt)] = prompt
+    out = self._score(self.params, tokens)
+    chosen, top_ids, top_lp = (np.asarray(x)[: len(prompt)] for x in out)
+    return chosen, top_ids, top_lp
 
   # --- jitted ---------------------------------------------------------------------------
 
@@ -175,9 +196,20 @@ class Engine:
       temperature_B=jnp.zeros((b,), jnp.float32),
       top_k_B=jnp.zeros((b,), jnp.int32),
       top_p_B=jnp.ones((b,), jnp.float32),
+      logprobs_B=jnp.zeros((b,), jnp.int32),
     )
 
-  def _insert_fn(self, params, st: Slots, tokens_1xP, slot, length, budget, seed, temp, k, p):
+  def _score_fn(self, params, tokens_1xP):
+    logits_PxV = self.model.apply({"params": params}, tokens_1xP, deterministic=True)[0]
+    logprobs_PxV = jax.nn.log_softmax(logits_PxV.astype(jnp.float32), axis=-1)
+    chosen_P = jnp.take_along_axis(logprobs_PxV[:-1], tokens_1xP[0, 1:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logprobs_PxV, TOP)
+    pad = lambda x, v: jnp.concatenate([jnp.full((1, *x.shape[1:]), v, x.dtype), x[:-1]])
+    return jnp.concatenate([jnp.array([jnp.nan]), chosen_P]), pad(top_ids, -1), pad(top_lp, jnp.nan)
+
+  def _insert_fn(
+    self, params, st: Slots, tokens_1xP, slot, length, budget, seed, temp, k, p, logprobs
+  ):
     p_len = tokens_1xP.shape[1]
     fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self._cache_shapes(1, p_len))
     logits_1xPxV, mutated = self.model.apply(
@@ -210,18 +242,32 @@ class Engine:
       temperature_B=at(st.temperature_B, temp),
       top_k_B=at(st.top_k_B, k),
       top_p_B=at(st.top_p_B, p),
+      logprobs_B=at(st.logprobs_B, logprobs),
     )
 
   def _generate_fn(self, params, st: Slots):
     b, k = self.slots, self.chunk
 
     def body(carry):
-      t, st, out_BxK = carry
+      t, st, out = carry
       token_B = sample_rows(
         st.logits_BxV, st.made_B, st.seed_B, st.temperature_B, st.top_k_B, st.top_p_B
       )
       live_B = ~st.done_B
-      out_BxK = out_BxK.at[:, t].set(jnp.where(live_B, token_B, -1))
+      logprobs_BxV = jax.nn.log_softmax(st.logits_BxV, axis=-1)  # the model's, not the sampler's
+      chosen_B = jnp.take_along_axis(logprobs_BxV, token_B[:, None], axis=-1)[:, 0]
+      # top-k over the vocabulary only when some row asked for alternatives
+      top_lp, top_ids = jax.lax.cond(
+        jnp.any(live_B & (st.logprobs_B > 0)),
+        lambda: tuple(jax.lax.top_k(logprobs_BxV, TOP)),
+        lambda: (jnp.zeros((b, TOP), jnp.float32), jnp.zeros((b, TOP), jnp.int32)),
+      )
+      out = (
+        out[0].at[:, t].set(jnp.where(live_B, token_B, -1)),
+        out[1].at[:, t].set(chosen_B),
+        out[2].at[:, t].set(top_ids),
+        out[3].at[:, t].set(top_lp),
+      )
       stop_B = live_B & jnp.isin(token_B, jnp.array(self.stop_tokens or (-1,)))
       remaining_B = st.remaining_B - live_B
       index_B = _write_slots(st.cache, b)
@@ -246,9 +292,26 @@ class Engine:
         remaining_B=remaining_B,
         made_B=st.made_B + live_B,
       )
-      return t + 1, st, out_BxK
+      return t + 1, st, out
 
     cond = lambda carry: (carry[0] < k) & ~jnp.all(carry[1].done_B)
-    out_BxK = jnp.full((b, k), -1, jnp.int32)
-    _, st, out_BxK = jax.lax.while_loop(cond, body, (jnp.int32(0), st, out_BxK))
-    return st, out_BxK
+    out = (
+      jnp.full((b, k), -1, jnp.int32),
+      jnp.zeros((b, k), jnp.float32),
+      jnp.zeros((b, k, TOP), jnp.int32),
+      jnp.zeros((b, k, TOP), jnp.float32),
+    )
+    _, st, out = jax.lax.while_loop(cond, body, (jnp.int32(0), st, out))
+    return st, out
+
+
+@dataclasses.dataclass
+class Chunk:
+  """One generate call's output: row b's new tokens are tokens[b][tokens[b] >= 0]."""
+
+  tokens: np.ndarray  # (B, K) int32, -1 past a row's end
+  logprobs: np.ndarray  # (B, K) the model's log-probability of each token
+  top_ids: np.ndarray  # (B, K, TOP) the likeliest alternatives (rows that asked)
+  top_logprobs: np.ndarray  # (B, K, TOP)
+  done: np.ndarray  # (B,) bool
+  stopped: np.ndarray  # (B,) bool: ended on a stop token

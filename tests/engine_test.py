@@ -19,7 +19,7 @@ def _serve(eng, arrivals: dict, rounds: int = 40) -> dict:
     for slot, *request in arrivals.get(r, ()):
       eng.insert(slot, *request)
       out[slot] = []
-    tokens, done, _ = eng.generate()
+    tokens = eng.generate().tokens
     for slot in out:
       out[slot] += [t for t in tokens[slot] if t >= 0]
   return out
@@ -46,7 +46,7 @@ def test_staggered_greedy_rows_equal_the_offline_decoder(loaded):
   eng.insert(2, prompts[4], budgets[4], 0.0, 0, 1.0, 0)
   late = {2: []}
   for _ in range(8):
-    tokens, _, _ = eng.generate()
+    tokens = eng.generate().tokens
     late[2] += [t for t in tokens[2] if t >= 0]
   decoder = decode.Decoder(model, loaded.params, stop_tokens=[tok.eot_id])
   greedy = decode.Sampling(temperature=0)

@@ -267,6 +267,7 @@ LAYERS = [
   "export",
   "evaluation",
   "inference",
+  "scheduler",
   "engine",
   "checkpoint",
   "checkpoint_compat",

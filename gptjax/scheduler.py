@@ -1,0 +1,196 @@
+"""The serving loop: one thread owns the engine, admits queued requests into free slots
+between generate calls, and streams each request's text back as it grows.
+
+Requests come from the HTTP handlers (serve.py) through a bounded queue (full: the caller
+answers 429). Text is decoded from a request's tokens so far; text that could still become a
+stop string (or is an unfinished UTF-8 character) is held back until it cannot. A request
+whose client left, or that met a stop string, frees its slot at the next chunk.
+"""
+
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from gptjax import engine as engine_lib
+
+
+class QueueFull(Exception):
+  pass
+
+
+@dataclasses.dataclass
+class Request:
+  prompt: list[int]
+  max_new: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: tuple[str, ...] = ()
+  logprobs: int = 0  # alternatives per token (0: the chosen token's logprob only)
+  # on_text(piece, tokens, logprobs, tops) as text becomes final; on_done(reason) once
+  on_text: Callable = lambda piece, tokens, logprobs, tops: None
+  on_done: Callable = lambda reason: None
+  cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+  # the loop's bookkeeping
+  tokens: list = dataclasses.field(default_factory=list)
+  logprobs_seen: list = dataclasses.field(default_factory=list)
+  tops: list = dataclasses.field(default_factory=list)
+  shown: int = 0  # characters of the text already passed to on_text
+  sent_tokens: int = 0
+  enqueued: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+class Scheduler:
+  def __init__(self, eng: engine_lib.Engine, tokenizer, max_queue: int = 64):
+    self.engine, self.tokenizer = eng, tokenizer
+    self.waiting: queue.Queue = queue.Queue(max_queue)
+    self.running: dict[int, Request] = {}
+    self.admitting = True
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._loop, name="gptjax-engine", daemon=True)
+    self.scored: queue.Queue = queue.Queue()  # (prompt, reply queue): teacher-forced logprobs
+    self.finished = {"stop": 0, "length": 0, "abort": 0}
+
+  def counts(self) -> dict:
+    """Requests running and waiting now, and finished so far by reason."""
+    return {"running": len(self.running), "waiting": self.waiting.qsize(), **self.finished}
+
+  def start(self) -> None:
+    self._thread.start()
+
+  def submit(self, request: Request) -> None:
+    if not self.admitting:
+      raise QueueFull("the server is shutting down")
+    try:
+      self.waiting.put_nowait(request)
+    except queue.Full:
+      raise QueueFull(f"{self.waiting.maxsize} requests are already waiting") from None
+
+  def score(self, prompt: list[int]):
+    """Teacher-forced logprobs of prompt (engine.score), computed on the engine thread."""
+    reply: queue.Queue = queue.Queue(1)
+    self.scored.put((prompt, reply))
+    result = reply.get()
+    if isinstance(result, Exception):
+      raise result
+    return result
+
+  def shutdown(self, timeout: float) -> None:
+    """Admits nothing more; finishes what runs (and waits) within timeout, then aborts."""
+    self.admitting = False
+    deadline = time.time() + timeout
+    while (self.running or not self.waiting.empty()) and time.time() < deadline:
+      time.sleep(0.05)
+    self._stop.set()
+    self._thread.join(timeout=10)
+    for request in list(self.running.values()) + _drain(self.waiting):
+      request.on_done("abort")
+
+  # --- the engine thread ------------------------------------------------------------------
+
+  def _loop(self) -> None:
+    while not self._stop.is_set():
+      self._score_pending()
+      self._admit()
+      if not self.running:
+        time.sleep(0.002)
+        continue
+      chunk = self.engine.generate()
+      for slot, request in list(self.running.items()):
+        self._advance(slot, request, chunk)
+
+  def _score_pending(self) -> None:
+    while not self.scored.empty():
+      prompt, reply = self.scored.get()
+      try:
+        reply.put(self.engine.score(prompt))
+      except Exception as e:  # a bad prompt fails its request, never the loop
+        reply.put(e)
+
+  def _admit(self) -> None:
+    free = [s for s in range(self.engine.slots) if s not in self.running]
+    while free and not self.waiting.empty():
+      request = self.waiting.get_nowait()
+      if request.cancelled.is_set():
+        request.on_done("abort")
+        continue
+      slot = free.pop(0)
+      try:
+        self.engine.insert(
+          slot,
+          request.prompt,
+          request.max_new,
+          request.temperature,
+          request.top_k,
+          request.top_p,
+          request.seed,
+          request.logprobs,
+        )
+      except Exception as e:  # checked before queueing; a failure here ends this request only
+        request.on_done(f"error: {e}")
+        free.insert(0, slot)
+        continue
+      self.running[slot] = request
+
+  def _advance(self, slot: int, request: Request, chunk: engine_lib.Chunk) -> None:
+    row = chunk.tokens[slot]
+    n = int(np.sum(row >= 0))
+    new = row[:n].tolist()
+    if chunk.stopped[slot] and chunk.done[slot] and new:
+      new, n = new[:-1], n - 1  # the end-of-text token itself is not part of the text
+    request.tokens += new
+    request.logprobs_seen += chunk.logprobs[slot, :n].tolist()
+    if request.logprobs:
+      k = request.logprobs
+      request.tops += [
+        dict(zip(chunk.top_ids[slot, i, :k].tolist(), chunk.top_logprobs[slot, i, :k].tolist()))
+        for i in range(n)
+      ]
+    text = self.tokenizer.decode(request.tokens)
+    hit = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
+    finished = bool(chunk.done[slot]) or hit >= 0 or request.cancelled.is_set()
+    if hit >= 0:
+      text = text[:hit]
+    safe = len(text) if finished else _safe_length(text, request.stop)
+    if safe > request.shown or (finished and request.sent_tokens < len(request.tokens)):
+      self._emit(request, text[request.shown : safe])
+      request.shown = safe
+    if finished:
+      self.engine.free(slot)
+      del self.running[slot]
+      if request.cancelled.is_set():
+        reason = "abort"
+      else:
+        reason = "stop" if hit >= 0 or chunk.stopped[slot] else "length"
+      self.finished[reason] += 1
+      request.on_done(reason)
+
+  def _emit(self, request: Request, piece: str) -> None:
+    """Passes piece with the tokens (and their logprobs) made since the last call."""
+    start, request.sent_tokens = request.sent_tokens, len(request.tokens)
+    tops = request.tops[start:] if request.logprobs else []
+    request.on_text(piece, request.tokens[start:], request.logprobs_seen[start:], tops)
+
+
+def _safe_length(text: str, stops) -> int:
+  """How much of text is final: not a possible start of a stop string, nor a character cut
+  between two tokens (decoded as U+FFFD)."""
+  n = len(text.rstrip("\ufffd"))
+  for stop in stops:
+    for k in range(min(len(stop) - 1, n), 0, -1):
+      if text[:n].endswith(stop[:k]):
+        n -= k
+        break
+  return n
+
+
+def _drain(q: queue.Queue) -> list:
+  out = []
+  while not q.empty():
+    out.append(q.get_nowait())
+  return out

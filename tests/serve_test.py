@@ -1,0 +1,211 @@
+"""The HTTP server, end to end: a `python -m gptjax.serve` process on 127.0.0.1 with the
+tiny trained model, driven by httpx and the official openai client."""
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import ONE_DEVICE, REPO
+
+from gptjax import decode, inference
+
+pytestmark = pytest.mark.slow  # a server process per module (and one more for SIGTERM)
+
+
+def _port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(workdir, *flags):
+  port = _port()
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "gptjax.serve", f"--workdir={workdir}", f"--port={port}", *flags],
+    cwd=REPO,
+    env={**os.environ, **ONE_DEVICE},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.time() + 120
+  while True:
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    assert time.time() < deadline, "the server did not start"
+    try:
+      if httpx.get(f"{url}/health").status_code == 200:
+        return proc, url
+    except httpx.TransportError:
+      time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(trained_tiny):
+  proc, url = _start(trained_tiny, "--slots=4", "--chunk=4", "--max_queue=4")
+  yield url
+  proc.send_signal(signal.SIGTERM)
+  proc.communicate(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def offline(trained_tiny):
+  loaded = inference.load(str(trained_tiny))
+  decoder = decode.Decoder(loaded.model, loaded.params, stop_tokens=[loaded.tokenizer.eot_id])
+
+  def complete(prompt: str, n: int) -> str:
+    (out,), _ = decode.complete(
+      decoder, [loaded.tokenizer.encode(prompt).tolist()], n, decode.Sampling(temperature=0)
+    )
+    return loaded.tokenizer.decode(out)
+
+  return complete
+
+
+def _complete(url, **body):
+  return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+
+PROMPTS = ["ROMEO:", "First Citizen:", "O", "JULIET: What", "KING", "Ay, sir", "MENENIUS:\nWe"]
+
+
+def test_concurrent_staggered_greedy_requests_equal_the_offline_decoder(server, offline):
+  requests = [(PROMPTS[i % len(PROMPTS)], 4 + (3 * i) % 15) for i in range(16)]
+
+  def one(i):
+    time.sleep(0.03 * i)  # staggered: they join a batch already decoding
+    prompt, n = requests[i]
+    return _complete(server, prompt=prompt, max_tokens=n, temperature=0).json()
+
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    answers = list(pool.map(one, range(16)))
+  for (prompt, n), answer in zip(requests, answers):
+    assert answer["choices"][0]["text"] == offline(prompt, n), (prompt, n)
+    assert answer["usage"]["prompt_tokens"] == len(prompt)  # a char model: one token each
+
+
+def test_the_openai_client_streaming_and_not(server, offline):
+  client = openai.OpenAI(base_url=f"{server}/v1", api_key="none")
+  (model,) = [m.id for m in client.models.list()]
+  whole = offline("ROMEO:", 20)
+  got = client.completions.create(model=model, prompt="ROMEO:", max_tokens=20, temperature=0)
+  assert got.choices[0].text == whole and got.usage.completion_tokens == 20
+  assert got.usage.total_tokens == 26 and got.choices[0].finish_reason == "length"
+  stop = whole[8:10]
+  cut = client.completions.create(
+    model=model, prompt="ROMEO:", max_tokens=20, temperature=0, stop=[stop]
+  )
+  assert cut.choices[0].text == whole[: whole.index(stop)]
+  assert cut.choices[0].finish_reason == "stop"
+  pieces = list(
+    client.completions.create(
+      model=model, prompt="ROMEO:", max_tokens=20, temperature=0, stream=True
+    )
+  )
+  text = "".join(p.choices[0].text for p in pieces)
+  assert text == whole and sum(bool(p.choices[0].text) for p in pieces) > 1  # chunk by chunk
+  assert pieces[-1].choices[0].finish_reason == "length"
+  chat = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0
+  )
+  assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 8
+  streamed = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Hi"}],
+    max_tokens=8,
+    temperature=0,
+    stream=True,
+  )
+  content = "".join(c.choices[0].delta.content or "" for c in streamed)
+  assert content == chat.choices[0].message.content
+
+
+def test_a_stream_sends_its_first_chunk_early_and_ends_with_done(server):
+  body = {"prompt": "O", "max_tokens": 24, "temperature": 0, "stream": True}
+  with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+    lines = [line for line in r.iter_lines() if line]
+  assert lines[-1] == "data: [DONE]"
+  chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+  assert chunks[0]["choices"][0]["finish_reason"] is None and chunks[0]["choices"][0]["text"]
+  assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_mixed_sampling_settings_equal_each_request_alone(server):
+  settings = [
+    {"temperature": 0},
+    {"temperature": 0.8, "top_k": 10, "seed": 7},
+    {"temperature": 1.2, "top_p": 0.8, "seed": 3},
+    {"temperature": 0.5, "top_k": 5, "top_p": 0.9, "seed": 11},
+  ]
+
+  def one(s):
+    return _complete(server, prompt="KING", max_tokens=20, **s).json()["choices"][0]["text"]
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    together = list(pool.map(one, settings))
+  alone = [one(s) for s in settings]
+  assert together == alone and len(set(alone)) == 4
+
+
+def test_logprobs_and_echo_score_the_prompt(server):
+  answer = _complete(server, prompt="ROMEO:", max_tokens=0, echo=True, logprobs=1).json()
+  lp = answer["choices"][0]["logprobs"]
+  assert answer["choices"][0]["text"] == "ROMEO:" and lp["tokens"] == list("ROMEO:")
+  assert lp["token_logprobs"][0] is None and all(v < 0 for v in lp["token_logprobs"][1:])
+  made = _complete(server, prompt="ROMEO:", max_tokens=4, temperature=0, logprobs=2).json()
+  lp = made["choices"][0]["logprobs"]
+  assert len(lp["token_logprobs"]) == 4 and all(len(t) == 2 for t in lp["top_logprobs"])
+  for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+    assert max(top.values()) == pytest.approx(value, abs=1e-5) and token in top  # greedy
+
+
+def test_bad_requests_are_answered_not_fatal(server):
+  long = _complete(server, prompt="x" * 30, max_tokens=10)
+  assert long.status_code == 400 and "context is 32 tokens; the prompt has 30" in long.text
+  bad = httpx.post(
+    f"{server}/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"}
+  )
+  assert bad.status_code == 422 and "malformed JSON" in bad.json()["error"]["message"]
+  for body in ({"prompt": "x", "temperature": -1}, {"prompt": "x", "top_p": 0}, {}):
+    r = _complete(server, **body)
+    assert r.status_code == 422 and r.json()["error"]["message"], body
+  odd = _complete(server, prompt="\u00e9t\u00e9", max_tokens=2)
+  assert odd.status_code == 400 and "cannot read it" in odd.text
+  assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(server):
+  body = {"prompt": "O", "max_tokens": 30, "temperature": 0.9}
+  with concurrent.futures.ThreadPoolExecutor(24) as pool:
+    codes = [f.status_code for f in pool.map(lambda _: _complete(server, **body), range(24))]
+  assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+  before = httpx.get(f"{server}/health").json()["abort"]
+  streamed = {**body, "stream": True}
+  with httpx.stream("POST", f"{server}/v1/completions", json=streamed, timeout=60) as r:
+    next(r.iter_lines())  # the first chunk, then the client hangs up
+  deadline = time.time() + 30
+  while httpx.get(f"{server}/health").json()["abort"] == before:
+    assert time.time() < deadline, "the slot of the client that left was not freed"
+    time.sleep(0.05)
+  assert _complete(server, prompt="O", max_tokens=3).status_code == 200
+
+
+def test_sigterm_finishes_what_runs_and_exits_0(trained_tiny):
+  proc, url = _start(trained_tiny, "--slots=2", "--chunk=2")
+  body = {"prompt": "O", "max_tokens": 30, "temperature": 0, "stream": True}
+  with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+    lines = r.iter_lines()
+    next(lines)
+    proc.send_signal(signal.SIGTERM)
+    rest = [line for line in lines if line]
+  assert rest[-1] == "data: [DONE]"
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, err[-2000:]
