@@ -151,13 +151,21 @@ step chat 0 \
   'printf "ROMEO: Good morrow, fair maid.\n/quit\n" | python -m gptjax.main --mode=chat --workdir=runs/dialogue --temperature=0 --max_new_tokens=24'
 
 # --- Sharding ---------------------------------------------------------------------------
-# GPT-2 on lm1b needs the download: compile for the README's meshes instead (no data).
-step fsdp-8 0 \
-  'XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gptjax.main --mode=compile_only --config=experiments/gpt2.py:small --config.model.vocab_size=50257 --workdir=runs/g --config.mesh.shape.fsdp=8 --config.mesh.shape.data=1 --config.optim.grad_accum=5'
-step mesh-2x2x2 0 \
-  'XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gptjax.main --mode=compile_only --config=experiments/gpt2.py:small --config.model.vocab_size=50257 --workdir=runs/g --config.mesh.shape.data=2 --config.mesh.shape.fsdp=2 --config.mesh.shape.tensor=2'
-# ~5.3 GiB per device: on a CPU host, 8 simulated devices share its RAM (README says so).
+# GPT-2 on lm1b needs the download, and its meshes are 8 GPUs' (~32 and ~5 GiB per device):
+# compile them (no data); a CPU host under ~260 / ~45 GiB of RAM refuses them in one line.
 RAM_GIB=$(python3 -c "import os; print(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30)")
+FSDP_FITS=$((RAM_GIB / 8 > 32 ? 1 : 0))
+step fsdp-8 $((1 - FSDP_FITS)) \
+  'XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gptjax.main --mode=compile_only --config=experiments/gpt2.py:small --config.model.vocab_size=50257 --workdir=runs/g --config.mesh.shape.fsdp=8 --config.mesh.shape.data=1 --config.optim.grad_accum=5'
+step fsdp-8-says 0 "grep -q 'error: the train step needs ~' '$LAST_LOG' || [ $FSDP_FITS = 1 ]"
+MESH_FITS=$((RAM_GIB / 8 > 5 ? 1 : 0))
+step mesh-2x2x2 $((1 - MESH_FITS)) \
+  'XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gptjax.main --mode=compile_only --config=experiments/gpt2.py:small --config.model.vocab_size=50257 --workdir=runs/g --config.mesh.shape.data=2 --config.mesh.shape.fsdp=2 --config.mesh.shape.tensor=2'
+step mesh-2x2x2-says 0 "grep -q 'error: the train step needs ~' '$LAST_LOG' || [ $MESH_FITS = 1 ]"
+step mesh-cpu 0 \
+  'XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gptjax.main --config=experiments/shakespeare_char.py:cpu --workdir=runs/mesh --config.data.manual_dir=../shared/data/tinyshakespeare --config.train.batch_size=16 --config.mesh.shape.data=2 --config.mesh.shape.fsdp=2 --config.mesh.shape.tensor=2 --config.train.num_steps=20' \
+  runs/mesh/summary.json
+# ~5.3 GiB per device: on a CPU host, 8 simulated devices share its RAM (README says so).
 XL_FITS=$((RAM_GIB / 8 > 5 ? 1 : 0))
 step compile-only-xl $((1 - XL_FITS)) \
   "XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gptjax.main --mode=compile_only --config=experiments/gpt2.py:xl --config.model.vocab_size=50257 --workdir=$SCRATCH/xl --config.mesh.shape.fsdp=8 --config.mesh.shape.data=1 --config.optim.grad_accum=60 --config.model.scan_layers=true --config.model.remat=full"
