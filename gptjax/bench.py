@@ -35,7 +35,18 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from gptjax import checkpoint, cli, decode, inference, metrics, packing, runtime, sharding, train
+from gptjax import (
+  checkpoint,
+  cli,
+  decode,
+  inference,
+  metrics,
+  packing,
+  runtime,
+  serve_bench,
+  sharding,
+  train,
+)
 from gptjax import config as config_lib
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig, count_params, init_params
@@ -50,6 +61,11 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "decode: tokens per prompt.
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "decode: tokens generated per prompt.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "decode: timed runs (the median is reported).")
 _STEPS = flags.DEFINE_integer("steps", 20, "train: timed steps.")
+_CLIENTS = flags.DEFINE_integer("clients", 8, "serve: concurrent clients (closed loop).")
+_REQUESTS = flags.DEFINE_integer("requests", 32, "serve: requests in all.")
+_RATE = flags.DEFINE_float("rate", None, "serve: Poisson arrivals per second (else closed loop).")
+_SLOTS = flags.DEFINE_integer("slots", 32, "serve: the server's decode slots.")
+_LIMIT = flags.DEFINE_float("time_limit", 600, "serve: seconds after which no request starts.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "train: untimed steps after compiling.")
 
 
@@ -317,12 +333,36 @@ def bench_sample(config, workdir: str) -> dict:
   }
 
 
+def bench_serve(config, workdir: str) -> dict:
+  """The HTTP server with random weights of config's shape under load (serve_bench.py);
+  prompt_len random tokens in, new_tokens out, greedy, as bench decode times offline."""
+  del workdir
+  p, n = _PROMPT_LEN.value, _NEW_TOKENS.value
+  vocab = _vocab(config)
+  if p + n > config.model.block_size:
+    raise UserError(f"--prompt_len={p} + --new_tokens={n} exceeds the context")
+  overrides = [a for a in sys.argv if a.startswith("--config")]
+  args = [*overrides, f"--config.model.vocab_size={vocab}", "--random_weights"]
+  proc, url = serve_bench.start_server([*args, f"--slots={_SLOTS.value}", "--chunk=8"])
+  try:
+    prompt = np.random.default_rng(0).integers(0, vocab, p).tolist()
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    figures = serve_bench.measure(
+      url, body, _CLIENTS.value, _REQUESTS.value, _RATE.value, _LIMIT.value
+    )
+  finally:
+    serve_bench.stop_server(proc)
+  return {"bench": "serve", "slots": _SLOTS.value, "prompt_len": p, "new_tokens": n, **figures}
+
+
 def main(argv):
   benches = {
     "train": bench_train,
     "checkpoint": bench_checkpoint,
     "decode": bench_decode,
     "sample": bench_sample,
+    "serve": bench_serve,
   }
   if len(argv) != 2 or argv[1] not in benches:
     raise UserError(f"name one benchmark: {', '.join(benches)}")

@@ -86,6 +86,20 @@ def _leaves(tree, fn):
   return jax.tree_util.tree_map_with_path(lambda p, x: fn(p[-1].key, x), tree)
 
 
+def _rows(st: Slots, fn, other: Slots | None = None) -> Slots:
+  """Maps fn(x, batch axis) (or fn(other's x, axis, x)) over every per-row array of st."""
+
+  def axis(path, x):
+    name = getattr(path[-1], "key", getattr(path[-1], "name", None))
+    if name == "cache_index":
+      return x.ndim - 1  # ([L,] B)
+    return x.ndim - 4 if name in ("cached_key", "cached_value") else 0  # ([L,] B, N, S, H)
+
+  if other is None:
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(x, axis(p, x)), st)
+  return jax.tree_util.tree_map_with_path(lambda p, x, o: fn(o, axis(p, x), x), st, other)
+
+
 def _write_slots(cache, b: int):
   """Each row's next write slot (B,): every layer's index moves together."""
   index = next(
@@ -103,7 +117,11 @@ class Engine:
     self.buckets = buckets(self.block)
     self.stop_tokens = tuple(int(t) for t in stop_tokens)
     self._insert = jax.jit(self._insert_fn, donate_argnums=(1,))
-    self._generate = jax.jit(self._generate_fn, donate_argnums=(1,))
+    # One generate program per width: the rows up to the highest one in use (slots are
+    # filled lowest first), so one request alone runs a batch-1 step, not a B-row one.
+    self.widths = tuple(w for w in buckets(slots, 1) if w <= slots)
+    self.in_use: set[int] = set()
+    self._generate = jax.jit(self._generate_fn, static_argnums=(2,), donate_argnums=(1,))
     self._score = jax.jit(self._score_fn)
     self._free = jax.jit(lambda st, slot: st.replace(done_B=st.done_B.at[slot].set(True)))
     # committed to the device, as every later state is: else the first call compiles twice
@@ -115,13 +133,14 @@ class Engine:
     return sum(f._cache_size() for f in jitted)
 
   def warm_up(self) -> None:
-    """Compiles every bucket's prefill and the generate step (through slot 0, then freed)."""
+    """Compiles every bucket's prefill and scoring and every width's generate (through slot
+    0, then freed)."""
     for length in self.buckets:
       self.insert(0, [0] * length, 1, 0.0, 0, 1.0, 0)
       self.free(0)
       self.score([0] * length)
-    self.generate()
-    self.free(0)
+    for width in self.widths:
+      self.state, _ = self._generate(self.params, self.state, width)
 
   def bucket(self, length: int) -> int:
     if not 0 < length <= self.block:
@@ -146,16 +165,29 @@ class Engine:
       np.int32(logprobs),
     )
     self.state = self._insert(self.params, self.state, tokens, np.int32(slot), *row)
+    self.in_use.add(slot)
 
   def free(self, slot: int) -> None:
     """Ends the row in `slot` (finished, or its client left): it generates no more."""
     self.state = self._free(self.state, np.int32(slot))
+    self.in_use.discard(slot)
 
   def generate(self) -> "Chunk":
-    """Up to `chunk` tokens for every live row, as numpy."""
-    self.state, out = self._generate(self.params, self.state)
+    """Up to `chunk` tokens for every live row, as numpy (B rows; those past the width
+    used are empty)."""
+    top = max(self.in_use, default=0) + 1
+    width = next(w for w in self.widths if w >= top)
+    self.state, out = self._generate(self.params, self.state, width)
+    b = self.slots
+    pad = lambda x, fill: np.concatenate([x, np.full((b - width, *x.shape[1:]), fill, x.dtype)])
+    tokens, logprobs, top_ids, top_lp = (np.asarray(x) for x in out)
     return Chunk(
-      *(np.asarray(x) for x in out), np.asarray(self.state.done_B), np.asarray(self.state.stopped_B)
+      pad(tokens, -1),
+      pad(logprobs, 0),
+      pad(top_ids, 0),
+      pad(top_lp, 0),
+      np.asarray(self.state.done_B),
+      np.asarray(self.state.stopped_B),
     )
 
   def score(self, prompt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -245,8 +277,16 @@ class Engine:
       logprobs_B=at(st.logprobs_B, logprobs),
     )
 
-  def _generate_fn(self, params, st: Slots):
-    b, k = self.slots, self.chunk
+  def _generate_fn(self, params, whole: Slots, width: int):
+    """generate over rows [0, width) of the slots, written back whole (a copy of those rows'
+    cache per call of K tokens, none when width is every slot)."""
+    st = _rows(whole, lambda x, axis: jax.lax.slice_in_dim(x, 0, width, axis=axis))
+    st, out = self._generate_rows(params, st)
+    put = lambda part, axis, x: jax.lax.dynamic_update_slice_in_dim(x, part, 0, axis)
+    return _rows(whole, put, st), out
+
+  def _generate_rows(self, params, st: Slots):
+    b, k = st.done_B.shape[0], self.chunk
 
     def body(carry):
       t, st, out = carry

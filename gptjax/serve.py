@@ -28,7 +28,7 @@ from absl import flags
 from fastapi import responses
 from ml_collections import config_flags
 
-from gptjax import chat_template, cli, inference, scheduler
+from gptjax import chat_template, cli, inference, scheduler, serve_bench
 from gptjax import engine as engine_lib
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
@@ -43,6 +43,12 @@ _SLOTS = flags.DEFINE_integer("slots", 8, "Requests decoded together (the batch)
 _CHUNK = flags.DEFINE_integer("chunk", 8, "Tokens per generate call between admissions.")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 64, "Waiting requests before 429.")
 _NAME = flags.DEFINE_string("model_name", None, "The model's id in the API (default: the run).")
+_RANDOM = flags.DEFINE_bool(
+  "random_weights",
+  False,
+  "Benchmarks (bench serve): --config's shape with random weights; prompts are token ids and "
+  "the replies' text is their ids.",
+)
 
 
 class Sampling(pydantic.BaseModel):
@@ -55,6 +61,7 @@ class Sampling(pydantic.BaseModel):
   seed: int | None = None
   n: int = pydantic.Field(1, ge=1, le=16)
   stream: bool = False
+  stream_options: dict | None = None  # {"include_usage": true}: usage in a last chunk
   user: str | None = None
 
 
@@ -78,9 +85,8 @@ class Server:
     self.loaded, self.name, self.tok = loaded, name, loaded.tokenizer
     self.block = loaded.model.cfg.block_size
     self.template = chat_template.load(loaded.config.data.chat_template)
-    eng = engine_lib.Engine(
-      loaded.model, loaded.params, slots, stop_tokens=[self.tok.eot_id], chunk=chunk
-    )
+    stop = [self.tok.eot_id] if self.tok.eot_id >= 0 else []
+    eng = engine_lib.Engine(loaded.model, loaded.params, slots, stop_tokens=stop, chunk=chunk)
     eng.warm_up()
     self.engine, self.sched = eng, scheduler.Scheduler(eng, self.tok, queue)
     self.sched.start()
@@ -97,7 +103,8 @@ class Server:
 
   def health(self):
     s = self.sched
-    return {"status": "ok" if s.admitting else "stopping", **s.counts()}
+    state = "ok" if s.admitting else "stopping"
+    return {"status": state, **s.counts(), "compiles": self.engine.compiles()}
 
   def models(self):
     model = {"id": self.name, "object": "model", "created": 0, "owned_by": "gptjax"}
@@ -176,7 +183,8 @@ class Server:
         request.cancelled.set()
       return _error(429, f"server busy: {e}; retry later")
     if body.stream:
-      stream = self._stream(events, requests, http, ids, echo_text if echo else "", chat)
+      usage = bool((body.stream_options or {}).get("include_usage"))
+      stream = self._stream(events, requests, ids, echo_text if echo else "", chat, usage)
       return responses.StreamingResponse(stream, media_type="text/event-stream")
     echo_text = echo_text if echo else ""
     return await self._collect(events, requests, http, ids, echo_text, scored, logprobs, chat)
@@ -215,7 +223,7 @@ class Server:
     ]
     return self._answer(choices, len(ids), sum(len(m) for m in made), chat)
 
-  async def _stream(self, events, requests, http, ids, echo_text, chat):
+  async def _stream(self, events, requests, ids, echo_text, chat, usage: bool):
     kind_name = "chat.completion.chunk" if chat else "text_completion"
     ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
 
@@ -227,8 +235,11 @@ class Server:
         choice = {"index": i, "delta": delta, "finish_reason": reason}
       else:
         choice = {"index": i, "text": piece or "", "finish_reason": reason, "logprobs": None}
+      return data({"choices": [choice]})
+
+    def data(fields):
       body = {"id": ident, "object": kind_name, "created": created, "model": self.name}
-      return f"data: {json.dumps({**body, 'choices': [choice]})}\n\n"
+      return f"data: {json.dumps({**body, **fields})}\n\n"
 
     try:
       for i in range(len(requests)):
@@ -236,15 +247,19 @@ class Server:
           yield chunk(i, role=True)
         elif echo_text:
           yield chunk(i, echo_text)
-      open_ = set(range(len(requests)))
+      open_, made = set(range(len(requests))), 0
       while open_:
         i, kind, *rest = await events.get()
         if kind == "text":
+          made += len(rest[1])
           if rest[0]:
             yield chunk(i, rest[0])
         else:
           open_.discard(i)
           yield chunk(i, reason=rest[0] if rest[0] in ("stop", "length") else "abort")
+      if usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
+        counts = {"prompt_tokens": len(ids), "completion_tokens": made}
+        yield data({"choices": [], "usage": {**counts, "total_tokens": len(ids) + made}})
       yield "data: [DONE]\n\n"
     finally:  # the client left (or the stream ended): free the slots at the next chunk
       for request in requests:
@@ -320,10 +335,15 @@ async def _invalid(request, exc) -> responses.JSONResponse:
 def main(argv) -> None:
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
-  if not _WORKDIR.value:
+  if _RANDOM.value:
+    if _CONFIG.value is None:
+      raise UserError("--random_weights takes its shape from --config=experiments/X.py")
+    loaded, name = serve_bench.random_weights(_CONFIG.value), _NAME.value or "random"
+  elif not _WORKDIR.value:
     raise UserError("usage: python -m gptjax.serve --workdir=DIR [--port=8000]")
-  loaded = inference.load(_WORKDIR.value, _CONFIG.value)
-  name = _NAME.value or _WORKDIR.value.rstrip("/").split("/")[-1]
+  else:
+    loaded = inference.load(_WORKDIR.value, _CONFIG.value)
+    name = _NAME.value or _WORKDIR.value.rstrip("/").split("/")[-1]
   server = Server(loaded, name, _SLOTS.value, _CHUNK.value, _MAX_QUEUE.value)
   print(
     f"serving {loaded.where} as {name!r} on http://{_HOST.value}:{_PORT.value}/v1 "

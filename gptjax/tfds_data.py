@@ -3,6 +3,7 @@ and each split's documents. TensorFlow is imported here only, when a TFDS source
 
 import contextlib
 import io
+import logging as std_logging
 import os
 import sys
 
@@ -29,6 +30,7 @@ def builder(data_config):
     ) from None
   if not loud:
     tfds.disable_progress_bar()
+    std_logging.getLogger("urllib3").setLevel(std_logging.ERROR)  # "Retrying ..." offline
   tf.config.set_visible_devices([], "GPU")  # TF only reads data; the accelerators are JAX's
   try:
     found = tfds.builder(data_config.tfds_name, data_dir=data_config.data_dir)

@@ -41,7 +41,8 @@ def test_checkpoint_bench_prints_one_json_line():
 def test_bench_without_a_name_is_a_one_line_error():
   proc = _bench(TINY, one_device=False, timeout=120)
   assert (
-    proc.returncode == 1 and "name one benchmark: train, checkpoint, decode, sample" in proc.stderr
+    proc.returncode == 1
+    and "name one benchmark: train, checkpoint, decode, sample, serve" in proc.stderr
   )
 
 
@@ -105,3 +106,17 @@ def test_train_bench_times_the_real_step_and_reports_model_flops():
   assert result["flops_per_token"] == 184_512  # the hand count in metrics_test.py
   assert result["tflops"] > 0 and result["mfu"] is None  # CPUs have no peak in the table
   assert result["compile_s"] > 0 and result["memory_estimate_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_serve_bench_loads_a_server_closed_and_open_loop():
+  """bench serve: a gptjax.serve process with random weights, 4 clients then Poisson
+  arrivals; every request answered, the figures there, nothing compiled under load."""
+  flags = [TINY, "--config.model.vocab_size=66", "--prompt_len=8", "--new_tokens=16", "--slots=4"]
+  closed = _result(_bench("serve", *flags, "--clients=4", "--requests=12"))
+  assert closed["load"] == "closed" and closed["requests"] == 12 and closed["rejected"] == 0
+  assert closed["output_tokens_per_s"] > 0 and closed["ttft_ms_p99"] >= closed["ttft_ms_p50"] > 0
+  assert closed["compiles_under_load"] == 0
+  poisson = _result(_bench("serve", *flags, "--rate=50", "--requests=10"))
+  assert poisson["load"] == "poisson 50.0/s" and poisson["requests"] == 10
+  assert poisson["compiles_under_load"] == 0

@@ -266,6 +266,7 @@ LAYERS = [
   "chat",
   "export",
   "evaluation",
+  "serve_bench",
   "inference",
   "scheduler",
   "engine",
