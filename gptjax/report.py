@@ -34,15 +34,15 @@ def collect(root: str) -> list[dict]:
   rows = []
   for name in names:
     metrics = os.path.join(root, name, "metrics.jsonl")
-    if not os.path.isfile(metrics):
-      continue
-    lines = _read_jsonl(metrics)
+    failure_path = os.path.join(root, name, sweep.FAILED)
+    if not os.path.isfile(metrics) and not os.path.isfile(failure_path):
+      continue  # not a variant, or one that never started
+    lines = _read_jsonl(metrics) if os.path.isfile(metrics) else []
     train = [(m["step"], m["loss"]) for m in lines if "loss" in m]
     val = [(m["step"], m["val_loss"]) for m in lines if "val_loss" in m]
     speeds = sorted(m["tokens_per_sec"] for m in lines if "tokens_per_sec" in m)
     summary_path = os.path.join(root, name, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-    failure_path = os.path.join(root, name, sweep.FAILED)
     failure = open(failure_path).read().strip() if os.path.exists(failure_path) else None
     rows.append(
       {
@@ -80,7 +80,8 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(base)"
     params = _fmt(r["params"] / 1e6, ".3f") + "M" if r["params"] else "-"
-    state = "" if r["finished"] else f" ({r['failed']})" if r["failed"] else " (unfinished)"
+    failed = (r["failed"] or "").replace("|", "\\|")  # a pipe would end the cell
+    state = "" if r["finished"] else f" ({failed})" if failed else " (unfinished)"
     steps = f"{r['steps']}{state}"
     wall = _fmt(r["wall_s"], ".0f") + " s" if r["wall_s"] is not None else "-"
     lines.append(

@@ -150,6 +150,7 @@ def run(
     except UserError as e:
       status[name] = f"failed: {e}"
       say(f"[{name}] error: {e}")
+      _record_failure(workdir, status[name])
       continue
     if finished(workdir, config.train.num_steps):
       status[name] = "skipped"
@@ -167,9 +168,15 @@ def run(
     else:
       status[name] = f"failed: {_cause(os.path.join(workdir, 'train.log'), rc)}"
       say(f"[{name}] {status[name]} (log: {workdir}/train.log)")
-      with open(failure, "w") as f:  # for gptjax.report
-        f.write(status[name] + "\n")
+      _record_failure(workdir, status[name])
   return status
+
+
+def _record_failure(workdir: str, why: str) -> None:
+  """DIR/<variant>/FAILED says why, for gptjax.report (until an attempt finishes)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, FAILED), "w") as f:
+    f.write(why + "\n")
 
 
 def _train(cmd: list[str], log_path: str, prefix: str, say) -> int:

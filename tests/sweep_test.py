@@ -28,7 +28,12 @@ def get_config():
   return c
 
 def get_sweep():
-  return {{"base": {{}}, "rms": {{"model.norm": "rmsnorm"}}, "typo": {{"model.nrom": "x"}}}}
+  return {{
+    "base": {{}},
+    "rms": {{"model.norm": "rmsnorm"}},
+    "typo": {{"model.nrom": "x"}},
+    "nodata": {{"data.path": "/nonexistent/corpus.txt"}},
+  }}
 """
 
 
@@ -137,7 +142,9 @@ def test_a_bad_override_fails_its_variant_only(swept):
   tmp_path, proc = swept
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert "[typo] error: variant 'typo': unknown config key 'model.nrom'" in proc.stdout
-  assert "2 of 3 variants done; failed: typo" in proc.stdout
+  assert "2 of 4 variants done; failed: typo, nodata" in proc.stdout
+  # A variant that fails in training: its error line on the console, not just an exit code.
+  assert "[nodata] failed: gptjax: error: " in proc.stdout and "/nonexistent" in proc.stdout
   # Progress inside each variant reaches the console (its whole log is in train.log).
   assert "[base] step 12/12 | loss " in proc.stdout and "[rms] eval step 12 | " in proc.stdout
   for name in ("base", "rms"):
@@ -161,7 +168,7 @@ def test_a_finished_variant_is_skipped(swept):
   assert (tmp_path / "runs" / "base" / "summary.json").stat().st_mtime_ns == before
   proc = _sweep(tmp_path, "--print_commands")
   lines = proc.stdout.splitlines()
-  assert len(lines) == 3 and all(l.startswith("python -m gptjax.main --config=") for l in lines)
+  assert len(lines) == 4 and all(l.startswith("python -m gptjax.main --config=") for l in lines)
   assert lines[1].endswith("--config.model.norm=rmsnorm")
 
 
@@ -171,14 +178,18 @@ def test_report_reads_every_variants_metrics(swept):
   root = tmp_path / "runs"
   text = report.report(str(root))
   rows = {r["variant"]: r for r in report.collect(str(root))}
-  assert set(rows) == {"base", "rms"}  # "typo" never trained
-  for name, row in rows.items():
+  assert set(rows) == {"base", "rms", "typo", "nodata"}
+  assert rows["typo"]["failed"].startswith("failed: variant 'typo': unknown config key")
+  assert rows["nodata"]["failed"].startswith("failed: gptjax: error: ")
+  assert "| 0 (failed: variant 'typo': unknown config key 'model.nrom') |" in text
+  for name in ("base", "rms"):
+    row = rows[name]
     metrics = [json.loads(l) for l in (root / name / "metrics.jsonl").read_text().splitlines()]
     vals = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert row["best_val_loss"] == min(vals) and row["final_val_loss"] == vals[-1]
     assert f"{min(vals):.4f}" in text and row["params"] > 0
   assert "model.norm=rmsnorm" in text
-  assert (root / "report.md").read_text().count("\n| ") == 3  # the header row + 2 variants
+  assert (root / "report.md").read_text().count("\n| ") == 5  # the header row + 4 variants
   assert (root / "val_loss.png").stat().st_size > 10_000
 
 
