@@ -120,8 +120,11 @@ class Engine:
     # One generate program per width: the rows up to the highest one in use (slots are
     # filled lowest first), so one request alone runs a batch-1 step, not a B-row one.
     self.widths = tuple(w for w in buckets(slots, 1) if w <= slots)
-    self.in_use: set[int] = set()
-    self._generate = jax.jit(self._generate_fn, static_argnums=(2,), donate_argnums=(1,))
+    # ... and per span: the cache slots attention reads, up to the longest row in use plus a
+    # chunk (a 1024-token context serving 128-token requests reads 128 slots, not 1024).
+    self.spans = tuple(b for b in self.buckets if b >= min(64, self.block))
+    self.filled: dict[int, int] = {}  # slot in use -> its tokens in the cache (prompt + made)
+    self._generate = jax.jit(self._generate_fn, static_argnums=(2, 3), donate_argnums=(1,))
     self._score = jax.jit(self._score_fn)
     self._free = jax.jit(lambda st, slot: st.replace(done_B=st.done_B.at[slot].set(True)))
     # committed to the device, as every later state is: else the first call compiles twice
@@ -140,7 +143,8 @@ class Engine:
       self.free(0)
       self.score([0] * length)
     for width in self.widths:
-      self.state, _ = self._generate(self.params, self.state, width)
+      for span in self.spans:
+        self.state, _ = self._generate(self.params, self.state, width, span)
 
   def bucket(self, length: int) -> int:
     if not 0 < length <= self.block:
@@ -165,22 +169,26 @@ class Engine:
       np.int32(logprobs),
     )
     self.state = self._insert(self.params, self.state, tokens, np.int32(slot), *row)
-    self.in_use.add(slot)
+    self.filled[slot] = length
 
   def free(self, slot: int) -> None:
     """Ends the row in `slot` (finished, or its client left): it generates no more."""
     self.state = self._free(self.state, np.int32(slot))
-    self.in_use.discard(slot)
+    self.filled.pop(slot, None)
 
   def generate(self) -> "Chunk":
     """Up to `chunk` tokens for every live row, as numpy (B rows; those past the width
     used are empty)."""
-    top = max(self.in_use, default=0) + 1
+    top = max(self.filled, default=0) + 1
     width = next(w for w in self.widths if w >= top)
-    self.state, out = self._generate(self.params, self.state, width)
+    longest = min(max(self.filled.values(), default=0) + self.chunk, self.block)
+    span = next(s for s in self.spans if s >= longest)
+    self.state, out = self._generate(self.params, self.state, width, span)
     b = self.slots
     pad = lambda x, fill: np.concatenate([x, np.full((b - width, *x.shape[1:]), fill, x.dtype)])
     tokens, logprobs, top_ids, top_lp = (np.asarray(x) for x in out)
+    for slot in self.filled:
+      self.filled[slot] += int(np.sum(tokens[slot] >= 0))
     return Chunk(
       pad(tokens, -1),
       pad(logprobs, 0),
@@ -277,12 +285,16 @@ class Engine:
       logprobs_B=at(st.logprobs_B, logprobs),
     )
 
-  def _generate_fn(self, params, whole: Slots, width: int):
-    """generate over rows [0, width) of the slots, written back whole (a copy of those rows'
-    cache per call of K tokens, none when width is every slot)."""
-    st = _rows(whole, lambda x, axis: jax.lax.slice_in_dim(x, 0, width, axis=axis))
-    st, out = self._generate_rows(params, st)
-    put = lambda part, axis, x: jax.lax.dynamic_update_slice_in_dim(x, part, 0, axis)
+  def _generate_fn(self, params, whole: Slots, width: int, span: int):
+    """generate over rows [0, width) and cache slots [0, span), written back whole (one copy
+    of that window per call of K tokens; none when it is the whole cache)."""
+
+    def window(x, axis):
+      x = jax.lax.slice_in_dim(x, 0, width, axis=axis)
+      return jax.lax.slice_in_dim(x, 0, span, axis=x.ndim - 2) if x.ndim - axis == 4 else x
+
+    st, out = self._generate_rows(params, _rows(whole, window))
+    put = lambda part, axis, x: jax.lax.dynamic_update_slice(x, part, (0,) * x.ndim)
     return _rows(whole, put, st), out
 
   def _generate_rows(self, params, st: Slots):

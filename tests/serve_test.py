@@ -15,7 +15,7 @@ import openai
 import pytest
 from conftest import ONE_DEVICE, REPO
 
-from gptjax import decode, inference
+from gptjax import decode, engine, inference, scheduler
 
 pytestmark = pytest.mark.slow  # a server process per module (and one more for SIGTERM)
 
@@ -187,15 +187,39 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(server
   with concurrent.futures.ThreadPoolExecutor(24) as pool:
     codes = [f.status_code for f in pool.map(lambda _: _complete(server, **body), range(24))]
   assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
-  before = httpx.get(f"{server}/health").json()["abort"]
   streamed = {**body, "stream": True}
   with httpx.stream("POST", f"{server}/v1/completions", json=streamed, timeout=60) as r:
     next(r.iter_lines())  # the first chunk, then the client hangs up
   deadline = time.time() + 30
-  while httpx.get(f"{server}/health").json()["abort"] == before:
+  while httpx.get(f"{server}/health").json()["running"]:  # aborted, or (tiny model) done
     assert time.time() < deadline, "the slot of the client that left was not freed"
     time.sleep(0.05)
   assert _complete(server, prompt="O", max_tokens=3).status_code == 200
+
+
+def test_a_cancelled_request_frees_its_slot_at_the_next_chunk(trained_tiny):
+  """What a departed client sets: the engine thread stops its row after the chunk under
+  way (deterministic here, where over HTTP a tiny model may finish first)."""
+  loaded = inference.load(str(trained_tiny))
+  eng = engine.Engine(loaded.model, loaded.params, slots=2, chunk=2)
+  eng.warm_up()
+  sched = scheduler.Scheduler(eng, loaded.tokenizer)
+  done, pieces = [], []
+  request = scheduler.Request(
+    loaded.tokenizer.encode("O").tolist(),
+    30,
+    temperature=0.0,
+    on_text=lambda piece, *_: (pieces.append(piece), request.cancelled.set()),
+    on_done=done.append,
+  )
+  sched.start()
+  sched.submit(request)
+  deadline = time.time() + 30
+  while not done:
+    assert time.time() < deadline
+    time.sleep(0.01)
+  assert done == ["abort"] and len(request.tokens) <= 4 and not eng.filled
+  sched.shutdown(timeout=1)
 
 
 def test_sigterm_finishes_what_runs_and_exits_0(trained_tiny):
