@@ -126,7 +126,8 @@ class Engine:
     self.filled: dict[int, int] = {}  # slot in use -> its tokens in the cache (prompt + made)
     self._generate = jax.jit(self._generate_fn, static_argnums=(2, 3), donate_argnums=(1,))
     self._score = jax.jit(self._score_fn)
-    self._free = jax.jit(lambda st, slot: st.replace(done_B=st.done_B.at[slot].set(True)))
+    free = lambda st, slot: st.replace(done_B=st.done_B.at[slot].set(True))
+    self._free = jax.jit(free, donate_argnums=(0,))  # else each call copies every cache
     # committed to the device, as every later state is: else the first call compiles twice
     self.state = jax.device_put(jax.jit(self._empty)(), jax.local_devices()[0])
 
