@@ -37,7 +37,7 @@ class Slots:
   temperature_B: jax.Array
   top_k_B: jax.Array  # int32, 0: off
   top_p_B: jax.Array  # 1: off
-  logprobs_B: jax.Array  # int32: alternatives to report per token (0..TOP)
+  logprobs_B: jax.Array  # int32: -1 none, else the token's and this many alternatives (<= TOP)
 
 
 TOP = 5  # the most alternatives a token's logprobs report (OpenAI's limit for completions)
@@ -100,6 +100,27 @@ def _rows(st: Slots, fn, other: Slots | None = None) -> Slots:
   return jax.tree_util.tree_map_with_path(lambda p, x, o: fn(o, axis(p, x), x), st, other)
 
 
+def _logprobs(logits_BxV, token_B, live_B, want_B):
+  """The model's log-probabilities (not the sampler's) of the chosen tokens, and the TOP
+  likeliest alternatives; each pass over the vocabulary only when a live row asked."""
+  b = token_B.shape[0]
+  logprobs_BxV = lambda: jax.nn.log_softmax(logits_BxV, axis=-1)
+
+  def chosen():
+    return jnp.take_along_axis(logprobs_BxV(), token_B[:, None], axis=-1)[:, 0]
+
+  def top():
+    return tuple(jax.lax.top_k(logprobs_BxV(), TOP))
+
+  chosen_B = jax.lax.cond(jnp.any(live_B & (want_B >= 0)), chosen, lambda: jnp.zeros((b,)))
+  top_lp, top_ids = jax.lax.cond(
+    jnp.any(live_B & (want_B > 0)),
+    top,
+    lambda: (jnp.zeros((b, TOP), jnp.float32), jnp.zeros((b, TOP), jnp.int32)),
+  )
+  return chosen_B, top_lp, top_ids
+
+
 def _write_slots(cache, b: int):
   """Each row's next write slot (B,): every layer's index moves together."""
   index = next(
@@ -153,7 +174,7 @@ class Engine:
     return next(b for b in self.buckets if b >= length)
 
   def insert(
-    self, slot: int, prompt, max_new: int, temperature, top_k, top_p, seed, logprobs=0
+    self, slot: int, prompt, max_new: int, temperature, top_k, top_p, seed, logprobs=-1
   ) -> None:
     """Prefills `prompt` into `slot` with a budget of max_new tokens (the context's end caps
     it: the caller checks prompt + max_new fits); logprobs: alternatives to report."""
@@ -307,14 +328,7 @@ class Engine:
         st.logits_BxV, st.made_B, st.seed_B, st.temperature_B, st.top_k_B, st.top_p_B
       )
       live_B = ~st.done_B
-      logprobs_BxV = jax.nn.log_softmax(st.logits_BxV, axis=-1)  # the model's, not the sampler's
-      chosen_B = jnp.take_along_axis(logprobs_BxV, token_B[:, None], axis=-1)[:, 0]
-      # top-k over the vocabulary only when some row asked for alternatives
-      top_lp, top_ids = jax.lax.cond(
-        jnp.any(live_B & (st.logprobs_B > 0)),
-        lambda: tuple(jax.lax.top_k(logprobs_BxV, TOP)),
-        lambda: (jnp.zeros((b, TOP), jnp.float32), jnp.zeros((b, TOP), jnp.int32)),
-      )
+      chosen_B, top_lp, top_ids = _logprobs(st.logits_BxV, token_B, live_B, st.logprobs_B)
       out = (
         out[0].at[:, t].set(jnp.where(live_B, token_B, -1)),
         out[1].at[:, t].set(chosen_B),

@@ -31,7 +31,7 @@ class Request:
   top_p: float = 1.0
   seed: int = 0
   stop: tuple[str, ...] = ()
-  logprobs: int = 0  # alternatives per token (0: the chosen token's logprob only)
+  logprobs: int = -1  # -1: none; else the token's logprob and this many alternatives
   # on_text(piece, tokens, logprobs, tops) as text becomes final; on_done(reason) once
   on_text: Callable = lambda piece, tokens, logprobs, tops: None
   on_done: Callable = lambda reason: None
@@ -145,7 +145,7 @@ class Scheduler:
       new, n = new[:-1], n - 1  # the end-of-text token itself is not part of the text
     request.tokens += new
     request.logprobs_seen += chunk.logprobs[slot, :n].tolist()
-    if request.logprobs:
+    if request.logprobs > 0:
       k = request.logprobs
       request.tops += [
         dict(zip(chunk.top_ids[slot, i, :k].tolist(), chunk.top_logprobs[slot, i, :k].tolist()))
@@ -173,7 +173,7 @@ class Scheduler:
   def _emit(self, request: Request, piece: str) -> None:
     """Passes piece with the tokens (and their logprobs) made since the last call."""
     start, request.sent_tokens = request.sent_tokens, len(request.tokens)
-    tops = request.tops[start:] if request.logprobs else []
+    tops = request.tops[start:] if request.logprobs > 0 else []
     request.on_text(piece, request.tokens[start:], request.logprobs_seen[start:], tops)
 
 

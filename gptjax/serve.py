@@ -170,7 +170,7 @@ class Server:
         body.top_p,
         (body.seed if body.seed is not None else uuid.uuid4().int % 2**31) + i,
         tuple(_stops(body.stop)),
-        logprobs or 0,
+        -1 if logprobs is None else logprobs,
         on_text=lambda piece, tokens, lps, tops, put=put: put(("text", piece, tokens, lps, tops)),
         on_done=lambda reason, put=put: put(("done", reason)),
       )
