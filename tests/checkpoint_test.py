@@ -351,29 +351,34 @@ def test_a_run_too_long_for_the_cpu_says_so_and_ctrl_c_stops_it_within_seconds(t
     *("--config.model.d_model=128", "--config.model.n_head=4", "--config.train.batch_size=32"),
     env=ONE_DEVICE,
   )
-  try:
-    deadline, seen = time.time() + 180, []
-    while not any(l.startswith("warning: at this speed") for l in seen):
-      assert proc.poll() is None and time.time() < deadline, "".join(seen)[-2000:]
-      seen.append(proc.stdout.readline())
-    assert "experiments/shakespeare_char.py:cpu" in seen[-1]
-    sent = time.time()
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    waited = time.time() - sent
-  finally:
-    proc.kill()
+  seen = _read_until(proc, "warning: at this speed")
+  assert "experiments/shakespeare_char.py:cpu" in seen[-1]
+  out, err, waited = _interrupt(proc)
   assert proc.returncode == 0, err[-2000:]
   assert "SIGINT received: saved checkpoint" in out
   assert waited < 15, f"Ctrl-C took {waited:.1f}s"  # a checkpoint save included
 
 
 def _read_until(proc, pattern: str, timeout=180) -> list[str]:
+  """proc's stdout lines up to the first matching pattern (the process killed on failure)."""
   deadline, seen = time.time() + timeout, []
   while not any(re.match(pattern, l) for l in seen):
-    assert proc.poll() is None and time.time() < deadline, "".join(seen)[-2000:]
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      pytest.fail("".join(seen)[-2000:] + proc.communicate()[1][-2000:])
     seen.append(proc.stdout.readline())
   return seen
+
+
+def _interrupt(proc) -> tuple[str, str, float]:
+  """Ctrl-C now -> (the rest of stdout, stderr, seconds until the process ended)."""
+  sent = time.time()
+  proc.send_signal(signal.SIGINT)
+  try:
+    out, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  return out, err, time.time() - sent
 
 
 @pytest.mark.slow
@@ -389,14 +394,8 @@ def test_ctrl_c_during_a_long_step_waits_for_that_step_alone(tmp_path):
     *("--config.train.batch_size=64", "--config.model.block_size=128"),
     env=ONE_DEVICE,
   )
-  try:
-    _read_until(proc, r"step +2/")
-    sent = time.time()
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    waited = time.time() - sent
-  finally:
-    proc.kill()
+  _read_until(proc, r"step +2/")
+  out, err, waited = _interrupt(proc)
   assert proc.returncode == 0, err[-2000:]
   assert "SIGINT received: saved checkpoint 3 " in out, out[-2000:]
   lines = (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()
@@ -416,15 +415,9 @@ def test_ctrl_c_during_the_compile_stops_at_once(tmp_path):
     "--config.compilation_cache_dir=",  # a cached compile would be over before the signal
     env=ONE_DEVICE,
   )
-  try:
-    _read_until(proc, "compiling the train and eval steps")
-    time.sleep(1)
-    sent = time.time()
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
-    waited = time.time() - sent
-  finally:
-    proc.kill()
+  _read_until(proc, "compiling the train and eval steps")
+  time.sleep(1)
+  _, _, waited = _interrupt(proc)
   assert proc.returncode == -signal.SIGINT and waited < 5, (proc.returncode, waited)
   assert not (tmp_path / "w" / "checkpoints").exists()
   again = run_cli(TINY, f"--workdir={tmp_path}/w", "--config.train.num_steps=2", env=ONE_DEVICE)
