@@ -367,5 +367,13 @@ def main(argv) -> None:
   print(f"stopped; requests finished by reason: {counts}", flush=True)
 
 
+def _check_flags() -> None:
+  for flag in (_SLOTS, _CHUNK, _MAX_QUEUE):
+    if flag.value < 1:
+      raise UserError(f"--{flag.name}={flag.value} must be at least 1")
+  if not 0 < _PORT.value < 65536:
+    raise UserError(f"--port={_PORT.value} is not a port; use 1..65535 (default 8000)")
+
+
 if __name__ == "__main__":
-  cli.run(main, "gptjax.serve")
+  cli.run(main, "gptjax.serve", _check_flags)

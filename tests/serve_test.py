@@ -251,3 +251,20 @@ def test_sigterm_finishes_what_runs_and_exits_0(trained_tiny):
   assert rest[-1] == "data: [DONE]"
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == 0, err[-2000:]
+
+
+def test_bad_server_flags_are_one_line_errors():
+  for flag, fragment in (
+    ("--slots=0", "--slots=0 must be at least 1"),
+    ("--chunk=-1", "--chunk=-1 must be at least 1"),
+    ("--port=70000", "--port=70000 is not a port"),
+  ):
+    proc = subprocess.run(
+      [sys.executable, "-m", "gptjax.serve", "--workdir=runs/x", flag],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr[-1000:]
+    assert proc.stderr.startswith("gptjax.serve: error: ") and fragment in proc.stderr
