@@ -202,20 +202,40 @@ class CausalSelfAttention(nn.Module):
 
 def _row_cached(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, key, value, index, cache_axes):
   """One new token per row, row b's at its own slot index[b], attending to its slots
-  0..index[b]: rows of a continuous batch start and end at different times."""
+  0..index[b]: rows of a continuous batch start and end at different times.
+
+  The cache may be a tuple of segments along S (the engine's: a call reads only the first
+  few, so a short batch never copies or reads the long tail). Each segment's scores are
+  computed in place and only the small (B, N, 1, S) logits are joined for the softmax."""
   b, t, n, h = q_BxTxNxH.shape
   assert t == 1, "a per-row cache index takes one token per row and call"
+  split = isinstance(key.value, tuple)
+  keys, values = (key.value, value.value) if split else ((key.value,), (value.value,))
   i_B, rows_B = index.value, jnp.arange(b)
-  for var, new_BxTxNxH in ((key, k_BxTxNxH), (value, v_BxTxNxH)):
-    # a scatter of B slots (in place when the cache is donated), not a rewrite of the cache
-    var.value = nn.with_logical_constraint(
-      var.value.at[rows_B, :, i_B, :].set(new_BxTxNxH[:, 0]), cache_axes
-    )
+  sizes = [k.shape[2] for k in keys]
+  starts = [sum(sizes[:j]) for j in range(len(sizes))]
+
+  def write(seg_BxNxSxH, new_BxNxH, start, size):
+    # a scatter of B slots (in place when the cache is donated); rows writing elsewhere
+    # point past the segment's end and are dropped
+    local_B = i_B - start
+    local_B = jnp.where((local_B >= 0) & (local_B < size), local_B, size)
+    seg = seg_BxNxSxH.at[rows_B, :, local_B, :].set(new_BxNxH, mode="drop")
+    return nn.with_logical_constraint(seg, cache_axes)
+
+  keys = tuple(write(x, k_BxTxNxH[:, 0], s, z) for x, s, z in zip(keys, starts, sizes))
+  values = tuple(write(x, v_BxTxNxH[:, 0], s, z) for x, s, z in zip(values, starts, sizes))
+  key.value, value.value = (keys, values) if split else (keys[0], values[0])
   index.value = i_B + 1
-  mask_Bx1x1xS = jnp.arange(key.value.shape[2])[None, None, None, :] <= i_B[:, None, None, None]
-  logits_BxNx1xS = jnp.einsum(
-    "btnh,bnsh->bnts", q_BxTxNxH * h**-0.5, key.value, preferred_element_type=jnp.float32
+  q_BxTxNxH = q_BxTxNxH * h**-0.5
+  logits_BxNx1xS = jnp.concatenate(
+    [jnp.einsum("btnh,bnsh->bnts", q_BxTxNxH, k, preferred_element_type=jnp.float32) for k in keys],
+    axis=-1,
   )
+  mask_Bx1x1xS = jnp.arange(sum(sizes))[None, None, None, :] <= i_B[:, None, None, None]
   logits_BxNx1xS = jnp.where(mask_Bx1x1xS, logits_BxNx1xS, jnp.finfo(jnp.float32).min)
-  probs_BxNx1xS = jax.nn.softmax(logits_BxNx1xS, axis=-1).astype(value.value.dtype)
-  return jnp.einsum("bnts,bnsh->btnh", probs_BxNx1xS, value.value)
+  probs_BxNx1xS = jax.nn.softmax(logits_BxNx1xS, axis=-1).astype(values[0].dtype)
+  return sum(
+    jnp.einsum("bnts,bnsh->btnh", probs_BxNx1xS[..., s : s + z], v)
+    for s, z, v in zip(starts, sizes, values)
+  )

@@ -2,7 +2,10 @@
 
 A request is prefilled alone, its prompt right-padded to a bucket length (so the number of
 compiled prefills is fixed: one per bucket), and inserted into a free slot of the running
-batch; `generate` then advances every slot K tokens in one jitted `lax.while_loop`. Between
+batch; `generate` then advances every slot K tokens in one jitted `lax.while_loop`. The KV
+cache is held in segments along its length (64, 64, 128, 256, ... slots): a call passes only
+the segments its longest row reaches, so short requests in a long context neither read nor
+copy the rest (a copied window of GPT-2 small's 32-row cache cost 11 ms a token on a CPU). Between
 two generate calls finished rows leave and waiting requests enter (JetStream's prefill ->
 insert -> generate), so no row waits for the longest one. Sampling settings are per-row
 values (temperature, top-k, top-p, seed), never compile-time constants, and a row's random
@@ -23,11 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.errors import UserError
+from gptjax.row_sampling import TOP, logprobs_rows, sample_rows
 
 
 @flax.struct.dataclass
 class Slots:
-  cache: Any  # the model's cache collection, B rows of S slots, cache_index (B,) per layer
+  cache: Any  # the model's cache collection: cached_key/value as a tuple of segments of
+  # ([L,] B, N, S_i, H), the S_i summing to the context; cache_index ([L,] B): one per row
   logits_BxV: jax.Array  # each row's next-token logits
   done_B: jax.Array  # bool: free, or finished (the host then frees it)
   stopped_B: jax.Array  # bool: finished on a stop token (else on its budget)
@@ -40,9 +45,6 @@ class Slots:
   logprobs_B: jax.Array  # int32: -1 none, else the token's and this many alternatives (<= TOP)
 
 
-TOP = 5  # the most alternatives a token's logprobs report (OpenAI's limit for completions)
-
-
 def buckets(block_size: int, smallest: int = 16) -> tuple[int, ...]:
   """Prefill lengths: powers of two from `smallest`, and the block size itself."""
   out, n = [], smallest
@@ -52,45 +54,34 @@ def buckets(block_size: int, smallest: int = 16) -> tuple[int, ...]:
   return (*out, block_size)
 
 
-def sample_rows(logits_BxV, made_B, seed_B, temperature_B, top_k_B, top_p_B):
-  """decode.sample with per-row settings: greedy where temperature is 0, else temperature,
-  top-k then top-p, as decode.sample orders them. Row b's key is fold_in(seed_b, made_b)."""
-  logits_BxV = logits_BxV.astype(jnp.float32)
-  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  neg = jnp.finfo(jnp.float32).min
-  v = logits_BxV.shape[-1]
-
-  def sampled():
-    scaled_BxV = logits_BxV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
-    sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)
-    k_B = jnp.where((top_k_B > 0) & (top_k_B < v), top_k_B, v)
-    kth_Bx1 = jnp.take_along_axis(sorted_BxV, (k_B - 1)[:, None], axis=-1)
-    scaled_BxV = jnp.where(scaled_BxV < kth_Bx1, neg, scaled_BxV)
-    sorted_BxV = jnp.where(sorted_BxV < kth_Bx1, neg, sorted_BxV)
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    keep_BxV = mass_before_BxV < top_p_B[:, None]
-    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-    cutoff_Bx1 = jnp.where(top_p_B[:, None] < 1, cutoff_Bx1, neg)
-    scaled_BxV = jnp.where(scaled_BxV < cutoff_Bx1, neg, scaled_BxV)
-    keys = jax.vmap(lambda s, m: jax.random.fold_in(jax.random.PRNGKey(s), m))(seed_B, made_B)
-    return jax.vmap(jax.random.categorical)(keys, scaled_BxV).astype(jnp.int32)
-
-  # The sort costs a full pass over the vocabulary: only when some row samples.
-  drawn_B = jax.lax.cond(jnp.any(temperature_B > 0), sampled, lambda: greedy_B)
-  return jnp.where(temperature_B > 0, drawn_B, greedy_B)
+def _name(path) -> str:
+  """The innermost field or dict key on a pytree path (past a segment's tuple index)."""
+  for k in reversed(path):
+    name = getattr(k, "name", getattr(k, "key", None))
+    if isinstance(name, str):
+      return name
+  return ""
 
 
 def _leaves(tree, fn):
   """Maps fn(name, leaf) over the cache's leaves (names: cached_key, cached_value, cache_index)."""
-  return jax.tree_util.tree_map_with_path(lambda p, x: fn(p[-1].key, x), tree)
+  return jax.tree_util.tree_map_with_path(lambda p, x: fn(_name(p), x), tree)
+
+
+def _is_segments(x) -> bool:
+  return isinstance(x, tuple)
+
+
+def _with_segments(cache, fn):
+  """Maps fn over each cached_key/value's tuple of segments; cache_index stays as it is."""
+  return jax.tree.map(lambda x: fn(x) if _is_segments(x) else x, cache, is_leaf=_is_segments)
 
 
 def _rows(st: Slots, fn, other: Slots | None = None) -> Slots:
   """Maps fn(x, batch axis) (or fn(other's x, axis, x)) over every per-row array of st."""
 
   def axis(path, x):
-    name = getattr(path[-1], "key", getattr(path[-1], "name", None))
+    name = _name(path)
     if name == "cache_index":
       return x.ndim - 1  # ([L,] B)
     return x.ndim - 4 if name in ("cached_key", "cached_value") else 0  # ([L,] B, N, S, H)
@@ -100,31 +91,10 @@ def _rows(st: Slots, fn, other: Slots | None = None) -> Slots:
   return jax.tree_util.tree_map_with_path(lambda p, x, o: fn(o, axis(p, x), x), st, other)
 
 
-def _logprobs(logits_BxV, token_B, live_B, want_B):
-  """The model's log-probabilities (not the sampler's) of the chosen tokens, and the TOP
-  likeliest alternatives; each pass over the vocabulary only when a live row asked."""
-  b = token_B.shape[0]
-  logprobs_BxV = lambda: jax.nn.log_softmax(logits_BxV, axis=-1)
-
-  def chosen():
-    return jnp.take_along_axis(logprobs_BxV(), token_B[:, None], axis=-1)[:, 0]
-
-  def top():
-    return tuple(jax.lax.top_k(logprobs_BxV(), TOP))
-
-  chosen_B = jax.lax.cond(jnp.any(live_B & (want_B >= 0)), chosen, lambda: jnp.zeros((b,)))
-  top_lp, top_ids = jax.lax.cond(
-    jnp.any(live_B & (want_B > 0)),
-    top,
-    lambda: (jnp.zeros((b, TOP), jnp.float32), jnp.zeros((b, TOP), jnp.int32)),
-  )
-  return chosen_B, top_lp, top_ids
-
-
 def _write_slots(cache, b: int):
   """Each row's next write slot (B,): every layer's index moves together."""
   index = next(
-    x for p, x in jax.tree_util.tree_leaves_with_path(cache) if p[-1].key == "cache_index"
+    x for p, x in jax.tree_util.tree_leaves_with_path(cache) if _name(p) == "cache_index"
   )
   return jnp.reshape(index, (-1, b))[0]
 
@@ -132,7 +102,9 @@ def _write_slots(cache, b: int):
 class Engine:
   """B slots of one model; prefill/insert one request at a time, generate K tokens for all."""
 
-  def __init__(self, model, params, slots: int, stop_tokens=(), chunk: int = 8):
+  def __init__(
+    self, model, params, slots: int, stop_tokens=(), chunk: int = 8, smallest_span: int = 64
+  ):
     self.model, self.params, self.slots, self.chunk = model, params, slots, chunk
     self.block = model.cfg.block_size
     self.buckets = buckets(self.block)
@@ -142,10 +114,12 @@ class Engine:
     # filled lowest first), so one request alone runs a batch-1 step, not a B-row one.
     self.widths = tuple(w for w in buckets(slots, 1) if w <= slots)
     # ... and per span: the cache slots attention reads, up to the longest row in use plus a
-    # chunk (a 1024-token context serving 128-token requests reads 128 slots, not 1024).
-    self.spans = tuple(b for b in self.buckets if b >= min(64, self.block))
+    # chunk (a 1024-token context serving 128-token requests reads 128 slots, not 1024);
+    # the cache's segments end at the spans.
+    self.spans = buckets(self.block, min(smallest_span, self.block))
+    self.segments = tuple(b - a for a, b in zip((0, *self.spans), self.spans))
     self.filled: dict[int, int] = {}  # slot in use -> its tokens in the cache (prompt + made)
-    self._generate = jax.jit(self._generate_fn, static_argnums=(2, 3), donate_argnums=(1,))
+    self._generate = jax.jit(self._generate_fn, static_argnums=(2,), donate_argnums=(1,))
     self._score = jax.jit(self._score_fn)
     free = lambda st, slot: st.replace(done_B=st.done_B.at[slot].set(True))
     self._free = jax.jit(free, donate_argnums=(0,))  # else each call copies every cache
@@ -157,6 +131,11 @@ class Engine:
     jitted = (self._insert, self._generate, self._free, self._score)
     return sum(f._cache_size() for f in jitted)
 
+  def programs(self) -> int:
+    """The programs warm_up compiles: prefill and scoring per bucket, generate per width and
+    span, and free."""
+    return 2 * len(self.buckets) + len(self.widths) * len(self.spans) + 1
+
   def warm_up(self) -> None:
     """Compiles every bucket's prefill and scoring and every width's generate (through slot
     0, then freed)."""
@@ -166,7 +145,7 @@ class Engine:
       self.score([0] * length)
     for width in self.widths:
       for span in self.spans:
-        self.state, _ = self._generate(self.params, self.state, width, span)
+        self._run_generate(width, span)
 
   def bucket(self, length: int) -> int:
     if not 0 < length <= self.block:
@@ -205,7 +184,7 @@ class Engine:
     width = next(w for w in self.widths if w >= top)
     longest = min(max(self.filled.values(), default=0) + self.chunk, self.block)
     span = next(s for s in self.spans if s >= longest)
-    self.state, out = self._generate(self.params, self.state, width, span)
+    out = self._run_generate(width, span)
     b = self.slots
     pad = lambda x, fill: np.concatenate([x, np.full((b - width, *x.shape[1:]), fill, x.dtype)])
     tokens, logprobs, top_ids, top_lp = (np.asarray(x) for x in out)
@@ -229,6 +208,17 @@ class Engine:
     chosen, top_ids, top_lp = (np.asarray(x)[: len(prompt)] for x in out)
     return chosen, top_ids, top_lp
 
+  def _run_generate(self, width: int, span: int):
+    """generate over the cache's segments up to span; the others stay where they are."""
+    m = self.spans.index(span) + 1
+    whole = self.state
+    part = whole.replace(cache=_with_segments(whole.cache, lambda x: x[:m]))
+    part, out = self._generate(self.params, part, width)  # part's buffers are donated
+    join = lambda new, old: new + old[m:] if _is_segments(new) else new
+    cache = jax.tree.map(join, part.cache, whole.cache, is_leaf=_is_segments)
+    self.state = part.replace(cache=cache)
+    return out
+
   # --- jitted ---------------------------------------------------------------------------
 
   def _cache_shapes(self, batch: int, length: int):
@@ -244,7 +234,7 @@ class Engine:
     def zeros(name, x):
       if name == "cache_index":  # ([L,]) -> ([L,] B): every row its own write slot
         return jnp.zeros((*x.shape, b), jnp.int32)
-      return jnp.zeros(x.shape, x.dtype)
+      return tuple(jnp.zeros((*x.shape[:-2], n, x.shape[-1]), x.dtype) for n in self.segments)
 
     v = self.model.cfg.padded_vocab
     return Slots(
@@ -282,15 +272,22 @@ class Engine:
       mutable=["cache"],
     )  # right padding: causal attention keeps the pads out of the real tokens' results
 
-    def put(name, big, new):
-      if name == "cache_index":
+    def put(path, big, new):
+      if _name(path) == "cache_index":
         return big.at[..., slot].set(length)
-      at = (0,) * (big.ndim - 4) + (slot, 0, 0, 0)  # ([L,] B, N, S, H)
-      return jax.lax.dynamic_update_slice(big, new.astype(big.dtype), at)
+      segments, start = [], 0
+      for seg in big:  # the segments the prompt's bucket reaches get their part of it
+        part = jax.lax.slice_in_dim(
+          new, min(start, p_len), min(start + seg.shape[-2], p_len), axis=new.ndim - 2
+        )
+        at = (0,) * (seg.ndim - 4) + (slot, 0, 0, 0)  # ([L,] B, N, S_i, H)
+        if part.shape[-2]:
+          seg = jax.lax.dynamic_update_slice(seg, part.astype(seg.dtype), at)
+        segments.append(seg)
+        start += seg.shape[-2]
+      return tuple(segments)
 
-    cache = jax.tree_util.tree_map_with_path(
-      lambda path, big, new: put(path[-1].key, big, new), st.cache, mutated["cache"]
-    )
+    cache = jax.tree_util.tree_map_with_path(put, st.cache, mutated["cache"], is_leaf=_is_segments)
     logits_V = jax.lax.dynamic_index_in_dim(logits_1xPxV[0], length - 1, keepdims=False)
     at = lambda x, value: x.at[slot].set(value)
     return st.replace(
@@ -307,13 +304,10 @@ class Engine:
       logprobs_B=at(st.logprobs_B, logprobs),
     )
 
-  def _generate_fn(self, params, whole: Slots, width: int, span: int):
-    """generate over rows [0, width) and cache slots [0, span), written back whole (one copy
-    of that window per call of K tokens; none when it is the whole cache)."""
-
-    def window(x, axis):
-      x = jax.lax.slice_in_dim(x, 0, width, axis=axis)
-      return jax.lax.slice_in_dim(x, 0, span, axis=x.ndim - 2) if x.ndim - axis == 4 else x
+  def _generate_fn(self, params, whole: Slots, width: int):
+    """generate over rows [0, width) of the segments given, written back whole (a copy of
+    those rows per call of K tokens; none when width is every row)."""
+    window = lambda x, axis: jax.lax.slice_in_dim(x, 0, width, axis=axis)
 
     st, out = self._generate_rows(params, _rows(whole, window))
     put = lambda part, axis, x: jax.lax.dynamic_update_slice(x, part, (0,) * x.ndim)
@@ -328,7 +322,7 @@ class Engine:
         st.logits_BxV, st.made_B, st.seed_B, st.temperature_B, st.top_k_B, st.top_p_B
       )
       live_B = ~st.done_B
-      chosen_B, top_lp, top_ids = _logprobs(st.logits_BxV, token_B, live_B, st.logprobs_B)
+      chosen_B, top_lp, top_ids = logprobs_rows(st.logits_BxV, token_B, live_B, st.logprobs_B)
       out = (
         out[0].at[:, t].set(jnp.where(live_B, token_B, -1)),
         out[1].at[:, t].set(chosen_B),

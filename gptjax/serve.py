@@ -18,6 +18,7 @@ runs and exits 0.
 import asyncio
 import json
 import signal
+import sys
 import time
 import uuid
 
@@ -28,7 +29,7 @@ from absl import flags
 from fastapi import responses
 from ml_collections import config_flags
 
-from gptjax import chat_template, cli, inference, scheduler, serve_bench
+from gptjax import chat_template, cli, inference, row_sampling, runtime, scheduler, serve_bench
 from gptjax import engine as engine_lib
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
@@ -67,7 +68,7 @@ class Sampling(pydantic.BaseModel):
 
 class CompletionRequest(Sampling):
   prompt: str | list[str] | list[int]
-  logprobs: int | None = pydantic.Field(None, ge=0, le=engine_lib.TOP)
+  logprobs: int | None = pydantic.Field(None, ge=0, le=row_sampling.TOP)
   echo: bool = False
 
 
@@ -87,6 +88,9 @@ class Server:
     self.template = chat_template.load(loaded.config.data.chat_template)
     stop = [self.tok.eot_id] if self.tok.eot_id >= 0 else []
     eng = engine_lib.Engine(loaded.model, loaded.params, slots, stop_tokens=stop, chunk=chunk)
+    # Dozens of programs: minutes for GPT-2 on a CPU the first time, seconds from the cache.
+    runtime.use_compilation_cache(loaded.config.get("compilation_cache_dir"))
+    print(f"compiling the engine's {eng.programs()} programs", file=sys.stderr, flush=True)
     eng.warm_up()
     self.engine, self.sched = eng, scheduler.Scheduler(eng, self.tok, queue)
     self.sched.start()

@@ -1,9 +1,12 @@
 """The serving engine: continuous batching gives the offline decoder's greedy tokens, a
 sampled row does not depend on its batch, and nothing compiles after warm-up."""
 
+import jax
+import numpy as np
 import pytest
+from conftest import tiny_config
 
-from gptjax import decode, engine, inference
+from gptjax import decode, engine, inference, serve_bench
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +35,12 @@ def test_buckets():
 
 def test_staggered_greedy_rows_equal_the_offline_decoder(loaded):
   tok, model = loaded.tokenizer, loaded.model
-  eng = engine.Engine(model, loaded.params, slots=4, stop_tokens=[tok.eot_id], chunk=3)
+  eng = engine.Engine(
+    model, loaded.params, slots=4, stop_tokens=[tok.eot_id], chunk=3, smallest_span=8
+  )
   eng.warm_up()
   compiled = eng.compiles()
+  assert compiled == eng.programs()  # what the server announces before warming up
   texts = ["ROMEO:", "First Citizen:\nBefore", "O", "JULIET: What", "KING", "Ay"]
   budgets = [10, 9, 5, 12, 20, 7]
   prompts = [tok.encode(t).tolist() for t in texts]
@@ -60,7 +66,9 @@ def test_staggered_greedy_rows_equal_the_offline_decoder(loaded):
 
 def test_a_sampled_row_does_not_depend_on_its_batch(loaded):
   tok = loaded.tokenizer
-  eng = engine.Engine(loaded.model, loaded.params, slots=4, stop_tokens=[], chunk=4)
+  eng = engine.Engine(
+    loaded.model, loaded.params, slots=4, stop_tokens=[], chunk=4, smallest_span=8
+  )
   p = lambda text: tok.encode(text).tolist()
   mixed = _serve(
     eng,
@@ -79,3 +87,29 @@ def test_a_sampled_row_does_not_depend_on_its_batch(loaded):
   assert len(mixed[2]) == 16 and len(set(map(tuple, mixed.values()))) == 4
   other_seed = _serve(eng, {0: [(0, p("ROMEO:"), 20, 0.8, 10, 0.9, 8)]}, rounds=8)
   assert other_seed[0] != mixed[0]
+
+
+def test_each_rows_logits_equal_a_full_forward_pass():
+  """Rows entering at different times, sampled so their tokens differ, in a 48-token context
+  held in segments of 8, 8, 16 and 16 slots: after every chunk each row's next-token logits
+  are those of the whole model run on its tokens so far (a slot misplaced in the cache, or a
+  segment left out of attention, moves them by far more than the tolerance)."""
+  config = tiny_config(model__block_size=48, model__vocab_size=40, model__init_std=0.3)
+  loaded = serve_bench.random_weights(config)
+  eng = engine.Engine(loaded.model, loaded.params, slots=3, chunk=5, smallest_span=8)
+  assert eng.segments == (8, 8, 16, 16)
+  forward = jax.jit(lambda tokens: loaded.model.apply({"params": loaded.params}, tokens))
+  rng = np.random.default_rng(0)
+  arrivals = {0: [(0, 3, 40)], 1: [(1, 12, 30)], 3: [(2, 17, 25)]}  # slot, prompt, budget
+  rows = {}
+  for r in range(9):
+    for slot, length, budget in arrivals.get(r, ()):
+      rows[slot] = rng.integers(0, 40, length).tolist()
+      eng.insert(slot, rows[slot], budget, 1.0, 0, 1.0, seed=slot)
+    tokens = eng.generate().tokens
+    logits = np.asarray(eng.state.logits_BxV)
+    for slot in rows:
+      rows[slot] += [int(t) for t in tokens[slot] if t >= 0]
+      want = np.asarray(forward(np.array([rows[slot]], np.int32)))[0, -1]
+      np.testing.assert_allclose(logits[slot, :40], want[:40], atol=2e-4, rtol=2e-4)
+  assert sorted(len(t) for t in rows.values()) == [42, 42, 43]  # past every segment boundary

@@ -270,6 +270,7 @@ LAYERS = [
   "inference",
   "scheduler",
   "engine",
+  "row_sampling",
   "checkpoint",
   "checkpoint_compat",
   "decode",
