@@ -18,6 +18,8 @@ thread-safe by itself.
 
 import dataclasses
 import functools
+import os
+from concurrent import futures
 from typing import Any
 
 import flax
@@ -126,26 +128,42 @@ class Engine:
     # committed to the device, as every later state is: else the first call compiles twice
     self.state = jax.device_put(jax.jit(self._empty)(), jax.local_devices()[0])
 
+    # Compiled ahead of time, one executable per key: a call never traces or compiles
+    # unless warm_up left its key out (counted by compiles()).
+    self._programs: dict[tuple, Any] = {}
+
   def compiles(self) -> int:
-    """Compiled programs so far: a fixed number after warm_up (one per bucket + generate)."""
-    jitted = (self._insert, self._generate, self._free, self._score)
-    return sum(f._cache_size() for f in jitted)
+    """Programs compiled so far: programs() after warm_up, and no more under load."""
+    return len(self._programs)
 
   def programs(self) -> int:
     """The programs warm_up compiles: prefill and scoring per bucket, generate per width and
     span, and free."""
     return 2 * len(self.buckets) + len(self.widths) * len(self.spans) + 1
 
-  def warm_up(self) -> None:
-    """Compiles every bucket's prefill and scoring and every width's generate (through slot
-    0, then freed)."""
+  def warm_up(self, threads: int | None = None) -> None:
+    """Compiles every program without running one: lowered in turn (tracing holds the GIL),
+    compiled side by side (XLA does not), each loaded from JAX's persistent compilation
+    cache when one is on and holds it."""
+    lowered = {("free",): self._free.lower(self.state, np.int32(0))}
     for length in self.buckets:
-      self.insert(0, [0] * length, 1, 0.0, 0, 1.0, 0)
-      self.free(0)
-      self.score([0] * length)
+      tokens = np.zeros((1, length), np.int32)
+      args = self._insert_args(0, length, 1, 0.0, 0, 1.0, 0, -1)
+      lowered["insert", length] = self._insert.lower(self.params, self.state, tokens, *args)
+      lowered["score", length] = self._score.lower(self.params, tokens)
     for width in self.widths:
       for span in self.spans:
-        self._run_generate(width, span)
+        part = self._part(span)
+        lowered["generate", width, span] = self._generate.lower(self.params, part, width)
+    with futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+      done = pool.map(lambda item: (item[0], item[1].compile()), lowered.items())
+      self._programs.update(done)
+
+  def _call(self, key: tuple, jitted, *args, static=()):
+    """The program for key (compiled now if warm_up did not), run on args."""
+    if key not in self._programs:
+      self._programs[key] = jitted.lower(*args, *static).compile()
+    return self._programs[key](*args)
 
   def bucket(self, length: int) -> int:
     if not 0 < length <= self.block:
@@ -160,7 +178,14 @@ class Engine:
     length = len(prompt)
     tokens = np.zeros((1, self.bucket(length)), np.int32)
     tokens[0, :length] = prompt
-    row = (
+    args = self._insert_args(slot, length, max_new, temperature, top_k, top_p, seed, logprobs)
+    key = ("insert", tokens.shape[1])
+    self.state = self._call(key, self._insert, self.params, self.state, tokens, *args)
+    self.filled[slot] = length
+
+  def _insert_args(self, slot, length, max_new, temperature, top_k, top_p, seed, logprobs):
+    return (
+      np.int32(slot),
       np.int32(length),
       np.int32(max(0, min(max_new, self.block - length))),
       np.uint32(seed % 2**32),
@@ -169,12 +194,10 @@ class Engine:
       np.float32(top_p),
       np.int32(logprobs),
     )
-    self.state = self._insert(self.params, self.state, tokens, np.int32(slot), *row)
-    self.filled[slot] = length
 
   def free(self, slot: int) -> None:
     """Ends the row in `slot` (finished, or its client left): it generates no more."""
-    self.state = self._free(self.state, np.int32(slot))
+    self.state = self._call(("free",), self._free, self.state, np.int32(slot))
     self.filled.pop(slot, None)
 
   def generate(self) -> "Chunk":
@@ -204,16 +227,21 @@ class Engine:
     none: nan), with the TOP likeliest alternatives' ids and logprobs, (P,), (P, TOP) x 2."""
     tokens = np.zeros((1, self.bucket(len(prompt))), np.int32)
     tokens[0, : len(prompt)] = prompt
-    out = self._score(self.params, tokens)
+    out = self._call(("score", tokens.shape[1]), self._score, self.params, tokens)
     chosen, top_ids, top_lp = (np.asarray(x)[: len(prompt)] for x in out)
     return chosen, top_ids, top_lp
+
+  def _part(self, span: int) -> Slots:
+    """The state with only the cache's segments up to span."""
+    m = self.spans.index(span) + 1
+    return self.state.replace(cache=_with_segments(self.state.cache, lambda x: x[:m]))
 
   def _run_generate(self, width: int, span: int):
     """generate over the cache's segments up to span; the others stay where they are."""
     m = self.spans.index(span) + 1
-    whole = self.state
-    part = whole.replace(cache=_with_segments(whole.cache, lambda x: x[:m]))
-    part, out = self._generate(self.params, part, width)  # part's buffers are donated
+    whole, part = self.state, self._part(span)
+    key = ("generate", width, span)  # part's buffers are donated
+    part, out = self._call(key, self._generate, self.params, part, static=(width,))
     join = lambda new, old: new + old[m:] if _is_segments(new) else new
     cache = jax.tree.map(join, part.cache, whole.cache, is_leaf=_is_segments)
     self.state = part.replace(cache=cache)
