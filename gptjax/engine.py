@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import slot_cache
 from gptjax.errors import UserError
 from gptjax.row_sampling import TOP, logprobs_rows, sample_rows
 
@@ -54,51 +55,6 @@ def buckets(block_size: int, smallest: int = 16) -> tuple[int, ...]:
     out.append(n)
     n *= 2
   return (*out, block_size)
-
-
-def _name(path) -> str:
-  """The innermost field or dict key on a pytree path (past a segment's tuple index)."""
-  for k in reversed(path):
-    name = getattr(k, "name", getattr(k, "key", None))
-    if isinstance(name, str):
-      return name
-  return ""
-
-
-def _leaves(tree, fn):
-  """Maps fn(name, leaf) over the cache's leaves (names: cached_key, cached_value, cache_index)."""
-  return jax.tree_util.tree_map_with_path(lambda p, x: fn(_name(p), x), tree)
-
-
-def _is_segments(x) -> bool:
-  return isinstance(x, tuple)
-
-
-def _with_segments(cache, fn):
-  """Maps fn over each cached_key/value's tuple of segments; cache_index stays as it is."""
-  return jax.tree.map(lambda x: fn(x) if _is_segments(x) else x, cache, is_leaf=_is_segments)
-
-
-def _rows(st: Slots, fn, other: Slots | None = None) -> Slots:
-  """Maps fn(x, batch axis) (or fn(other's x, axis, x)) over every per-row array of st."""
-
-  def axis(path, x):
-    name = _name(path)
-    if name == "cache_index":
-      return x.ndim - 1  # ([L,] B)
-    return x.ndim - 4 if name in ("cached_key", "cached_value") else 0  # ([L,] B, N, S, H)
-
-  if other is None:
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(x, axis(p, x)), st)
-  return jax.tree_util.tree_map_with_path(lambda p, x, o: fn(o, axis(p, x), x), st, other)
-
-
-def _write_slots(cache, b: int):
-  """Each row's next write slot (B,): every layer's index moves together."""
-  index = next(
-    x for p, x in jax.tree_util.tree_leaves_with_path(cache) if _name(p) == "cache_index"
-  )
-  return jnp.reshape(index, (-1, b))[0]
 
 
 class Engine:
@@ -234,7 +190,7 @@ class Engine:
   def _part(self, span: int) -> Slots:
     """The state with only the cache's segments up to span."""
     m = self.spans.index(span) + 1
-    return self.state.replace(cache=_with_segments(self.state.cache, lambda x: x[:m]))
+    return self.state.replace(cache=slot_cache.with_segments(self.state.cache, lambda x: x[:m]))
 
   def _run_generate(self, width: int, span: int):
     """generate over the cache's segments up to span; the others stay where they are."""
@@ -242,8 +198,8 @@ class Engine:
     whole, part = self.state, self._part(span)
     key = ("generate", width, span)  # part's buffers are donated
     part, out = self._call(key, self._generate, self.params, part, static=(width,))
-    join = lambda new, old: new + old[m:] if _is_segments(new) else new
-    cache = jax.tree.map(join, part.cache, whole.cache, is_leaf=_is_segments)
+    join = lambda new, old: new + old[m:] if slot_cache.is_segments(new) else new
+    cache = jax.tree.map(join, part.cache, whole.cache, is_leaf=slot_cache.is_segments)
     self.state = part.replace(cache=cache)
     return out
 
@@ -266,7 +222,7 @@ class Engine:
 
     v = self.model.cfg.padded_vocab
     return Slots(
-      cache=_leaves(self._cache_shapes(b, self.block), zeros),
+      cache=slot_cache.map_leaves(self._cache_shapes(b, self.block), zeros),
       logits_BxV=jnp.zeros((b, v), jnp.float32),
       done_B=jnp.ones((b,), bool),
       stopped_B=jnp.zeros((b,), bool),
@@ -301,7 +257,7 @@ class Engine:
     )  # right padding: causal attention keeps the pads out of the real tokens' results
 
     def put(path, big, new):
-      if _name(path) == "cache_index":
+      if slot_cache.name_of(path) == "cache_index":
         return big.at[..., slot].set(length)
       segments, start = [], 0
       for seg in big:  # the segments the prompt's bucket reaches get their part of it
@@ -315,7 +271,9 @@ class Engine:
         start += seg.shape[-2]
       return tuple(segments)
 
-    cache = jax.tree_util.tree_map_with_path(put, st.cache, mutated["cache"], is_leaf=_is_segments)
+    cache = jax.tree_util.tree_map_with_path(
+      put, st.cache, mutated["cache"], is_leaf=slot_cache.is_segments
+    )
     logits_V = jax.lax.dynamic_index_in_dim(logits_1xPxV[0], length - 1, keepdims=False)
     at = lambda x, value: x.at[slot].set(value)
     return st.replace(
@@ -337,9 +295,9 @@ class Engine:
     those rows per call of K tokens; none when width is every row)."""
     window = lambda x, axis: jax.lax.slice_in_dim(x, 0, width, axis=axis)
 
-    st, out = self._generate_rows(params, _rows(whole, window))
+    st, out = self._generate_rows(params, slot_cache.map_rows(whole, window))
     put = lambda part, axis, x: jax.lax.dynamic_update_slice(x, part, (0,) * x.ndim)
-    return _rows(whole, put, st), out
+    return slot_cache.map_rows(whole, put, st), out
 
   def _generate_rows(self, params, st: Slots):
     b, k = st.done_B.shape[0], self.chunk
@@ -359,7 +317,7 @@ class Engine:
       )
       stop_B = live_B & jnp.isin(token_B, jnp.array(self.stop_tokens or (-1,)))
       remaining_B = st.remaining_B - live_B
-      index_B = _write_slots(st.cache, b)
+      index_B = slot_cache.write_slots(st.cache, b)
       logits_Bx1xV, mutated = self.model.apply(
         {"params": params, "cache": st.cache},
         token_B[:, None],
@@ -368,7 +326,7 @@ class Engine:
         mutable=["cache"],
       )
       # Rows that were not live keep their write slot (their writes land past their end).
-      cache = _leaves(
+      cache = slot_cache.map_leaves(
         mutated["cache"], lambda n, x: jnp.where(live_B, x, x - 1) if n == "cache_index" else x
       )
       st = st.replace(

@@ -271,6 +271,7 @@ LAYERS = [
   "scheduler",
   "engine",
   "row_sampling",
+  "slot_cache",
   "checkpoint",
   "checkpoint_compat",
   "decode",
