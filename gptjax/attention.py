@@ -10,9 +10,9 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 
 from gptjax.errors import UserError
+from gptjax.layers import Projection, quantize
 
 
 def resolve_implementation(requested: str, dtype) -> str:
@@ -60,48 +60,6 @@ def _explicit_attention(q, k, v, dropout, deterministic, mask_Bx1xTxS=None):
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
-class HeadProjection(nn.Module):
-  """nn.DenseGeneral's job for the head-shaped kernels: (embed, heads, kv) or the reverse.
-
-  Flax's DenseGeneral initialises a flattened 2-D kernel and reshapes it, which clashes with
-  3-D logical names under a mesh (its shape check applies the constraint to the flat value).
-  This creates the kernel in its final shape; values and numerics are the same.
-  """
-
-  cfg: "gptjax.model.GPTConfig"  # noqa: F821
-  kernel_shape: tuple  # (in dims..., out dims...)
-  kernel_axes: tuple  # logical names of kernel_shape
-  n_in: int  # how many trailing input dims the leading kernel dims contract with
-  kernel_init: nn.initializers.Initializer
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.cfg
-    kernel = self.param(
-      "kernel",
-      nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-      self.kernel_shape,
-      cfg.param_dtype,
-    )
-    out_shape, out_axes = self.kernel_shape[self.n_in :], self.kernel_axes[self.n_in :]
-    bias = (
-      self.param(
-        "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
-        out_shape,
-        cfg.param_dtype,
-      )
-      if cfg.bias
-      else None
-    )
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=cfg.dtype)
-    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
-    if bias is None:
-      return y
-    return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)  # explicit leading dims
-
-
 class CausalSelfAttention(nn.Module):
   """x (B, T, D) -> (B, T, D). Kernels carry logical axes (embed, heads, kv)."""
 
@@ -115,7 +73,7 @@ class CausalSelfAttention(nn.Module):
     cfg = self.cfg
     head_dim = cfg.d_model // cfg.n_head
     qkv = functools.partial(
-      HeadProjection,
+      Projection,
       cfg,
       (cfg.d_model, cfg.n_head, head_dim),
       ("embed", "heads", "kv"),
@@ -155,7 +113,7 @@ class CausalSelfAttention(nn.Module):
     out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, axes)
     # GPT-2: residual projections start smaller, std / sqrt(2 * n_layer).
     out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
-    return HeadProjection(
+    return Projection(
       cfg, (cfg.n_head, head_dim, cfg.d_model), ("heads", "kv", "embed"), 2, out_init, name="out"
     )(out_BxTxNxH)
 
@@ -169,9 +127,15 @@ class CausalSelfAttention(nn.Module):
     created by `init` with a (B, S) input, which only sets its shape.
     """
     b, t, n, h = q_BxTxNxH.shape
+    int8 = self.cfg.kv_quant == "int8"  # int8 values, one float scale per token and head
     ready = self.has_variable("cache", "cached_key")
-    key = self.variable("cache", "cached_key", jnp.zeros, (b, n, t, h), k_BxTxNxH.dtype)
-    value = self.variable("cache", "cached_value", jnp.zeros, (b, n, t, h), v_BxTxNxH.dtype)
+    dtype = jnp.int8 if int8 else k_BxTxNxH.dtype
+    key = self.variable("cache", "cached_key", jnp.zeros, (b, n, t, h), dtype)
+    value = self.variable("cache", "cached_value", jnp.zeros, (b, n, t, h), dtype)
+    scales = None
+    if int8:
+      scale = lambda name: self.variable("cache", name, jnp.ones, (b, n, t), jnp.float32)
+      scales = (scale("cached_key_scale"), scale("cached_value_scale"))
     index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     if not ready:
       return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True)
@@ -179,11 +143,16 @@ class CausalSelfAttention(nn.Module):
     # Under a mesh the cache splits like the activations: batch over data, heads over tensor.
     cache_axes = ("batch", "heads", "length", "kv")
     if i.ndim == 1:  # one write index per row: the serving engine's slots (engine.py)
-      return _row_cached(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, key, value, index, cache_axes)
-    for var, new_BxTxNxH in ((key, k_BxTxNxH), (value, v_BxTxNxH)):
+      return _row_cached(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, key, value, scales, index, cache_axes)
+    for j, (var, new_BxTxNxH) in enumerate(((key, k_BxTxNxH), (value, v_BxTxNxH))):
+      new_BxNxTxH = new_BxTxNxH.transpose(0, 2, 1, 3)
+      if int8:
+        new_BxNxTxH, scale_BxNxT = quantize(new_BxNxTxH, (3,))
+        scales[j].value = nn.with_logical_constraint(
+          jax.lax.dynamic_update_slice(scales[j].value, scale_BxNxT, (0, 0, i)), cache_axes[:3]
+        )
       var.value = nn.with_logical_constraint(
-        jax.lax.dynamic_update_slice(var.value, new_BxTxNxH.transpose(0, 2, 1, 3), (0, 0, i, 0)),
-        cache_axes,
+        jax.lax.dynamic_update_slice(var.value, new_BxNxTxH, (0, 0, i, 0)), cache_axes
       )
     index.value = i + t
     slot_S = jnp.arange(key.value.shape[2])
@@ -191,51 +160,71 @@ class CausalSelfAttention(nn.Module):
     mask_Bx1xTxS = (slot_S[None, None, None, :] <= query_T[None, None, :, None]) & (
       slot_S[None, None, None, :] >= start_B[:, None, None, None]
     )
-    logits_BxNxTxS = jnp.einsum(
-      "btnh,bnsh->bnts", q_BxTxNxH * h**-0.5, key.value, preferred_element_type=jnp.float32
+    key_scales, value_scales = ((scales[0].value,), (scales[1].value,)) if int8 else (None, None)
+    return _attend(q_BxTxNxH, (key.value,), (value.value,), key_scales, value_scales, mask_Bx1xTxS)
+
+
+def _attend(q_BxTxNxH, keys, values, key_scales, value_scales, mask_Bx1xTxS):
+  """Attention over a cache held as segments along S, each (B, N, S_i, H) (int8 with
+  (B, N, S_i) scales, or float with None): each segment's scores are computed in place and
+  only the small (B, N, T, S) scores are joined for the softmax. The keys' scales multiply
+  the scores and the values' the probabilities, so no float copy of the cache is made."""
+  dtype, h = q_BxTxNxH.dtype, q_BxTxNxH.shape[-1]
+  q_BxTxNxH = q_BxTxNxH * h**-0.5
+  parts = []
+  for j, k in enumerate(keys):
+    part = jnp.einsum(
+      "btnh,bnsh->bnts", q_BxTxNxH, k.astype(dtype), preferred_element_type=jnp.float32
     )
-    # A padding query sees no key: its row is all `min`, softmax stays finite (and unused).
-    logits_BxNxTxS = jnp.where(mask_Bx1xTxS, logits_BxNxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxNxTxS = jax.nn.softmax(logits_BxNxTxS, axis=-1).astype(value.value.dtype)
-    return jnp.einsum("bnts,bnsh->btnh", probs_BxNxTxS, value.value)
+    parts.append(part if key_scales is None else part * key_scales[j][:, :, None, :])
+  logits_BxNxTxS = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+  # A padding query sees no key: its row is all `min`, softmax stays finite (and unused).
+  logits_BxNxTxS = jnp.where(mask_Bx1xTxS, logits_BxNxTxS, jnp.finfo(jnp.float32).min)
+  probs_BxNxTxS = jax.nn.softmax(logits_BxNxTxS, axis=-1)
+  out, start = None, 0
+  for j, v in enumerate(values):
+    p = probs_BxNxTxS[..., start : start + v.shape[2]]
+    p = p if value_scales is None else p * value_scales[j][:, :, None, :]
+    part = jnp.einsum("bnts,bnsh->btnh", p.astype(dtype), v.astype(dtype))
+    out, start = part if out is None else out + part, start + v.shape[2]
+  return out
 
 
-def _row_cached(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, key, value, index, cache_axes):
+def _row_cached(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, key, value, scales, index, cache_axes):
   """One new token per row, row b's at its own slot index[b], attending to its slots
   0..index[b]: rows of a continuous batch start and end at different times.
 
   The cache may be a tuple of segments along S (the engine's: a call reads only the first
-  few, so a short batch never copies or reads the long tail). Each segment's scores are
-  computed in place and only the small (B, N, 1, S) logits are joined for the softmax."""
+  few, so a short batch never copies or reads the long tail)."""
   b, t, n, h = q_BxTxNxH.shape
   assert t == 1, "a per-row cache index takes one token per row and call"
   split = isinstance(key.value, tuple)
-  keys, values = (key.value, value.value) if split else ((key.value,), (value.value,))
+  segments = lambda x: x if split else (x,)
   i_B, rows_B = index.value, jnp.arange(b)
-  sizes = [k.shape[2] for k in keys]
+  sizes = [k.shape[2] for k in segments(key.value)]
   starts = [sum(sizes[:j]) for j in range(len(sizes))]
 
-  def write(seg_BxNxSxH, new_BxNxH, start, size):
-    # a scatter of B slots (in place when the cache is donated); rows writing elsewhere
-    # point past the segment's end and are dropped
-    local_B = i_B - start
-    local_B = jnp.where((local_B >= 0) & (local_B < size), local_B, size)
-    seg = seg_BxNxSxH.at[rows_B, :, local_B, :].set(new_BxNxH, mode="drop")
-    return nn.with_logical_constraint(seg, cache_axes)
+  def write(var, new):  # new: (B, N, H) entries or (B, N) scales, one slot per row
+    def put(seg, start, size):
+      # a scatter of B slots (in place when the cache is donated); rows writing elsewhere
+      # point past the segment's end and are dropped
+      local_B = i_B - start
+      local_B = jnp.where((local_B >= 0) & (local_B < size), local_B, size)
+      seg = seg.at[rows_B, :, local_B].set(new.astype(seg.dtype), mode="drop")
+      return nn.with_logical_constraint(seg, cache_axes[: seg.ndim])
 
-  keys = tuple(write(x, k_BxTxNxH[:, 0], s, z) for x, s, z in zip(keys, starts, sizes))
-  values = tuple(write(x, v_BxTxNxH[:, 0], s, z) for x, s, z in zip(values, starts, sizes))
-  key.value, value.value = (keys, values) if split else (keys[0], values[0])
+    out = tuple(put(x, s, z) for x, s, z in zip(segments(var.value), starts, sizes))
+    var.value = out if split else out[0]
+
+  for j, (var, new_BxNxH) in enumerate(((key, k_BxTxNxH[:, 0]), (value, v_BxTxNxH[:, 0]))):
+    if scales is not None:
+      new_BxNxH, scale_BxN = quantize(new_BxNxH, (2,))
+      write(scales[j], scale_BxN)
+    write(var, new_BxNxH)
   index.value = i_B + 1
-  q_BxTxNxH = q_BxTxNxH * h**-0.5
-  logits_BxNx1xS = jnp.concatenate(
-    [jnp.einsum("btnh,bnsh->bnts", q_BxTxNxH, k, preferred_element_type=jnp.float32) for k in keys],
-    axis=-1,
-  )
   mask_Bx1x1xS = jnp.arange(sum(sizes))[None, None, None, :] <= i_B[:, None, None, None]
-  logits_BxNx1xS = jnp.where(mask_Bx1x1xS, logits_BxNx1xS, jnp.finfo(jnp.float32).min)
-  probs_BxNx1xS = jax.nn.softmax(logits_BxNx1xS, axis=-1).astype(values[0].dtype)
-  return sum(
-    jnp.einsum("bnts,bnsh->btnh", probs_BxNx1xS[..., s : s + z], v)
-    for s, z, v in zip(starts, sizes, values)
-  )
+  key_scales, value_scales = (None, None)
+  if scales is not None:
+    key_scales, value_scales = segments(scales[0].value), segments(scales[1].value)
+  keys, values = segments(key.value), segments(value.value)
+  return _attend(q_BxTxNxH, keys, values, key_scales, value_scales, mask_Bx1x1xS)

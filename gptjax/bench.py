@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +41,7 @@ from gptjax import (
   inference,
   metrics,
   packing,
+  quantize,
   runtime,
   serve_bench,
   sharding,
@@ -49,7 +49,7 @@ from gptjax import (
 )
 from gptjax import config as config_lib
 from gptjax.errors import UserError
-from gptjax.model import GPT, GPTConfig, count_params, init_params
+from gptjax.model import GPTConfig, count_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (default: a temporary one).")
@@ -67,6 +67,8 @@ _RATE = flags.DEFINE_float("rate", None, "serve: Poisson arrivals per second (el
 _SLOTS = flags.DEFINE_integer("slots", 32, "serve: the server's decode slots.")
 _LIMIT = flags.DEFINE_float("time_limit", 600, "serve: seconds after which no request starts.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "train: untimed steps after compiling.")
+_QUANTIZE = flags.DEFINE_string("quantize", "none", "decode, serve: int8 weights.")
+_KV_QUANT = flags.DEFINE_string("kv_quant", "none", "decode, serve: an int8 KV cache.")
 
 
 def _trained_looking(state, shardings):
@@ -262,20 +264,21 @@ def bench_decode(config, workdir: str) -> dict:
     raise UserError(
       f"--prompt_len={p} + --new_tokens={n} exceeds the {cfg.block_size}-token context"
     )
-  model = GPT(cfg)
+  quant = quantize.Quant(_QUANTIZE.value, _KV_QUANT.value)
   device = jax.local_devices()[0]
-  init = lambda key: nn.meta.unbox(init_params(model, key))  # as training starts
   with jax.default_device(device):
-    params = jax.jit(init)(jax.random.PRNGKey(config.seed))
+    config = config.copy_and_resolve_references()
+    config.model.vocab_size = cfg.vocab_size
+    loaded = inference.quantized(serve_bench.random_weights(config), quant)  # as training starts
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, p), dtype=np.int32)
-    start = np.zeros((b,), np.int32)
-    decoder = decode.Decoder(model, params)
-    greedy = decode.Sampling(0.0)
+    start, cache_bytes = np.zeros((b,), np.int32), []
+    decoder, greedy = decode.Decoder(loaded.model, loaded.params), decode.Sampling(0.0)
 
     def run():
       t0 = time.perf_counter()
       state = jax.block_until_ready(decoder.prefill(tokens, start, n))
       t1 = time.perf_counter()
+      cache_bytes.append(sum(x.nbytes for x in jax.tree.leaves(state.cache)))
       _, out, count = jax.block_until_ready(decoder.generate(state, n, greedy))
       t2 = time.perf_counter()
       assert int(np.min(count)) == n  # no stop tokens: every row ran the whole budget
@@ -289,8 +292,12 @@ def bench_decode(config, workdir: str) -> dict:
   return {
     "bench": "decode",
     "device": device.device_kind,
-    "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
+    "n_params": int(sum(x.size for x in jax.tree.leaves(loaded.params))),
     "dtype": jnp.dtype(cfg.dtype).name,
+    "quantize": quant.weights,
+    "kv_quant": quant.kv,
+    "param_bytes": int(sum(x.nbytes for x in jax.tree.leaves(loaded.params))),
+    "cache_bytes_per_row": cache_bytes[-1] // b,  # prompt + new tokens of KV per sequence
     "batch": b,
     "prompt_len": p,
     "new_tokens": n,
@@ -343,6 +350,7 @@ def bench_serve(config, workdir: str) -> dict:
     raise UserError(f"--prompt_len={p} + --new_tokens={n} exceeds the context")
   overrides = [a for a in sys.argv if a.startswith("--config")]
   args = [*overrides, f"--config.model.vocab_size={vocab}", "--random_weights"]
+  args += [f"--quantize={_QUANTIZE.value}", f"--kv_quant={_KV_QUANT.value}"]
   proc, url = serve_bench.start_server([*args, f"--slots={_SLOTS.value}", "--chunk=8"])
   try:
     prompt = np.random.default_rng(0).integers(0, vocab, p).tolist()

@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from gptjax import chat_template, decode, inference
+from gptjax import chat_template, decode, inference, quantize
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 
@@ -161,6 +161,7 @@ class Options:
   chunk: int = 8
   user_name: str = "User"
   assistant_name: str = "Assistant"
+  quant: quantize.Quant = quantize.Quant()  # int8 weights / KV cache
 
 
 def run(workdir: str, options: Options, config=None, stdin=None, stdout=None) -> int:
@@ -168,7 +169,7 @@ def run(workdir: str, options: Options, config=None, stdin=None, stdout=None) ->
   /quit (or end of input, or Ctrl-C) ends the session."""
   stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
   notify = lambda message: print(f"[{message}]", file=sys.stderr, flush=True)
-  loaded = inference.load(workdir, config)
+  loaded = inference.load(workdir, config, quant=options.quant)
   chat = open_chat(loaded, options, notify)
   notify(
     f"chatting with {loaded.where} of {workdir} ({loaded.model.cfg.block_size}-token context, "

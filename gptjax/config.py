@@ -23,6 +23,8 @@ CHOICES = {
   "model.remat": ("none", "dots", "dots_no_batch", "full"),
   "model.dtype": ("auto", "float32", "bfloat16", "float16"),
   "model.param_dtype": ("float32", "bfloat16"),
+  "model.quant": ("none", "int8"),
+  "model.kv_quant": ("none", "int8"),
   "data.source": ("tfds", "text", "task"),
   "data.tokenizer": ("char", "byte", "bpe", "sentencepiece"),
 }
@@ -74,6 +76,11 @@ def default_config() -> config_dict.ConfigDict:
   # Compiles one block instead of n_layer (deep models compile in seconds) and lets FSDP
   # gather one layer's weights at a time. Checkpoints differ in layout (h vs h_0..h_{L-1}).
   c.model.scan_layers = False
+  # Inference only (quantize.py): int8 weights with a float scale per output channel (an
+  # int8 export says so; --quantize=int8 converts a float run when it loads), and an int8
+  # KV cache with a scale per token and head (--kv_quant=int8).
+  c.model.quant = "none"
+  c.model.kv_quant = "none"
 
   c.data = config_dict.ConfigDict()
   c.data.source = "tfds"
@@ -202,6 +209,15 @@ def validate(config: config_dict.ConfigDict) -> None:
       raise UserError(f"config.{key}={value} must be {bounds}")
   for check in (_check_model, _check_training, _check_data, _check_mesh, _check_distributed):
     check(config)
+
+
+def check_trainable(config) -> None:
+  """What only inference runs: int8 weights or KV cache (quantize.py)."""
+  if "int8" in (config.model.quant, config.model.kv_quant):
+    raise UserError(
+      "int8 weights or KV cache are for inference (sample, chat, serve, bench decode); "
+      "train in float: leave config.model.quant/kv_quant at none (init_from a float run)"
+    )
 
 
 def _check_model(config) -> None:

@@ -218,7 +218,8 @@ class Engine:
     def zeros(name, x):
       if name == "cache_index":  # ([L,]) -> ([L,] B): every row its own write slot
         return jnp.zeros((*x.shape, b), jnp.int32)
-      return tuple(jnp.zeros((*x.shape[:-2], n, x.shape[-1]), x.dtype) for n in self.segments)
+      s = slot_cache.length_axis(name, x.ndim)
+      return tuple(jnp.zeros((*x.shape[:s], n, *x.shape[s + 1 :]), x.dtype) for n in self.segments)
 
     v = self.model.cfg.padded_vocab
     return Slots(
@@ -257,18 +258,20 @@ class Engine:
     )  # right padding: causal attention keeps the pads out of the real tokens' results
 
     def put(path, big, new):
-      if slot_cache.name_of(path) == "cache_index":
+      name = slot_cache.name_of(path)
+      if name == "cache_index":
         return big.at[..., slot].set(length)
+      s = slot_cache.length_axis(name, new.ndim)
       segments, start = [], 0
       for seg in big:  # the segments the prompt's bucket reaches get their part of it
-        part = jax.lax.slice_in_dim(
-          new, min(start, p_len), min(start + seg.shape[-2], p_len), axis=new.ndim - 2
-        )
-        at = (0,) * (seg.ndim - 4) + (slot, 0, 0, 0)  # ([L,] B, N, S_i, H)
-        if part.shape[-2]:
+        size = seg.shape[s]
+        part = jax.lax.slice_in_dim(new, min(start, p_len), min(start + size, p_len), axis=s)
+        at = [0] * seg.ndim
+        at[s - 2] = slot  # ([L,] B, N, S_i[, H])
+        if part.shape[s]:
           seg = jax.lax.dynamic_update_slice(seg, part.astype(seg.dtype), at)
         segments.append(seg)
-        start += seg.shape[-2]
+        start += size
       return tuple(segments)
 
     cache = jax.tree_util.tree_map_with_path(

@@ -21,7 +21,7 @@ import os
 import jax
 import numpy as np
 
-from gptjax import chat_template, data, decode, inference, packing, scores, task_data
+from gptjax import chat_template, data, decode, inference, packing, quantize, scores, task_data
 from gptjax.errors import UserError, ensure_writable_dir
 from gptjax.loss import cross_entropy
 from gptjax.tokenizer import EOT, UnknownCharacter
@@ -39,6 +39,7 @@ class Options:
   sampling: decode.Sampling = decode.Sampling(temperature=0.0)
   seed: int = 0
   template: str | None = None  # None: the run's data.chat_template
+  quant: quantize.Quant = quantize.Quant()  # int8 weights / KV cache
 
   def check(self) -> None:
     for name, value, least in (
@@ -54,7 +55,7 @@ class Options:
 def run(workdir: str, options: Options, config=None) -> dict:
   """Evaluates the run in `workdir` (or config.init_from's model); returns scores.json's dict."""
   options.check()
-  loaded = inference.load(workdir, config)
+  loaded = inference.load(workdir, config, quant=options.quant)
   options.sampling.check(loaded.model.cfg.vocab_size)
   path, kind, flag = data_path(options.data, loaded.config)
   if kind == "text" and options.template:

@@ -11,17 +11,21 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from gptjax import chat_template, checkpoint, hf, inference
+from gptjax import chat_template, checkpoint, hf, inference, quantize
 from gptjax import config as config_lib
 from gptjax.errors import UserError, ensure_writable_dir
 from gptjax.metrics import format_bytes
 
 
-def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, dict]:
+def export(
+  workdir: str, out_dir: str | None = None, warn=print, weights: str = "none"
+) -> tuple[str, dict]:
   """Writes the newest checkpoint's params with config and tokenizer; (out_dir, its meta).
+  weights="int8": int8 params with their scales, and a config.json that says so.
 
   Restored onto one device: an export is for sampling, wherever the training ran.
   """
+  quantize.Quant(weights).check()
   config = config_lib.load_saved(workdir)
   abstract, shardings = inference.param_layout(config, None)
   restored = checkpoint.Checkpoints(workdir, warn=warn).restore_params(
@@ -33,6 +37,9 @@ def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, d
       "(checkpoints are saved every config.checkpoint.every steps and at the end)"
     )
   params, meta = restored
+  if weights == "int8":  # loads as it is written: config.model.quant says int8
+    params = jax.jit(quantize.quantize_params)(params)
+    config.model.quant = "int8"
   out_dir = os.path.abspath(out_dir or os.path.join(workdir, inference.EXPORT))
   ensure_writable_dir(out_dir, "--export_dir")
   if os.path.exists(os.path.join(out_dir, "params")):
@@ -41,9 +48,11 @@ def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, d
   checkpointer.save(os.path.join(out_dir, "params"), params)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    for name in ("config.json", "tokenizer.json", chat_template.SAVED):
+    for name in ("tokenizer.json", chat_template.SAVED):
       if os.path.exists(os.path.join(workdir, name)):
         shutil.copy(os.path.join(workdir, name), os.path.join(out_dir, name))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, "export.json"), "w") as f:
       json.dump({"step": meta["step"], "from": os.path.abspath(workdir)}, f)
     full = checkpoint.directory_bytes(
@@ -51,7 +60,8 @@ def export(workdir: str, out_dir: str | None = None, warn=print) -> tuple[str, d
     )
     size = checkpoint.directory_bytes(os.path.join(out_dir, "params"))
     print(
-      f"exported step {meta['step']} params to {out_dir} ({format_bytes(size)}; the "
+      f"exported step {meta['step']} params{' in int8' if weights == 'int8' else ''} to "
+      f"{out_dir} ({format_bytes(size)}; the "
       f"training checkpoint is {format_bytes(full)})",
       flush=True,
     )

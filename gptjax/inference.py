@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from gptjax import chat_template, checkpoint, data, decode, hf, sharding, tokenizer
+from gptjax import chat_template, checkpoint, data, decode, hf, quantize, sharding, tokenizer
 from gptjax import config as config_lib
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
@@ -38,9 +38,39 @@ class Loaded:
   config: Any  # the run's config (ConfigDict, upgraded to today's keys)
 
 
-def load(workdir: str, config=None, mesh: jax.sharding.Mesh | None = None) -> Loaded:
+def load(
+  workdir: str,
+  config=None,
+  mesh: jax.sharding.Mesh | None = None,
+  quant: quantize.Quant = quantize.Quant(),
+) -> Loaded:
   """The newest checkpoint of the run in `workdir`, else its export; or, given a config with
-  init_from, those weights with the config's tokenizer. mesh None: one device."""
+  init_from, those weights with the config's tokenizer. mesh None: one device. quant: int8
+  weights (converted here) and/or an int8 KV cache."""
+  loaded = _load(workdir, config, mesh)
+  return quantized(loaded, quant, mesh) if quant != quantize.Quant() else loaded
+
+
+def quantized(loaded: Loaded, quant: quantize.Quant, mesh=None) -> Loaded:
+  """loaded with int8 weights (quant.weights) and/or KV cache (quant.kv), laid out as the
+  float params were (one device, or mesh)."""
+  quant.check()
+  cfg, config = loaded.model.cfg, loaded.config.copy_and_resolve_references()
+  params, where = loaded.params, loaded.where
+  if quant.weights == "int8":
+    if cfg.quant == "int8":
+      raise UserError(f"{where} already holds int8 weights; drop --quantize=int8")
+    config.model.quant = "int8"
+    shardings = param_layout(config, mesh)[1]
+    params = jax.jit(quantize.quantize_params, out_shardings=shardings)(params)
+    where += ", int8 weights"
+  config.model.kv_quant = quant.kv
+  where += ", int8 KV cache" if quant.kv == "int8" else ""
+  model = GPT(dataclasses.replace(cfg, quant=config.model.quant, kv_quant=quant.kv))
+  return dataclasses.replace(loaded, model=model, params=params, where=where, config=config)
+
+
+def _load(workdir: str, config, mesh) -> Loaded:
   if config is not None:
     return _load_config(workdir, config, mesh)
   export_dir = os.path.join(workdir, EXPORT)
@@ -162,10 +192,11 @@ def sample_text(
   sampling: decode.Sampling,
   seed: int,
   config=None,
+  quant: quantize.Quant = quantize.Quant(),
 ) -> list[str]:
   """--mode=sample: prints num_samples continuations of `prompt` and returns them. stdout
   holds the samples alone, each followed by a separator line; notes and timing go to stderr."""
-  run = load(workdir, config)
+  run = load(workdir, config, quant=quant)
   model, tok = run.model, run.tokenizer
   sampling.check(model.cfg.vocab_size)
   if num_samples < 1 or max_new < 1:

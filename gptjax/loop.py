@@ -49,6 +49,7 @@ def prepare(
   for change in inference.adopt_init_from(config):  # its shape and vocabulary
     say(f"from init_from {config.init_from}: {change}")
   config_lib.validate(config)
+  config_lib.check_trainable(config)
   mesh = runtime.start(config)
   sharding.check_batch(
     config.train.batch_size, config.optim.grad_accum, mesh, sharding.rules(config.mesh)

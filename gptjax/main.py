@@ -7,7 +7,7 @@ becomes one line on stderr and exit code 1 (gptjax/cli.py).
 from absl import flags
 from ml_collections import config_flags
 
-from gptjax import chat, cli, decode, evaluation, export, inference, loop
+from gptjax import chat, cli, decode, evaluation, export, inference, loop, quantize
 from gptjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,6 +42,15 @@ _EXPORT_FORMAT = flags.DEFINE_enum(
   ["gptjax", "hf"],
   "--mode=export: gptjax (params, config, "
   "tokenizer) or hf (a GPT2LMHeadModel directory: config.json + model.safetensors).",
+)
+_QUANTIZE = flags.DEFINE_string(
+  "quantize",
+  "none",
+  "sample, chat, evaluate: int8 runs the model with int8 weights (one scale per output "
+  "channel, made as it loads); export: writes them (an int8 export loads directly).",
+)
+_KV_QUANT = flags.DEFINE_string(
+  "kv_quant", "none", "sample, chat, evaluate: int8 keeps the KV cache in int8."
 )
 _PROMPT = flags.DEFINE_string(
   "prompt", "", "--mode=sample: the text to continue ('' starts from the end-of-text token)."
@@ -122,6 +131,15 @@ def check_flags() -> None:
     )
   if not _WORKDIR.value:
     raise UserError("--workdir is required, e.g. --workdir=/tmp/run")
+  quantize.Quant(_QUANTIZE.value, _KV_QUANT.value).check()
+  mode, hf_export = _MODE.value, _EXPORT_FORMAT.value == "hf"
+  if _KV_QUANT.value != "none" and mode not in ("sample", "chat", "evaluate"):
+    raise UserError(f"--kv_quant is for sample, chat and evaluate, not --mode={mode}")
+  if _QUANTIZE.value != "none" and (mode in _NEEDS_CONFIG or hf_export):
+    raise UserError(
+      f"--quantize is for inference (sample, chat, evaluate, or a gptjax export), not "
+      f"--mode={mode}{' --export_format=hf' if hf_export else ''}"
+    )
 
 
 def main(argv) -> None:
@@ -129,6 +147,7 @@ def main(argv) -> None:
     raise UserError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
   mode, workdir, config = _MODE.value, _WORKDIR.value, _CONFIG.value
   sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  quant = quantize.Quant(_QUANTIZE.value, _KV_QUANT.value)
   if mode == "train":
     loop.train_and_evaluate(config, workdir)
   elif mode == "compile_only":
@@ -136,22 +155,35 @@ def main(argv) -> None:
   elif mode == "export" and _EXPORT_FORMAT.value == "hf":
     export.export_hf(workdir, _EXPORT_DIR.value)
   elif mode == "export":
-    export.export(workdir, _EXPORT_DIR.value)
+    export.export(workdir, _EXPORT_DIR.value, weights=quant.weights)
   elif mode == "sample":
     inference.sample_text(
-      workdir, _PROMPT.value, _NUM_SAMPLES.value, _MAX_NEW.value, sampling, _SEED.value, config
+      workdir,
+      _PROMPT.value,
+      _NUM_SAMPLES.value,
+      _MAX_NEW.value,
+      sampling,
+      _SEED.value,
+      config,
+      quant,
     )
   elif mode == "chat":
     max_new = _MAX_NEW.value if flags.FLAGS["max_new_tokens"].present else None
     options = chat.Options(
-      max_new, sampling, _SEED.value, _STREAM_TOKENS.value, _USER.value, _ASSISTANT.value
+      max_new,
+      sampling,
+      _SEED.value,
+      _STREAM_TOKENS.value,
+      _USER.value,
+      _ASSISTANT.value,
+      quant=quant,
     )
     chat.run(workdir, options, config)
   elif mode == "evaluate":
-    evaluation.run(workdir, evaluate_options(sampling), config)
+    evaluation.run(workdir, evaluate_options(sampling, quant), config)
 
 
-def evaluate_options(sampling: decode.Sampling) -> evaluation.Options:
+def evaluate_options(sampling: decode.Sampling, quant: quantize.Quant) -> evaluation.Options:
   """--mode=evaluate's flags; greedy and the reference-sized budget unless given."""
   given = lambda name: flags.FLAGS[name].present
   if not given("temperature"):  # sampling's default 0.8 is for sample and chat
@@ -167,6 +199,7 @@ def evaluate_options(sampling: decode.Sampling) -> evaluation.Options:
     sampling=sampling,
     seed=_SEED.value,
     template=_EVAL_TEMPLATE.value,
+    quant=quant,
   )
 
 

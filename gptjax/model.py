@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from gptjax.attention import CausalSelfAttention
 from gptjax.errors import UserError
+from gptjax.layers import SCALE, Embed, Projection
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -57,6 +58,8 @@ class GPTConfig:
   init_std: float = 0.02
   remat: str = "none"
   scan_layers: bool = False
+  quant: str = "none"  # int8: int8 weights with float scales (layers.py, quantize.py)
+  kv_quant: str = "none"  # int8: an int8 KV cache with a scale per token and head
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int) -> "GPTConfig":
@@ -98,6 +101,8 @@ class GPTConfig:
       init_std=model_config.init_std,
       remat=model_config.remat,
       scan_layers=model_config.scan_layers,
+      quant=model_config.quant,
+      kv_quant=model_config.kv_quant,
     )
 
 
@@ -134,25 +139,17 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD):
     cfg = self.cfg
-    dense = functools.partial(
-      nn.Dense, use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype
-    )
-    up_init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "mlp"))
-    up_bias = nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",))
-    h_BxTxF = dense(cfg.d_ff, kernel_init=up_init, bias_init=up_bias, name="up")(x_BxTxD)
+    d, f = cfg.d_model, cfg.d_ff
+    up_init = nn.initializers.normal(cfg.init_std)
+    up = functools.partial(Projection, cfg, (d, f), ("embed", "mlp"), 1, up_init)
+    h_BxTxF = up(name="up")(x_BxTxD)
     if cfg.activation == "swiglu":
-      gate_BxTxF = dense(cfg.d_ff, kernel_init=up_init, bias_init=up_bias, name="gate")(x_BxTxD)
-      h_BxTxF = nn.silu(gate_BxTxF) * h_BxTxF
+      h_BxTxF = nn.silu(up(name="gate")(x_BxTxD)) * h_BxTxF
     else:
       h_BxTxF = nn.gelu(h_BxTxF, approximate=True)  # GPT-2's tanh GELU
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
     down_init = nn.initializers.normal(cfg.init_std / (2 * cfg.n_layer) ** 0.5)
-    return dense(
-      cfg.d_model,
-      kernel_init=nn.with_logical_partitioning(down_init, ("mlp", "embed")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-      name="down",
-    )(h_BxTxF)
+    return Projection(cfg, (f, d), ("mlp", "embed"), 1, down_init, name="down")(h_BxTxF)
 
 
 class Block(nn.Module):
@@ -197,7 +194,7 @@ class GPT(nn.Module):
     segments_BxT=None,
   ):
     x_BxTxD = self.hidden_states(tokens_BxT, positions_BxT, deterministic, start_B, segments_BxT)
-    return vocab_logits(x_BxTxD, self.output_embedding(), self.cfg)
+    return vocab_logits(x_BxTxD, self.output_embedding(), self.cfg, scale_V=self._output_scale())
 
   def output_embedding(self):
     """(padded V, D): the input table when tied, else lm_head's (D, V) kernel transposed."""
@@ -205,6 +202,15 @@ class GPT(nn.Module):
     if self.cfg.tie_embeddings:
       return params["wte"]["embedding"]
     return params["lm_head"]["kernel"].T
+
+  def _output_scale(self):
+    """int8: the output embedding's scale per vocabulary entry (else None)."""
+    if self.cfg.quant != "int8":
+      return None
+    params = nn.meta.unbox(self.variables["params"])
+    if self.cfg.tie_embeddings:
+      return params["wte"]["embedding" + SCALE]
+    return params["lm_head"]["kernel" + SCALE]
 
   @nn.compact
   def hidden_states(
@@ -220,26 +226,11 @@ class GPT(nn.Module):
     cfg = self.cfg
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
-    init = nn.initializers.normal(cfg.init_std)
-    wte = nn.Embed(
-      cfg.padded_vocab,
-      cfg.d_model,
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
-      name="wte",
-    )
-    x_BxTxD = _lookup(wte, tokens_BxT, cfg.dtype, ("vocab", None))
+    wte = Embed(cfg, cfg.padded_vocab, ("vocab", "embed"), name="wte")
+    x_BxTxD = wte.lookup(tokens_BxT, ("vocab", None))
     if cfg.positions == "learned":
-      wpe = nn.Embed(
-        cfg.block_size,
-        cfg.d_model,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        embedding_init=nn.with_logical_partitioning(init, (None, "embed")),
-        name="wpe",
-      )
-      x_BxTxD += _lookup(wpe, positions_BxT, cfg.dtype, (None, None))
+      wpe = Embed(cfg, cfg.block_size, (None, "embed"), name="wpe")
+      x_BxTxD += wpe.lookup(positions_BxT, (None, None))
     x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
     x_BxTxD = self._blocks(x_BxTxD, positions_BxT, deterministic, start_B, segments_BxT)
@@ -285,23 +276,31 @@ class _Unembed(nn.Module):
 
   @nn.compact
   def __call__(self):
-    init = nn.with_logical_partitioning(
-      nn.initializers.normal(self.cfg.init_std), ("embed", "vocab")
-    )
-    return self.param(
-      "kernel", init, (self.cfg.d_model, self.cfg.padded_vocab), self.cfg.param_dtype
-    )
+    cfg, axes = self.cfg, ("embed", "vocab")
+    shape = (cfg.d_model, cfg.padded_vocab)
+    if cfg.quant == "int8":  # one scale per vocabulary column
+      self.param(
+        "kernel" + SCALE, nn.with_logical_partitioning(nn.initializers.ones, axes[1:]), shape[1:]
+      )
+      return self.param(
+        "kernel", nn.with_logical_partitioning(nn.initializers.zeros, axes), shape, jnp.int8
+      )
+    init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+    return self.param("kernel", init, shape, cfg.param_dtype)
 
 
-def vocab_logits(x_BxTxD, w_VxD, cfg: GPTConfig, out_dtype=None):
+def vocab_logits(x_BxTxD, w_VxD, cfg: GPTConfig, out_dtype=None, scale_V=None):
   """Final hidden states (B, T, D) -> logits (B, T, padded_vocab), in the compute dtype unless
-  out_dtype says otherwise; padding entries are masked so they are never predicted."""
+  out_dtype says otherwise; padding entries are masked so they are never predicted.
+  scale_V: an int8 w_VxD's scale per row."""
   logits_BxTxV = jnp.einsum(
     "btd,vd->btv",
     x_BxTxD.astype(cfg.dtype),
     w_VxD.astype(cfg.dtype),
     preferred_element_type=out_dtype,
   )
+  if scale_V is not None:
+    logits_BxTxV = logits_BxTxV * scale_V.astype(logits_BxTxV.dtype)[None, None, :]
   logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
   if cfg.padded_vocab > cfg.vocab_size:  # padding rows exist for speed, never as predictions
     real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
@@ -366,17 +365,6 @@ def per_layer(params, cfg: GPTConfig) -> dict:
 def is_stacked(param_names) -> bool:
   """Whether parameter names ('h/attn/...' or 'h_0/attn/...') are in the scanned layout."""
   return any(n.startswith(STACKED + "/") for n in param_names)
-
-
-def _lookup(embed: nn.Embed, ids_BxT, dtype, table_axes):
-  """Embedding rows for ids, read from a table whose embed dimension is whole.
-
-  Gathering from an fsdp-split table straight into batch-split activations is a resharding
-  XLA's partitioner can only do by replicating everything; all-gathering the table first is
-  what FSDP does for every other weight anyway.
-  """
-  table_VxD = nn.with_logical_constraint(embed.embedding.astype(dtype), table_axes)
-  return jnp.take(table_VxD, ids_BxT, axis=0)
 
 
 def abstract_params(config, boxed: bool = False):

@@ -29,7 +29,16 @@ from absl import flags
 from fastapi import responses
 from ml_collections import config_flags
 
-from gptjax import chat_template, cli, inference, row_sampling, runtime, scheduler, serve_bench
+from gptjax import (
+  chat_template,
+  cli,
+  inference,
+  quantize,
+  row_sampling,
+  runtime,
+  scheduler,
+  serve_bench,
+)
 from gptjax import engine as engine_lib
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
@@ -43,6 +52,8 @@ _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _SLOTS = flags.DEFINE_integer("slots", 8, "Requests decoded together (the batch).")
 _CHUNK = flags.DEFINE_integer("chunk", 8, "Tokens per generate call between admissions.")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 64, "Waiting requests before 429.")
+_QUANTIZE = flags.DEFINE_string("quantize", "none", "int8: int8 weights, made as it loads.")
+_KV_QUANT = flags.DEFINE_string("kv_quant", "none", "int8: an int8 KV cache.")
 _NAME = flags.DEFINE_string("model_name", None, "The model's id in the API (default: the run).")
 _RANDOM = flags.DEFINE_bool(
   "random_weights",
@@ -348,6 +359,7 @@ def main(argv) -> None:
   else:
     loaded = inference.load(_WORKDIR.value, _CONFIG.value)
     name = _NAME.value or _WORKDIR.value.rstrip("/").split("/")[-1]
+  loaded = inference.quantized(loaded, quantize.Quant(_QUANTIZE.value, _KV_QUANT.value))
   server = Server(loaded, name, _SLOTS.value, _CHUNK.value, _MAX_QUEUE.value)
   print(
     f"serving {loaded.where} as {name!r} on http://{_HOST.value}:{_PORT.value}/v1 "
@@ -375,6 +387,7 @@ def _check_flags() -> None:
   for flag in (_SLOTS, _CHUNK, _MAX_QUEUE):
     if flag.value < 1:
       raise UserError(f"--{flag.name}={flag.value} must be at least 1")
+  quantize.Quant(_QUANTIZE.value, _KV_QUANT.value).check()
   if not 0 < _PORT.value < 65536:
     raise UserError(f"--port={_PORT.value} is not a port; use 1..65535 (default 8000)")
 

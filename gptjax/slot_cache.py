@@ -29,6 +29,12 @@ def with_segments(cache, fn):
   return jax.tree.map(lambda x: fn(x) if is_segments(x) else x, cache, is_leaf=is_segments)
 
 
+def length_axis(name: str, ndim: int) -> int:
+  """The slots' axis of a cache entry: ([L,] B, N, S, H) keys and values, ([L,] B, N, S)
+  their int8 scales; the batch axis is two before it."""
+  return ndim - 1 if name.endswith("_scale") else ndim - 2
+
+
 def map_rows(st, fn, other=None):
   """Maps fn(x, batch axis) (or fn(other's x, axis, x)) over every per-row array of st."""
 
@@ -36,7 +42,7 @@ def map_rows(st, fn, other=None):
     name = name_of(path)
     if name == "cache_index":
       return x.ndim - 1  # ([L,] B)
-    return x.ndim - 4 if name in ("cached_key", "cached_value") else 0  # ([L,] B, N, S, H)
+    return length_axis(name, x.ndim) - 2 if name.startswith("cached_") else 0
 
   if other is None:
     return jax.tree_util.tree_map_with_path(lambda p, x: fn(x, axis(p, x)), st)

@@ -1,12 +1,15 @@
 """The serving engine: continuous batching gives the offline decoder's greedy tokens, a
 sampled row does not depend on its batch, and nothing compiles after warm-up."""
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
 
-from gptjax import decode, engine, inference, serve_bench
+from gptjax import decode, engine, inference, quantize, serve_bench
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +92,28 @@ def test_a_sampled_row_does_not_depend_on_its_batch(loaded):
   assert other_seed[0] != mixed[0]
 
 
-def test_each_rows_logits_equal_a_full_forward_pass():
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_each_rows_logits_equal_a_full_forward_pass(kv):
   """Rows entering at different times, sampled so their tokens differ, in a 48-token context
   held in segments of 8, 8, 16 and 16 slots: after every chunk each row's next-token logits
   are those of the whole model run on its tokens so far (a slot misplaced in the cache, or a
-  segment left out of attention, moves them by far more than the tolerance)."""
+  segment left out of attention, moves them by far more than the tolerance). With an int8
+  cache, the whole run goes through the model's int8 cache as well."""
   config = tiny_config(model__block_size=48, model__vocab_size=40, model__init_std=0.3)
-  loaded = serve_bench.random_weights(config)
+  loaded = inference.quantized(serve_bench.random_weights(config), quantize.Quant(kv=kv))
   eng = engine.Engine(loaded.model, loaded.params, slots=3, chunk=5, smallest_span=8)
   assert eng.segments == (8, 8, 16, 16)
-  forward = jax.jit(lambda tokens: loaded.model.apply({"params": loaded.params}, tokens))
+
+  @jax.jit
+  def forward(tokens_1xT):
+    start = jnp.zeros((1,), jnp.int32)
+    init = functools.partial(loaded.model.init, start_B=start)
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0), tokens_1xT)["cache"]
+    cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    variables = {"params": loaded.params, "cache": cache}
+    positions = jnp.arange(tokens_1xT.shape[1])[None]
+    return loaded.model.apply(variables, tokens_1xT, positions, start_B=start, mutable=["cache"])[0]
+
   rng = np.random.default_rng(0)
   arrivals = {0: [(0, 3, 40)], 1: [(1, 12, 30)], 3: [(2, 17, 25)]}  # slot, prompt, budget
   rows = {}

@@ -112,7 +112,7 @@ def _write_jsonl(path, conversations):
 
 
 def test_evaluate_writes_predictions_and_scores(tmp_path, loaded, monkeypatch, capsys):
-  monkeypatch.setattr(inference, "load", lambda workdir, config=None: loaded)
+  monkeypatch.setattr(inference, "load", lambda workdir, config=None, quant=None: loaded)
   last_not_the_reply = [{"role": "assistant", "content": "four"}, {"role": "user", "content": "x"}]
   records = [*CONVERSATIONS[:3], CONVERSATIONS[4], last_not_the_reply]
   data = _write_jsonl(tmp_path / "val.jsonl", records)

@@ -1,0 +1,168 @@
+"""int8 inference: the round trip's error bound, the int8 model's layout, quality against
+the float model, int8 KV decoding offline and in the serving engine, export, and errors."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ONE_DEVICE, run_cli, tiny_config
+
+from gptjax import config as config_lib
+from gptjax import decode, engine, inference, loop, quantize, sharding
+from gptjax.errors import UserError
+from gptjax.layers import SCALE, dequantize
+from gptjax.layers import quantize as int8
+from gptjax.model import abstract_params
+
+INT8 = quantize.Quant("int8")
+BOTH = quantize.Quant("int8", "int8")
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_tiny):
+  return inference.load(str(trained_tiny))
+
+
+@pytest.mark.parametrize(
+  "shape, axes", [((64, 4, 8), (0,)), ((4, 8, 64), (0, 1)), ((50, 32), (1,))]
+)
+def test_the_round_trip_is_within_half_a_step(shape, axes):
+  spread = jnp.linspace(0.01, 3, shape[-1]).reshape((1,) * (len(shape) - 1) + shape[-1:])
+  w = jax.random.normal(jax.random.PRNGKey(0), shape) * spread
+  q, scale = int8(w, axes)
+  assert q.dtype == jnp.int8 and scale.shape == tuple(
+    n for i, n in enumerate(shape) if i not in axes
+  )
+  error = jnp.abs(w - dequantize(q, scale, axes))
+  assert bool(jnp.all(error <= jnp.expand_dims(scale, axes) / 2 * (1 + 1e-6)))
+  assert int(jnp.max(jnp.abs(q))) == 127  # the range is used
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_quantized_params_have_the_int8_models_layout(scan):
+  config = tiny_config(model__scan_layers=scan, model__vocab_size=65, model__tie_embeddings=scan)
+  params = jax.tree.map(jnp.ones_like, abstract_params(config))
+  got = jax.eval_shape(quantize.quantize_params, params)
+  config.model.quant = "int8"
+  want = abstract_params(config)
+  shape = lambda t: jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype).name), t)
+  assert shape(got) == shape(want)
+  kernels = [x for p, x in jax.tree_util.tree_leaves_with_path(got) if p[-1].key == "kernel"]
+  assert kernels and all(x.dtype == jnp.int8 for x in kernels)
+  table = got["wte"]
+  assert table["embedding"].dtype == jnp.int8
+  assert table["embedding" + SCALE].shape == table["embedding"].shape[:1]  # one per row
+
+
+def test_int8_weights_keep_the_models_predictions(loaded):
+  """Teacher-forced on text the model did not train on: top-1 agreement >= 99% and the loss
+  within 0.5% with int8 weights, 1% with the KV cache in int8 too (through decoding)."""
+  tok = loaded.tokenizer
+  text = "KING RICHARD III:\nNow is the winter of our discontent made glorious summer."
+  ids = np.array([tok.encode(text).tolist()[:32]], np.int32)
+  q = inference.quantized(loaded, INT8)
+  f = np.asarray(loaded.model.apply({"params": loaded.params}, ids), np.float64)
+  g = np.asarray(q.model.apply({"params": q.params}, ids), np.float64)
+  assert np.mean(f.argmax(-1) == g.argmax(-1)) >= 0.99
+  loss = lambda logits: (
+    -np.mean(np.take_along_axis(jax.nn.log_softmax(logits[0, :-1]), ids[0, 1:, None], axis=-1))
+  )
+  assert abs(loss(g) / loss(f) - 1) <= 0.005
+  # int8 KV too: the same tokens through the model's int8 cache (prefill writes each
+  # token's keys and values, quantized, then attends over them)
+  both = inference.quantized(loaded, BOTH)
+  start = jnp.zeros((1,), jnp.int32)
+  init = functools.partial(both.model.init, start_B=start)
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0), ids)["cache"]
+  assert {jnp.dtype(x.dtype).name for x in jax.tree.leaves(shapes)} == {"int8", "float32", "int32"}
+  cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  variables = {"params": both.params, "cache": cache}
+  h, _ = both.model.apply(variables, ids, jnp.arange(32)[None], start_B=start, mutable=["cache"])
+  h = np.asarray(h, np.float64)
+  assert np.mean(f.argmax(-1) == h.argmax(-1)) >= 0.99
+  assert abs(loss(h) / loss(f) - 1) <= 0.01
+
+
+def test_int8_kv_decoding_offline_and_in_the_engine_agree(loaded):
+  """The engine's per-row int8 cache gives the offline decoder's greedy tokens (both quantize
+  each token's keys and values the same way), with requests entering at different times."""
+  q = inference.quantized(loaded, BOTH)
+  tok = q.tokenizer
+  eng = engine.Engine(q.model, q.params, slots=3, stop_tokens=[], chunk=4, smallest_span=8)
+  prompts = [tok.encode(t).tolist() for t in ("ROMEO:", "First Citizen:\nBefore", "O")]
+  got = {}
+  for r in range(8):
+    if r < 3:
+      eng.insert(r, prompts[r], 10, 0.0, 0, 1.0, 0)
+      got[r] = []
+    tokens = eng.generate().tokens
+    for slot in got:
+      got[slot] += [int(t) for t in tokens[slot] if t >= 0]
+  d = decode.Decoder(q.model, q.params)
+  for slot, prompt in enumerate(prompts):
+    (offline,), _ = decode.complete(d, [prompt], 10, decode.Sampling(0.0))
+    assert got[slot] == offline, slot
+  float_d = decode.Decoder(loaded.model, loaded.params)
+  (plain,), _ = decode.complete(float_d, [prompts[0]], 10, decode.Sampling(0.0))
+  assert got[0][:4] == plain[:4]  # int8 follows the float model (a tiny model may drift later)
+
+
+def test_quantized_params_lay_out_over_a_mesh(trained_tiny):
+  config = config_lib.load_saved(str(trained_tiny))
+  config.mesh.shape.update(dict(data=1, fsdp=4, tensor=2))
+  mesh = sharding.make_mesh(config.mesh)
+  split = inference.load(str(trained_tiny), mesh=mesh, quant=INT8)
+  one = inference.load(str(trained_tiny), quant=INT8)
+  assert tuple(split.params["wte"]["embedding"].sharding.spec) == ("tensor", "fsdp")
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(split.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_an_int8_export_is_small_and_loads_as_it_is(trained_tiny, tmp_path):
+  out = tmp_path / "int8"
+  proc = run_cli(
+    f"--workdir={trained_tiny}", "--mode=export", "--quantize=int8", f"--export_dir={out}",
+    env=ONE_DEVICE,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "in int8" in proc.stdout
+  assert json.load(open(out / "config.json"))["model"]["quant"] == "int8"
+  run = inference.load(str(out))
+  assert run.model.cfg.quant == "int8" and quantize.is_quantized(run.params)
+  want = inference.quantized(inference.load(str(trained_tiny)), INT8)
+  for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(run.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(UserError, match="already holds int8 weights"):
+    inference.load(str(out), quant=INT8)
+  proc = run_cli(f"--workdir={out}", "--mode=sample", "--max_new_tokens=8", "--kv_quant=int8")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "int8 KV cache" in proc.stderr
+
+
+def directory_bytes(path) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.mark.parametrize(
+  "args, fragment",
+  [
+    (("--mode=sample", "--quantize=int4"), "--quantize=int4 is not a mode; use one of none, int8"),
+    (("--mode=sample", "--kv_quant=fp8"), "--kv_quant=fp8 is not a mode"),
+    (("--mode=export", "--kv_quant=int8"), "--kv_quant is for sample, chat and evaluate"),
+    (("--mode=export", "--export_format=hf", "--quantize=int8"), "not --mode=export --export_fo"),
+  ],
+)
+def test_bad_quantization_flags_are_one_line(trained_tiny, args, fragment):
+  proc = run_cli(f"--workdir={trained_tiny}", *args)
+  assert proc.returncode != 0 and fragment in proc.stderr
+  assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_training_an_int8_model_is_refused(tmp_path):
+  config = tiny_config(model__quant="int8")
+  with pytest.raises(UserError, match="int8 weights or KV cache are for inference"):
+    loop.prepare(config, str(tmp_path))
