@@ -190,6 +190,13 @@ step chat-base 0 \
 step bench-decode 0 \
   'python -m gptjax.bench decode --config=experiments/gpt2.py:small --decode_batch=32 --prompt_len=64 --new_tokens=16'
 
+# --- int8 inference ------------------------------------------------------------------------
+step int8-sample 0 \
+  'python -m gptjax.main --workdir=runs/shakespeare_cpu --mode=sample --quantize=int8 --kv_quant=int8'
+step int8-export 0 \
+  'python -m gptjax.main --workdir=runs/shakespeare_cpu --mode=export --quantize=int8 --export_dir=runs/shakespeare_cpu/export_int8' \
+  runs/shakespeare_cpu/export_int8/config.json
+
 # --- Running an ablation -----------------------------------------------------------------
 step sweep 0 \
   'python -m gptjax.sweep --config=experiments/shakespeare_ablation.py --workdir=runs/abl --config.data.manual_dir=../shared/data/tinyshakespeare --config.train.num_steps=30' \
