@@ -5,8 +5,8 @@ compiled prefills is fixed: one per bucket), and inserted into a free slot of th
 batch; `generate` then advances every slot K tokens in one jitted `lax.while_loop`. The KV
 cache is held in segments along its length (64, 64, 128, 256, ... slots): a call passes only
 the segments its longest row reaches, so short requests in a long context neither read nor
-copy the rest (a copied window of GPT-2 small's 32-row cache cost 11 ms a token on a CPU). Between
-two generate calls finished rows leave and waiting requests enter (JetStream's prefill ->
+copy the rest (a copied window of GPT-2 small's 32-row cache cost 11 ms a token on a CPU).
+Between two generate calls finished rows leave and waiting requests enter (JetStream's prefill ->
 insert -> generate), so no row waits for the longest one. Sampling settings are per-row
 values (temperature, top-k, top-p, seed), never compile-time constants, and a row's random
 numbers depend only on its seed and its token count: a request samples the same tokens
@@ -109,7 +109,7 @@ class Engine:
       lowered["score", length] = self._score.lower(self.params, tokens)
     for width in self.widths:
       for span in self.spans:
-        part = self._part(span)
+        part = self._part(span)[1]
         lowered["generate", width, span] = self._generate.lower(self.params, part, width)
     with futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
       done = pool.map(lambda item: (item[0], item[1].compile()), lowered.items())
@@ -187,15 +187,14 @@ class Engine:
     chosen, top_ids, top_lp = (np.asarray(x)[: len(prompt)] for x in out)
     return chosen, top_ids, top_lp
 
-  def _part(self, span: int) -> Slots:
-    """The state with only the cache's segments up to span."""
+  def _part(self, span: int) -> tuple[int, Slots]:
+    """(m, the state with only the cache's first m segments: those up to span)."""
     m = self.spans.index(span) + 1
-    return self.state.replace(cache=slot_cache.with_segments(self.state.cache, lambda x: x[:m]))
+    return m, self.state.replace(cache=slot_cache.with_segments(self.state.cache, lambda x: x[:m]))
 
   def _run_generate(self, width: int, span: int):
     """generate over the cache's segments up to span; the others stay where they are."""
-    m = self.spans.index(span) + 1
-    whole, part = self.state, self._part(span)
+    whole, (m, part) = self.state, self._part(span)
     key = ("generate", width, span)  # part's buffers are donated
     part, out = self._call(key, self._generate, self.params, part, static=(width,))
     join = lambda new, old: new + old[m:] if slot_cache.is_segments(new) else new

@@ -48,11 +48,12 @@ def export(
   checkpointer.save(os.path.join(out_dir, "params"), params)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    for name in ("tokenizer.json", chat_template.SAVED):
+    for name in ("config.json", "tokenizer.json", chat_template.SAVED):
       if os.path.exists(os.path.join(workdir, name)):
         shutil.copy(os.path.join(workdir, name), os.path.join(out_dir, name))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    if weights == "int8":  # the run's config, saying so
+      with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, "export.json"), "w") as f:
       json.dump({"step": meta["step"], "from": os.path.abspath(workdir)}, f)
     full = checkpoint.directory_bytes(
@@ -71,6 +72,7 @@ def export(
 def export_hf(workdir: str, out_dir: str | None = None) -> str:
   """--export_format=hf: a run's newest params as a GPT2LMHeadModel directory."""
   run = inference.load(workdir)
+  inference.check_float(run.model.cfg.quant, workdir, "be written as Hugging Face's GPT-2")
   out_dir = out_dir or os.path.join(workdir, "export_hf")
   hf.save(run.params, run.model.cfg, out_dir, run.tokenizer)
   print(

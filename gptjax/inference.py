@@ -164,7 +164,18 @@ def adopt_init_from(config) -> list[str]:
   what changed."""
   if not config.init_from or is_hf(config.init_from):
     return []
-  return config_lib.adopt(config, config_lib.load_saved(workdir_lib.run_files(config.init_from)))
+  source = config_lib.load_saved(workdir_lib.run_files(config.init_from))
+  check_float(source.model.quant, f"config.init_from={config.init_from}", "start training")
+  return config_lib.adopt(config, source)
+
+
+def check_float(quant: str, what: str, to: str) -> None:
+  """int8 weights cannot be trained on or written as Hugging Face's float GPT-2."""
+  if quant == "int8":
+    raise UserError(
+      f"{what} holds int8 weights (an int8 export), which cannot {to}; use the float run "
+      "or its float export (--mode=export without --quantize)"
+    )
 
 
 def init_from(source: str, cfg: GPTConfig):
@@ -173,6 +184,7 @@ def init_from(source: str, cfg: GPTConfig):
   if is_hf(source):
     return hf.load_params(source, cfg), source
   loaded = load(source)
+  check_float(loaded.model.cfg.quant, source, "start training")
   return to_layout(per_layer(loaded.params, loaded.model.cfg), cfg), f"{source} ({loaded.where})"
 
 

@@ -8,22 +8,22 @@
   KV cache   one scale per (token, head) over the head dim; attention applies the keys'
              scales to the scores and the values' to the probabilities
 
-Written by hand rather than with Qwix (BUILD_NOTES.md, "int8"): Qwix quantizes only the
+Written by hand rather than with Qwix (BUILD_NOTES.md, "int8 inference"): Qwix quantizes only the
 projections (the tied embedding/head, 31% of GPT-2 small, stays float), mis-scales scanned
 layers, and works by swapping jnp/lax functions globally while the model runs.
 """
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import config as config_lib
 from gptjax.errors import UserError
-from gptjax.layers import SCALE, dequantize, quantize
+from gptjax.layers import SCALE, quantize
 from gptjax.model import STACKED
 
-MODES = ("none", "int8")  # config.model.quant and config.model.kv_quant
+MODES = config_lib.CHOICES["model.quant"]  # and model.kv_quant's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,24 +70,3 @@ def quantize_params(params) -> dict:
     return out
 
   return walk(params, ())
-
-
-def dequantize_params(qparams) -> dict:
-  """The int8 tree back to float32 (for checks: the round trip and its quality)."""
-
-  def walk(node, path):
-    out = {}
-    for key, value in node.items():
-      if isinstance(value, dict):
-        out[key] = walk(value, (*path, key))
-      elif not key.endswith(SCALE):
-        axes = _contracted(path, key, np.ndim(value))
-        scale = node.get(key + SCALE)
-        out[key] = value if scale is None else dequantize(value, scale, axes)
-    return out
-
-  return walk(qparams, ())
-
-
-def is_quantized(params) -> bool:
-  return any(jnp.dtype(x.dtype) == jnp.int8 for x in jax.tree.leaves(params))

@@ -13,7 +13,7 @@ import pytest
 from conftest import ONE_DEVICE, run_cli, tiny_config
 
 from gptjax import config as config_lib
-from gptjax import decode, inference, loop, quantize, sharding
+from gptjax import decode, export, inference, loop, quantize, sharding
 from gptjax.errors import UserError
 from gptjax.layers import SCALE, dequantize
 from gptjax.layers import quantize as int8
@@ -115,12 +115,16 @@ def test_an_int8_export_is_small_and_loads_as_it_is(trained_tiny, tmp_path):
   assert "in int8" in proc.stdout
   assert json.load(open(out / "config.json"))["model"]["quant"] == "int8"
   run = inference.load(str(out))
-  assert run.model.cfg.quant == "int8" and quantize.is_quantized(run.params)
+  assert run.model.cfg.quant == "int8" and run.params["wte"]["embedding"].dtype == jnp.int8
   want = inference.quantized(inference.load(str(trained_tiny)), INT8)
   for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(run.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(UserError, match="already holds int8 weights"):
     inference.load(str(out), quant=INT8)
+  with pytest.raises(UserError, match="cannot be written as Hugging Face's GPT-2"):
+    export.export_hf(str(out), str(tmp_path / "hf"))
+  with pytest.raises(UserError, match="holds int8 weights .* cannot start training"):
+    inference.adopt_init_from(tiny_config(init_from=str(out)))
   proc = run_cli(f"--workdir={out}", "--mode=sample", "--max_new_tokens=8", "--kv_quant=int8")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "int8 KV cache" in proc.stderr
