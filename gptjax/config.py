@@ -7,10 +7,10 @@ can type-check `--config.a.b=value` overrides and reject unknown keys by name.
 
 import json
 import math
-import os
 
 from ml_collections import config_dict
 
+from gptjax import storage
 from gptjax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -106,6 +106,8 @@ def default_config() -> config_dict.ConfigDict:
   # bpe: a tokenizer.json, or a directory with it or vocab.json + merges.txt (None: the
   # init_from directory's files if any, else tiktoken's gpt2); sentencepiece: a .model file.
   c.data.tokenizer_path = config_dict.placeholder(str)
+  # A workdir on a bucket: each host memory-maps the run's token files from here (by key)
+  c.data.cache_dir = "~/.cache/gptjax/data"
 
   c.optim = config_dict.ConfigDict()
   c.optim.lr = 6e-4
@@ -324,10 +326,9 @@ def upgrade(saved: dict) -> config_dict.ConfigDict:
 
 def load_saved(directory: str) -> config_dict.ConfigDict:
   """The config a run in `directory` (a workdir or an export) was trained with, upgraded."""
-  path = os.path.join(directory, "config.json")
+  path = storage.join(directory, "config.json")
   try:
-    with open(path) as f:
-      return upgrade(json.load(f))
+    return upgrade(json.loads(storage.read_text(path)))
   except FileNotFoundError:
     raise UserError(
       f"{path} not found: {directory} holds no training run; pass the --workdir of a run"

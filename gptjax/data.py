@@ -10,7 +10,6 @@ nothing else.
 import dataclasses
 import errno
 import functools
-import glob
 import hashlib
 import json
 import os
@@ -18,10 +17,11 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterable
 
+import jax
 import numpy as np
 from grain.experimental import index_shuffle
 
-from gptjax import chat_template, task_data, tfds_data
+from gptjax import chat_template, storage, task_data, tfds_data
 from gptjax import tokenizer as tokenizer_lib
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
@@ -99,10 +99,15 @@ def load(config, workdir: str) -> Data:
   for split in ("train", "val"):
     try:
       tokens, n_bytes = _tokenize_cached(
-        docs[split], tokenizer, split, _fingerprint(data_config), os.path.join(workdir, "data")
+        docs[split],
+        tokenizer,
+        split,
+        _fingerprint(data_config),
+        storage.join(workdir, "data"),
+        data_config.cache_dir,
       )
     except tokenizer_lib.UnknownCharacter as e:
-      if not os.path.exists(tokenizer_file(workdir)):
+      if not storage.exists(tokenizer_file(workdir)):
         raise
       raise UserError(
         f"{e.problem} of {tokenizer_file(workdir)}, which an earlier run in this workdir "
@@ -118,7 +123,7 @@ def load(config, workdir: str) -> Data:
 def _tokenizer(config, workdir: str, docs) -> tokenizer_lib.Tokenizer:
   """The workdir's own vocabulary, else the init_from run's, else one built for the data."""
   tok_path = tokenizer_file(workdir)
-  if os.path.exists(tok_path):  # a trained workdir keeps its vocabulary, so ids stay stable
+  if storage.exists(tok_path):  # a trained workdir keeps its vocabulary, so ids stay stable
     tokenizer = tokenizer_lib.load(tok_path)
   elif config.init_from and not config.init_from.startswith("hf:"):  # vocabulary of the weights
     tok_path = tokenizer_file(workdir_lib.run_files(config.init_from))
@@ -151,16 +156,14 @@ def _task(config, tokenizer, conversations: dict) -> Data:
 
 
 def tokenizer_file(workdir: str) -> str:
-  return os.path.join(workdir, "tokenizer.json")
+  return storage.join(workdir, "tokenizer.json")
 
 
 def save_tokenizer(tokenizer, workdir: str) -> None:
   """Writes the workdir's vocabulary once (after its first training step)."""
   path = tokenizer_file(workdir)
-  if not os.path.exists(path):
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    tokenizer_lib.save(tokenizer, tmp)
-    os.replace(tmp, path)
+  if not storage.exists(path):
+    tokenizer_lib.save(tokenizer, path)
 
 
 def save_run_files(tokenizer, config, workdir: str) -> None:
@@ -200,14 +203,13 @@ def _sources(data_config, task=None) -> dict[str, Callable[[], Iterable[str]]]:
 
 def read_text_files(path: str, flag: str = "config.data.path") -> list[str]:
   """The contents of a file or of every file a glob matches (sorted), as UTF-8 text."""
-  files = sorted(glob.glob(os.path.expanduser(path)))
+  files = storage.glob(path)
   if not files:
     raise UserError(f"no file matches {flag}={path!r}; check the path or glob")
   texts = []
   for f in files:
     try:
-      with open(f, encoding="utf-8") as fh:
-        texts.append(fh.read())
+      texts.append(storage.read_text(f))
     except (OSError, UnicodeDecodeError) as e:
       raise UserError(f"cannot read text file {f}: {e}; pass a readable UTF-8 file") from None
   return texts
@@ -228,30 +230,56 @@ _FINGERPRINT = ("source", "tfds_name", "train_split", "val_split", "text_feature
 def _fingerprint(data_config) -> dict:
   fp = {k: data_config[k] for k in _FINGERPRINT}
   if data_config.source == "text":  # a changed file must be re-tokenized
-    fp["files"] = [
-      (f, os.path.getsize(f), os.path.getmtime(f))
-      for f in sorted(glob.glob(os.path.expanduser(data_config.path)))
-    ]
+    fp["files"] = [(f, *storage.version(f)) for f in storage.glob(data_config.path)]
   return fp
 
 
-def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir):
-  """Returns (memory-mapped tokens, UTF-8 bytes of text) for a split, tokenizing once."""
+def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir, local_cache):
+  """Returns (memory-mapped tokens, UTF-8 bytes of text) for a split, tokenizing once.
+
+  A cache_dir on a bucket cannot be memory-mapped: each host keeps a local copy under
+  local_cache, named by the key. A host without it downloads the run's files if their key
+  matches, else tokenizes them itself; process 0 then uploads them (the .json last, so a
+  listed .json always has its tokens)."""
+  key = json.loads(json.dumps(_cache_key(tokenizer, fingerprint)))
+  if not storage.is_url(cache_dir):
+    return _tokenize_local(docs, tokenizer, split, key, cache_dir)
+  name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+  local = os.path.join(os.path.expanduser(local_cache), name)
+  remote = {f: storage.join(cache_dir, f"{split}{f}") for f in (".bin", ".bin.json")}
+  if _cached_meta(os.path.join(local, f"{split}.bin"), key) is None:
+    if _cached_meta(remote[".bin"], key) is not None:
+      os.makedirs(local, exist_ok=True)
+      for f in (".bin", ".bin.json"):
+        storage.download(remote[f], os.path.join(local, f"{split}{f}"))
+  out = _tokenize_local(docs, tokenizer, split, key, local)
+  if jax.process_index() == 0 and _cached_meta(remote[".bin"], key) is None:
+    for f in (".bin", ".bin.json"):
+      storage.upload(os.path.join(local, f"{split}{f}"), remote[f])
+  return out
+
+
+def _cache_key(tokenizer, fingerprint) -> dict:
+  vocab = json.dumps(tokenizer.to_dict(), sort_keys=True).encode()
+  return {"source": fingerprint, "tokenizer": hashlib.sha256(vocab).hexdigest()}
+
+
+def _cached_meta(bin_path: str, key: dict) -> dict | None:
+  """The token file's metadata when both files exist and were made for `key`."""
+  meta_path = bin_path + ".json"
+  if not (storage.exists(meta_path) and storage.exists(bin_path)):
+    return None
+  meta = json.loads(storage.read_text(meta_path))
+  return meta if meta.get("key") == key else None
+
+
+def _tokenize_local(docs, tokenizer, split, key, cache_dir):
   os.makedirs(cache_dir, exist_ok=True)
   bin_path = os.path.join(cache_dir, f"{split}.bin")
   meta_path = bin_path + ".json"
-  key = {
-    "source": fingerprint,
-    "tokenizer": hashlib.sha256(
-      json.dumps(tokenizer.to_dict(), sort_keys=True).encode()
-    ).hexdigest(),
-  }
   dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-  meta = None
-  if os.path.exists(meta_path) and os.path.exists(bin_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
-  if meta is None or meta.get("key") != json.loads(json.dumps(key)):
+  meta = _cached_meta(bin_path, key)
+  if meta is None:
     n_bytes, eot = 0, np.array([tokenizer.eot_id], dtype)
     tmp = f"{bin_path}.{uuid.uuid4().hex}.tmp"  # processes sharing a workdir never collide
     try:

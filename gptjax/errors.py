@@ -4,9 +4,7 @@ The programs (gptjax/cli.py) turn a UserError into one line and exit code 1; any
 a bug and keeps its traceback.
 """
 
-import os
 import re
-import uuid
 
 # The fix for a step that does not fit a device (metrics.check_fits before compiling, cli on an
 # out-of-memory error while running).
@@ -39,22 +37,6 @@ def out_of_memory_fix(config=None) -> str:
 
 class UserError(Exception):
   """A bad input: the message names the bad value and how to fix it."""
-
-
-def ensure_writable_dir(path: str, flag: str) -> None:
-  """Creates `path` if needed and proves it writable, or names `flag` as the fix."""
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UserError(
-      f"{flag}={path} is a file, not a directory; pass a directory (it is created if missing)"
-    )
-  try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write_test.{uuid.uuid4().hex}")  # hosts may share it
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"cannot write to {path!r} ({e.strerror}); pass a writable {flag}") from None
 
 
 def describe(e: BaseException) -> str:

@@ -16,14 +16,24 @@ EVAL_DIR gets scores.json and predictions.jsonl, each written whole (tmp + renam
 
 import dataclasses
 import json
-import os
 
 import jax
 import numpy as np
 
-from gptjax import chat_template, data, decode, inference, packing, quantize, scores, task_data
-from gptjax.errors import UserError, ensure_writable_dir
+from gptjax import (
+  chat_template,
+  data,
+  decode,
+  inference,
+  packing,
+  quantize,
+  scores,
+  storage,
+  task_data,
+)
+from gptjax.errors import UserError
 from gptjax.loss import cross_entropy
+from gptjax.storage import ensure_writable_dir
 from gptjax.tokenizer import EOT, UnknownCharacter
 
 
@@ -63,7 +73,7 @@ def run(workdir: str, options: Options, config=None) -> dict:
       f"--eval_template applies to conversations (.jsonl), and --eval_data={path} is text; "
       "drop --eval_template"
     )
-  out = {"checkpoint": loaded.where, "data": os.path.abspath(path), "kind": kind}
+  out = {"checkpoint": loaded.where, "data": storage.absolute(path), "kind": kind}
   predictions = None
   if kind == "text":
     stride = options.stride or max(1, loaded.model.cfg.block_size // 2)
@@ -77,14 +87,14 @@ def run(workdir: str, options: Options, config=None) -> dict:
     if options.generate:
       predictions, generated = generate(loaded, template, conversations, options)
       out.update(generated)
-  eval_dir = options.eval_dir or os.path.join(workdir, "eval")
+  eval_dir = options.eval_dir or storage.join(workdir, "eval")
   ensure_writable_dir(eval_dir, "--eval_dir")
   if predictions is not None:
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-    _write(os.path.join(eval_dir, "predictions.jsonl"), lines)
-  elif os.path.exists(os.path.join(eval_dir, "predictions.jsonl")):  # an older evaluation's:
-    os.remove(os.path.join(eval_dir, "predictions.jsonl"))  # it pairs with the scores replaced
-  _write(os.path.join(eval_dir, "scores.json"), json.dumps(out, indent=2) + "\n")
+    _write(storage.join(eval_dir, "predictions.jsonl"), lines)
+  elif storage.exists(storage.join(eval_dir, "predictions.jsonl")):  # an older evaluation's:
+    storage.remove(storage.join(eval_dir, "predictions.jsonl"))  # it pairs with the scores replaced
+  _write(storage.join(eval_dir, "scores.json"), json.dumps(out, indent=2) + "\n")
   print(summary(out, eval_dir), flush=True)
   return out
 
@@ -105,10 +115,7 @@ def data_path(given: str | None, config) -> tuple[str, str, str]:
 
 def _write(path: str, text: str) -> None:
   """Replaces path whole, so a reader never sees half a file."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  storage.write_text(path, text)
 
 
 def token_losses(loaded: inference.Loaded, batch: int):

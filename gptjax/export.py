@@ -5,16 +5,15 @@ hf      WORKDIR/export_hf: a GPT2LMHeadModel directory (hf.save) that transforme
 """
 
 import json
-import os
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
 
-from gptjax import chat_template, checkpoint, hf, inference, quantize
+from gptjax import chat_template, checkpoint, hf, inference, quantize, storage
 from gptjax import config as config_lib
-from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.errors import UserError
 from gptjax.metrics import format_bytes
+from gptjax.storage import ensure_writable_dir
 
 
 def export(
@@ -33,33 +32,33 @@ def export(
   )
   if restored is None:
     raise UserError(
-      f"no checkpoint in {os.path.join(workdir, checkpoint.CHECKPOINTS)}; train first "
+      f"no checkpoint in {storage.join(workdir, checkpoint.CHECKPOINTS)}; train first "
       "(checkpoints are saved every config.checkpoint.every steps and at the end)"
     )
   params, meta = restored
   if weights == "int8":  # loads as it is written: config.model.quant says int8
     params = jax.jit(quantize.quantize_params)(params)
     config.model.quant = "int8"
-  out_dir = os.path.abspath(out_dir or os.path.join(workdir, inference.EXPORT))
+  out_dir = storage.absolute(out_dir or storage.join(workdir, inference.EXPORT))
   ensure_writable_dir(out_dir, "--export_dir")
-  if os.path.exists(os.path.join(out_dir, "params")):
-    shutil.rmtree(os.path.join(out_dir, "params"))
+  if storage.exists(storage.join(out_dir, "params")):
+    storage.rmtree(storage.join(out_dir, "params"))
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(out_dir, "params"), params)
+  checkpointer.save(storage.join(out_dir, "params"), params)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     for name in ("config.json", "tokenizer.json", chat_template.SAVED):
-      if os.path.exists(os.path.join(workdir, name)):
-        shutil.copy(os.path.join(workdir, name), os.path.join(out_dir, name))
+      if storage.exists(storage.join(workdir, name)):
+        storage.copy(storage.join(workdir, name), storage.join(out_dir, name))
     if weights == "int8":  # the run's config, saying so
-      with open(os.path.join(out_dir, "config.json"), "w") as f:
+      with storage.open(storage.join(out_dir, "config.json"), "w") as f:
         json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
-    with open(os.path.join(out_dir, "export.json"), "w") as f:
-      json.dump({"step": meta["step"], "from": os.path.abspath(workdir)}, f)
+    with storage.open(storage.join(out_dir, "export.json"), "w") as f:
+      json.dump({"step": meta["step"], "from": storage.absolute(workdir)}, f)
     full = checkpoint.directory_bytes(
-      os.path.join(workdir, checkpoint.CHECKPOINTS, str(meta["step"]))
+      storage.join(workdir, checkpoint.CHECKPOINTS, str(meta["step"]))
     )
-    size = checkpoint.directory_bytes(os.path.join(out_dir, "params"))
+    size = checkpoint.directory_bytes(storage.join(out_dir, "params"))
     print(
       f"exported step {meta['step']} params{' in int8' if weights == 'int8' else ''} to "
       f"{out_dir} ({format_bytes(size)}; the "
@@ -73,7 +72,7 @@ def export_hf(workdir: str, out_dir: str | None = None) -> str:
   """--export_format=hf: a run's newest params as a GPT2LMHeadModel directory."""
   run = inference.load(workdir)
   inference.check_float(run.model.cfg.quant, workdir, "be written as Hugging Face's GPT-2")
-  out_dir = out_dir or os.path.join(workdir, "export_hf")
+  out_dir = out_dir or storage.join(workdir, "export_hf")
   hf.save(run.params, run.model.cfg, out_dir, run.tokenizer)
   print(
     f"wrote {run.where} of {workdir} as a Hugging Face GPT-2 directory {out_dir} (load it with "

@@ -19,8 +19,7 @@ N = heads, H = D / N, F = d_ff, V = vocabulary):
                                            wte, never read or written; False: lm_head/kernel
                                            (D, padded V), padding columns zero
 
-What the tensors cannot say comes from config.json and must match the gptjax config
-(check_config): n_head, tie_word_embeddings, layer_norm_epsilon.
+config.json says what the tensors cannot (check_config): n_head, tie_embeddings, norm eps.
 """
 
 import json
@@ -31,7 +30,8 @@ import zipfile
 
 import numpy as np
 
-from gptjax.errors import UserError, describe, ensure_writable_dir
+from gptjax import storage
+from gptjax.errors import UserError, describe
 from gptjax.model import layer_name, per_layer, to_layout
 
 _PREFIX = "transformer."
@@ -68,8 +68,7 @@ def directory(init_from: str, model=None) -> str:
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path, encoding="utf-8") as f:
-      out = json.load(f)
+    out = json.loads(storage.read_text(path))
   except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
     raise UserError(f"{path} is not readable JSON ({describe(e)}); {_RESAVE}") from None
   if not isinstance(out, dict):
@@ -364,10 +363,8 @@ def from_params(params, cfg) -> dict[str, np.ndarray]:
 def save(params, cfg, out_dir: str, tokenizer=None) -> None:
   """Writes a GPT2LMHeadModel directory: config.json, model.safetensors (+ tokenizer.json
   when the tokenizer is a Hugging Face BPE)."""
-  from safetensors.numpy import save_file
-
   tensors = from_params(params, cfg)  # a model GPT-2 cannot hold fails before any mkdir
-  ensure_writable_dir(out_dir, "--export_dir")
+  storage.ensure_writable_dir(out_dir, "--export_dir")
   eot = tokenizer.eot_id if tokenizer is not None else cfg.vocab_size - 1
   config = {
     "architectures": ["GPT2LMHeadModel"],
@@ -391,9 +388,12 @@ def save(params, cfg, out_dir: str, tokenizer=None) -> None:
     "use_cache": True,
     "torch_dtype": "float32",
   }
-  save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
+  from safetensors.numpy import save
+
+  with storage.open(storage.join(out_dir, "model.safetensors"), "wb") as f:  # also a bucket
+    f.write(save(tensors, metadata={"format": "pt"}))
+  with storage.open(storage.join(out_dir, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
   if getattr(tokenizer, "hf_json", None):
-    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+    with storage.open(storage.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
       f.write(tokenizer.hf_json)

@@ -9,7 +9,6 @@ Parameters land on one device, or laid out over a mesh by the config's rules tab
 """
 
 import dataclasses
-import os
 import sys
 import time
 from typing import Any
@@ -18,7 +17,17 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from gptjax import chat_template, checkpoint, data, decode, hf, quantize, sharding, tokenizer
+from gptjax import (
+  chat_template,
+  checkpoint,
+  data,
+  decode,
+  hf,
+  quantize,
+  sharding,
+  storage,
+  tokenizer,
+)
 from gptjax import config as config_lib
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
@@ -73,37 +82,37 @@ def quantized(loaded: Loaded, quant: quantize.Quant, mesh=None) -> Loaded:
 def _load(workdir: str, config, mesh) -> Loaded:
   if config is not None:
     return _load_config(workdir, config, mesh)
-  export_dir = os.path.join(workdir, EXPORT)
-  if os.path.isdir(os.path.join(workdir, "params")):  # an export directory itself
+  export_dir = storage.join(workdir, EXPORT)
+  if storage.isdir(storage.join(workdir, "params")):  # an export directory itself
     export_dir = workdir
-  config_dir = workdir if os.path.exists(os.path.join(workdir, "config.json")) else export_dir
-  if not os.path.exists(os.path.join(config_dir, "config.json")):
+  config_dir = workdir if storage.exists(storage.join(workdir, "config.json")) else export_dir
+  if not storage.exists(storage.join(config_dir, "config.json")):
     raise UserError(
       f"{workdir} holds no training run (no config.json, checkpoints or export); "
       "pass the --workdir of a run, or --config=... with "
       "--config.init_from=hf:DIR"
     )
   config = config_lib.load_saved(config_dir)
-  if os.path.exists(os.path.join(config_dir, chat_template.SAVED)):  # what it trained on
-    config.data.chat_template = os.path.join(config_dir, chat_template.SAVED)
+  if storage.exists(storage.join(config_dir, chat_template.SAVED)):  # what it trained on
+    config.data.chat_template = storage.join(config_dir, chat_template.SAVED)
   model = GPT(GPTConfig.from_config(config.model, config.model.vocab_size))
   target, shardings = param_layout(config, mesh)
   restored = None
-  if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS)):
+  if storage.isdir(storage.join(workdir, checkpoint.CHECKPOINTS)):
     note = lambda message: print(message, file=sys.stderr, flush=True)  # stdout: results only
     restored = checkpoint.Checkpoints(workdir, warn=note).restore_params(
       target, shardings, set_aside=False
     )
   if restored is not None:
     params, where = restored[0], f"checkpoint {restored[1]['step']}"
-  elif os.path.isdir(os.path.join(export_dir, "params")):
+  elif storage.isdir(storage.join(export_dir, "params")):
     params, where = load_export(export_dir, target, shardings), "export"
   else:
     raise UserError(
       f"{workdir} has no checkpoint and no export; train there first (or pass "
       "the --workdir of a trained run)"
     )
-  tok = tokenizer.load(os.path.join(config_dir, "tokenizer.json"))
+  tok = tokenizer.load(storage.join(config_dir, "tokenizer.json"))
   return Loaded(model, params, tok, where, config)
 
 
@@ -122,7 +131,7 @@ def _load_config(workdir: str, config, mesh) -> Loaded:
   """--config given to sample, chat or evaluate: the weights its init_from names (a trained
   workdir has its own config, and a --config beside it would be silently ignored)."""
   if any(
-    os.path.exists(os.path.join(d, "config.json")) for d in (workdir, os.path.join(workdir, EXPORT))
+    storage.exists(storage.join(d, "config.json")) for d in (workdir, storage.join(workdir, EXPORT))
   ):
     raise UserError(
       f"--workdir={workdir} holds a trained run, which brings its own config; drop --config "
@@ -190,8 +199,8 @@ def init_from(source: str, cfg: GPTConfig):
 
 def load_export(export_dir: str, abstract, shardings):
   """Params from an export directory, laid out by `shardings`."""
-  path = os.path.join(os.path.abspath(export_dir), "params")
-  if not os.path.isdir(path):
+  path = storage.join(storage.absolute(export_dir), "params")
+  if not storage.isdir(path):
     raise UserError(f"{export_dir} holds no exported params; run --mode=export first")
   return ocp.StandardCheckpointer().restore(path, checkpoint.with_shardings(abstract, shardings))
 

@@ -12,21 +12,21 @@ themselves are pure (train.py).
 import dataclasses
 import json
 import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import checkpoint, hf, inference, runtime, sharding
+from gptjax import checkpoint, hf, inference, runtime, sharding, storage
 from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import metrics as metrics_lib
 from gptjax import workdir as workdir_lib
 from gptjax.attention import resolve_implementation
-from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.errors import UserError
 from gptjax.model import count_params
+from gptjax.storage import ensure_writable_dir
 from gptjax.train import Setup, TrainState, setup
 
 
@@ -40,7 +40,7 @@ def say(message: str) -> None:
 
 def prepare(
   config, workdir: str, need_data: bool = True, lock: bool = False
-) -> tuple[Setup, data_lib.Data | None, workdir_lib.Lock | None]:
+) -> tuple[Setup, data_lib.Data | None, "workdir_lib.FileLock | workdir_lib.Lease | None"]:
   """Everything before the first step: processes, mesh, data, compiled steps, memory check.
 
   need_data=False (compile_only with config.model.vocab_size set) reads no data at all.
@@ -134,7 +134,7 @@ def restore_or_init(config, workdir: str, s: Setup, ckpt: checkpoint.Checkpoints
       )
     say(f"resumed from checkpoint {start.step} in {ckpt.manager.directory}")
     return start
-  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+  if storage.exists(storage.join(workdir, "metrics.jsonl")):
     say(
       f"warning: {workdir} holds metrics but no checkpoint; training starts at step 0 and "
       "appends to metrics.jsonl (use a fresh --workdir to keep runs apart)"
@@ -165,8 +165,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start = restore_or_init(config, workdir, s, ckpt)
     resolved = config_lib.resolved(config, s.model.cfg.vocab_size)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(resolved, f, indent=2, sort_keys=True)
+      storage.write_text(
+        storage.join(workdir, "config.json"), json.dumps(resolved, indent=2, sort_keys=True)
+      )
     if start.step >= config.train.num_steps:
       ckpt.close()
       return _nothing_to_do(config, workdir, start.step)
@@ -187,11 +188,10 @@ def _nothing_to_do(config, workdir: str, step: int) -> dict:
     f"{config.train.num_steps}); to train on, raise --config.train.num_steps (and set "
     "--config.optim.decay_steps to keep the old learning-rate schedule)"
   )
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "summary.json")
+  if not storage.exists(path):
     return {"steps": step}
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 class Run:
@@ -271,6 +271,7 @@ class Run:
       if evaluating and not self._evaluate(step, meta, stop):
         preempted, save = stop.received, True  # a signal during the eval: save now
       if save:
+        self.writer.flush()  # on a bucket: every line up to this checkpoint is uploaded
         self.ckpt.save(self.state, meta)
     return preempted
 
@@ -387,8 +388,7 @@ def summarize(run: Run, preempted_at) -> dict:
   if preempted_at:
     return summary
   if jax.process_index() == 0:
-    with open(os.path.join(run.workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    storage.write_text(storage.join(run.workdir, "summary.json"), json.dumps(summary, indent=2))
   rate = f", median {median:.2f} ms/step, {tokens_per_s / 1e3:.1f}k tok/s" if median else ""
   val = f", final val_loss {summary['final_val_loss']:.4f}" if val_losses else ""
   say(

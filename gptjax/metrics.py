@@ -28,6 +28,7 @@ import time
 import jax
 import numpy as np
 
+from gptjax import storage
 from gptjax.errors import UserError, out_of_memory_fix
 
 # Dense (no sparsity) bf16 peak TFLOP/s per device, from the vendors' data sheets. Matched
@@ -75,20 +76,34 @@ def throughput(tokens_per_s: float, cfg, devices: int, device_kind: str) -> dict
 
 
 class MetricWriter:
-  """Appends `{"step": s, **scalars}` lines to metrics.jsonl and mirrors them to TensorBoard."""
+  """Appends `{"step": s, **scalars}` lines to metrics.jsonl and mirrors them to TensorBoard.
+
+  Locally each line is appended and flushed as it is logged. A bucket has no append: there
+  the file is rewritten whole from the lines held here, at most every UPLOAD_S seconds and
+  at every flush() (before each checkpoint, so a resume finds every line up to it) and
+  close()."""
+
+  UPLOAD_S = 30.0
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     """resume_step: a run resumed from that step; lines logged after it are dropped (the
     resumed run logs those steps again), so the files read as one uninterrupted run."""
     self.enabled = enabled
     self._jsonl = self._tb = None
+    self.path = storage.join(workdir, "metrics.jsonl")
+    self._lines, self._uploaded = None, 0.0
     if enabled:
       from tensorboardX import SummaryWriter  # light: no TensorFlow import
 
-      path = os.path.join(workdir, "metrics.jsonl")
-      if resume_step is not None:
-        _truncate_jsonl(path, resume_step)
-      self._jsonl = open(path, "a")
+      remote = storage.is_url(self.path)
+      kept = _kept_lines(self.path, resume_step) if remote or resume_step is not None else []
+      if remote:
+        self._lines = kept
+        self._upload()
+      else:
+        if resume_step is not None:
+          storage.write_text(self.path, "".join(kept))
+        self._jsonl = open(self.path, "a")
       self._tb = SummaryWriter(
         logdir=workdir, flush_secs=30, purge_step=None if resume_step is None else resume_step + 1
       )
@@ -97,21 +112,37 @@ class MetricWriter:
     if not self.enabled:
       return
     clean = {k: _finite_or_str(v) for k, v in scalars.items()}
+    line = json.dumps({"step": int(step), **clean}) + "\n"
     try:
-      self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-      self._jsonl.flush()  # a killed run keeps every line it logged
+      if self._lines is not None:
+        self._lines.append(line)
+        if time.monotonic() - self._uploaded >= self.UPLOAD_S:
+          self._upload()
+      else:
+        self._jsonl.write(line)
+        self._jsonl.flush()  # a killed run keeps every line it logged
     except OSError as e:
       raise UserError(
-        f"cannot write {self._jsonl.name} ({e.strerror}); free some space or use another --workdir"
+        f"cannot write {self.path} ({e.strerror}); free some space or use another --workdir"
       ) from None
     for name, value in clean.items():
       if isinstance(value, (int, float)):
         self._tb.add_scalar(name, value, int(step))
 
+  def _upload(self) -> None:
+    storage.write_text(self.path, "".join(self._lines))
+    self._uploaded = time.monotonic()
+
+  def flush(self) -> None:
+    """Every line logged so far is in the workdir (a no-op locally: lines are flushed)."""
+    if self.enabled and self._lines is not None:
+      self._upload()
+
   def close(self) -> None:
     """Closes both files; on a full disk the last lines are lost, not the exit's message."""
     if self.enabled:
-      for close in (self._jsonl.close, self._tb.close):
+      closes = (self._jsonl.close if self._jsonl else self.flush, self._tb.close)
+      for close in closes:
         try:
           close()
         except OSError:
@@ -156,21 +187,19 @@ def progress_line(
   )
 
 
-def _truncate_jsonl(path: str, step: int) -> None:
-  """Keeps the lines of steps <= step (and drops a line cut short by a kill)."""
-  if not os.path.exists(path):
-    return
+def _kept_lines(path: str, step: int | None) -> list[str]:
+  """The file's lines of steps <= step (all of them when step is None), without a line cut
+  short by a kill."""
+  if not storage.exists(path):
+    return []
   keep = []
-  with open(path) as f:
-    for line in f:
-      try:
-        if json.loads(line)["step"] <= step:
-          keep.append(line if line.endswith("\n") else line + "\n")
-      except (ValueError, KeyError):
-        continue
-  with open(path + ".tmp", "w") as f:
-    f.writelines(keep)
-  os.replace(path + ".tmp", path)
+  for line in storage.read_text(path).splitlines():
+    try:
+      if step is None or json.loads(line)["step"] <= step:
+        keep.append(line + "\n")
+    except (ValueError, KeyError):
+      continue
+  return keep
 
 
 class Timer:

@@ -9,13 +9,13 @@ import json
 import math
 import os
 
-from gptjax import cli, sweep
+from gptjax import cli, storage, sweep
 from gptjax.errors import UserError
 
 
 def _read_jsonl(path: str) -> list[dict]:
   rows = []
-  with open(path) as f:
+  with storage.open(path) as f:
     for line in f:
       if line.strip():
         rows.append(json.loads(line))
@@ -24,26 +24,26 @@ def _read_jsonl(path: str) -> list[dict]:
 
 def collect(root: str) -> list[dict]:
   """One row per variant directory that has metrics.jsonl (in the sweep's order)."""
-  if not os.path.isdir(root):
+  if not storage.isdir(root):
     raise UserError(
       f"{root!r} is not a directory; pass the directory a sweep ran in (its --workdir)"
     )
-  record = os.path.join(root, "sweep.json")
-  overrides = json.load(open(record))["variants"] if os.path.exists(record) else {}
-  names = list(overrides) + sorted(n for n in os.listdir(root) if n not in overrides)
+  record = storage.join(root, "sweep.json")
+  overrides = json.loads(storage.read_text(record))["variants"] if storage.exists(record) else {}
+  names = list(overrides) + sorted(n for n in storage.listdir(root) if n not in overrides)
   rows = []
   for name in names:
-    metrics = os.path.join(root, name, "metrics.jsonl")
-    failure_path = os.path.join(root, name, sweep.FAILED)
-    if not os.path.isfile(metrics) and not os.path.isfile(failure_path):
+    metrics = storage.join(root, name, "metrics.jsonl")
+    failure_path = storage.join(root, name, sweep.FAILED)
+    if not storage.isfile(metrics) and not storage.isfile(failure_path):
       continue  # not a variant, or one that never started
-    lines = _read_jsonl(metrics) if os.path.isfile(metrics) else []
+    lines = _read_jsonl(metrics) if storage.isfile(metrics) else []
     train = [(m["step"], m["loss"]) for m in lines if "loss" in m]
     val = [(m["step"], m["val_loss"]) for m in lines if "val_loss" in m]
     speeds = sorted(m["tokens_per_sec"] for m in lines if "tokens_per_sec" in m)
-    summary_path = os.path.join(root, name, "summary.json")
-    summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-    failure = open(failure_path).read().strip() if os.path.exists(failure_path) else None
+    summary_path = storage.join(root, name, "summary.json")
+    summary = json.loads(storage.read_text(summary_path)) if storage.exists(summary_path) else {}
+    failure = storage.read_text(failure_path).strip() if storage.exists(failure_path) else None
     rows.append(
       {
         "variant": name,
@@ -110,21 +110,22 @@ def plot(rows: list[dict], path: str, title: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with storage.open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
 
 
 def report(root: str) -> str:
   rows = collect(root)
   text = table(rows)
-  with open(os.path.join(root, "report.md"), "w") as f:
+  with storage.open(storage.join(root, "report.md"), "w") as f:
     f.write(
       f"# Sweep {os.path.basename(os.path.normpath(root))}\n\n{text}\n\n"
       "![validation loss](val_loss.png)\n"
     )
   plot(
     rows,
-    os.path.join(root, "val_loss.png"),
+    storage.join(root, "val_loss.png"),
     f"validation loss: {os.path.basename(os.path.normpath(root))}",
   )
   return text
@@ -134,7 +135,7 @@ def main(argv) -> None:
   if len(argv) != 2 or argv[1].startswith("-"):
     raise UserError("usage: python -m gptjax.report SWEEP_DIR")
   print(report(argv[1]))
-  print(f"\nwrote {os.path.join(argv[1], 'report.md')} and {os.path.join(argv[1], 'val_loss.png')}")
+  print(f"\nwrote {storage.join(argv[1], 'report.md')} and {storage.join(argv[1], 'val_loss.png')}")
 
 
 if __name__ == "__main__":

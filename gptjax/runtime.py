@@ -19,7 +19,8 @@ import jax
 import jaxlib.version
 
 from gptjax import sharding
-from gptjax.errors import UserError, describe, ensure_writable_dir
+from gptjax.errors import UserError, describe
+from gptjax.storage import ensure_writable_dir
 
 # --- XLA flags -------------------------------------------------------------------------
 

@@ -20,13 +20,15 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 
 from absl import flags
 from ml_collections import config_flags
 
-from gptjax import cli
+from gptjax import cli, storage
 from gptjax import config as config_lib
-from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.errors import UserError
+from gptjax.storage import ensure_writable_dir
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+,-]*$")
 
@@ -105,10 +107,10 @@ def command(spec: str, workdir: str, common: list[str], overrides: dict) -> list
 
 
 def finished(workdir: str, num_steps: int) -> bool:
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "summary.json")
+  if not storage.exists(path):
     return False
-  with open(path) as f:
+  with storage.open(path) as f:
     summary = json.load(f)
   return summary.get("steps", 0) >= num_steps and not summary.get("preempted_at")
 
@@ -129,10 +131,10 @@ def run(
       raise UserError(f"no variant {only!r} in {spec}; it has {', '.join(variants)}")
     variants = {only: variants[only]}
   ensure_writable_dir(root, "--workdir")
-  record = os.path.join(root, "sweep.json")
-  previous = json.load(open(record)) if os.path.exists(record) else {}
+  record = storage.join(root, "sweep.json")
+  previous = json.loads(storage.read_text(record)) if storage.exists(record) else {}
   _check_same_sweep(previous, spec, common, record)
-  with open(record, "w") as f:  # what report.py reads: the overrides of every variant
+  with storage.open(record, "w") as f:  # what report.py reads: the overrides of every variant
     json.dump(
       {"config": spec, "common": common, "variants": {**previous.get("variants", {}), **variants}},
       f,
@@ -140,7 +142,7 @@ def run(
     )
   status = {}
   for name, overrides in variants.items():
-    workdir = os.path.join(root, name)
+    workdir = storage.join(root, name)
     cmd = command(spec, workdir, common, overrides)
     if print_commands:
       print(shlex.join(["python", *cmd[1:]]))
@@ -156,17 +158,17 @@ def run(
       status[name] = "skipped"
       say(f"[{name}] already finished; skipped")
       continue
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     say(f"[{name}] training in {workdir} (log: {workdir}/train.log)")
-    rc = _train(cmd, os.path.join(workdir, "train.log"), f"[{name}] ", say)
-    failure = os.path.join(workdir, FAILED)
+    rc = _train(cmd, storage.join(workdir, "train.log"), f"[{name}] ", say)
+    failure = storage.join(workdir, FAILED)
     if rc == 0 and finished(workdir, config.train.num_steps):
       status[name] = "finished"
       say(f"[{name}] finished")
-      if os.path.exists(failure):
-        os.remove(failure)  # an earlier attempt's
+      if storage.exists(failure):
+        storage.remove(failure)  # an earlier attempt's
     else:
-      status[name] = f"failed: {_cause(os.path.join(workdir, 'train.log'), rc)}"
+      status[name] = f"failed: {_cause(storage.join(workdir, 'train.log'), rc)}"
       say(f"[{name}] {status[name]} (log: {workdir}/train.log)")
       _record_failure(workdir, status[name])
   return status
@@ -174,15 +176,18 @@ def run(
 
 def _record_failure(workdir: str, why: str) -> None:
   """DIR/<variant>/FAILED says why, for gptjax.report (until an attempt finishes)."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, FAILED), "w") as f:
-    f.write(why + "\n")
+  storage.makedirs(workdir)
+  storage.write_text(storage.join(workdir, FAILED), why + "\n")
 
 
 def _train(cmd: list[str], log_path: str, prefix: str, say) -> int:
   """Runs one variant, its output appended to log_path; its step and eval lines also go to
   say(), after prefix (the sweep's console shows progress inside each variant)."""
-  with open(log_path, "a") as log:
+  remote = storage.is_url(log_path)  # a bucket has no append: the log is uploaded whole
+  local = tempfile.mkstemp(prefix="gptjax-sweep-", suffix=".log")[1] if remote else log_path
+  if remote and storage.exists(log_path):
+    storage.download(log_path, local)  # earlier attempts' lines
+  with open(local, "a") as log:
     proc = subprocess.Popen(
       cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
     )
@@ -191,7 +196,10 @@ def _train(cmd: list[str], log_path: str, prefix: str, say) -> int:
       log.flush()
       if line.startswith(("step ", "eval step ", "done: ")):
         say(prefix + line.rstrip())
-    return proc.wait()
+  if remote:
+    storage.upload(local, log_path)
+    os.remove(local)
+  return proc.wait()
 
 
 # Overrides that change where things are found, not what is trained: they may differ on a rerun.
@@ -237,7 +245,7 @@ FAILED = "sweep_failed.txt"  # DIR/<variant>/FAILED: why the variant's last atte
 def _cause(log_path: str, rc: int) -> str:
   """The failed run's one-line error, else the last line of its log (a traceback's
   exception), else its exit code."""
-  with open(log_path, errors="replace") as log:
+  with storage.open(log_path, errors="replace") as log:
     lines = [line.strip() for line in log if line.strip()]
   errors = [line for line in lines if line.startswith("gptjax: error:")]
   if errors:

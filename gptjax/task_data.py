@@ -11,7 +11,6 @@ is a UserError naming the file and line.
 
 import dataclasses
 import functools
-import glob
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ import os
 import numpy as np
 from grain.experimental import index_shuffle
 
-from gptjax import chat_template, packing
+from gptjax import chat_template, packing, storage
 from gptjax.chat_template import ROLES
 from gptjax.errors import UserError
 from gptjax.tokenizer import UnknownCharacter
@@ -43,18 +42,18 @@ def read(
   flag: str = "config.data.path",
 ) -> Records:
   """Conversations (lists of {"role", "content"}) from a JSONL file or glob, in file order."""
-  files = sorted(glob.glob(os.path.expanduser(pattern)))
+  files = storage.glob(pattern)
   if not files:
     raise UserError(f"no file matches {flag}={pattern!r}; pass a JSONL file or a glob of them")
   out, where = [], []
   for path in files:
-    if os.path.isdir(path):
+    if storage.isdir(path):
       raise UserError(
         f"{flag}={pattern!r}: {path} is a directory; pass a JSONL file or a glob such as "
         f"{os.path.join(path, '*.jsonl')}"
       )
     start = len(out)
-    with open(path, "rb") as f:  # decoded line by line, so a bad byte's line can be named
+    with storage.open(path, "rb") as f:  # decoded line by line, so a bad byte's line can be named
       for number, raw in enumerate(f, 1):
         try:
           line = raw.decode("utf-8-sig" if number == 1 else "utf-8")

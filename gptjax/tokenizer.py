@@ -16,10 +16,10 @@ import base64
 import io
 import json
 import os
-import uuid
 
 import numpy as np
 
+from gptjax import storage
 from gptjax.errors import UserError
 
 EOT = "<|endoftext|>"
@@ -159,15 +159,16 @@ class BPETokenizer(Tokenizer):
   def from_path(cls, path: str) -> "BPETokenizer":
     """A tokenizer.json file, or a directory with tokenizer.json or vocab.json + merges.txt."""
     path = os.path.expanduser(path)
-    json_file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    vocab, merges = (os.path.join(path, f) for f in ("vocab.json", "merges.txt"))
-    if os.path.isfile(json_file):
-      with open(json_file, encoding="utf-8") as f:
-        return cls(hf_json=f.read())
-    if os.path.isfile(vocab) and os.path.isfile(merges):
+    json_file = storage.join(path, "tokenizer.json") if storage.isdir(path) else path
+    vocab, merges = (storage.join(path, f) for f in ("vocab.json", "merges.txt"))
+    if storage.isfile(json_file):
+      return cls(hf_json=storage.read_text(json_file))
+    if storage.isfile(vocab) and storage.isfile(merges):
       from tokenizers import ByteLevelBPETokenizer
 
-      bpe = ByteLevelBPETokenizer(vocab, merges)  # GPT-2's pre-tokenizer and decoder
+      bpe = ByteLevelBPETokenizer(
+        *map(storage.local_copy, (vocab, merges))
+      )  # GPT-2's pre-tokenizer and decoder
       if bpe.token_to_id(EOT) is not None:
         bpe.add_special_tokens([EOT])  # keeps its id; "<|endoftext|>" in text maps to it
       return cls(hf_json=bpe.to_str())
@@ -241,7 +242,7 @@ class SentencePieceTokenizer(Tokenizer):
   @classmethod
   def from_file(cls, path: str) -> "SentencePieceTokenizer":
     try:
-      with open(os.path.expanduser(path), "rb") as f:
+      with storage.open(os.path.expanduser(path), "rb") as f:
         return cls(f.read(), source=path)
     except FileNotFoundError:
       raise UserError(
@@ -348,16 +349,12 @@ def build(kind: str, path: str | None, train_texts) -> Tokenizer:
 
 
 def save(tokenizer: Tokenizer, path: str) -> None:
-  tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # processes sharing a workdir never collide
-  with open(tmp, "w") as f:
-    json.dump(tokenizer.to_dict(), f)
-  os.replace(tmp, path)  # atomic: a crash never leaves half a vocabulary
+  storage.write_text(path, json.dumps(tokenizer.to_dict()))  # whole: never half a vocabulary
 
 
 def load(path: str) -> Tokenizer:
   try:
-    with open(path) as f:
-      return from_dict(json.load(f))
+    return from_dict(json.loads(storage.read_text(path)))
   except FileNotFoundError:
     raise UserError(f"tokenizer file {path} not found; train in this workdir first") from None
   except json.JSONDecodeError as e:

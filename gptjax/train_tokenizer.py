@@ -15,10 +15,11 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from gptjax import cli, data
+from gptjax import cli, data, storage
 from gptjax import config as config_lib
 from gptjax import tokenizer as tokenizer_lib
-from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.errors import UserError
+from gptjax.storage import ensure_writable_dir
 
 _KIND = flags.DEFINE_enum("kind", "sentencepiece", ["sentencepiece", "bpe"], "What to train.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size, specials included.")
@@ -56,15 +57,15 @@ def main(argv) -> None:
       f"--vocab_size={_VOCAB.value} is too small: the 256 byte values and the specials alone "
       "need 260"
     )
-  ensure_writable_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output")
+  ensure_writable_dir(os.path.dirname(storage.absolute(_OUTPUT.value)), "--output")
   texts = _texts()
   if _KIND.value == "sentencepiece":
     tok = tokenizer_lib.SentencePieceTokenizer.train(texts, _VOCAB.value, _MODEL_TYPE.value)
-    with open(_OUTPUT.value, "wb") as f:
+    with storage.open(_OUTPUT.value, "wb") as f:
       f.write(tok.model_proto)
   else:
     tok = tokenizer_lib.BPETokenizer.train(texts, _VOCAB.value)
-    with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+    with storage.open(_OUTPUT.value, "w", encoding="utf-8") as f:
       f.write(tok.hf_json)
   print(
     f"wrote a {_KIND.value} tokenizer of {tok.vocab_size} ids (<|endoftext|> = "

@@ -3,20 +3,27 @@
 Paths from flags are made absolute (and `~` expanded) where the flags are read: orbax
 refuses relative paths, and a run must not depend on the directory it was started from.
 A training run holds an exclusive lock on its workdir, so a second run there is refused
-at once, naming the first; the lock is an flock, which the kernel drops when its process
-dies, so a killed run never leaves a stale lock behind.
+at once, naming the first. Locally the lock is an flock, which the kernel drops when its
+process dies, so a killed run never leaves a stale lock behind. A bucket has no flock: there
+the lock is a lease, an object naming its holder that the run rewrites every LEASE_S / 4
+seconds; a lease is stale once its holder's process is gone (same host) or it has not been
+renewed for LEASE_S (a preempted VM), and a new run takes it over.
 """
 
 import datetime
 import fcntl
+import json
 import os
 import socket
+import threading
 import time
 import uuid
 
+from gptjax import storage
 from gptjax.errors import UserError
 
 LOCK = ".gptjax.lock"
+LEASE_S = 120.0
 
 
 def is_url(path: str) -> bool:
@@ -37,6 +44,7 @@ CONFIG_PATHS = (
   "data.data_dir",
   "data.manual_dir",
   "data.tokenizer_path",
+  "data.cache_dir",
   "compilation_cache_dir",
 )
 
@@ -90,8 +98,25 @@ def normalize_flags(flag_values) -> None:
       )
 
 
-class Lock:
-  """An exclusive lock on a workdir for the life of a training run (one process takes it)."""
+def Lock(workdir: str):
+  """The workdir's lock for the life of a training run: an flock, or a lease on a bucket."""
+  return Lease(workdir) if storage.is_url(workdir) else FileLock(workdir)
+
+
+def _refuse(workdir: str, holder: str):
+  raise UserError(
+    f"{workdir} is in use by {holder}; wait for that run to end (or stop it), or pass another "
+    "--workdir"
+  )
+
+
+def _holder() -> str:
+  started = datetime.datetime.now().isoformat(timespec="seconds")
+  return f"pid {os.getpid()} on host {socket.gethostname()} (since {started})"
+
+
+class FileLock:
+  """An exclusive flock on WORKDIR/.gptjax.lock (one process takes it)."""
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, LOCK)
@@ -102,14 +127,10 @@ class Lock:
       self._file.seek(0)
       holder = self._file.read().strip() or "another process"
       self._file.close()
-      raise UserError(
-        f"{workdir} is in use by {holder}; wait for that run to end (or stop "
-        "it), or pass another --workdir"
-      ) from None
+      _refuse(workdir, holder)
     self._file.seek(0)
     self._file.truncate()
-    started = datetime.datetime.now().isoformat(timespec="seconds")
-    self._file.write(f"pid {os.getpid()} on host {socket.gethostname()} (since {started})")
+    self._file.write(_holder())
     self._file.flush()
 
   def release(self) -> None:
@@ -119,6 +140,53 @@ class Lock:
       self._file.close()
 
 
+class Lease:
+  """The lock on a bucket: WORKDIR/.gptjax.lock names its holder and when it last renewed.
+
+  Best effort: two runs starting within the same second can both take it (objects have no
+  compare-and-swap through gcsfs); a run started while another is alive is refused."""
+
+  def __init__(self, workdir: str):
+    self.path = storage.join(workdir, LOCK)
+    if storage.exists(self.path):
+      held = json.loads(storage.read_text(self.path) or "{}")
+      if held and _alive(held):
+        _refuse(workdir, held["holder"])
+    self._record = {"holder": _holder(), "host": socket.gethostname(), "pid": os.getpid()}
+    self._renew()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._keep, daemon=True, name="gptjax-lease")
+    self._thread.start()
+
+  def _renew(self) -> None:
+    storage.write_text(self.path, json.dumps({**self._record, "renewed": time.time()}))
+
+  def _keep(self) -> None:
+    while not self._stop.wait(LEASE_S / 4):
+      try:
+        self._renew()
+      except Exception:  # a transient storage error; the next renewal tries again
+        pass
+
+  def release(self) -> None:
+    if not self._stop.is_set():
+      self._stop.set()
+      self._thread.join()
+      storage.remove(self.path)
+
+
+def _alive(held: dict) -> bool:
+  if held.get("host") == socket.gethostname():
+    try:
+      os.kill(held["pid"], 0)
+    except ProcessLookupError:
+      return False
+    except PermissionError:
+      return True
+    return True
+  return time.time() - held.get("renewed", 0) < LEASE_S
+
+
 def check_shared(path: str, wait_s: float = 5.0) -> None:
   """On several processes: UserError on every process unless all of them see one directory.
 
@@ -126,6 +194,8 @@ def check_shared(path: str, wait_s: float = 5.0) -> None:
   file systems' caches). Separate local directories would otherwise hang at the first
   checkpoint, whose finalisation waits for a file only process 0 can see.
   """
+  if storage.is_url(path):
+    return  # one bucket, seen alike from every host
   import jax  # heavy: the programs' flag parsing imports this module, and needs no JAX
   import numpy as np
   from jax.experimental import multihost_utils

@@ -175,3 +175,15 @@ def one_line_error(proc, *fragments) -> str:
   for fragment in fragments:
     assert fragment in lines[0], lines[0]
   return lines[0]
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A fake-gcs-server for this test session (worker) with gs://test-bucket, and its
+  environment set in this process too (gcsfs and tensorstore read it at first use)."""
+  from gcs_emulator import Emulator
+
+  server = Emulator()
+  os.environ.update(server.env)
+  yield server
+  server.stop()

@@ -294,6 +294,7 @@ LAYERS = [
   "sharding",
   "workdir",
   "config",
+  "storage",
   "errors",
 ]
 

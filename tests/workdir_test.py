@@ -14,7 +14,8 @@ from absl import flags
 from conftest import ONE_DEVICE, REPO, free_port, one_line_error, run_cli, with_test_cache
 
 from gptjax import workdir as workdir_lib
-from gptjax.errors import UserError, ensure_writable_dir
+from gptjax.errors import UserError
+from gptjax.storage import ensure_writable_dir
 
 TINY = "--config=experiments/tiny.py"
 
