@@ -4,8 +4,10 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import (
@@ -87,6 +89,7 @@ def test_a_killed_gs_run_resumes_bit_exact_with_the_uninterrupted_metrics(
   assert _metrics(gcs, "killed") == uninterrupted  # floats compared exactly
   vals = {l["step"]: l["val_loss"] for l in uninterrupted if "val_loss" in l}
   assert _steps(gcs, "killed", "checkpoints_best") == [min(vals, key=vals.get)]
+  assert any("/events.out.tfevents." in n for n in gcs.names("killed/"))  # TensorBoard too
   assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing went to a local "gs:" dir
 
 
@@ -317,3 +320,29 @@ def test_two_processes_killed_together_resume_bit_exact_each_writing_its_own_sha
   params = gcs.names(f"two/checkpoints/{STEPS}/params/")
   for i in range(2):
     assert any(f"/ocdbt.process_{i}/d/" in n for n in params), params
+
+
+def test_a_lease_refuses_a_second_run_and_a_dead_holders_is_taken_over(gcs, monkeypatch):
+  """A bucket has no flock: the lock is an object naming its holder, renewed while it runs."""
+  from gptjax import workdir
+
+  run = f"gs://{BUCKET}/leased"
+  first = workdir.Lock(run)
+  with pytest.raises(UserError, match=f"gs://{BUCKET}/leased is in use by pid {os.getpid()}"):
+    workdir.Lock(run)
+  first.release()
+  assert not storage.exists(f"{run}/{workdir.LOCK}")
+  # A holder on this host whose process is gone (a SIGKILLed run): its lease is stale.
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+  )
+  stale = {"holder": "pid x", "host": socket.gethostname(), "pid": int(dead.stdout)}
+  storage.write_text(f"{run}/{workdir.LOCK}", json.dumps({**stale, "renewed": 0}))
+  workdir.Lock(run).release()
+  # Another host's lease holds until it has gone LEASE_S without renewal (a preempted VM).
+  other = {"holder": "pid 1 on host tpu-1", "host": "tpu-1", "pid": 1}
+  storage.write_text(f"{run}/{workdir.LOCK}", json.dumps({**other, "renewed": time.time()}))
+  with pytest.raises(UserError, match="in use by pid 1 on host tpu-1"):
+    workdir.Lock(run)
+  storage.write_text(f"{run}/{workdir.LOCK}", json.dumps({**other, "renewed": time.time() - 1e4}))
+  workdir.Lock(run).release()
