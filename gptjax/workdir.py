@@ -176,15 +176,19 @@ class Lease:
 
 
 def _alive(held: dict) -> bool:
-  if held.get("host") == socket.gethostname():
-    try:
-      os.kill(held["pid"], 0)
-    except ProcessLookupError:
-      return False
-    except PermissionError:
-      return True
+  """Renewed within LEASE_S, and (on this host) its process still exists: a recreated VM
+  with the same host name may run an unrelated process under the old pid."""
+  if time.time() - held.get("renewed", 0) >= LEASE_S:
+    return False
+  if held.get("host") != socket.gethostname():
     return True
-  return time.time() - held.get("renewed", 0) < LEASE_S
+  try:
+    os.kill(held["pid"], 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    pass
+  return True
 
 
 def check_shared(path: str, wait_s: float = 5.0) -> None:

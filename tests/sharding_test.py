@@ -1,14 +1,10 @@
-"""Meshes, rules and shardings on 8 simulated CPU devices; two processes over gloo."""
-
-import json
-import os
-import subprocess
-import sys
+"""Meshes, rules and shardings on 8 simulated CPU devices (two processes over gloo, matching
+one process with the same devices, train on a gs:// workdir in gcs_test.py)."""
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, free_port, one_line_error, run_cli, tiny_config, with_test_cache
+from conftest import free_port, one_line_error, run_cli, tiny_config
 
 from gptjax import sharding, train
 from gptjax.errors import UserError
@@ -141,70 +137,6 @@ def test_cli_error_when_the_coordinator_cannot_be_reached(tmp_path):
     timeout=120,
   )
   one_line_error(proc, "could not reach the coordinator at 127.0.0.1:", "within 3s")
-
-
-def _train_lines(workdir):
-  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if '"loss"' in l]
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_four_devices(tmp_path):
-  args = [
-    TINY,
-    "--config.train.num_steps=6",
-    "--config.train.log_every=1",
-    "--config.train.eval_every=6",
-    "--config.mesh.shape.fsdp=2",
-    "--config.train.batch_size=8",
-  ]
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  single = run_cli(*args, "--config.mesh.shape.data=2", f"--workdir={tmp_path}/one", env=env)
-  assert single.returncode == 0, single.stderr[-2000:]
-
-  port = free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  procs = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "gptjax.main",
-        *with_test_cache(args),
-        f"--workdir={tmp_path}/two",
-        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-        "--config.distributed.num_processes=2",
-        f"--config.distributed.process_id={i}",
-        "--config.distributed.timeout_s=60",
-        # data=2 across the hosts (the slow links), fsdp=2 within each: the same logical mesh
-        "--config.mesh.dcn_shape.data=2",
-        "--config.mesh.shape.data=1",
-      ],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  try:
-    outs = [p.communicate(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (_out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-2000:]
-  assert "2 process(es)" in outs[0][0]
-  assert "step" not in outs[1][0] and "mesh" not in outs[1][0]  # only process 0 reports
-  one, two = _train_lines(tmp_path / "one"), _train_lines(tmp_path / "two")
-  assert [l["step"] for l in two] == list(range(1, 7))  # one writer: no duplicated lines
-  np.testing.assert_allclose([l["loss"] for l in two], [l["loss"] for l in one], rtol=1e-5)
-  val = lambda d: [
-    json.loads(l)["val_loss"]
-    for l in open(d / "metrics.jsonl")  # noqa: E731
-    if "val_loss" in l
-  ]
-  np.testing.assert_allclose(val(tmp_path / "two"), val(tmp_path / "one"), rtol=1e-5)
 
 
 @pytest.mark.slow
