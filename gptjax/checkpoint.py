@@ -364,12 +364,15 @@ sys.unraisablehook = _quiet_closed_loops
 
 class _QuietIoEchoes(logging.Filter):
   """A write that hit a full disk, or a restore of unreadable files, fails many of orbax's
-  asyncio tasks at once; orbax and asyncio log each with its traceback. Checkpoints reports
-  the fault in one line, so those echoes are dropped."""
+  asyncio tasks at once; orbax and asyncio log each with its traceback (and the save's
+  metadata thread "No ArrayMetadata", racing the exit). Checkpoints reports the fault in one
+  line (orbax re-raises it at check_for_errors and wait), so those echoes are dropped."""
+
+  ECHOES = ("No space left on device", "cannot schedule new futures", "No ArrayMetadata found")
 
   def filter(self, record: logging.LogRecord) -> bool:
     text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
-    if "No space left on device" in text or "cannot schedule new futures" in text:
+    if any(m in text for m in self.ECHOES):
       return False
     return not (
       record.name == "asyncio" and any(m in text for m in ("orbax", "OCDBT", "tensorstore"))
