@@ -16,6 +16,7 @@ import builtins
 import glob as _glob
 import os
 import shutil
+import tempfile
 import uuid
 
 from gptjax.errors import UserError, describe
@@ -106,7 +107,7 @@ def write_text(path, text: str) -> None:
   if is_url(path):
     _epath(path).write_text(text)
     return
-  tmp = f"{path}.tmp.{os.getpid()}"
+  tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # hosts sharing a directory never collide
   with builtins.open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
   os.replace(tmp, path)
@@ -151,7 +152,7 @@ def copy(src, dest) -> None:
 
 def download(src, dest) -> None:
   """A file (local or on a bucket) to the local path dest, atomically."""
-  tmp = f"{dest}.tmp.{os.getpid()}"
+  tmp = f"{dest}.{uuid.uuid4().hex}.tmp"
   if is_url(src):
     fs, key = _fs(src)
     fs.get_file(key, tmp)
@@ -165,8 +166,6 @@ def local_copy(path) -> str:
   directory (for libraries that take only local file names)."""
   if not is_url(path):
     return path
-  import tempfile
-
   dest = os.path.join(tempfile.mkdtemp(prefix="gptjax-"), os.path.basename(str(path)))
   download(path, dest)
   return dest
