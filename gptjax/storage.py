@@ -207,6 +207,53 @@ def _fs(url):
   return fs, fs._strip_protocol(str(url))
 
 
+def read_versioned(url) -> tuple[str | None, int]:
+  """(text, generation) of an object on a bucket; (None, 0) when there is none."""
+  blob = _bucket(url).get_blob(_key(url))
+  return (None, 0) if blob is None else (blob.download_as_text(), int(blob.generation))
+
+
+def write_if(url, text: str, generation: int) -> int | None:
+  """Writes an object only if its generation is still `generation` (0: it must not exist),
+  the compare-and-swap buckets offer; its new generation, or None when another writer
+  came first."""
+  from google.api_core.exceptions import PreconditionFailed
+
+  blob = _bucket(url).blob(_key(url))
+  try:
+    blob.upload_from_string(text, if_generation_match=generation)
+  except PreconditionFailed:
+    return None
+  return int(blob.generation)
+
+
+def delete_if(url, generation: int) -> None:
+  """Deletes an object if it is still at `generation` (someone else's is left alone)."""
+  from google.api_core.exceptions import NotFound, PreconditionFailed
+
+  try:
+    _bucket(url).blob(_key(url)).delete(if_generation_match=generation)
+  except (NotFound, PreconditionFailed):
+    pass
+
+
+def _key(url) -> str:
+  return str(url).split("://", 1)[1].partition("/")[2]
+
+
+def _bucket(url):
+  _epath(url)  # the packages' check
+  from google.cloud import storage as gcs  # the gcs extra; its client has preconditions
+
+  global _CLIENT
+  if _CLIENT is None:
+    _CLIENT = gcs.Client()
+  return _CLIENT.bucket(str(url).split("://", 1)[1].partition("/")[0])
+
+
+_CLIENT = None
+
+
 def ensure_writable_dir(path, flag: str) -> None:
   """Creates `path` if needed and proves it writable by writing a probe (on a bucket, an
   object: a missing bucket or a refused write shows here, not at the first checkpoint)."""

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -143,36 +144,50 @@ class FileLock:
 class Lease:
   """The lock on a bucket: WORKDIR/.gptjax.lock names its holder and when it last renewed.
 
-  Best effort: two runs starting within the same second can both take it (objects have no
-  compare-and-swap through gcsfs); a run started while another is alive is refused."""
+  Every write is a compare-and-swap on the object's generation, so of two runs starting
+  together one wins, and a run whose lease another took over (it stalled past LEASE_S)
+  finds out at its next renewal and stops without writing more (os._exit: the workdir is
+  the other run's now)."""
 
   def __init__(self, workdir: str):
-    self.path = storage.join(workdir, LOCK)
-    if storage.exists(self.path):
-      held = json.loads(storage.read_text(self.path) or "{}")
-      if held and _alive(held):
-        _refuse(workdir, held["holder"])
+    self.workdir, self.path = workdir, storage.join(workdir, LOCK)
+    text, generation = storage.read_versioned(self.path)
+    if text and _alive(json.loads(text)):
+      _refuse(workdir, json.loads(text)["holder"])
     self._record = {"holder": _holder(), "host": socket.gethostname(), "pid": os.getpid()}
-    self._renew()
+    self._generation = storage.write_if(self.path, self._text(), generation)
+    if self._generation is None:
+      _refuse(workdir, "a run that took its lock at the same moment")
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._keep, daemon=True, name="gptjax-lease")
     self._thread.start()
 
-  def _renew(self) -> None:
-    storage.write_text(self.path, json.dumps({**self._record, "renewed": time.time()}))
+  def _text(self) -> str:
+    return json.dumps({**self._record, "renewed": time.time()})
 
   def _keep(self) -> None:
     while not self._stop.wait(LEASE_S / 4):
       try:
-        self._renew()
+        generation = storage.write_if(self.path, self._text(), self._generation)
       except Exception:  # a transient storage error; the next renewal tries again
-        pass
+        continue
+      if generation is None:
+        text, _ = storage.read_versioned(self.path)
+        holder = json.loads(text)["holder"] if text else "another run"
+        print(
+          f"gptjax: error: {self.workdir} was taken over by {holder} while this run stalled "
+          f"for over {LEASE_S:.0f} s; stopping without saving (that run owns the workdir now)",
+          file=sys.stderr,
+          flush=True,
+        )
+        os._exit(1)
+      self._generation = generation
 
   def release(self) -> None:
     if not self._stop.is_set():
       self._stop.set()
       self._thread.join()
-      storage.remove(self.path)
+      storage.delete_if(self.path, self._generation)
 
 
 def _alive(held: dict) -> bool:

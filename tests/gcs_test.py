@@ -356,3 +356,33 @@ def test_a_lease_refuses_a_second_run_and_a_dead_holders_is_taken_over(gcs, monk
     workdir.Lock(run)
   storage.write_text(f"{run}/{workdir.LOCK}", json.dumps({**other, "renewed": time.time() - 1e4}))
   workdir.Lock(run).release()
+
+
+def test_a_lease_is_a_compare_and_swap(gcs, monkeypatch):
+  """Two runs taking the lock together: one wins. A run whose lease another run took over
+  (it stalled past LEASE_S) stops at its next renewal, in one line, without saving."""
+  from gptjax import workdir
+
+  run = f"gs://{BUCKET}/raced"
+  first = workdir.Lock(run)
+  real = storage.read_versioned
+  monkeypatch.setattr(storage, "read_versioned", lambda url: (None, 0))  # read before `first`
+  with pytest.raises(UserError, match="a run that took its lock at the same moment"):
+    workdir.Lock(run)
+  monkeypatch.setattr(storage, "read_versioned", real)
+  first.release()
+
+  code = (
+    "import sys, time; from gptjax import workdir; workdir.LEASE_S = 0.4; "
+    f"workdir.Lock({run!r}); print('locked', flush=True); time.sleep(30)"
+  )
+  proc = subprocess.Popen(
+    [sys.executable, "-c", code], cwd=REPO, env={**os.environ, **gcs.env},
+    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  assert proc.stdout.readline().strip() == "locked"
+  other = {"holder": "pid 7 on host tpu-2", "host": "tpu-2", "pid": 7, "renewed": time.time()}
+  storage.write_text(f"{run}/{workdir.LOCK}", json.dumps(other))  # the takeover
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 1, err
+  assert "was taken over by pid 7 on host tpu-2" in err and "Traceback" not in err, err
