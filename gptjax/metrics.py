@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from gptjax import storage
-from gptjax.errors import UserError, out_of_memory_fix
+from gptjax.errors import UserError, describe, out_of_memory_fix
 
 # Dense (no sparsity) bf16 peak TFLOP/s per device, from the vendors' data sheets. Matched
 # against jax's device_kind in order, first match wins (PCIe before plain H100).
@@ -130,7 +130,10 @@ class MetricWriter:
         self._tb.add_scalar(name, value, int(step))
 
   def _upload(self) -> None:
-    storage.write_text(self.path, "".join(self._lines))
+    try:
+      storage.write_text(self.path, "".join(self._lines))
+    except Exception as e:  # gcsfs's HttpError is no OSError
+      raise UserError(f"cannot write {self.path} ({describe(e)}); check the bucket") from None
     self._uploaded = time.monotonic()
 
   def flush(self) -> None:

@@ -180,6 +180,10 @@ def test_a_refused_write_is_one_line(gcs, monkeypatch):
   monkeypatch.setattr(gcsfs.core.GCSFileSystem, "_call", forbidden)
   with pytest.raises(UserError, match="cannot write to 'gs://test-bucket/ro'.*403"):
     storage.ensure_writable_dir(f"gs://{BUCKET}/ro", "--workdir")
+  from gptjax.metrics import MetricWriter  # refused later in a run: still one line
+
+  with pytest.raises(UserError, match="cannot write gs://test-bucket/ro/metrics.jsonl.*403"):
+    MetricWriter(f"gs://{BUCKET}/ro")
 
 
 def test_storage_on_a_bucket_behaves_like_a_directory(gcs):
