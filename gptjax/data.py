@@ -244,6 +244,8 @@ def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir, local_cache
   key = json.loads(json.dumps(_cache_key(tokenizer, fingerprint)))
   if not storage.is_url(cache_dir):
     return _tokenize_local(docs, tokenizer, split, key, cache_dir)
+  if storage.is_url(local_cache):
+    raise UserError(f"--config.data.cache_dir={local_cache} must be a local directory")
   name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   local = os.path.join(os.path.expanduser(local_cache), name)
   remote = {f: storage.join(cache_dir, f"{split}{f}") for f in (".bin", ".bin.json")}

@@ -388,12 +388,13 @@ def save(params, cfg, out_dir: str, tokenizer=None) -> None:
     "use_cache": True,
     "torch_dtype": "float32",
   }
-  from safetensors.numpy import save
+  from safetensors.numpy import save_file
 
-  with storage.open(storage.join(out_dir, "model.safetensors"), "wb") as f:  # also a bucket
-    f.write(save(tensors, metadata={"format": "pt"}))
-  with storage.open(storage.join(out_dir, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  weights = storage.join(out_dir, "model.safetensors")  # a bucket: written here, uploaded
+  local = storage.local_copy(weights, fetch=False)
+  save_file(tensors, local, metadata={"format": "pt"})
+  if local != weights:
+    storage.upload(local, weights)
+  storage.write_text(storage.join(out_dir, "config.json"), json.dumps(config, indent=2))
   if getattr(tokenizer, "hf_json", None):
-    with storage.open(storage.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-      f.write(tokenizer.hf_json)
+    storage.write_text(storage.join(out_dir, "tokenizer.json"), tokenizer.hf_json)

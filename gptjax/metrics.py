@@ -148,7 +148,7 @@ class MetricWriter:
       for close in closes:
         try:
           close()
-        except OSError:
+        except (OSError, UserError):
           pass
       writer = getattr(self._tb, "file_writer", None)
       if writer is not None:  # else tensorboardX's atexit hook retries the failed flush

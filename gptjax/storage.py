@@ -13,6 +13,7 @@ prefix (makedirs is a no-op, an empty one does not exist), and a move is a copy 
 """
 
 import builtins
+import functools
 import glob as _glob
 import os
 import shutil
@@ -26,6 +27,27 @@ GCS_PACKAGES = "gcsfs google-cloud-storage"
 
 def is_url(path) -> bool:
   return "://" in str(path)
+
+
+def _on_a_bucket(fn):
+  """A bucket that refuses a read (no permission, no credentials, a network error) is a
+  one-line UserError naming the URL; a missing object stays FileNotFoundError."""
+
+  @functools.wraps(fn)
+  def checked(path, *args, **kwargs):
+    if not is_url(path):
+      return fn(path, *args, **kwargs)
+    try:
+      return fn(path, *args, **kwargs)
+    except (FileNotFoundError, UserError, ValueError):
+      raise
+    except Exception as e:  # gcsfs's HttpError is no OSError
+      raise UserError(
+        f"cannot read {path} ({describe(e)}); check the bucket's name and your credentials "
+        "(gcloud auth application-default login)"
+      ) from None
+
+  return checked
 
 
 def _epath(path):
@@ -50,14 +72,17 @@ def join(path, *parts) -> str:
   return os.path.join(str(path), *parts)
 
 
+@_on_a_bucket
 def exists(path) -> bool:
   return _epath(path).exists() if is_url(path) else os.path.exists(path)
 
 
+@_on_a_bucket
 def isdir(path) -> bool:
   return _epath(path).is_dir() if is_url(path) else os.path.isdir(path)
 
 
+@_on_a_bucket
 def isfile(path) -> bool:
   if not is_url(path):
     return os.path.isfile(path)
@@ -65,6 +90,7 @@ def isfile(path) -> bool:
   return p.exists() and not p.is_dir()
 
 
+@_on_a_bucket
 def listdir(path) -> list[str]:
   """Names in a directory (on a bucket: under a prefix); [] when there is none."""
   if not is_url(path):
@@ -73,6 +99,7 @@ def listdir(path) -> list[str]:
   return [c.name for c in p.iterdir()] if p.is_dir() else []
 
 
+@_on_a_bucket
 def glob(pattern) -> list[str]:
   """Sorted matches of a glob (`~` expanded; on a bucket, `*` in the last part only)."""
   if not is_url(pattern):
@@ -96,6 +123,7 @@ def open(path, mode="r", **kwargs):  # noqa: A001  (the builtin's name: a drop-i
   return _epath(path).open(mode, **kwargs)
 
 
+@_on_a_bucket
 def read_text(path) -> str:
   with open(path, encoding="utf-8") as f:
     return f.read()
@@ -161,13 +189,14 @@ def download(src, dest) -> None:
   os.replace(tmp, dest)
 
 
-def local_copy(path) -> str:
-  """A local path with path's contents: path itself, or a download into a temporary
-  directory (for libraries that take only local file names)."""
+def local_copy(path, fetch: bool = True) -> str:
+  """A local path for path, for libraries that take only local file names: path itself, or
+  a file in a new temporary directory (holding path's contents when fetch)."""
   if not is_url(path):
     return path
   dest = os.path.join(tempfile.mkdtemp(prefix="gptjax-"), os.path.basename(str(path)))
-  download(path, dest)
+  if fetch:
+    download(path, dest)
   return dest
 
 
@@ -180,6 +209,7 @@ def upload(src, dest) -> None:
   fs.put_file(src, key)
 
 
+@_on_a_bucket
 def version(path) -> tuple:
   """(size, a stamp that changes when the file does): a file's mtime, an object's generation."""
   if not is_url(path):
@@ -189,6 +219,7 @@ def version(path) -> tuple:
   return int(info["size"]), str(info.get("generation") or info.get("updated") or info.get("etag"))
 
 
+@_on_a_bucket
 def size(path) -> int:
   """Bytes of a file, or of everything under a directory."""
   if is_url(path):
@@ -207,6 +238,7 @@ def _fs(url):
   return fs, fs._strip_protocol(str(url))
 
 
+@_on_a_bucket
 def read_versioned(url) -> tuple[str | None, int]:
   """(text, generation) of an object on a bucket; (None, 0) when there is none."""
   blob = _bucket(url).get_blob(_key(url))

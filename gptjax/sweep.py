@@ -184,7 +184,10 @@ def _train(cmd: list[str], log_path: str, prefix: str, say) -> int:
   """Runs one variant, its output appended to log_path; its step and eval lines also go to
   say(), after prefix (the sweep's console shows progress inside each variant)."""
   remote = storage.is_url(log_path)  # a bucket has no append: the log is uploaded whole
-  local = tempfile.mkstemp(prefix="gptjax-sweep-", suffix=".log")[1] if remote else log_path
+  local = log_path
+  if remote:
+    fd, local = tempfile.mkstemp(prefix="gptjax-sweep-", suffix=".log")
+    os.close(fd)
   if remote and storage.exists(log_path):
     storage.download(log_path, local)  # earlier attempts' lines
   with open(local, "a") as log:
@@ -203,7 +206,7 @@ def _train(cmd: list[str], log_path: str, prefix: str, say) -> int:
 
 
 # Overrides that change where things are found, not what is trained: they may differ on a rerun.
-_HARMLESS = ("compilation_cache_dir", "data.manual_dir", "data.data_dir")
+_HARMLESS = ("compilation_cache_dir", "data.manual_dir", "data.data_dir", "data.cache_dir")
 
 
 def _spec_key(spec: str) -> tuple[str, str]:
@@ -245,8 +248,9 @@ FAILED = "sweep_failed.txt"  # DIR/<variant>/FAILED: why the variant's last atte
 def _cause(log_path: str, rc: int) -> str:
   """The failed run's one-line error, else the last line of its log (a traceback's
   exception), else its exit code."""
-  with storage.open(log_path, errors="replace") as log:
-    lines = [line.strip() for line in log if line.strip()]
+  with storage.open(log_path, "rb") as log:  # bytes: etils' open takes no errors=
+    text = log.read().decode("utf-8", errors="replace")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
   errors = [line for line in lines if line.startswith("gptjax: error:")]
   if errors:
     return errors[-1]

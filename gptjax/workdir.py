@@ -14,6 +14,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -35,6 +36,8 @@ def normalize(path: str | None) -> str | None:
   """`~` expanded and absolute (URLs such as gs://bucket/x are left as they are)."""
   if not path or is_url(path):
     return path
+  if re.match(r"[a-z0-9]+:/[^/]", path):  # gs:/bucket: a URL with a slash lost
+    raise UserError(f"{path!r} looks like a URL missing a '/'; write it as scheme://...")
   return os.path.abspath(os.path.expanduser(path))
 
 
@@ -71,8 +74,8 @@ def normalize_config(config) -> None:
 def run_files(path: str) -> str:
   """Where a gptjax run keeps config.json and tokenizer.json: `path` itself (a workdir or an
   export), else path/export (a workdir whose run was exported and cleaned up)."""
-  for d in (path, os.path.join(path, "export")):
-    if os.path.isfile(os.path.join(d, "config.json")):
+  for d in (path, storage.join(path, "export")):
+    if storage.isfile(storage.join(d, "config.json")):
       return d
   raise UserError(
     f"init_from {path!r} is not a gptjax run (no config.json there or in its export/); pass "
@@ -154,7 +157,12 @@ class Lease:
     text, generation = storage.read_versioned(self.path)
     if text and _alive(json.loads(text)):
       _refuse(workdir, json.loads(text)["holder"])
-    self._record = {"holder": _holder(), "host": socket.gethostname(), "pid": os.getpid()}
+    self._record = {
+      "holder": _holder(),
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "token": uuid.uuid4().hex,  # this run's, whatever the host name and pid
+    }
     self._generation = storage.write_if(self.path, self._text(), generation)
     if self._generation is None:
       _refuse(workdir, "a run that took its lock at the same moment")
@@ -169,11 +177,14 @@ class Lease:
     while not self._stop.wait(LEASE_S / 4):
       try:
         generation = storage.write_if(self.path, self._text(), self._generation)
+        text, now = storage.read_versioned(self.path) if generation is None else ("", 0)
       except Exception:  # a transient storage error; the next renewal tries again
         continue
+      held = json.loads(text) if text else {}
+      if generation is None and held.get("token") == self._record["token"]:
+        generation = now  # a retried upload whose first attempt had landed: still ours
       if generation is None:
-        text, _ = storage.read_versioned(self.path)
-        holder = json.loads(text)["holder"] if text else "another run"
+        holder = held.get("holder", "another run")
         print(
           f"gptjax: error: {self.workdir} was taken over by {holder} while this run stalled "
           f"for over {LEASE_S:.0f} s; stopping without saving (that run owns the workdir now)",

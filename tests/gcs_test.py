@@ -77,6 +77,9 @@ def test_a_gs_run_keeps_its_best_exports_samples_and_chats(gcs, uninterrupted):
   assert any("/events.out.tfevents." in n for n in gcs.names("uninterrupted/"))  # TensorBoard
   assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing went to a local "gs:" dir
   run = f"gs://{BUCKET}/uninterrupted"
+  from gptjax import workdir
+
+  assert workdir.run_files(run) == run  # what --config.init_from=gs://... reads
   for args in (["--mode=export"], ["--mode=export", "--export_format=hf"]):
     proc = run_cli(*args, f"--workdir={run}", env=_env(gcs))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -185,6 +188,13 @@ def test_a_refused_write_is_one_line(gcs, monkeypatch):
   with pytest.raises(UserError, match="cannot write gs://test-bucket/ro/metrics.jsonl.*403"):
     MetricWriter(f"gs://{BUCKET}/ro")
 
+  async def unreadable(self, method, path, *args, **kwargs):
+    raise HttpError({"code": 403, "message": "caller does not have storage.objects.get"})
+
+  monkeypatch.setattr(gcsfs.core.GCSFileSystem, "_call", unreadable)
+  with pytest.raises(UserError, match="cannot read gs://test-bucket/x/config.json .*403"):
+    storage.exists(f"gs://{BUCKET}/x/config.json")
+
 
 def test_storage_on_a_bucket_behaves_like_a_directory(gcs):
   root = f"gs://{BUCKET}/st"
@@ -213,7 +223,7 @@ def get_config():
   return c
 
 def get_sweep():
-  return {{"base": {{}}, "typo": {{"model.nrom": "x"}}}}
+  return {{"base": {{}}, "typo": {{"model.nrom": "x"}}, "nodata": {{"data.path": "/no/such.txt"}}}}
 """
 
 
@@ -230,6 +240,7 @@ def test_a_sweep_and_its_report_in_gs(gcs, tmp_path):
   assert proc.returncode == 1, proc.stderr[-3000:]  # one variant failed, and says so
   assert "[base] finished" in proc.stdout, proc.stdout[-3000:]
   names = set(gcs.names("sweep/"))
+  assert "[nodata] failed: gptjax: error: no file matches" in proc.stdout, proc.stdout[-3000:]
   for name in ("sweep.json", "base/summary.json", "base/train.log", "typo/sweep_failed.txt"):
     assert f"sweep/{name}" in names, sorted(names)
   assert "done: 6 steps" in gcs.read("sweep/base/train.log").decode()
