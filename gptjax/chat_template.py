@@ -25,7 +25,6 @@ Built-in templates, for models without chat tokens:
 """
 
 import dataclasses
-import os
 
 import jinja2
 import jinja2.sandbox
@@ -206,7 +205,7 @@ def load(name_or_path: str) -> ChatTemplate:
   """A built-in template by name, or a Jinja2 file."""
   if name_or_path in BUILTIN:
     return ChatTemplate(name_or_path, BUILTIN[name_or_path])
-  path = storage.absolute(os.path.expanduser(name_or_path))
+  path = storage.absolute(name_or_path)
   if not storage.isfile(path):
     raise UserError(
       f"chat template {name_or_path!r} is neither a built-in ({', '.join(BUILTIN)}) nor a "

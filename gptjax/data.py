@@ -249,13 +249,13 @@ def _tokenize_cached(docs, tokenizer, split, fingerprint, cache_dir, local_cache
   name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   local = os.path.join(os.path.expanduser(local_cache), name)
   remote = {f: storage.join(cache_dir, f"{split}{f}") for f in (".bin", ".bin.json")}
-  if _cached_meta(os.path.join(local, f"{split}.bin"), key) is None:
-    if _cached_meta(remote[".bin"], key) is not None:
-      os.makedirs(local, exist_ok=True)
-      for f in (".bin", ".bin.json"):
-        storage.download(remote[f], os.path.join(local, f"{split}{f}"))
+  uploaded = _cached_meta(remote[".bin"], key) is not None
+  if uploaded and _cached_meta(os.path.join(local, f"{split}.bin"), key) is None:
+    os.makedirs(local, exist_ok=True)
+    for f in (".bin", ".bin.json"):
+      storage.download(remote[f], os.path.join(local, f"{split}{f}"))
   out = _tokenize_local(docs, tokenizer, split, key, local)
-  if jax.process_index() == 0 and _cached_meta(remote[".bin"], key) is None:
+  if jax.process_index() == 0 and not uploaded:
     for f in (".bin", ".bin.json"):
       storage.upload(os.path.join(local, f"{split}{f}"), remote[f])
   return out

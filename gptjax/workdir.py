@@ -28,17 +28,13 @@ LOCK = ".gptjax.lock"
 LEASE_S = 120.0
 
 
-def is_url(path: str) -> bool:
-  return "://" in path
-
-
 def normalize(path: str | None) -> str | None:
   """`~` expanded and absolute (URLs such as gs://bucket/x are left as they are)."""
-  if not path or is_url(path):
+  if not path:
     return path
   if re.match(r"[a-z0-9]+:/[^/]", path):  # gs:/bucket: a URL with a slash lost
     raise UserError(f"{path!r} looks like a URL missing a '/'; write it as scheme://...")
-  return os.path.abspath(os.path.expanduser(path))
+  return storage.absolute(path)
 
 
 # Config keys that hold local paths (or globs); init_from's path follows its "hf:".

@@ -4,10 +4,8 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,9 +21,6 @@ from conftest import (
   with_test_cache,
 )
 from gcs_emulator import BUCKET
-
-from gptjax import storage
-from gptjax.errors import UserError
 
 TINY = "--config=experiments/tiny.py"
 STEPS = 60
@@ -168,50 +163,6 @@ def test_gs_errors_are_one_line(gcs, tmp_path):
   one_line_error(proc, "needs the GCS packages", "pip install")
 
 
-def test_a_refused_write_is_one_line(gcs, monkeypatch):
-  """No permission: the emulator grants every write, so gcsfs's upload answers 403 here."""
-  import gcsfs
-  from gcsfs.retry import HttpError
-
-  calls = gcsfs.core.GCSFileSystem._call
-
-  async def forbidden(self, method, path, *args, **kwargs):
-    if method in ("POST", "PUT"):  # every upload
-      raise HttpError({"code": 403, "message": "caller does not have storage.objects.create"})
-    return await calls(self, method, path, *args, **kwargs)
-
-  monkeypatch.setattr(gcsfs.core.GCSFileSystem, "_call", forbidden)
-  with pytest.raises(UserError, match="cannot write to 'gs://test-bucket/ro'.*403"):
-    storage.ensure_writable_dir(f"gs://{BUCKET}/ro", "--workdir")
-  from gptjax.metrics import MetricWriter  # refused later in a run: still one line
-
-  with pytest.raises(UserError, match="cannot write gs://test-bucket/ro/metrics.jsonl.*403"):
-    MetricWriter(f"gs://{BUCKET}/ro")
-
-  async def unreadable(self, method, path, *args, **kwargs):
-    raise HttpError({"code": 403, "message": "caller does not have storage.objects.get"})
-
-  monkeypatch.setattr(gcsfs.core.GCSFileSystem, "_call", unreadable)
-  with pytest.raises(UserError, match="cannot read gs://test-bucket/x/config.json .*403"):
-    storage.exists(f"gs://{BUCKET}/x/config.json")
-
-
-def test_storage_on_a_bucket_behaves_like_a_directory(gcs):
-  root = f"gs://{BUCKET}/st"
-  storage.makedirs(root)  # a no-op: a prefix exists once something is under it
-  assert not storage.exists(root) and storage.listdir(root) == []
-  storage.write_text(f"{root}/a/x.txt", "one")
-  assert storage.isdir(f"{root}/a") and storage.isfile(f"{root}/a/x.txt")
-  assert storage.read_text(f"{root}/a/x.txt") == "one"
-  storage.move(f"{root}/a", f"{root}/b/a")  # the corrupt-checkpoint set-aside
-  assert storage.listdir(root) == ["b"] and storage.read_text(f"{root}/b/a/x.txt") == "one"
-  assert storage.glob(f"{root}/b/a/*.txt") == [f"{root}/b/a/x.txt"]
-  with pytest.raises(ValueError, match="cannot be appended"):
-    storage.open(f"{root}/b/a/x.txt", "a")
-  storage.rmtree(f"{root}/b")
-  assert not storage.exists(f"{root}/b")
-
-
 SWEEP = """
 import os, sys
 sys.path.insert(0, {experiments!r})
@@ -345,59 +296,3 @@ def test_two_processes_match_one_and_resume_bit_exact_after_both_are_killed(gcs,
   params = gcs.names(f"two/checkpoints/{TWO_STEPS}/params/")
   for i in range(2):  # fsdp over both processes: each wrote its own shards, under its name
     assert any(f"/ocdbt.process_{i}/d/" in n for n in params), params
-
-
-def test_a_lease_refuses_a_second_run_and_a_dead_holders_is_taken_over(gcs, monkeypatch):
-  """A bucket has no flock: the lock is an object naming its holder, renewed while it runs."""
-  from gptjax import workdir
-
-  run = f"gs://{BUCKET}/leased"
-  first = workdir.Lock(run)
-  with pytest.raises(UserError, match=f"gs://{BUCKET}/leased is in use by pid {os.getpid()}"):
-    workdir.Lock(run)
-  first.release()
-  assert not storage.exists(f"{run}/{workdir.LOCK}")
-  # A holder on this host whose process is gone (a SIGKILLed run): its lease is stale.
-  dead = subprocess.run(
-    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
-  )
-  stale = {"holder": "pid x", "host": socket.gethostname(), "pid": int(dead.stdout)}
-  storage.write_text(f"{run}/{workdir.LOCK}", json.dumps({**stale, "renewed": time.time()}))
-  workdir.Lock(run).release()
-  # Another host's lease holds until it has gone LEASE_S without renewal (a preempted VM).
-  other = {"holder": "pid 1 on host tpu-1", "host": "tpu-1", "pid": 1}
-  storage.write_text(f"{run}/{workdir.LOCK}", json.dumps({**other, "renewed": time.time()}))
-  with pytest.raises(UserError, match="in use by pid 1 on host tpu-1"):
-    workdir.Lock(run)
-  storage.write_text(f"{run}/{workdir.LOCK}", json.dumps({**other, "renewed": time.time() - 1e4}))
-  workdir.Lock(run).release()
-
-
-def test_a_lease_is_a_compare_and_swap(gcs, monkeypatch):
-  """Two runs taking the lock together: one wins. A run whose lease another run took over
-  (it stalled past LEASE_S) stops at its next renewal, in one line, without saving."""
-  from gptjax import workdir
-
-  run = f"gs://{BUCKET}/raced"
-  first = workdir.Lock(run)
-  real = storage.read_versioned
-  monkeypatch.setattr(storage, "read_versioned", lambda url: (None, 0))  # read before `first`
-  with pytest.raises(UserError, match="a run that took its lock at the same moment"):
-    workdir.Lock(run)
-  monkeypatch.setattr(storage, "read_versioned", real)
-  first.release()
-
-  code = (
-    "import sys, time; from gptjax import workdir; workdir.LEASE_S = 0.4; "
-    f"workdir.Lock({run!r}); print('locked', flush=True); time.sleep(30)"
-  )
-  proc = subprocess.Popen(
-    [sys.executable, "-c", code], cwd=REPO, env={**os.environ, **gcs.env},
-    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-  )  # fmt: skip
-  assert proc.stdout.readline().strip() == "locked"
-  other = {"holder": "pid 7 on host tpu-2", "host": "tpu-2", "pid": 7, "renewed": time.time()}
-  storage.write_text(f"{run}/{workdir.LOCK}", json.dumps(other))  # the takeover
-  _, err = proc.communicate(timeout=30)
-  assert proc.returncode == 1, err
-  assert "was taken over by pid 7 on host tpu-2" in err and "Traceback" not in err, err

@@ -1,5 +1,7 @@
-"""The workdir as a user types it: relative, with ~, a file, locked, shared by every process."""
+"""The workdir as a user types it: relative, with ~, a file, locked (an flock; a lease on a
+bucket, against fake-gcs-server), shared by every process."""
 
+import json
 import os
 import re
 import signal
@@ -12,7 +14,9 @@ import types
 import pytest
 from absl import flags
 from conftest import ONE_DEVICE, REPO, free_port, one_line_error, run_cli, with_test_cache
+from gcs_emulator import BUCKET
 
+from gptjax import storage
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
 from gptjax.storage import ensure_writable_dir
@@ -193,3 +197,57 @@ def test_a_dead_peer_stops_the_survivor_in_one_line_naming_it(tmp_path):
   assert "process 0: process 1 of this 2-process run stopped responding" in line
   assert "resumes from checkpoint" in line
   assert "Fatal Python error" not in err and "Check failure" not in err
+
+
+def test_a_lease_refuses_a_second_run_and_a_dead_holders_is_taken_over(gcs, monkeypatch):
+  """A bucket has no flock: the lock is an object naming its holder, renewed while it runs."""
+  run = f"gs://{BUCKET}/leased"
+  first = workdir_lib.Lock(run)
+  with pytest.raises(UserError, match=f"gs://{BUCKET}/leased is in use by pid {os.getpid()}"):
+    workdir_lib.Lock(run)
+  first.release()
+  assert not storage.exists(f"{run}/{workdir_lib.LOCK}")
+  # A holder on this host whose process is gone (a SIGKILLed run): its lease is stale.
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+  )
+  stale = {"holder": "pid x", "host": socket.gethostname(), "pid": int(dead.stdout)}
+  storage.write_text(f"{run}/{workdir_lib.LOCK}", json.dumps({**stale, "renewed": time.time()}))
+  workdir_lib.Lock(run).release()
+  # Another host's lease holds until it has gone LEASE_S without renewal (a preempted VM).
+  other = {"holder": "pid 1 on host tpu-1", "host": "tpu-1", "pid": 1}
+  storage.write_text(f"{run}/{workdir_lib.LOCK}", json.dumps({**other, "renewed": time.time()}))
+  with pytest.raises(UserError, match="in use by pid 1 on host tpu-1"):
+    workdir_lib.Lock(run)
+  storage.write_text(
+    f"{run}/{workdir_lib.LOCK}", json.dumps({**other, "renewed": time.time() - 1e4})
+  )
+  workdir_lib.Lock(run).release()
+
+
+def test_a_lease_is_a_compare_and_swap(gcs, monkeypatch):
+  """Two runs taking the lock together: one wins. A run whose lease another run took over
+  (it stalled past LEASE_S) stops at its next renewal, in one line, without saving."""
+  run = f"gs://{BUCKET}/raced"
+  first = workdir_lib.Lock(run)
+  real = storage.read_versioned
+  monkeypatch.setattr(storage, "read_versioned", lambda url: (None, 0))  # read before `first`
+  with pytest.raises(UserError, match="a run that took its lock at the same moment"):
+    workdir_lib.Lock(run)
+  monkeypatch.setattr(storage, "read_versioned", real)
+  first.release()
+
+  code = (
+    "import sys, time; from gptjax import workdir; workdir.LEASE_S = 0.4; "
+    f"workdir.Lock({run!r}); print('locked', flush=True); time.sleep(30)"
+  )
+  proc = subprocess.Popen(
+    [sys.executable, "-c", code], cwd=REPO, env={**os.environ, **gcs.env},
+    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  assert proc.stdout.readline().strip() == "locked"
+  other = {"holder": "pid 7 on host tpu-2", "host": "tpu-2", "pid": 7, "renewed": time.time()}
+  storage.write_text(f"{run}/{workdir_lib.LOCK}", json.dumps(other))  # the takeover
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 1, err
+  assert "was taken over by pid 7 on host tpu-2" in err and "Traceback" not in err, err
