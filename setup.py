@@ -19,6 +19,7 @@ setup(
   version="0.1.0",
   description="GPT-style language models in JAX/Flax: sharded, resumable, launched by flag.",
   packages=find_packages(include=["gptjax", "gptjax.*"]),
+  package_data={"gptjax": ["kernels/*.cc"]},  # the int8 CPU kernel, built on first use
   python_requires=">=3.10",
   install_requires=[
     "jax>=0.10,<0.12",  # 0.10.x from the registry, 0.11.x on the GPU image

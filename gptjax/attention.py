@@ -144,6 +144,8 @@ class CausalSelfAttention(nn.Module):
     cache_axes = ("batch", "heads", "length", "kv")
     if i.ndim == 1:  # one write index per row: the serving engine's slots (engine.py)
       return _row_cached(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, key, value, scales, index, cache_axes)
+    if t == 1:  # a decoding step
+      return _step_cached(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, key, value, scales, index, start_B)
     for j, (var, new_BxTxNxH) in enumerate(((key, k_BxTxNxH), (value, v_BxTxNxH))):
       new_BxNxTxH = new_BxTxNxH.transpose(0, 2, 1, 3)
       if int8:
@@ -164,6 +166,48 @@ class CausalSelfAttention(nn.Module):
     return _attend(q_BxTxNxH, (key.value,), (value.value,), key_scales, value_scales, mask_Bx1xTxS)
 
 
+def _step_cached(q_Bx1xNxH, k_Bx1xNxH, v_Bx1xNxH, key, value, scales, index, start_B):
+  """One token per row at the shared slot i: attends over the cache as it was (slots
+  start_B..i-1) plus the new entry as a second segment, then writes the entry at slot i.
+
+  The write waits for the attention, so XLA can update each cache in place; otherwise its
+  CPU backend copied every cache twice a step (BUILD_NOTES.md, "Decoding")."""
+  i = index.value
+  variables = (key, value) if scales is None else (key, value, *scales)
+  news = []  # the new entries as the cache holds them: (B, N, 1, H) and (B, N, 1) scales
+  for new_Bx1xNxH in (k_Bx1xNxH, v_Bx1xNxH):
+    new_BxNx1xH = new_Bx1xNxH.transpose(0, 2, 1, 3)
+    news.append(new_BxNx1xH if scales is None else quantize(new_BxNx1xH, (3,)))
+  entries = tuple(news) if scales is None else (news[0][0], news[1][0], news[0][1], news[1][1])
+  slot_S = jnp.arange(key.value.shape[2])
+  old_Bx1x1xS = ((slot_S[None, :] < i) & (slot_S[None, :] >= start_B[:, None]))[:, None, None, :]
+  mask_Bx1x1xS = jnp.concatenate([old_Bx1x1xS, jnp.ones_like(old_Bx1x1xS[..., :1])], axis=-1)
+  key_scales = value_scales = None
+  if scales is not None:
+    key_scales, value_scales = (scales[0].value, entries[2]), (scales[1].value, entries[3])
+  out_Bx1xNxH = _attend(
+    q_Bx1xNxH,
+    (key.value, entries[0]),
+    (value.value, entries[1]),
+    key_scales,
+    value_scales,
+    mask_Bx1x1xS,
+  )
+  # The write must wait for every read: XLA's CPU backend orders work by data alone (it
+  # drops an optimization barrier), so each entry takes a data dependency on the output.
+  # The select never fires (NaN output) but cannot be folded away.
+  nan = jnp.isnan(out_Bx1xNxH.reshape(-1)[0])
+  entries = tuple(jnp.where(nan, jnp.zeros_like(e), e) for e in entries)
+  axes = ("batch", "heads", "length", "kv")
+  for var, entry in zip(variables, entries):
+    at = (0, 0, i, 0)[: entry.ndim]
+    var.value = nn.with_logical_constraint(
+      jax.lax.dynamic_update_slice(var.value, entry.astype(var.value.dtype), at), axes[: entry.ndim]
+    )
+  index.value = i + 1
+  return out_Bx1xNxH
+
+
 def _attend(q_BxTxNxH, keys, values, key_scales, value_scales, mask_Bx1xTxS):
   """Attention over a cache held as segments along S, each (B, N, S_i, H) (int8 with
   (B, N, S_i) scales, or float with None): each segment's scores are computed in place and
@@ -173,9 +217,15 @@ def _attend(q_BxTxNxH, keys, values, key_scales, value_scales, mask_Bx1xTxS):
   q_BxTxNxH = q_BxTxNxH * h**-0.5
   parts = []
   for j, k in enumerate(keys):
-    part = jnp.einsum(
-      "btnh,bnsh->bnts", q_BxTxNxH, k.astype(dtype), preferred_element_type=jnp.float32
+    # keys first: with the cache as the left operand XLA's CPU dot reads it as stored;
+    # the other way round it transposed each (B, N, S, H) cache every step
+    part_BxNxSxT = jax.lax.dot_general(
+      k.astype(dtype),
+      q_BxTxNxH.transpose(0, 2, 3, 1),
+      (((3,), (2,)), ((0, 1), (0, 1))),
+      preferred_element_type=jnp.float32,
     )
+    part = part_BxNxSxT.transpose(0, 1, 3, 2)
     parts.append(part if key_scales is None else part * key_scales[j][:, :, None, :])
   logits_BxNxTxS = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
   # A padding query sees no key: its row is all `min`, softmax stays finite (and unused).

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from gptjax import int8_kernel
+
 SCALE = "_scale"
 
 
@@ -72,11 +74,12 @@ class Projection(nn.Module):
       else None
     )
     x, bias = promote_dtype(x, bias, dtype=cfg.dtype)
-    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-    y = jax.lax.dot_general(x, kernel.astype(cfg.dtype), (contract, ((), ())))
+    if scale is not None:  # int8: the product is one fused call on a CPU (int8_kernel.py)
+      y = int8_kernel.matmul(x, kernel, scale, "kn", self.n_in, cfg.dtype)
+    else:
+      contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+      y = jax.lax.dot_general(x, kernel.astype(cfg.dtype), (contract, ((), ())))
     lead = lambda v: v.reshape((1,) * (y.ndim - v.ndim) + v.shape)  # explicit leading dims
-    if scale is not None:
-      y = y * lead(scale.astype(y.dtype))
     return y if bias is None else y + lead(bias)
 
 

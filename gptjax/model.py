@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptjax import int8_kernel
 from gptjax.attention import CausalSelfAttention
 from gptjax.errors import UserError
 from gptjax.layers import SCALE, Embed, Projection
@@ -194,7 +195,9 @@ class GPT(nn.Module):
     segments_BxT=None,
   ):
     x_BxTxD = self.hidden_states(tokens_BxT, positions_BxT, deterministic, start_B, segments_BxT)
-    return vocab_logits(x_BxTxD, self.output_embedding(), self.cfg, scale_V=self._output_scale())
+    if self.cfg.quant == "int8":
+      return vocab_logits(x_BxTxD, None, self.cfg, int8_head=self._int8_head())
+    return vocab_logits(x_BxTxD, self.output_embedding(), self.cfg)
 
   def output_embedding(self):
     """(padded V, D): the input table when tied, else lm_head's (D, V) kernel transposed."""
@@ -203,14 +206,13 @@ class GPT(nn.Module):
       return params["wte"]["embedding"]
     return params["lm_head"]["kernel"].T
 
-  def _output_scale(self):
-    """int8: the output embedding's scale per vocabulary entry (else None)."""
-    if self.cfg.quant != "int8":
-      return None
+  def _int8_head(self):
+    """int8: (table, scale per vocabulary entry, layout) of the output head, the table as
+    stored: the tied (V, D) embedding ("nk") or lm_head's (D, V) kernel ("kn")."""
     params = nn.meta.unbox(self.variables["params"])
     if self.cfg.tie_embeddings:
-      return params["wte"]["embedding" + SCALE]
-    return params["lm_head"]["kernel" + SCALE]
+      return params["wte"]["embedding"], params["wte"]["embedding" + SCALE], "nk"
+    return params["lm_head"]["kernel"], params["lm_head"]["kernel" + SCALE], "kn"
 
   @nn.compact
   def hidden_states(
@@ -289,18 +291,22 @@ class _Unembed(nn.Module):
     return self.param("kernel", init, shape, cfg.param_dtype)
 
 
-def vocab_logits(x_BxTxD, w_VxD, cfg: GPTConfig, out_dtype=None, scale_V=None):
+def vocab_logits(x_BxTxD, w_VxD, cfg: GPTConfig, out_dtype=None, int8_head=None):
   """Final hidden states (B, T, D) -> logits (B, T, padded_vocab), in the compute dtype unless
   out_dtype says otherwise; padding entries are masked so they are never predicted.
-  scale_V: an int8 w_VxD's scale per row."""
-  logits_BxTxV = jnp.einsum(
-    "btd,vd->btv",
-    x_BxTxD.astype(cfg.dtype),
-    w_VxD.astype(cfg.dtype),
-    preferred_element_type=out_dtype,
-  )
-  if scale_V is not None:
-    logits_BxTxV = logits_BxTxV * scale_V.astype(logits_BxTxV.dtype)[None, None, :]
+  int8_head: (int8 table, its float32 scale per vocabulary entry, layout), used instead of
+  w_VxD (GPT._int8_head)."""
+  if int8_head is not None:
+    w, scale_V, layout = int8_head
+    x_BxTxD = x_BxTxD.astype(cfg.dtype)
+    logits_BxTxV = int8_kernel.matmul(x_BxTxD, w, scale_V, layout, 1, out_dtype or cfg.dtype)
+  else:
+    logits_BxTxV = jnp.einsum(
+      "btd,vd->btv",
+      x_BxTxD.astype(cfg.dtype),
+      w_VxD.astype(cfg.dtype),
+      preferred_element_type=out_dtype,
+    )
   logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
   if cfg.padded_vocab > cfg.vocab_size:  # padding rows exist for speed, never as predictions
     real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size

@@ -290,6 +290,7 @@ LAYERS = [
   "model",
   "attention",
   "layers",
+  "int8_kernel",
   "runtime",
   "sharding",
   "workdir",
