@@ -166,44 +166,46 @@ class CausalSelfAttention(nn.Module):
     return _attend(q_BxTxNxH, (key.value,), (value.value,), key_scales, value_scales, mask_Bx1xTxS)
 
 
-def _step_cached(q_Bx1xNxH, k_Bx1xNxH, v_Bx1xNxH, key, value, scales, index, start_B):
-  """One token per row at the shared slot i: attends over the cache as it was (slots
-  start_B..i-1) plus the new entry as a second segment, then writes the entry at slot i.
-
-  The write waits for the attention, so XLA can update each cache in place; otherwise its
-  CPU backend copied every cache twice a step (BUILD_NOTES.md, "Decoding")."""
-  i = index.value
-  variables = (key, value) if scales is None else (key, value, *scales)
-  news = []  # the new entries as the cache holds them: (B, N, 1, H) and (B, N, 1) scales
+def _entries(k_Bx1xNxH, v_Bx1xNxH, int8: bool):
+  """One token's keys and values as a cache holds them: (k, v) each (B, N, 1, H), and with
+  an int8 cache their (B, N, 1) scales after them: (k, v, k_scale, v_scale)."""
+  news = []
   for new_Bx1xNxH in (k_Bx1xNxH, v_Bx1xNxH):
     new_BxNx1xH = new_Bx1xNxH.transpose(0, 2, 1, 3)
-    news.append(new_BxNx1xH if scales is None else quantize(new_BxNx1xH, (3,)))
-  entries = tuple(news) if scales is None else (news[0][0], news[1][0], news[0][1], news[1][1])
+    news.append(quantize(new_BxNx1xH, (3,)) if int8 else (new_BxNx1xH,))
+  return tuple(x for part in zip(*news) for x in part)
+
+
+def _after(entries, out):
+  """entries, computable only once out is: the cache writes wait for attention's reads.
+
+  XLA's CPU backend orders work by data alone (it drops an optimization barrier); a write
+  that could run before a read of the same cache made it copy every cache twice a step
+  (BUILD_NOTES.md, "Decoding"). The select never fires (a NaN output) and is not folded."""
+  nan = jnp.isnan(out.reshape(-1)[0])
+  return tuple(jnp.where(nan, jnp.zeros_like(e), e) for e in entries)
+
+
+def _step_cached(q_Bx1xNxH, k_Bx1xNxH, v_Bx1xNxH, key, value, scales, index, start_B):
+  """One token per row at the shared slot i: attends over the cache as it was (slots
+  start_B..i-1) plus the new entry as a second segment, then writes the entry at slot i,
+  in place."""
+  i = index.value
+  entries = _entries(k_Bx1xNxH, v_Bx1xNxH, scales is not None)
   slot_S = jnp.arange(key.value.shape[2])
   old_Bx1x1xS = ((slot_S[None, :] < i) & (slot_S[None, :] >= start_B[:, None]))[:, None, None, :]
   mask_Bx1x1xS = jnp.concatenate([old_Bx1x1xS, jnp.ones_like(old_Bx1x1xS[..., :1])], axis=-1)
   key_scales = value_scales = None
   if scales is not None:
     key_scales, value_scales = (scales[0].value, entries[2]), (scales[1].value, entries[3])
-  out_Bx1xNxH = _attend(
-    q_Bx1xNxH,
-    (key.value, entries[0]),
-    (value.value, entries[1]),
-    key_scales,
-    value_scales,
-    mask_Bx1x1xS,
-  )
-  # The write must wait for every read: XLA's CPU backend orders work by data alone (it
-  # drops an optimization barrier), so each entry takes a data dependency on the output.
-  # The select never fires (NaN output) but cannot be folded away.
-  nan = jnp.isnan(out_Bx1xNxH.reshape(-1)[0])
-  entries = tuple(jnp.where(nan, jnp.zeros_like(e), e) for e in entries)
+  keys, values = (key.value, entries[0]), (value.value, entries[1])
+  out_Bx1xNxH = _attend(q_Bx1xNxH, keys, values, key_scales, value_scales, mask_Bx1x1xS)
   axes = ("batch", "heads", "length", "kv")
-  for var, entry in zip(variables, entries):
+  variables = (key, value) if scales is None else (key, value, *scales)
+  for var, entry in zip(variables, _after(entries, out_Bx1xNxH)):
     at = (0, 0, i, 0)[: entry.ndim]
-    var.value = nn.with_logical_constraint(
-      jax.lax.dynamic_update_slice(var.value, entry.astype(var.value.dtype), at), axes[: entry.ndim]
-    )
+    new = jax.lax.dynamic_update_slice(var.value, entry.astype(var.value.dtype), at)
+    var.value = nn.with_logical_constraint(new, axes[: entry.ndim])
   index.value = i + 1
   return out_Bx1xNxH
 

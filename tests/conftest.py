@@ -2,6 +2,7 @@
 
 import atexit
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -115,6 +116,23 @@ def finalized_steps(workdir) -> list[int]:
   """The steps of a workdir's finished checkpoints (orbax lists a save once it is whole)."""
   d = os.path.join(workdir, "checkpoints")
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def cache_copies_in_loops(hlo: str, cache_shape) -> list[str]:
+  """The copies and transposes of a whole cache (as stored, or with its last two dims
+  swapped) inside any computation but the entry one of an optimized HLO text: what a
+  decoding step must not do (each is a full read and write of the cache per step)."""
+  dims = lambda s: ",".join(map(str, s))
+  *lead, slots, head = cache_shape
+  wanted = {dims(cache_shape), dims((*lead, head, slots))}
+  inside, found = False, []
+  for line in hlo.splitlines():
+    if line and not line.startswith(" "):  # a computation's header
+      inside = not line.startswith("ENTRY")
+    m = re.search(r"= [a-z0-9]+\[([0-9,]+)\]\S* (copy|transpose)\(", line)
+    if inside and m and m.group(1) in wanted:
+      found.append(line.strip()[:120])
+  return found
 
 
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # fast subprocesses

@@ -1,10 +1,13 @@
-"""Decoding: the cache matches full recomputation; samplers respect their filters; stops."""
+"""Decoding: the cache matches full recomputation; samplers respect their filters; stops;
+the cache is updated in place."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import cache_copies_in_loops, tiny_config
 
 from gptjax import decode
 from gptjax.errors import UserError
@@ -251,24 +254,12 @@ def test_a_decoding_step_updates_the_cache_in_place(kv_quant):
   """No step copies or transposes a cache: inside the token loop the only ops on a whole
   cache are its reads and one in-place write per cache (XLA's CPU backend copied each cache
   twice a step while attention read the cache after writing it, BUILD_NOTES "Decoding")."""
-  import dataclasses
-  import re
-
   model, params = _model()
   model = GPT(dataclasses.replace(model.cfg, kv_quant=kv_quant))
   d = decode.Decoder(model, params)
   tokens, start = decode.left_pad(PROMPTS)
   state = d.prefill(tokens, start, 8)
-  shape = state.cache["h_0"]["attn"]["cached_key"].shape
   hlo = d._generate.lower(d.params, state, 8, decode.Sampling(0.0)).compile().as_text()
-  dims = lambda s: ",".join(map(str, s))
-  cache_like = {dims(shape), dims((*shape[:2], shape[3], shape[2]))}  # as stored, transposed
-  body, copies = None, []
-  for line in hlo.splitlines():
-    if line and not line.startswith(" "):  # a computation's header
-      body = None if line.startswith("ENTRY") else line
-    for op in ("copy", "transpose"):
-      m = re.search(rf"= [a-z0-9]+\[([0-9,]+)\]\S* {op}\(", line)
-      if body and m and m.group(1) in cache_like:
-        copies.append(line.strip()[:120])
+  shape = state.cache["h_0"]["attn"]["cached_key"].shape
+  copies = cache_copies_in_loops(hlo, shape)
   assert not copies, "\n".join(copies)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import cache_copies_in_loops, tiny_config
 
 from gptjax import decode, engine, inference, quantize, serve_bench
 
@@ -130,3 +130,19 @@ def test_each_rows_logits_equal_a_full_forward_pass(kv):
       want = np.asarray(forward(padded))[0, len(rows[slot]) - 1]
       np.testing.assert_allclose(logits[slot, :40], want[:40], atol=2e-4, rtol=2e-4)
   assert sorted(len(t) for t in rows.values()) == [42, 42, 43]  # past every segment boundary
+
+
+@pytest.mark.parametrize("kv", ["none", "int8"])
+def test_a_generate_step_writes_each_cache_segment_in_place(kv):
+  """Inside the engine's token loop no cache segment is copied or transposed: each step
+  reads the segments, then scatters its rows' entries into them in place."""
+  config = tiny_config(model__block_size=48, model__vocab_size=40)
+  loaded = inference.quantized(serve_bench.random_weights(config), quantize.Quant(kv=kv))
+  eng = engine.Engine(loaded.model, loaded.params, slots=3, chunk=4, smallest_span=16)
+  span = eng.spans[-1]
+  part = eng._part(span)[1]
+  hlo = eng._generate.lower(eng.params, part, eng.widths[-1]).compile().as_text()
+  segments = part.cache["h_0"]["attn"]["cached_key"]
+  assert len(segments) > 1
+  copies = [c for seg in segments for c in cache_copies_in_loops(hlo, seg.shape)]
+  assert not copies, "\n".join(copies)
