@@ -119,7 +119,8 @@ def matmul(x, w, scale, layout: str, n_in: int, dtype):
     return y * scale.reshape((1,) * (y.ndim - scale.ndim) + scale.shape).astype(y.dtype)
 
   rows = int(np.prod(lead, dtype=np.int64))
-  if rows > MAX_ROWS or _multi_device_mesh() or not available():
+  on_cpu = jax.default_backend() == "cpu"  # a GPU or TPU never builds the kernel
+  if rows > MAX_ROWS or not on_cpu or _multi_device_mesh() or not available():
     return xla(x, w, scale)
 
   def cpu(x, w, scale):

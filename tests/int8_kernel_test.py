@@ -36,6 +36,9 @@ def _reference(x, q, scale, layout, n_in):
     ((1,), (64, 192), "kn", 1),  # one row: decoding at batch 1
     ((3, 1), (40, 130), "kn", 1),  # K not a multiple of 16, N not of 64 (a ragged end)
     ((9,), (33, 64), "kn", 1),  # more rows than one pass takes (4)
+    ((1,), (40, 600), "kn", 1),  # 256-column blocks (one row), then 64, then single columns
+    ((2, 1), (40, 600), "kn", 1),  # 128-column blocks (two rows)
+    ((3,), (24, 600), "kn", 1),  # 64-column blocks (three rows)
     ((2, 1), (4, 8, 48), "kn", 2),  # attention's out kernel (N, H, D): two dims contracted
     ((1,), (48, 3, 4, 8), "kn", 1),  # the qkv kernel (D, 3, N, H): several output dims
     ((5,), (67, 40), "nk", 1),  # the output head: a (V, D) table, V not a multiple of 4

@@ -60,29 +60,41 @@ inline float hsum(f16v v) {
 
 constexpr int64_t kMaxRows = 4;  // rows of x per pass over the weights
 
-// w (K, N): columns [n0, n1) of R rows of x, 64 columns at a time in registers.
-template <int R>
-void KnBlock(const float* x, const int8_t* w, const float* scale, float* y, int64_t k,
-             int64_t n, int64_t n0, int64_t n1) {
-  int64_t j = n0;
-  for (; j + 64 <= n1; j += 64) {
-    f16v acc[R][4] = {};
+// w (K, N): columns [j, n1) of R rows of x, 16 * Q columns at a time in registers, walking
+// down the rows; returns where it stopped (fewer than 16 * Q columns left).
+template <int R, int Q>
+int64_t KnBlocks(const float* x, const int8_t* w, const float* scale, float* y, int64_t k,
+                 int64_t n, int64_t j, int64_t n1) {
+  for (; j + 16 * Q <= n1; j += 16 * Q) {
+    f16v acc[R][Q] = {};
     for (int64_t i = 0; i < k; ++i) {
       const int8_t* wr = w + i * n + j;
-      const f16v w0 = load16(wr), w1 = load16(wr + 16), w2 = load16(wr + 32);
-      const f16v w3 = load16(wr + 48);
+      // a row 16 ahead: each pass steps down the rows, a page apart, where the hardware
+      // prefetcher does not follow (measured: 6 -> 9 GB/s on one core, out of cache)
+      for (int q = 0; q < Q; q += 4) __builtin_prefetch(wr + 16 * n + 16 * q);
+      f16v wv[Q];
+      for (int q = 0; q < Q; ++q) wv[q] = load16(wr + 16 * q);
       for (int r = 0; r < R; ++r) {
         const float xv = x[r * k + i];
-        acc[r][0] += xv * w0;
-        acc[r][1] += xv * w1;
-        acc[r][2] += xv * w2;
-        acc[r][3] += xv * w3;
+        for (int q = 0; q < Q; ++q) acc[r][q] += xv * wv[q];
       }
     }
     for (int r = 0; r < R; ++r) {
-      for (int q = 0; q < 4; ++q) storef(y + r * n + j + 16 * q, acc[r][q] * loadf(scale + j + 16 * q));
+      for (int q = 0; q < Q; ++q) {
+        storef(y + r * n + j + 16 * q, acc[r][q] * loadf(scale + j + 16 * q));
+      }
     }
   }
+  return j;
+}
+
+// w (K, N): columns [n0, n1) of R rows of x: wide blocks (fewer rows of x leave registers for
+// more columns, so each pass reads longer runs of a row), then 64, then one at a time.
+template <int R>
+void KnBlock(const float* x, const int8_t* w, const float* scale, float* y, int64_t k,
+             int64_t n, int64_t n0, int64_t n1) {
+  int64_t j = KnBlocks<R, (R == 1 ? 16 : R == 2 ? 8 : 4)>(x, w, scale, y, k, n, n0, n1);
+  j = KnBlocks<R, 4>(x, w, scale, y, k, n, j, n1);
   for (; j < n1; ++j) {  // the ragged end
     for (int r = 0; r < R; ++r) {
       float s = 0;
@@ -102,6 +114,13 @@ void NkBlock(const float* x, const int8_t* w, const float* scale, float* y, int6
     f16v acc[R][4] = {};
     const int8_t* wj = w + j * k;
     for (int64_t i = 0; i < kv; i += 16) {
+      if ((i & 63) == 0) {  // the block of rows after next (measured: 6.4 -> 8.6 GB/s)
+        const int8_t* ahead = wj + 8 * k + i;
+        __builtin_prefetch(ahead);
+        __builtin_prefetch(ahead + k);
+        __builtin_prefetch(ahead + 2 * k);
+        __builtin_prefetch(ahead + 3 * k);
+      }
       const f16v w0 = load16(wj + i), w1 = load16(wj + k + i);
       const f16v w2 = load16(wj + 2 * k + i), w3 = load16(wj + 3 * k + i);
       for (int r = 0; r < R; ++r) {
@@ -215,7 +234,7 @@ ffi::Error Product(Part part, int64_t align, ffi::ThreadPool pool, ffi::Buffer<f
 
 ffi::Error Kn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
               ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
-  return Product(KnColumns, 64, pool, x, w, scale, y, true);
+  return Product(KnColumns, 256, pool, x, w, scale, y, true);
 }
 
 ffi::Error Nk(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
