@@ -55,8 +55,9 @@ def load(
 ) -> Loaded:
   """The newest checkpoint of the run in `workdir`, else its export; or, given a config with
   init_from, those weights with the config's tokenizer. mesh None: one device. quant: int8
-  weights (converted here) and/or an int8 KV cache."""
-  loaded = _load(workdir, config, mesh)
+  weights (converted here) and/or an int8 KV cache. workdir may be relative or start with ~
+  (a script's argument; orbax refuses relative paths)."""
+  loaded = _load(storage.absolute(workdir), config, mesh)
   return quantized(loaded, quant, mesh) if quant != quantize.Quant() else loaded
 
 

@@ -131,3 +131,13 @@ def test_sample_prints_only_the_samples_on_stdout(trained_tiny, capsys):
   captured = capsys.readouterr()
   assert captured.out == "".join(f"{t}\n---------------\n" for t in texts)
   assert "tokens/s" in captured.err and "from checkpoint 30" in captured.err
+
+
+def test_a_script_loads_a_run_by_a_relative_path_or_tilde(trained_tiny, monkeypatch, tmp_path):
+  """inference.load is the API scripts call with their arguments as typed (scripts/
+  int8_quality.py runs/shakespeare_cpu): a relative path or ~ works as the CLI's does."""
+  monkeypatch.chdir(trained_tiny.parent)
+  rel = inference.load(trained_tiny.name)
+  monkeypatch.setenv("HOME", str(trained_tiny.parent))
+  home = inference.load(f"~/{trained_tiny.name}")
+  assert rel.where == home.where == "checkpoint 30"
