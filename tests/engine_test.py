@@ -92,15 +92,17 @@ def test_a_sampled_row_does_not_depend_on_its_batch(loaded):
   assert other_seed[0] != mixed[0]
 
 
-@pytest.mark.parametrize("kv", ["none", "int8"])
-def test_each_rows_logits_equal_a_full_forward_pass(kv):
+@pytest.mark.parametrize("weights, kv", [("none", "none"), ("none", "int8"), ("int8", "none")])
+def test_each_rows_logits_equal_a_full_forward_pass(weights, kv):
   """Rows entering at different times, sampled so their tokens differ, in a 48-token context
   held in segments of 8, 8, 16 and 16 slots: after every chunk each row's next-token logits
   are those of the whole model run on its tokens so far (a slot misplaced in the cache, or a
   segment left out of attention, moves them by far more than the tolerance). With an int8
-  cache, the whole run goes through the model's int8 cache as well."""
+  cache, the whole run goes through the model's int8 cache as well; with int8 weights, both
+  through the int8 CPU kernel."""
   config = tiny_config(model__block_size=48, model__vocab_size=40, model__init_std=0.3)
-  loaded = inference.quantized(serve_bench.random_weights(config), quantize.Quant(kv=kv))
+  quant = quantize.Quant(weights, kv)
+  loaded = inference.quantized(serve_bench.random_weights(config), quant)
   eng = engine.Engine(loaded.model, loaded.params, slots=3, chunk=5, smallest_span=8)
   assert eng.segments == (8, 8, 16, 16)
 
