@@ -176,14 +176,17 @@ def _entries(k_Bx1xNxH, v_Bx1xNxH, int8: bool):
   return tuple(x for part in zip(*news) for x in part)
 
 
-def _after(entries, out):
+def _after(entries, out_Bx1xNxH):
   """entries, computable only once out is: the cache writes wait for attention's reads.
 
   XLA's CPU backend orders work by data alone (it drops an optimization barrier); a write
   that could run before a read of the same cache made it copy every cache twice a step
-  (BUILD_NOTES.md, "Decoding"). The select never fires (a NaN output) and is not folded."""
-  nan = jnp.isnan(out.reshape(-1)[0])
-  return tuple(jnp.where(nan, jnp.zeros_like(e), e) for e in entries)
+  (BUILD_NOTES.md, "Decoding"). Each (row, head) entry depends on its own output, so the
+  select stays local under a mesh, never fires unless that output is NaN (then that entry
+  is zero), and is not folded away."""
+  nan_BxNx1 = jnp.isnan(out_Bx1xNxH[..., 0]).transpose(0, 2, 1)
+  keep = lambda e: jnp.where(nan_BxNx1.reshape(nan_BxNx1.shape + (1,) * (e.ndim - 3)), 0, e)
+  return tuple(keep(e).astype(e.dtype) for e in entries)
 
 
 def _step_cached(q_Bx1xNxH, k_Bx1xNxH, v_Bx1xNxH, key, value, scales, index, start_B):

@@ -7,10 +7,14 @@ widens each int8 weight in registers instead, so a decoding step reads one byte 
 It is built on first use with the system's C++ compiler (`$CXX`, else `c++`), for this CPU
 (-march=native), into ~/.cache/gptjax/kernels (or $GPTJAX_KERNEL_CACHE), keyed by the
 source, jaxlib and the CPU's flags. Without a compiler gptjax prints one warning and uses
-XLA's lowering: the same numbers, slower.
+XLA's lowering: the same products up to float rounding (the kernel accumulates in float32
+and rounds once, also under bf16 compute), slower.
 
 Used for at most MAX_ROWS rows of activations on the CPU backend without a multi-device
-mesh (a custom call cannot be split by XLA's partitioner); anything else is XLA's dot.
+mesh; anything else is XLA's dot. A custom call cannot be split by XLA's partitioner, and
+the mesh is read from the tracing context (`jax.set_mesh`, as gptjax's sharding.context
+sets it): params sharded over several devices must be run under it, or XLA gathers each
+weight to every device on each call (correct, slow).
 """
 
 import ctypes
@@ -18,6 +22,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -50,34 +55,39 @@ def _cache_dir() -> str:
 
 def _build() -> str:
   """The shared library's path, compiling it unless this CPU's build is cached."""
-  compiler = os.environ.get("CXX", "c++")
+  compiler = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]  # e.g. "ccache g++"
   with open(SOURCE, "rb") as f:
     source = f.read()
   key = hashlib.sha256(
     b"\0".join(
-      [source, jaxlib.__version__.encode(), compiler.encode(), " ".join(FLAGS).encode()]
+      [source, jaxlib.__version__.encode(), " ".join(compiler).encode(), " ".join(FLAGS).encode()]
       + [platform.machine().encode(), _cpu_flags().encode()]
     )
   ).hexdigest()[:16]
   path = os.path.join(_cache_dir(), f"int8_matmul-{key}.so")
   if os.path.exists(path):
     return path
-  if shutil.which(compiler) is None:
-    raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
+  if shutil.which(compiler[0]) is None:
+    raise RuntimeError(f"no C++ compiler {compiler[0]!r} on PATH (set $CXX)")
   os.makedirs(_cache_dir(), exist_ok=True)
   tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # concurrent builds each rename a whole file
   with tempfile.TemporaryDirectory() as scratch:
-    out = subprocess.run(
-      [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp],
-      capture_output=True,
-      text=True,
-      cwd=scratch,
-    )
+    try:
+      out = subprocess.run(
+        [*compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp],
+        capture_output=True,
+        text=True,
+        cwd=scratch,
+        timeout=300,
+      )
+    except subprocess.TimeoutExpired:
+      out = subprocess.CompletedProcess([], -1, "", "timed out after 300 s")
   if out.returncode != 0:
     if os.path.exists(tmp):
       os.remove(tmp)
     lines = [line for line in out.stderr.splitlines() if "error" in line] or [out.stderr]
-    raise RuntimeError(f"{compiler} failed: {lines[0].strip()[:200]}")
+    detail = lines[0].strip()[:200] or f"exit status {out.returncode}"
+    raise RuntimeError(f"{' '.join(compiler)} failed: {detail}")
   os.replace(tmp, path)
   return path
 
@@ -90,10 +100,10 @@ def available() -> bool:
     for name, symbol in TARGETS.items():
       capsule = jax.ffi.pycapsule(getattr(lib, symbol))
       jax.ffi.register_ffi_target(f"gptjax_int8_{name}", capsule, platform="cpu")
-  except (OSError, RuntimeError) as e:
+  except (OSError, RuntimeError, AttributeError) as e:  # AttributeError: a symbol missing
     print(
       f"gptjax: warning: the int8 CPU kernel is unavailable ({e}); int8 products use "
-      "XLA's lowering (same results, slower)",
+      "XLA's lowering (the same up to rounding, slower)",
       file=sys.stderr,
     )
     return False

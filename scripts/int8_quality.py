@@ -47,8 +47,9 @@ def forward_cached(run):
 
 
 def logits_of(run, fwd):
-  # one window per call: T <= 64 rows, so on a CPU int8 weights take the int8 kernel's path
-  # (int8_kernel.MAX_ROWS), as decoding does, rather than XLA's dot
+  # one window per call: T rows, 64 for :cpu (at most int8_kernel.MAX_ROWS), so on a CPU int8
+  # weights take the int8 kernel's path, as decoding does, rather than XLA's dot; the int8-KV
+  # variants write all T tokens at once (a prefill), not one decoding step at a time
   f = fwd(run)
   return np.concatenate(
     [np.asarray(f(run.params, batch[i : i + 1]), np.float64) for i in range(len(batch))]

@@ -263,3 +263,18 @@ def test_a_decoding_step_updates_the_cache_in_place(kv_quant):
   shape = state.cache["h_0"]["attn"]["cached_key"].shape
   copies = cache_copies_in_loops(hlo, shape)
   assert not copies, "\n".join(copies)
+
+
+def test_int8_kv_decoding_steps_equal_one_int8_prefill():
+  """A decoding step's int8 KV path (each token quantized, attended as a separate segment,
+  then written) gives the logits that writing all those tokens at once gives: the last
+  position's logits of a prefill over the prompt and the generated tokens."""
+  model, params = _model()
+  model = GPT(dataclasses.replace(model.cfg, kv_quant="int8"))
+  d = decode.Decoder(model, params)
+  tokens, start = decode.left_pad(PROMPTS)
+  state, out, _ = d.generate(d.prefill(tokens, start, 6), 6, decode.Sampling(0.0))
+  whole = np.concatenate([tokens, np.asarray(out)], axis=1)  # prompts, then the 6 new tokens
+  again = d.prefill(whole[:, :-1], start, 1)  # everything but the last, written at once
+  stepped = d.generate(d.prefill(tokens, start, 6), 5, decode.Sampling(0.0))[0]
+  np.testing.assert_allclose(stepped.logits_BxV, again.logits_BxV, rtol=1e-4, atol=1e-4)

@@ -3,6 +3,7 @@ gptjax gives it, the model calls it only where it should, and without a compiler
 says so once and computes the same numbers with XLA."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -132,3 +133,37 @@ def test_a_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypat
   with pytest.raises(RuntimeError, match="failed"):
     int8_kernel._build()
   assert os.listdir(tmp_path) == [os.path.basename(path)]
+
+
+@pytest.mark.parametrize(
+  "extra", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2", "-mno-avx"]], ids=["avx2", "plain"]
+)
+def test_the_builds_for_older_cpus_give_the_same_products(extra, tmp_path):
+  """This machine builds the AVX-512 path; a CPU with AVX2 only, or neither, gets the other
+  code paths (fewer rows and columns per pass): built here with those flags, same results."""
+  if platform.machine() not in ("x86_64", "AMD64"):
+    pytest.skip("x86 flags")
+  script = (
+    "import jax, jax.numpy as jnp, numpy as np\n"
+    "from gptjax import int8_kernel\n"
+    f"int8_kernel.FLAGS = [*int8_kernel.FLAGS, *{extra!r}]\n"
+    "assert int8_kernel.available()\n"
+    "worst = 0.0\n"
+    "for m, k, n, layout in ((1, 40, 600, 'kn'), (3, 24, 600, 'kn'), (5, 67, 43, 'nk')):\n"
+    "  r = np.random.default_rng(m)\n"
+    "  x = jnp.asarray(r.standard_normal((m, k)), jnp.float32)\n"
+    "  q = jnp.asarray(r.integers(-127, 128, (k, n) if layout == 'kn' else (n, k)), jnp.int8)\n"
+    "  s = jnp.asarray(r.random(n), jnp.float32)\n"
+    "  f = jax.jit(lambda x, q, s: int8_kernel.matmul(x, q, s, layout, 1, jnp.float32))\n"
+    "  w = np.asarray(q, np.float64) if layout == 'kn' else np.asarray(q, np.float64).T\n"
+    "  want = np.asarray(x, np.float64) @ w * np.asarray(s, np.float64)\n"
+    "  assert 'gptjax_int8_' in f.lower(x, q, s).as_text()\n"
+    "  worst = max(worst, float(np.max(np.abs(np.asarray(f(x, q, s)) - want))))\n"
+    "print(worst)\n"
+  )
+  env = dict(os.environ, **ONE_DEVICE, GPTJAX_KERNEL_CACHE=str(tmp_path))
+  proc = subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert float(proc.stdout) < 1e-3, proc.stdout  # products of ~100: float32 rounding

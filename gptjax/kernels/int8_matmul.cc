@@ -58,7 +58,18 @@ inline float hsum(f16v v) {
   return s;
 }
 
+// Register budgets, tuned on AVX-512 (32 registers of 16 floats); with AVX2 a 16-float
+// vector takes two of 16 registers, so passes hold fewer rows and columns. The AVX2 and
+// plain C++ builds are tested for their results (tests/int8_kernel_test.py), not timed.
+#if defined(__AVX512F__)
 constexpr int64_t kMaxRows = 4;  // rows of x per pass over the weights
+constexpr int Wide(int r) { return r == 1 ? 16 : r == 2 ? 8 : 4; }  // 16-float vectors
+constexpr int kNarrow = 4;
+#else
+constexpr int64_t kMaxRows = 2;
+constexpr int Wide(int r) { return r == 1 ? 4 : 2; }
+constexpr int kNarrow = 1;
+#endif
 
 // w (K, N): columns [j, n1) of R rows of x, 16 * Q columns at a time in registers, walking
 // down the rows; returns where it stopped (fewer than 16 * Q columns left).
@@ -93,8 +104,8 @@ int64_t KnBlocks(const float* x, const int8_t* w, const float* scale, float* y, 
 template <int R>
 void KnBlock(const float* x, const int8_t* w, const float* scale, float* y, int64_t k,
              int64_t n, int64_t n0, int64_t n1) {
-  int64_t j = KnBlocks<R, (R == 1 ? 16 : R == 2 ? 8 : 4)>(x, w, scale, y, k, n, n0, n1);
-  j = KnBlocks<R, 4>(x, w, scale, y, k, n, j, n1);
+  int64_t j = KnBlocks<R, Wide(R)>(x, w, scale, y, k, n, n0, n1);
+  j = KnBlocks<R, kNarrow>(x, w, scale, y, k, n, j, n1);
   for (; j < n1; ++j) {  // the ragged end
     for (int r = 0; r < R; ++r) {
       float s = 0;
