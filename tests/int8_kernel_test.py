@@ -101,6 +101,7 @@ def test_a_multi_device_mesh_uses_xla():
   np.testing.assert_allclose(split, apply({"params": local}, tokens), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a build or a subprocess
 def test_without_a_compiler_it_says_so_once_and_computes_with_xla(tmp_path):
   script = (
     "import jax, jax.numpy as jnp, numpy as np\n"
@@ -121,6 +122,7 @@ def test_without_a_compiler_it_says_so_once_and_computes_with_xla(tmp_path):
   assert os.listdir(tmp_path) == []  # nothing half-built left behind
 
 
+@pytest.mark.slow  # a build or a subprocess
 def test_a_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
   monkeypatch.setenv("GPTJAX_KERNEL_CACHE", str(tmp_path))
   path = int8_kernel._build()
@@ -135,6 +137,7 @@ def test_a_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypat
   assert os.listdir(tmp_path) == [os.path.basename(path)]
 
 
+@pytest.mark.slow  # two builds, each in a subprocess
 @pytest.mark.parametrize(
   "extra", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2", "-mno-avx"]], ids=["avx2", "plain"]
 )
