@@ -9,8 +9,6 @@ averaged, times 100.
 import math
 
 import numpy as np
-import sacrebleu
-from rouge_score import rouge_scorer
 
 from gptjax.errors import UserError
 
@@ -24,6 +22,11 @@ def text_scores(predictions: list[str], references: list[str]) -> dict:
       f"scoring needs one prediction per reference ({len(predictions)} predictions, "
       f"{len(references)} references, at least one)"
     )
+  # Imported here: rouge-score pulls in nltk and scipy (~0.7 s), which every CLI start would
+  # otherwise pay, since main imports evaluation.
+  import sacrebleu
+  from rouge_score import rouge_scorer
+
   scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=True)
   rouge = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
   return {

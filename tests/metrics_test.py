@@ -1,5 +1,9 @@
 """Model FLOPs per token, the peak table and MFU (gptjax/metrics.py)."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -101,3 +105,24 @@ def test_the_fit_advice_names_the_switches_the_config_does_not_use_yet():
     metrics.check_fits({"peak_estimate": 1024**4}, config)
   assert "scan_layers" not in str(refused.value) and "loss_chunk" not in str(refused.value)
   assert "raise --config.optim.grad_accum (now 1)" in str(refused.value)
+
+
+@pytest.mark.slow
+def test_a_run_starts_without_importing_torch_or_the_text_scorers(tmp_path):
+  """Start-up cost: tensorboardX imports torch when it is installed (~1.6 s) and rouge-score
+  imports nltk and scipy (~0.7 s); a training run needs neither. torch stays importable."""
+  code = f"""
+import sys
+import gptjax.main
+from gptjax import metrics
+w = metrics.MetricWriter({str(tmp_path)!r})
+w.write(1, {{"loss": 1.0}})
+w.close()
+print(sorted(m for m in ("torch", "rouge_score", "nltk", "scipy") if m in sys.modules))
+import torch
+print(torch.tensor([1]).tolist())
+"""
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split("\n")[:2] == ["[]", "[1]"], proc.stdout
+  assert any(n.startswith("events.out.tfevents.") for n in os.listdir(tmp_path))
