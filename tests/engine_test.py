@@ -11,6 +11,10 @@ from conftest import cache_copies_in_loops, tiny_config
 
 from gptjax import decode, engine, inference, quantize, serve_bench
 
+# Slow tier: each test compiles an engine's programs (every bucket, width and span), 7-45 s
+# apiece on the 2-core VM; `python -m pytest tests/engine_test.py` runs them alone.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def loaded(trained_tiny):

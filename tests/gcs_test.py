@@ -262,24 +262,16 @@ def _finish(procs):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_resume_bit_exact_after_both_are_killed(gcs, tmp_path):
-  """Two processes on a gs:// workdir train as one process with the same four devices
-  does; killed together (SIGKILL), they resume bit-exact, each writing its own shards."""
+def test_two_processes_killed_together_resume_and_match_one_process(gcs, tmp_path):
+  """Two processes on a gs:// workdir, killed together (SIGKILL) after a checkpoint and run
+  again, resume and finish as one process with the same four devices trains uninterrupted:
+  the same losses (to float rounding: the reductions are split differently), each step
+  logged once, each process writing its own shards. A wrong restore (a shard, the optimizer
+  state, the data position) moves the losses far beyond that rounding."""
   local = tmp_path / "one"
   one = run_cli(*_two_args(local, tmp_path / "cache"), "--config.mesh.shape.fsdp=4",
                 "--config.mesh.shape.data=1", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})  # fmt: skip
   assert one.returncode == 0, one.stderr[-3000:]
-  outs = _finish(_two_processes(gcs, "two_ref", tmp_path))
-  assert "2 process(es)" in outs[0][0]
-  assert "step" not in outs[1][0] and "mesh" not in outs[1][0]  # only process 0 reports
-  ref = _metrics(gcs, "two_ref")
-  assert [l["step"] for l in ref if "loss" in l] == list(range(1, TWO_STEPS + 1))  # one writer
-  single = [json.loads(l) for l in open(local / "metrics.jsonl")]
-  for key in ("loss", "val_loss"):
-    np.testing.assert_allclose(
-      [l[key] for l in ref if key in l], [l[key] for l in single if key in l], rtol=1e-5
-    )
-
   procs = _two_processes(gcs, "two", tmp_path)
   try:
     wait_for(procs[0], lambda: len(_steps(gcs, "two")) >= 1)
@@ -291,8 +283,15 @@ def test_two_processes_match_one_and_resume_bit_exact_after_both_are_killed(gcs,
       p.communicate()
   assert _steps(gcs, "two")[-1] < TWO_STEPS
   outs = _finish(_two_processes(gcs, "two", tmp_path))
-  assert "resumed from checkpoint" in outs[0][0]
-  assert _metrics(gcs, "two") == ref  # metrics.jsonl rewritten whole: exactly the lines
+  assert "resumed from checkpoint" in outs[0][0] and "2 process(es)" in outs[0][0]
+  assert "step" not in outs[1][0] and "mesh" not in outs[1][0]  # only process 0 reports
+  two = _metrics(gcs, "two")
+  assert [l["step"] for l in two if "loss" in l] == list(range(1, TWO_STEPS + 1))  # one writer
+  single = [json.loads(l) for l in open(local / "metrics.jsonl")]
+  for key in ("loss", "val_loss"):
+    np.testing.assert_allclose(
+      [l[key] for l in two if key in l], [l[key] for l in single if key in l], rtol=1e-5
+    )
   params = gcs.names(f"two/checkpoints/{TWO_STEPS}/params/")
   for i in range(2):  # fsdp over both processes: each wrote its own shards, under its name
     assert any(f"/ocdbt.process_{i}/d/" in n for n in params), params

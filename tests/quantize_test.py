@@ -105,6 +105,7 @@ def test_quantized_params_lay_out_over_a_mesh(trained_tiny):
   np.testing.assert_array_equal(outs[0], outs[1])
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_an_int8_export_is_small_and_loads_as_it_is(trained_tiny, tmp_path):
   out = tmp_path / "int8"
   proc = run_cli(
@@ -135,6 +136,7 @@ def test_an_int8_export_is_small_and_loads_as_it_is(trained_tiny, tmp_path):
   assert directory_bytes(out / "params") < 0.7 * directory_bytes(fp32 / "params")
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_chat_runs_quantized(trained_tiny):
   proc = run_cli(
     f"--workdir={trained_tiny}", "--mode=chat", "--quantize=int8", "--kv_quant=int8",
@@ -148,6 +150,7 @@ def directory_bytes(path) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+@pytest.mark.slow  # a CLI subprocess each
 @pytest.mark.parametrize(
   "args, fragment",
   [

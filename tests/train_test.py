@@ -76,6 +76,7 @@ def test_dropout_follows_the_state_rng_and_only_when_on():
     assert (losses[0] != losses[1]) == rng_matters, (dropout, attn_dropout, losses)
 
 
+@pytest.mark.slow
 def test_scan_layers_starts_from_the_loops_initial_parameters():
   """Scanning is a compilation choice: the same seed gives the same (stacked) weights."""
   from gptjax.model import per_layer
@@ -137,6 +138,7 @@ def task_one_device():
   return _task_step(c, sharding.make_mesh(c.mesh, jax.devices()[:1]), _task_batch())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_chunk", [0, 8])
 def test_task_loss_is_the_same_with_gradient_accumulation(loss_chunk, task_one_device):
   c = _task_config(optim__grad_accum=4, train__loss_chunk=loss_chunk)
@@ -150,6 +152,7 @@ def test_task_loss_is_the_same_with_gradient_accumulation(loss_chunk, task_one_d
   np.testing.assert_allclose(evaluated, want_eval, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_task_loss_is_the_same_on_a_2x2x2_mesh(task_one_device):
   c = _task_config()
   c.mesh.shape.update(dict(data=2, fsdp=2, tensor=2))
