@@ -197,13 +197,16 @@ def _sources(data_config, task=None) -> dict[str, Callable[[], Iterable[str]]]:
   if data_config.source == "text":
     texts = dict(zip(("train", "val"), _text_files(data_config.path, data_config.val_fraction)))
     return {split: (lambda t=text: [t]) for split, text in texts.items()}
-  # The builder at first use: a run whose vocabulary and token files are already in its
-  # workdir (a resume, a restart) never imports TensorFlow (~4.5 s) or opens the dataset.
-  builder = functools.cache(lambda: tfds_data.builder(data_config))
-  return {
-    split: (lambda s=split: tfds_data.docs(builder(), data_config, s)())
-    for split in ("train", "val")
-  }
+
+  # Built at first use: a run whose vocabulary and token files are already in its workdir
+  # (a resume, a restart) never imports TensorFlow (~4.5 s) or opens the dataset. Both
+  # splits are checked then, so a bad val_split fails before the train split is read.
+  @functools.cache
+  def sources():
+    built = tfds_data.builder(data_config)
+    return {split: tfds_data.docs(built, data_config, split) for split in ("train", "val")}
+
+  return {split: (lambda s=split: sources()[s]()) for split in ("train", "val")}
 
 
 def read_text_files(path: str, flag: str = "config.data.path") -> list[str]:

@@ -101,6 +101,11 @@ def test_tfds_tiny_shakespeare_offline(tmp_path, monkeypatch):
   assert len(d.train.tokens) == 1_003_854 + 1 and len(d.val.tokens) == 55_770 + 1
   assert d.tokenizer.vocab_size == 66  # 65 characters + end-of-text
   assert d.tokenizer.decode(d.train.tokens[:14]) == "First Citizen:"
+  # A bad split name fails before the train split is read (TFDS opens at first use).
+  bad = tmp_path / "bad"
+  with pytest.raises(UserError, match="has no split 'valdation'"):
+    data.load(tiny_config(**source, data__val_split="valdation"), str(bad))
+  assert not (bad / "data").exists()
   # A resume reads the workdir's vocabulary (saved after a first step) and token files: no
   # TensorFlow (~4.5 s) at all.
   data.save_tokenizer(d.tokenizer, str(tmp_path / "work"))

@@ -288,6 +288,7 @@ def test_two_processes_killed_together_resume_and_match_one_process(gcs, tmp_pat
   two = _metrics(gcs, "two")
   assert [l["step"] for l in two if "loss" in l] == list(range(1, TWO_STEPS + 1))  # one writer
   single = [json.loads(l) for l in open(local / "metrics.jsonl")]
+  assert [l["lr"] for l in two if "lr" in l] == [l["lr"] for l in single if "lr" in l]
   for key in ("loss", "val_loss"):
     np.testing.assert_allclose(
       [l[key] for l in two if key in l], [l[key] for l in single if key in l], rtol=1e-5
