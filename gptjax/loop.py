@@ -118,6 +118,7 @@ class Start:
   step: int
   elapsed_s: float
   resumed: bool
+  eval_owed: bool = False  # a signal cut the saved step's eval short: it runs first
 
 
 def restore_or_init(config, workdir: str, s: Setup, ckpt: checkpoint.Checkpoints) -> Start:
@@ -126,7 +127,13 @@ def restore_or_init(config, workdir: str, s: Setup, ckpt: checkpoint.Checkpoints
   restored = ckpt.restore(s.abstract, s.state_shardings)
   if restored is not None:
     state, meta = restored
-    start = Start(state, int(meta["step"]), float(meta.get("elapsed_s", 0.0)), True)
+    start = Start(
+      state,
+      int(meta["step"]),
+      float(meta.get("elapsed_s", 0.0)),
+      True,
+      meta.get("eval_owed", False),
+    )
     for change in data_lib.position_changes(meta.get("data", {}), config, workdir):
       say(
         f"warning: {change} since the checkpoint: the data order from here differs from "
@@ -199,7 +206,7 @@ class Run:
 
   def __init__(self, config, workdir, s: Setup, data, ckpt, start: Start, resolved: dict):
     self.config, self.workdir, self.s, self.data, self.ckpt = config, workdir, s, data, ckpt
-    self.state, self.first = start.state, start.step
+    self.state, self.first, self.eval_owed = start.state, start.step, start.eval_owed
     self.lead = jax.process_index() == 0
     self.rows = s.rows()  # each process loads only the rows its devices hold
     self.writer = metrics_lib.MetricWriter(
@@ -217,7 +224,9 @@ class Run:
     num_steps, preempted, step = self.config.train.num_steps, None, self.first
     stop = runtime.PreemptionWatch()
     try:
-      for step in range(self.first + 1, num_steps + 1):
+      if self.eval_owed and not self._evaluate(step, self._meta(step), stop):
+        preempted = stop.received  # signalled again: the checkpoint still owes the eval
+      for step in range(self.first + 1, num_steps + 1 if not preempted else 0):
         preempted = self._step(step, stop)
         if preempted:
           say(
@@ -262,18 +271,23 @@ class Run:
       return preempted
     jax.block_until_ready(self.state.params)  # pending train steps count as training time
     with self.timer.pause():  # evals and checkpoint copies do not count as training time
-      meta = {
-        "step": step,
-        "elapsed_s": self.timer.elapsed_s(now),
-        "data": data_lib.position(step, self.config, self.source),
-        **self.run_meta,
-      }
+      meta = self._meta(step, now)
       if evaluating and not self._evaluate(step, meta, stop):
         preempted, save = stop.received, True  # a signal during the eval: save now
+        meta["eval_owed"] = True  # the resumed run evaluates this step first
       if save:
         self.writer.flush()  # on a bucket: every line up to this checkpoint is uploaded
         self.ckpt.save(self.state, meta)
     return preempted
+
+  def _meta(self, step: int, now: float | None = None) -> dict:
+    """What a checkpoint of this step records besides the state."""
+    return {
+      "step": step,
+      "elapsed_s": self.timer.elapsed_s(now),
+      "data": data_lib.position(step, self.config, self.source),
+      **self.run_meta,
+    }
 
   def _check(self, step: int, metrics: dict) -> None:
     """Stop before any save of a non-finite state; surface a failed background save."""

@@ -222,3 +222,8 @@ def test_sigterm_during_a_long_eval_saves_without_finishing_it(tmp_path):
   assert "SIGTERM received: saved checkpoint 5" in out
   assert finalized_steps(workdir) == [5]
   assert not [l for l in _metrics(workdir) if "val_loss" in l]  # the eval was cut short
+  # The resumed run owes step 5 its eval: it runs first, so the log reads as one run's.
+  rerun = run_cli(TINY, f"--workdir={workdir}", "--config.train.num_steps=6",
+                  "--config.train.eval_every=5", "--config.train.eval_batches=2", env=ONE_DEVICE)  # fmt: skip
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert [l["step"] for l in _metrics(workdir) if "val_loss" in l] == [5, 6], rerun.stdout
