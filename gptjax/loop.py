@@ -127,13 +127,8 @@ def restore_or_init(config, workdir: str, s: Setup, ckpt: checkpoint.Checkpoints
   restored = ckpt.restore(s.abstract, s.state_shardings)
   if restored is not None:
     state, meta = restored
-    start = Start(
-      state,
-      int(meta["step"]),
-      float(meta.get("elapsed_s", 0.0)),
-      True,
-      meta.get("eval_owed", False),
-    )
+    step, elapsed, owed = int(meta["step"]), meta.get("elapsed_s", 0.0), meta.get("eval_owed")
+    start = Start(state, step, float(elapsed), True, bool(owed))
     for change in data_lib.position_changes(meta.get("data", {}), config, workdir):
       say(
         f"warning: {change} since the checkpoint: the data order from here differs from "
@@ -282,12 +277,8 @@ class Run:
 
   def _meta(self, step: int, now: float | None = None) -> dict:
     """What a checkpoint of this step records besides the state."""
-    return {
-      "step": step,
-      "elapsed_s": self.timer.elapsed_s(now),
-      "data": data_lib.position(step, self.config, self.source),
-      **self.run_meta,
-    }
+    data = data_lib.position(step, self.config, self.source)
+    return {"step": step, "elapsed_s": self.timer.elapsed_s(now), "data": data, **self.run_meta}
 
   def _check(self, step: int, metrics: dict) -> None:
     """Stop before any save of a non-finite state; surface a failed background save."""
@@ -346,9 +337,8 @@ class Run:
       return False
     bpb = val_loss / math.log(2) / self.data.val_bytes_per_token
     self.val_losses.append(val_loss)
-    self.writer.write(
-      step, {"val_loss": val_loss, "val_bpb": bpb, "elapsed_s": self.timer.elapsed_s()}
-    )
+    scalars = {"val_loss": val_loss, "val_bpb": bpb, "elapsed_s": self.timer.elapsed_s()}
+    self.writer.write(step, scalars)
     say(f"eval step {step} | val_loss {val_loss:.4f} | val bits/byte {bpb:.4f}")
     self.ckpt.save_best(self.state, meta, val_loss)
     return True
@@ -405,8 +395,6 @@ def summarize(run: Run, preempted_at) -> dict:
     storage.write_text(storage.join(run.workdir, "summary.json"), json.dumps(summary, indent=2))
   rate = f", median {median:.2f} ms/step, {tokens_per_s / 1e3:.1f}k tok/s" if median else ""
   val = f", final val_loss {summary['final_val_loss']:.4f}" if val_losses else ""
-  say(
-    f"done: {train_config.num_steps} steps; this run {metrics_lib.format_duration(wall_s)} "
-    f"(+{s.compile_s:.1f}s compile){rate}{val}"
-  )
+  wall = f"{metrics_lib.format_duration(wall_s)} (+{s.compile_s:.1f}s compile)"
+  say(f"done: {train_config.num_steps} steps; this run {wall}{rate}{val}")
   return summary
