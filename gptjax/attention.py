@@ -186,7 +186,7 @@ def _after(entries, out_Bx1xNxH):
   is zero), and is not folded away."""
   nan_BxNx1 = jnp.isnan(out_Bx1xNxH[..., 0]).transpose(0, 2, 1)
   keep = lambda e: jnp.where(nan_BxNx1.reshape(nan_BxNx1.shape + (1,) * (e.ndim - 3)), 0, e)
-  return tuple(keep(e).astype(e.dtype) for e in entries)
+  return tuple(keep(e) for e in entries)  # a weak-typed 0 keeps int8 int8
 
 
 def _step_cached(q_Bx1xNxH, k_Bx1xNxH, v_Bx1xNxH, key, value, scales, index, start_B):

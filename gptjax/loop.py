@@ -219,8 +219,9 @@ class Run:
     num_steps, preempted, step = self.config.train.num_steps, None, self.first
     stop = runtime.PreemptionWatch()
     try:
-      if self.eval_owed and not self._evaluate(step, self._meta(step), stop):
-        preempted = stop.received  # signalled again: the checkpoint still owes the eval
+      with self.timer.pause():  # an owed eval is no training time either
+        if self.eval_owed and not self._evaluate(step, self._meta(step), stop):
+          preempted = stop.received  # signalled again: the checkpoint still owes the eval
       for step in range(self.first + 1, num_steps + 1 if not preempted else 0):
         preempted = self._step(step, stop)
         if preempted:
@@ -250,18 +251,17 @@ class Run:
     self.in_flight.add(metrics["loss"])  # a signal waits a step or three, not log_every
     if step == self.first + 1 and self.lead:  # the vocabulary of a run that trained
       data_lib.save_run_files(self.data.tokenizer, self.config, self.workdir)
-    preempted = (
-      stop.reached(step) if step < train_config.num_steps else None
-    )  # the end saves anyway
-    save = (every and step % every == 0) or step == train_config.num_steps or preempted
-    log = step % train_config.log_every == 0 or step == train_config.num_steps
+    last = step == train_config.num_steps
+    preempted = None if last else stop.reached(step)  # the end saves anyway
+    save = (every and step % every == 0) or last or preempted
+    log = step % train_config.log_every == 0 or last
     if log or save:
       metrics = jax.device_get(metrics)  # the only host syncs on the training path
       self._check(step, metrics)
     now = time.perf_counter()
     if log:
       self._log(step, metrics, now)
-    evaluating = step % train_config.eval_every == 0 or step == train_config.num_steps
+    evaluating = step % train_config.eval_every == 0 or last
     if not (save or evaluating):
       return preempted
     jax.block_until_ready(self.state.params)  # pending train steps count as training time
