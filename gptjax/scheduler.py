@@ -3,14 +3,17 @@ between generate calls, and streams each request's text back as it grows.
 
 Requests come from the HTTP handlers (serve.py) through a bounded queue (full: the caller
 answers 429). Text is decoded from a request's tokens so far; text that could still become a
-stop string (or is an unfinished UTF-8 character) is held back until it cannot. A request
-whose client left, or that met a stop string, frees its slot at the next chunk.
+stop string (or is an unfinished UTF-8 character) is held back until it cannot, and each
+piece carries the tokens (and logprobs) that make it, no more: after a stop string, the
+tokens the chunk made beyond it are dropped. A request whose client left, or that met a stop
+string, frees its slot at the next chunk.
 """
 
 import dataclasses
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 import numpy as np
@@ -42,6 +45,7 @@ class Request:
   tops: list = dataclasses.field(default_factory=list)
   shown: int = 0  # characters of the text already passed to on_text
   sent_tokens: int = 0
+  generated: int = 0  # at the end: tokens made up to the end of the stop string (usage)
   enqueued: float = dataclasses.field(default_factory=time.perf_counter)
 
 
@@ -54,7 +58,7 @@ class Scheduler:
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._loop, name="gptjax-engine", daemon=True)
     self.scored: queue.Queue = queue.Queue()  # (prompt, reply queue): teacher-forced logprobs
-    self.finished = {"stop": 0, "length": 0, "abort": 0}
+    self.finished = {"stop": 0, "length": 0, "abort": 0, "error": 0}
 
   def counts(self) -> dict:
     """Requests running and waiting now, and finished so far by reason."""
@@ -89,7 +93,7 @@ class Scheduler:
     self._stop.set()
     self._thread.join(timeout=10)
     for request in list(self.running.values()) + _drain(self.waiting):
-      request.on_done("abort")
+      self._done(request, "abort")
 
   # --- the engine thread ------------------------------------------------------------------
 
@@ -100,9 +104,16 @@ class Scheduler:
       if not self.running:
         time.sleep(0.002)
         continue
-      chunk = self.engine.generate()
-      for slot, request in list(self.running.items()):
-        self._advance(slot, request, chunk)
+      try:
+        chunk = self.engine.generate()
+        for slot, request in list(self.running.items()):
+          self._advance(slot, request, chunk)
+      except Exception as e:  # fail what runs, with the reason, rather than hang every client
+        traceback.print_exc()
+        for slot, request in list(self.running.items()):
+          del self.running[slot]
+          self.engine.free(slot)
+          self._done(request, f"error: the engine failed ({type(e).__name__}: {e})")
 
   def _score_pending(self) -> None:
     while not self.scored.empty():
@@ -117,7 +128,7 @@ class Scheduler:
     while free and not self.waiting.empty():
       request = self.waiting.get_nowait()
       if request.cancelled.is_set():
-        request.on_done("abort")
+        self._done(request, "abort")
         continue
       slot = free.pop(0)
       try:
@@ -132,7 +143,7 @@ class Scheduler:
           request.logprobs,
         )
       except Exception as e:  # checked before queueing; a failure here ends this request only
-        request.on_done(f"error: {e}")
+        self._done(request, f"error: {e}")
         free.insert(0, slot)
         continue
       self.running[slot] = request
@@ -152,13 +163,17 @@ class Scheduler:
         for i in range(n)
       ]
     text = self.tokenizer.decode(request.tokens)
-    hit = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
+    hits = [(i, len(s)) for i, s in ((text.find(s), s) for s in request.stop) if i >= 0]
+    hit, stop_length = min(hits, default=(-1, 0))
     finished = bool(chunk.done[slot]) or hit >= 0 or request.cancelled.is_set()
+    request.generated = len(request.tokens)
     if hit >= 0:
       text = text[:hit]
+      request.generated = self._covering(request, hit + stop_length)
     safe = len(text) if finished else _safe_length(text, request.stop)
-    if safe > request.shown or (finished and request.sent_tokens < len(request.tokens)):
-      self._emit(request, text[request.shown : safe])
+    upto = self._covering(request, safe) if hit >= 0 or not finished else len(request.tokens)
+    if safe > request.shown or upto > request.sent_tokens:
+      self._emit(request, text[request.shown : safe], upto)
       request.shown = safe
     if finished:
       self.engine.free(slot)
@@ -167,14 +182,25 @@ class Scheduler:
         reason = "abort"
       else:
         reason = "stop" if hit >= 0 or chunk.stopped[slot] else "length"
-      self.finished[reason] += 1
-      request.on_done(reason)
+      self._done(request, reason)
 
-  def _emit(self, request: Request, piece: str) -> None:
-    """Passes piece with the tokens (and their logprobs) made since the last call."""
-    start, request.sent_tokens = request.sent_tokens, len(request.tokens)
-    tops = request.tops[start:] if request.logprobs > 0 else []
-    request.on_text(piece, request.tokens[start:], request.logprobs_seen[start:], tops)
+  def _covering(self, request: Request, chars: int) -> int:
+    """How many of the request's tokens it takes to make the first `chars` characters of its
+    text (whole characters: a token that ends in a cut one does not count as making it)."""
+    for n in range(request.sent_tokens, len(request.tokens) + 1):
+      if len(self.tokenizer.decode(request.tokens[:n]).rstrip("\ufffd")) >= chars:
+        return n
+    return len(request.tokens)
+
+  def _emit(self, request: Request, piece: str, upto: int) -> None:
+    """Passes piece with the tokens (and their logprobs) that make it."""
+    start, request.sent_tokens = request.sent_tokens, upto
+    tops = request.tops[start:upto] if request.logprobs > 0 else []
+    request.on_text(piece, request.tokens[start:upto], request.logprobs_seen[start:upto], tops)
+
+  def _done(self, request: Request, reason: str) -> None:
+    self.finished["error" if reason.startswith("error") else reason] += 1
+    request.on_done(reason)
 
 
 def _safe_length(text: str, stops) -> int:

@@ -3,16 +3,18 @@
 Loads what `--mode=sample` loads (a run's newest checkpoint or export, or `--config=...
 --config.init_from=hf:DIR`), with the run's tokenizer and chat template, and serves
 
-  POST /v1/completions        prompt, max_tokens, temperature, top_p, top_k, stop, seed, n,
-                              stream, logprobs, echo (echo + logprobs + max_tokens=0 scores
-                              the prompt: lm-eval's loglikelihood)
-  POST /v1/chat/completions   messages rendered by the run's chat template
-  GET  /v1/models, GET /health
+  POST /v1/completions        prompt (text, or token ids), max_tokens, temperature, top_p,
+                              top_k, stop, seed, n, stream, logprobs, echo (echo + logprobs +
+                              max_tokens=0 scores the prompt: lm-eval's loglikelihood)
+  POST /v1/chat/completions   messages rendered by the run's chat template; logprobs,
+                              top_logprobs, max_completion_tokens
+  GET  /v1/models[/ID], GET /health
 
-from one engine thread doing continuous batching (scheduler.py, engine.py). Streaming is
-server-sent events ending with `data: [DONE]`. A full queue answers 429, a prompt beyond
-the context 400 with the numbers, bad fields 422; SIGTERM stops admitting, finishes what
-runs and exits 0.
+from one engine thread doing continuous batching (scheduler.py, engine.py); openai_api.py
+holds the request and answer shapes. Streaming is server-sent events ending with
+`data: [DONE]`. A full queue answers 429, another model's name 404, a prompt beyond the
+context 400 with the numbers, a bad field (or one we cannot honour) 400 naming it; SIGTERM
+stops admitting, finishes what runs and exits 0.
 """
 
 import asyncio
@@ -23,7 +25,9 @@ import time
 import uuid
 
 import fastapi
+import numpy as np
 import pydantic
+import starlette.exceptions
 import uvicorn
 from absl import flags
 from fastapi import responses
@@ -34,12 +38,12 @@ from gptjax import (
   cli,
   inference,
   quantize,
-  row_sampling,
   runtime,
   scheduler,
   serve_bench,
 )
 from gptjax import engine as engine_lib
+from gptjax import openai_api as api
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 
@@ -63,35 +67,6 @@ _RANDOM = flags.DEFINE_bool(
 )
 
 
-class Sampling(pydantic.BaseModel):
-  model: str | None = None
-  max_tokens: int | None = pydantic.Field(None, ge=0)
-  temperature: float = pydantic.Field(1.0, ge=0, le=100)
-  top_p: float = pydantic.Field(1.0, gt=0, le=1)
-  top_k: int = pydantic.Field(0, ge=0)
-  stop: str | list[str] | None = None
-  seed: int | None = None
-  n: int = pydantic.Field(1, ge=1, le=16)
-  stream: bool = False
-  stream_options: dict | None = None  # {"include_usage": true}: usage in a last chunk
-  user: str | None = None
-
-
-class CompletionRequest(Sampling):
-  prompt: str | list[str] | list[int]
-  logprobs: int | None = pydantic.Field(None, ge=0, le=row_sampling.TOP)
-  echo: bool = False
-
-
-class Message(pydantic.BaseModel):
-  role: str = pydantic.Field(pattern="^(system|user|assistant)$")
-  content: str
-
-
-class ChatRequest(Sampling):
-  messages: list[Message] = pydantic.Field(min_length=1)
-
-
 class Server:
   def __init__(self, loaded: inference.Loaded, name: str, slots: int, chunk: int, queue: int):
     self.loaded, self.name, self.tok = loaded, name, loaded.tokenizer
@@ -110,10 +85,12 @@ class Server:
     app = fastapi.FastAPI(title="gptjax")
     app.get("/health")(self.health)
     app.get("/v1/models")(self.models)
+    app.get("/v1/models/{model_id:path}")(self.model)
     app.post("/v1/completions")(self.completions)
     app.post("/v1/chat/completions")(self.chat)
-    app.exception_handler(pydantic.ValidationError)(_invalid)
-    app.exception_handler(fastapi.exceptions.RequestValidationError)(_invalid)
+    app.exception_handler(pydantic.ValidationError)(api.invalid)
+    app.exception_handler(fastapi.exceptions.RequestValidationError)(api.invalid)
+    app.exception_handler(starlette.exceptions.HTTPException)(api.http_error)
     return app
 
   def health(self):
@@ -122,57 +99,98 @@ class Server:
     return {"status": state, **s.counts(), "compiles": self.engine.compiles()}
 
   def models(self):
-    model = {"id": self.name, "object": "model", "created": 0, "owned_by": "gptjax"}
-    return {"object": "list", "data": [model]}
+    return {"object": "list", "data": [self._card()]}
 
-  async def completions(self, body: CompletionRequest, http: fastapi.Request):
+  def model(self, model_id: str):
+    return self._card() if model_id == self.name else self._unknown(model_id)
+
+  def _card(self) -> dict:
+    return {"id": self.name, "object": "model", "created": 0, "owned_by": "gptjax"}
+
+  def _unknown(self, model: str):
+    return api.error(404, f"model {model!r} is not served here; this server serves {self.name!r}")
+
+  async def completions(self, body: api.CompletionRequest, http: fastapi.Request):
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
       if len(prompt) != 1:
-        return _error(400, "prompt: one prompt per request (a list of strings must hold one)")
+        return api.error(400, "prompt: one prompt per request (a list of strings must hold one)")
       prompt = prompt[0]
-    ids = prompt if isinstance(prompt, list) else self._encode(prompt)
+    ids = self._encode(prompt) if isinstance(prompt, str) else self._checked_ids(prompt)
     if isinstance(ids, responses.JSONResponse):
       return ids
     text = prompt if isinstance(prompt, str) else self.tok.decode(ids)
     max_new = 16 if body.max_tokens is None else body.max_tokens
     if max_new == 0 and not body.echo:
-      return _error(400, "max_tokens=0 generates nothing; give max_tokens >= 1 (or echo)")
-    return await self._respond(body, http, ids, max_new, text, chat=False)
+      return api.error(400, "max_tokens=0 generates nothing; give max_tokens >= 1 (or echo)")
+    k = -1 if body.logprobs is None else body.logprobs
+    return await self._respond(body, http, ids, max_new, text if body.echo else "", k)
 
-  async def chat(self, body: ChatRequest, http: fastapi.Request):
-    messages = [m.model_dump() for m in body.messages]
+  async def chat(self, body: api.ChatRequest, http: fastapi.Request):
+    messages = [m.as_dict() for m in body.messages]
     try:
       ids = self.template.prompt(messages, self.tok).tolist()
     except tokenizer_lib.UnknownCharacter as e:
-      return _error(400, f"messages: {e.problem}: this model cannot read it")
-    max_new = body.max_tokens or max(1, self.block - len(ids))
-    body.stop = [*_stops(body.stop), self.template.end_of_turn]
-    return await self._respond(body, http, ids, max_new, "", chat=True)
+      return api.error(400, f"messages: {e.problem}: this model cannot read it")
+    max_new = body.limit()
+    if max_new == 0:
+      return api.error(400, "max_tokens=0 generates nothing; give at least 1, or leave it out")
+    if max_new is None and len(ids) >= self.block:
+      return api.error(
+        400,
+        f"this model's context is {self.block} tokens and the conversation takes {len(ids)}, "
+        "which leaves no room for a reply: shorten the messages",
+      )
+    max_new = max_new or self.block - len(ids)
+    body.stop = [*body.stops(), self.template.end_of_turn]
+    return await self._respond(body, http, ids, max_new, "", body.alternatives())
 
   def _encode(self, text: str):
     try:
       ids = self.tok.encode(text).tolist()
     except tokenizer_lib.UnknownCharacter as e:
-      return _error(400, f"prompt: {e.problem}: this model cannot read it")
+      return api.error(400, f"prompt: {e.problem}: this model cannot read it")
+    return self._checked_ids(ids)
+
+  def _checked_ids(self, ids: list[int]):
+    """Token ids within the vocabulary; an empty prompt as OpenAI reads it (end of text)."""
+    bad = [t for t in ids if not 0 <= t < self.tok.vocab_size]
+    if bad:
+      return api.error(
+        400,
+        f"prompt: token id {bad[0]} is not in this model's vocabulary (0..{self.tok.vocab_size - 1})",
+      )
+    if not ids and self.tok.eot_id < 0:
+      return api.error(400, "prompt: empty, and this model has no end-of-text token to start from")
     return ids or [self.tok.eot_id]
 
-  async def _respond(self, body, http, ids: list[int], max_new: int, echo_text: str, chat: bool):
+  async def _respond(self, body, http, ids: list[int], max_new: int, echo_text: str, k: int):
+    if body.model is not None and body.model != self.name:
+      return self._unknown(body.model)
     if len(ids) + max_new > self.block:
-      return _error(
+      return api.error(
         400,
         f"this model's context is {self.block} tokens; the prompt has {len(ids)} and "
         f"max_tokens is {max_new} ({len(ids) + max_new} in all): shorten the prompt or lower "
         "max_tokens",
       )
-    logprobs = getattr(body, "logprobs", None)
-    echo = getattr(body, "echo", False)
+    if body.n > self.sched.waiting.maxsize:
+      return api.error(
+        400,
+        f"n={body.n} is more than this server queues (--max_queue={self.sched.waiting.maxsize})",
+      )
     scored = None
-    if echo and logprobs is not None:
-      scored = await asyncio.to_thread(self.sched.score, ids)
+    if echo_text and k >= 0:
+      try:
+        scored = await asyncio.to_thread(self.sched.score, ids)
+      except Exception as e:  # the prompt was checked: this is the server's fault
+        return api.error(500, f"scoring the prompt failed: {e}")
     if max_new == 0:
-      choice = _choice(0, echo_text, "length", self._logprobs(ids, scored, [], logprobs))
-      return self._answer([choice], len(ids), 0, chat)
+      lps, tops = api.scored_lists(scored, k)
+      logprobs = None if k < 0 else api.completion_logprobs(self.tok, ids, lps, tops, k)
+      return api.answer(
+        self.name, [api.choice(0, echo_text, "length", logprobs)], len(ids), 0, False
+      )
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     requests = []
     for i in range(body.n):
@@ -183,9 +201,9 @@ class Server:
         body.temperature,
         body.top_k,
         body.top_p,
-        (body.seed if body.seed is not None else uuid.uuid4().int % 2**31) + i,
-        tuple(_stops(body.stop)),
-        -1 if logprobs is None else logprobs,
+        _seed(body.seed, i),
+        tuple(body.stops()),
+        k,
         on_text=lambda piece, tokens, lps, tops, put=put: put(("text", piece, tokens, lps, tops)),
         on_done=lambda reason, put=put: put(("done", reason)),
       )
@@ -196,155 +214,128 @@ class Server:
     except scheduler.QueueFull as e:
       for request in requests:
         request.cancelled.set()
-      return _error(429, f"server busy: {e}; retry later")
+      return api.error(429, f"server busy: {e}; retry later")
+    reply = Reply(self, requests, ids, echo_text, scored, k, isinstance(body, api.ChatRequest))
     if body.stream:
       usage = bool((body.stream_options or {}).get("include_usage"))
-      stream = self._stream(events, requests, ids, echo_text if echo else "", chat, usage)
-      return responses.StreamingResponse(stream, media_type="text/event-stream")
-    echo_text = echo_text if echo else ""
-    return await self._collect(events, requests, http, ids, echo_text, scored, logprobs, chat)
+      return responses.StreamingResponse(
+        reply.stream(events, usage), media_type="text/event-stream"
+      )
+    return await reply.collect(events, http)
 
-  async def _collect(self, events, requests, http, ids, echo_text, scored, k, chat):
-    texts, reasons = [echo_text] * len(requests), [None] * len(requests)
-    made = [[] for _ in requests]
-    lps = [[[], []] for _ in requests]
+
+class Reply:
+  """One request's answer, whole or streamed, from the events of its n choices."""
+
+  def __init__(self, server: Server, requests, ids, echo_text: str, scored, k: int, chat: bool):
+    self.server, self.tok, self.requests, self.ids = server, server.tok, requests, ids
+    self.echo_text, self.scored, self.k, self.chat = echo_text, scored, k, chat
+
+  def _logprobs(self, tokens, lps, tops, offset: int = 0, prompt: bool = False):
+    if self.k < 0:
+      return None
+    if self.chat:
+      return api.chat_logprobs(self.tok, tokens, lps, tops)
+    if prompt and self.scored is not None:  # echo: the prompt's own logprobs first
+      p_lps, p_tops = api.scored_lists(self.scored, self.k)
+      tokens, lps, tops = self.ids + tokens, p_lps + lps, p_tops + tops
+    return api.completion_logprobs(self.tok, tokens, lps, tops, self.k, offset)
+
+  def _generated(self) -> int:
+    return sum(r.generated for r in self.requests)
+
+  async def collect(self, events, http):
+    n = len(self.requests)
+    texts, reasons = [self.echo_text] * n, [None] * n
+    made = [([], [], []) for _ in range(n)]  # tokens, logprobs, tops
+    check_at = time.monotonic()
     while None in reasons:
       try:
         i, kind, *rest = await asyncio.wait_for(events.get(), 0.25)
+        if kind == "text":
+          texts[i] += rest[0]
+          for have, new in zip(made[i], rest[1:]):
+            have += new
+        else:
+          reasons[i] = rest[0]
       except TimeoutError:
+        pass
+      if time.monotonic() >= check_at:  # a client that left frees its slots within a chunk
+        check_at = time.monotonic() + 0.25
         if await http.is_disconnected():
-          for request in requests:
+          for request in self.requests:
             request.cancelled.set()
           return responses.Response(status_code=499)
-        continue
-      if kind == "text":
-        texts[i] += rest[0]
-        made[i] += rest[1]
-        lps[i][0] += rest[2]
-        lps[i][1] += rest[3]
-      else:
-        reasons[i] = rest[0]
-    if any(r.startswith("error") for r in reasons):
-      return _error(500, next(r for r in reasons if r.startswith("error")))
+    for reason in reasons:
+      if reason not in ("stop", "length"):
+        return api.error(*_failure(reason))
     choices = [
-      _choice(
-        i,
-        texts[i],
-        reasons[i],
-        None if k is None else self._logprobs(ids if scored else [], scored, made[i], k, lps[i]),
-        chat,
-      )
-      for i in range(len(requests))
+      api.choice(i, texts[i], reasons[i], self._logprobs(*made[i], prompt=True), self.chat)
+      for i in range(n)
     ]
-    return self._answer(choices, len(ids), sum(len(m) for m in made), chat)
+    return api.answer(self.server.name, choices, len(self.ids), self._generated(), self.chat)
 
-  async def _stream(self, events, requests, ids, echo_text, chat, usage: bool):
-    kind_name = "chat.completion.chunk" if chat else "text_completion"
-    ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+  async def stream(self, events, usage: bool):
+    kind_name = "chat.completion.chunk" if self.chat else "text_completion"
+    ident = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
 
-    def chunk(i, piece=None, reason=None, role=False):
-      if chat:
+    def chunk(i, piece=None, reason=None, logprobs=None, role=False):
+      if self.chat:
         delta = {"role": "assistant", "content": ""} if role else {}
         if piece is not None:
           delta["content"] = piece
-        choice = {"index": i, "delta": delta, "finish_reason": reason}
+        choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
       else:
-        choice = {"index": i, "text": piece or "", "finish_reason": reason, "logprobs": None}
+        choice = {"index": i, "text": piece or "", "finish_reason": reason, "logprobs": logprobs}
       return data({"choices": [choice]})
 
     def data(fields):
-      body = {"id": ident, "object": kind_name, "created": created, "model": self.name}
+      body = {"id": ident, "object": kind_name, "created": created, "model": self.server.name}
       return f"data: {json.dumps({**body, **fields})}\n\n"
 
     try:
-      for i in range(len(requests)):
-        if chat:
+      offsets = [len(self.echo_text)] * len(self.requests)
+      for i in range(len(self.requests)):
+        if self.chat:
           yield chunk(i, role=True)
-        elif echo_text:
-          yield chunk(i, echo_text)
-      open_, made = set(range(len(requests))), 0
+        elif self.echo_text:
+          yield chunk(i, self.echo_text, logprobs=self._logprobs([], [], [], prompt=True))
+      open_ = set(range(len(self.requests)))
       while open_:
         i, kind, *rest = await events.get()
         if kind == "text":
-          made += len(rest[1])
-          if rest[0]:
-            yield chunk(i, rest[0])
-        else:
+          if rest[0] or rest[1]:
+            yield chunk(i, rest[0], logprobs=self._logprobs(*rest[1:], offset=offsets[i]))
+          offsets[i] += len(rest[0])
+        elif rest[0] in ("stop", "length"):
           open_.discard(i)
-          yield chunk(i, reason=rest[0] if rest[0] in ("stop", "length") else "abort")
+          yield chunk(i, reason=rest[0])
+        else:  # OpenAI's clients raise on an error event
+          yield data(api.error_body(*_failure(rest[0])))
+          break
       if usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
-        counts = {"prompt_tokens": len(ids), "completion_tokens": made}
-        yield data({"choices": [], "usage": {**counts, "total_tokens": len(ids) + made}})
+        yield data({"choices": [], "usage": api.usage(len(self.ids), self._generated())})
       yield "data: [DONE]\n\n"
     finally:  # the client left (or the stream ended): free the slots at the next chunk
-      for request in requests:
+      for request in self.requests:
         request.cancelled.set()
 
-  def _logprobs(self, prompt_ids, scored, made, k, seen=((), ())):
-    tokens = list(prompt_ids) + list(made)
-    token_lps = [None if v != v else v for v in (scored[0].tolist() if scored else [])]
-    token_lps += list(seen[0])
-    tops = []
-    if k:
-      if scored:
-        for ids_row, lp_row in zip(scored[1].tolist(), scored[2].tolist()):
-          row = {self.tok.decode([t]): v for t, v in zip(ids_row[:k], lp_row[:k]) if t >= 0}
-          tops.append(row or None)
-      tops += [{self.tok.decode([t]): v for t, v in top.items()} for top in seen[1]]
-    pieces = [self.tok.decode([t]) for t in tokens]
-    offsets, at = [], 0
-    for piece in pieces:
-      offsets.append(at)
-      at += len(piece)
-    return {
-      "tokens": pieces,
-      "token_logprobs": token_lps,
-      "top_logprobs": tops if k else None,
-      "text_offset": offsets,
-    }
 
-  def _answer(self, choices, prompt_tokens: int, completion_tokens: int, chat: bool):
-    return {
-      "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-      "object": "chat.completion" if chat else "text_completion",
-      "created": int(time.time()),
-      "model": self.name,
-      "choices": choices,
-      "usage": {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-      },
-    }
+def _failure(reason: str) -> tuple[int, str]:
+  if reason == "abort":  # the client is here, so the server stopped
+    return 503, "the server stopped before this request finished; retry"
+  return 500, reason.removeprefix("error: ")
 
 
-def _choice(i, text, reason, logprobs=None, chat=False):
-  reason = reason if reason in ("stop", "length") else "abort"
-  if chat:
-    return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-  return {"index": i, "text": text, "finish_reason": reason, "logprobs": logprobs}
-
-
-def _stops(stop) -> list[str]:
-  return [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
-
-
-def _error(status: int, message: str) -> responses.JSONResponse:
-  kind = {429: "rate_limit_error", 500: "server_error"}.get(status, "invalid_request_error")
-  return responses.JSONResponse(
-    {"error": {"message": message, "type": kind, "param": None, "code": status}}, status
-  )
-
-
-async def _invalid(request, exc) -> responses.JSONResponse:
-  """Malformed JSON or a bad field: 422 naming each field and what is wrong with it."""
-  problems = [
-    f"malformed JSON at character {e['loc'][-1]} ({e.get('ctx', {}).get('error', e.get('msg'))})"
-    if e.get("type") == "json_invalid"
-    else f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-    for e in exc.errors()
-  ]
-  return _error(422, "; ".join(problems))
+def _seed(seed: int | None, i: int) -> int:
+  """Choice i's seed: the request's own for the first, and for the others one drawn from
+  (seed, i), so that seed s with n > 1 does not repeat the samples of seed s + 1."""
+  if seed is None:
+    return uuid.uuid4().int % 2**31
+  if i == 0:
+    return seed
+  return int(np.random.SeedSequence([seed % 2**63, i]).generate_state(1)[0])
 
 
 def main(argv) -> None:

@@ -1,6 +1,7 @@
 """The HTTP server, end to end: a `python -m gptjax.serve` process on 127.0.0.1 with the
 tiny trained model, driven by httpx and the official openai client."""
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -176,13 +177,99 @@ def test_bad_requests_are_answered_not_fatal(server):
   bad = httpx.post(
     f"{server}/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"}
   )
-  assert bad.status_code == 422 and "malformed JSON" in bad.json()["error"]["message"]
+  assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]["message"]
   for body in ({"prompt": "x", "temperature": -1}, {"prompt": "x", "top_p": 0}, {}):
     r = _complete(server, **body)
-    assert r.status_code == 422 and r.json()["error"]["message"], body
+    assert r.status_code == 400 and r.json()["error"]["message"], body
+  for prompt in ([10**6], [-1]):
+    r = _complete(server, prompt=prompt, max_tokens=2)
+    assert r.status_code == 400 and "is not in this model's vocabulary" in r.text
+  r = _complete(server, prompt="x", max_tokens=2, model="gpt-4")
+  assert r.status_code == 404 and "this server serves" in r.json()["error"]["message"]
   odd = _complete(server, prompt="\u00e9t\u00e9", max_tokens=2)
   assert odd.status_code == 400 and "cannot read it" in odd.text
   assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_stop_strings_logprobs_and_usage_agree_streamed_or_not(server):
+  """After a stop string, the tokens and logprobs are those of the text returned, and usage
+  counts up to the stop string's end: not whatever else the chunk made."""
+  body = {"prompt": "ROMEO:", "max_tokens": 24, "temperature": 1.0, "seed": 5, "logprobs": 1}
+  whole = _complete(server, **body).json()["choices"][0]["text"]  # sampled: greedy repeats
+  at = next(i for i in range(6, 20) if whole.index(whole[i : i + 2]) == i)  # a first occurrence
+  stop, cut = whole[at : at + 2], whole[:at]
+  body["stop"] = stop
+  answer = _complete(server, **body).json()
+  (choice,) = answer["choices"]
+  assert choice["text"] == cut and choice["finish_reason"] == "stop"
+  assert "".join(choice["logprobs"]["tokens"]) == cut  # a char model: a token a character
+  assert answer["usage"]["completion_tokens"] == len(cut) + len(stop)
+  streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+  with httpx.stream("POST", f"{server}/v1/completions", json=streamed, timeout=60) as r:
+    chunks = [json.loads(l[6:]) for l in r.iter_lines() if l and l != "data: [DONE]"]
+  parts = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+  assert "".join(p["text"] for p in parts) == cut and len(parts) > 1
+  values = [v for p in parts for v in p["logprobs"]["token_logprobs"]]
+  assert values == pytest.approx(choice["logprobs"]["token_logprobs"], abs=1e-6)
+  assert [o for p in parts for o in p["logprobs"]["text_offset"]] == list(range(len(cut)))
+  assert chunks[-1]["usage"] == answer["usage"]
+
+
+def test_token_ids_seeds_and_the_newer_chat_fields(server):
+  empty = _complete(server, prompt=[], max_tokens=6, temperature=0).json()
+  assert empty["choices"][0]["text"] == _complete(server, prompt="", max_tokens=6, temperature=0).json()["choices"][0]["text"]  # fmt: skip
+  sampled = {"prompt": "KING", "max_tokens": 20, "temperature": 1.0}
+  three = [c["text"] for c in _complete(server, **sampled, seed=7, n=3).json()["choices"]]
+  alone = [_complete(server, **sampled, seed=s).json()["choices"][0]["text"] for s in (7, 8, 9)]
+  assert three[0] == alone[0] and not set(three[1:]) & set(alone[1:])  # no seed shared
+  client = openai.OpenAI(base_url=f"{server}/v1", api_key="none")
+  (model,) = [m.id for m in client.models.list()]
+  assert client.models.retrieve(model).id == model
+  messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]  # 32-token context
+  chat = client.chat.completions.create(
+    model=model, messages=messages, max_completion_tokens=3, temperature=0, logprobs=True,
+    top_logprobs=2,
+  )  # fmt: skip
+  (choice,) = chat.choices
+  assert chat.usage.completion_tokens <= 3
+  tokens = choice.logprobs.content
+  assert "".join(t.token for t in tokens) == choice.message.content and tokens
+  assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in tokens)
+  with pytest.raises(openai.BadRequestError, match="max_tokens=0 generates nothing"):
+    client.chat.completions.create(model=model, messages=messages, max_tokens=0)
+  with pytest.raises(openai.BadRequestError, match="frequency_penalty is not supported"):
+    client.completions.create(model=model, prompt="O", frequency_penalty=0.5)
+
+
+def test_a_client_that_leaves_a_whole_answer_frees_its_slots_while_text_flows():
+  """The disconnect is checked every 0.25 s even while events keep coming (a busy engine
+  makes them faster than that), not only when they pause."""
+  from types import SimpleNamespace
+
+  from gptjax import serve
+
+  class Gone:
+    async def is_disconnected(self):
+      return True
+
+  requests = [scheduler.Request([1], 30)]
+  reply = serve.Reply(SimpleNamespace(tok=None, name="x"), requests, [1], "", None, -1, False)
+
+  async def run():
+    events = asyncio.Queue()
+
+    async def engine():
+      while True:
+        await events.put((0, "text", "a", [1], [-0.1], []))
+        await asyncio.sleep(0.01)
+
+    feeding = asyncio.create_task(engine())
+    try:
+      return await asyncio.wait_for(reply.collect(events, Gone()), 10)
+    finally:
+      feeding.cancel()
+
+  assert asyncio.run(run()).status_code == 499 and requests[0].cancelled.is_set()
 
 
 def test_a_full_queue_answers_429(trained_tiny):

@@ -268,6 +268,7 @@ LAYERS = [
   "evaluation",
   "serve_bench",
   "inference",
+  "openai_api",
   "scheduler",
   "engine",
   "row_sampling",
