@@ -1,8 +1,7 @@
 """Benchmarks (figures, not tests): `python -m gptjax.bench WHAT --config=... [--config.k=v]`.
 
   checkpoint  save (blocking part and total) and restore time, and size on disk, of the full
-              train state (params + Adam) of the configured model; random weights and
-              random (not zero) Adam moments, as after training.
+              train state (params + Adam; random, as after training) of the configured model.
 
   decode      prefill and greedy generation with random weights on one device: a batch
               of --decode_batch random prompts of --prompt_len tokens, --new_tokens each;
@@ -23,10 +22,10 @@ when it is fixed (byte 257, bpe 50257), else 50257 with a note saying so: no dat
 """
 
 import json
-import os
 import sys
 import tempfile
 import time
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +44,7 @@ from gptjax import (
   runtime,
   serve_bench,
   sharding,
+  storage,
   train,
 )
 from gptjax import config as config_lib
@@ -220,17 +220,26 @@ def bench_train(config, workdir: str) -> dict:
 
 
 def bench_checkpoint(config, workdir: str) -> dict:
+  """In a directory of its own under workdir (the disk or bucket), removed after."""
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   s = train.setup(config, _vocab(config), mesh, compile=False)
   state = jax.block_until_ready(_trained_looking(s.init(config.seed), s.state_shardings))
+  scratch = storage.join(storage.absolute(workdir), f"bench-checkpoint-{uuid.uuid4().hex[:8]}")
+  try:
+    return _time_checkpoint(config, scratch, s, state, mesh)
+  finally:
+    storage.rmtree(scratch)
+
+
+def _time_checkpoint(config, workdir: str, s, state, mesh) -> dict:  # what it writes, timed
   ckpt = checkpoint.Checkpoints(workdir, config.checkpoint)
   t0 = time.perf_counter()
   ckpt.save(state, {"step": 0})
   blocking = time.perf_counter() - t0
   ckpt.wait()
   total = time.perf_counter() - t0
-  size = checkpoint.directory_bytes(os.path.join(workdir, checkpoint.CHECKPOINTS, "0"))
+  size = checkpoint.directory_bytes(storage.join(workdir, checkpoint.CHECKPOINTS, "0"))
   t0 = time.perf_counter()
   restored, _ = checkpoint.Checkpoints(workdir).restore(s.abstract, s.state_shardings)
   jax.block_until_ready(restored)

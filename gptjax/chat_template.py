@@ -86,8 +86,9 @@ class ChatTemplate:
       return self._compiled.render(
         messages=messages, add_generation_prompt=add_generation_prompt, **self.names
       )
-    except jinja2.TemplateError as e:
-      raise UserError(f"chat template {self.name} failed to render: {e}") from None
+    except Exception as e:  # jinja2's errors and the template's own Python ones (1/0, "%d" % x)
+      reason = str(e) if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: {e}"
+      raise UserError(f"chat template {self.name} failed to render: {reason}") from None
 
   def with_names(self, user: str, assistant: str) -> "ChatTemplate":
     """This template with the speakers named (for templates that name them, e.g. play)."""

@@ -180,7 +180,8 @@ _RANGES = (
   *((k, 1, None, False) for k in (
     "model.n_layer", "model.n_head", "model.d_model", "model.block_size",
     "model.vocab_multiple", "train.batch_size", "train.num_steps", "train.log_every",
-    "train.eval_every", "train.eval_batches", "optim.grad_accum", "checkpoint.keep")),
+    "train.eval_every", "train.eval_batches", "optim.grad_accum", "checkpoint.keep",
+    "model.d_ff", "model.vocab_size", "optim.decay_steps", "model.rope_theta")),  # None: default
   # fmt: skip
   *((k, 0, None, False) for k in (
     "checkpoint.every", "optim.min_lr", "optim.weight_decay", "optim.grad_clip",
@@ -205,7 +206,7 @@ def validate(config: config_dict.ConfigDict) -> None:
         f"pass --config.{key}=<one of those>"
       )
   for key, low, high, open_high in _RANGES:
-    value = leaves[key]
+    value = low if leaves[key] is None else leaves[key]  # None: a default computed later
     if value < low or (high is not None and (value >= high if open_high else value > high)):
       bounds = f"in [{low}, {high})" if high is not None else f"at least {low}"
       raise UserError(f"config.{key}={value} must be {bounds}")
@@ -328,13 +329,11 @@ def load_saved(directory: str) -> config_dict.ConfigDict:
   """The config a run in `directory` (a workdir or an export) was trained with, upgraded."""
   path = storage.join(directory, "config.json")
   try:
-    return upgrade(json.loads(storage.read_text(path)))
+    return upgrade(storage.read_json(path))
   except FileNotFoundError:
     raise UserError(
       f"{path} not found: {directory} holds no training run; pass the --workdir of a run"
     ) from None
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is not valid JSON ({e})") from None
 
 
 # What a fine-tuning run takes from the run it starts from (init_from): its shape and vocabulary.

@@ -15,6 +15,8 @@ from gptjax.errors import UserError
 from gptjax.metrics import format_bytes
 from gptjax.storage import ensure_writable_dir
 
+MARKER = "export.json"  # {"step", "from"}: what makes a directory an export, and of which run
+
 
 def export(
   workdir: str, out_dir: str | None = None, warn=print, weights: str = "none"
@@ -25,6 +27,13 @@ def export(
   Restored onto one device: an export is for sampling, wherever the training ran.
   """
   quantize.Quant(weights).check()
+  marker = storage.join(workdir, MARKER)
+  if storage.exists(marker):
+    source = storage.read_json(marker).get("from", "the run it came from")
+    raise UserError(
+      f"{workdir} is an export{' in int8' if _int8(workdir) else ''}, not a run; export from "
+      f"the run's workdir: --workdir={source}"
+    )
   config = config_lib.load_saved(workdir)
   abstract, shardings = inference.param_layout(config, None)
   restored = checkpoint.Checkpoints(workdir, warn=warn).restore_params(
@@ -40,6 +49,7 @@ def export(
     params = jax.jit(quantize.quantize_params)(params)
     config.model.quant = "int8"
   out_dir = storage.absolute(out_dir or storage.join(workdir, inference.EXPORT))
+  _check_target(storage.absolute(workdir), out_dir)
   ensure_writable_dir(out_dir, "--export_dir")
   if storage.exists(storage.join(out_dir, "params")):
     storage.rmtree(storage.join(out_dir, "params"))
@@ -53,7 +63,7 @@ def export(
     if weights == "int8":  # the run's config, saying so
       with storage.open(storage.join(out_dir, "config.json"), "w") as f:
         json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
-    with storage.open(storage.join(out_dir, "export.json"), "w") as f:
+    with storage.open(storage.join(out_dir, MARKER), "w") as f:
       json.dump({"step": meta["step"], "from": storage.absolute(workdir)}, f)
     full = checkpoint.directory_bytes(
       storage.join(workdir, checkpoint.CHECKPOINTS, str(meta["step"]))
@@ -66,6 +76,37 @@ def export(
       flush=True,
     )
   return out_dir, meta
+
+
+def _check_target(workdir: str, out_dir: str) -> None:
+  """An export writes params/, config.json and tokenizer.json: never into a run (its own
+  included) nor over another run's export."""
+  if out_dir.rstrip("/") == workdir.rstrip("/"):
+    raise UserError(
+      f"--export_dir={out_dir} is the run's own workdir; leave the flag out (it exports to "
+      f"{storage.join(workdir, inference.EXPORT)}) or name another directory"
+    )
+  marker = storage.join(out_dir, MARKER)
+  if storage.exists(marker):
+    source = storage.read_json(marker).get("from")
+    if source != workdir:
+      raise UserError(
+        f"--export_dir={out_dir} holds an export of {source}; delete it or name another directory"
+      )
+  elif any(
+    storage.exists(storage.join(out_dir, n)) for n in ("config.json", checkpoint.CHECKPOINTS)
+  ):
+    raise UserError(
+      f"--export_dir={out_dir} holds a training run, which the export would overwrite; name "
+      "a new or empty directory"
+    )
+
+
+def _int8(directory: str) -> bool:
+  try:
+    return config_lib.load_saved(directory).model.get("quant") == "int8"
+  except UserError:
+    return False
 
 
 def export_hf(workdir: str, out_dir: str | None = None) -> str:

@@ -166,13 +166,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     runtime.resume_hint = lambda: ckpt.resume_note("the same command on every process")
     start = restore_or_init(config, workdir, s, ckpt)
     resolved = config_lib.resolved(config, s.model.cfg.vocab_size)
+    if start.step >= config.train.num_steps:  # before config.json: it records the training
+      ckpt.close()
+      return _nothing_to_do(config, workdir, start.step)
     if jax.process_index() == 0:
       storage.write_text(
         storage.join(workdir, "config.json"), json.dumps(resolved, indent=2, sort_keys=True)
       )
-    if start.step >= config.train.num_steps:
-      ckpt.close()
-      return _nothing_to_do(config, workdir, start.step)
     return Run(config, workdir, s, data, ckpt, start, resolved).loop()
   except Exception as e:
     runtime.exit_if_peer_lost(e)
@@ -193,7 +193,7 @@ def _nothing_to_do(config, workdir: str, step: int) -> dict:
   path = storage.join(workdir, "summary.json")
   if not storage.exists(path):
     return {"steps": step}
-  return json.loads(storage.read_text(path))
+  return storage.read_json(path)
 
 
 class Run:

@@ -14,11 +14,15 @@ from gptjax.errors import UserError
 
 
 def _read_jsonl(path: str) -> list[dict]:
+  """A run's metrics; a last line cut short by a kill is left out, as a resume leaves it."""
+  lines = [line for line in storage.read_text(path).splitlines() if line.strip()]
   rows = []
-  with storage.open(path) as f:
-    for line in f:
-      if line.strip():
-        rows.append(json.loads(line))
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:
+        raise UserError(f"{path} line {i + 1} is not JSON; restore the file or rerun") from None
   return rows
 
 
@@ -29,7 +33,7 @@ def collect(root: str) -> list[dict]:
       f"{root!r} is not a directory; pass the directory a sweep ran in (its --workdir)"
     )
   record = storage.join(root, "sweep.json")
-  overrides = json.loads(storage.read_text(record))["variants"] if storage.exists(record) else {}
+  overrides = storage.read_json(record).get("variants", {}) if storage.exists(record) else {}
   names = list(overrides) + sorted(n for n in storage.listdir(root) if n not in overrides)
   rows = []
   for name in names:
@@ -42,7 +46,7 @@ def collect(root: str) -> list[dict]:
     val = [(m["step"], m["val_loss"]) for m in lines if "val_loss" in m]
     speeds = sorted(m["tokens_per_sec"] for m in lines if "tokens_per_sec" in m)
     summary_path = storage.join(root, name, "summary.json")
-    summary = json.loads(storage.read_text(summary_path)) if storage.exists(summary_path) else {}
+    summary = storage.read_json(summary_path) if storage.exists(summary_path) else {}
     failure = storage.read_text(failure_path).strip() if storage.exists(failure_path) else None
     rows.append(
       {

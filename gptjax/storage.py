@@ -15,6 +15,7 @@ prefix (makedirs is a no-op, an empty one does not exist), and a move is a copy 
 import builtins
 import functools
 import glob as _glob
+import json
 import os
 import shutil
 import tempfile
@@ -127,6 +128,18 @@ def open(path, mode="r", **kwargs):  # noqa: A001  (the builtin's name: a drop-i
 def read_text(path) -> str:
   with open(path, encoding="utf-8") as f:
     return f.read()
+
+
+def read_json(path):
+  """A JSON file's value; one cut short (a crash mid-write) or corrupt is a one-line error
+  naming it, not a traceback."""
+  try:
+    return json.loads(read_text(path))
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise UserError(
+      f"{path} is not readable JSON ({describe(e)}); a crash may have cut it short: restore "
+      "it from a copy, or delete it if it is a record that a rerun writes again"
+    ) from None
 
 
 def write_text(path, text: str) -> None:

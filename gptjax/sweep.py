@@ -110,8 +110,7 @@ def finished(workdir: str, num_steps: int) -> bool:
   path = storage.join(workdir, "summary.json")
   if not storage.exists(path):
     return False
-  with storage.open(path) as f:
-    summary = json.load(f)
+  summary = storage.read_json(path)
   return summary.get("steps", 0) >= num_steps and not summary.get("preempted_at")
 
 
@@ -132,7 +131,7 @@ def run(
     variants = {only: variants[only]}
   ensure_writable_dir(root, "--workdir")
   record = storage.join(root, "sweep.json")
-  previous = json.loads(storage.read_text(record)) if storage.exists(record) else {}
+  previous = storage.read_json(record) if storage.exists(record) else {}
   _check_same_sweep(previous, spec, common, record)
   with storage.open(record, "w") as f:  # what report.py reads: the overrides of every variant
     json.dump(

@@ -16,6 +16,7 @@ import base64
 import io
 import json
 import os
+import re
 
 import numpy as np
 
@@ -285,7 +286,10 @@ class SentencePieceTokenizer(Tokenizer):
         minloglevel=2,
       )
     except RuntimeError as e:
-      raise UserError(f"SentencePiece training failed: {str(e).split('] ')[-1]}") from None
+      reason = str(e).split("] ")[-1]
+      if need := re.search(r"required_chars\. (\d+) vs (\d+)", reason):  # not its own flag's name
+        reason = f"a vocabulary of {need[1]} is below the {need[2]} ids this text's characters need; raise it"
+      raise UserError(f"SentencePiece training failed: {reason}") from None
     return cls(model.getvalue())
 
   def encode(self, text):

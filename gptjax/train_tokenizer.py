@@ -57,8 +57,12 @@ def main(argv) -> None:
       f"--vocab_size={_VOCAB.value} is too small: the 256 byte values and the specials alone "
       "need 260"
     )
+  if storage.isdir(_OUTPUT.value):
+    raise UserError(f"--output={_OUTPUT.value} is a directory; name a file in it")
   ensure_writable_dir(os.path.dirname(storage.absolute(_OUTPUT.value)), "--output")
   texts = _texts()
+  if not any(t.strip() for t in texts):
+    raise UserError("the training text is empty; point --input (or the experiment) at text")
   if _KIND.value == "sentencepiece":
     tok = tokenizer_lib.SentencePieceTokenizer.train(texts, _VOCAB.value, _MODEL_TYPE.value)
     with storage.open(_OUTPUT.value, "wb") as f:

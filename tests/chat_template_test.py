@@ -145,6 +145,8 @@ def test_a_template_from_a_file(tmp_path):
     ("{% for m in messages %}{{ m.content }}{% endfor %}", "ends an assistant turn with nothing"),
     ("{{ messages | length }}{% for m in messages %}{{ m.content }}|{% endfor %}", "as a prefix"),
     ("{% for m in messages %}{{ m.nope }}{% endfor %}", "failed to render"),
+    ("{{ 1 / 0 }}", "failed to render: ZeroDivisionError"),  # Python's errors, not jinja2's
+    ("{{ '%d' % 'x' }}", "failed to render: TypeError"),
     ("", "marks no assistant reply"),  # an empty file renders nothing at all
   ],
 )  # fmt: skip

@@ -36,7 +36,7 @@ def test_a_missing_or_broken_config_json_is_one_clear_error(tmp_path):
   with pytest.raises(UserError, match="config.json not found"):
     config_lib.load_saved(str(tmp_path))
   (tmp_path / "config.json").write_text("{not json")
-  with pytest.raises(UserError, match="is not valid JSON"):
+  with pytest.raises(UserError, match="is not readable JSON .* a crash may have cut it short"):
     config_lib.load_saved(str(tmp_path))
 
 
@@ -52,6 +52,9 @@ def test_a_missing_or_broken_config_json_is_one_clear_error(tmp_path):
     ({"train__loss_chunk": 5}, "e.g. --config.train.loss_chunk=32"),
     ({"train__loss_chunk": -1}, "config.train.loss_chunk=-1 must be at least 0"),
     ({"optim__lr": float("nan")}, "is not a finite number"),
+    ({"model__d_ff": -3}, "config.model.d_ff=-3 must be at least 1"),  # None is the default
+    ({"model__vocab_size": 0}, "config.model.vocab_size=0 must be at least 1"),
+    ({"optim__decay_steps": 0}, "config.optim.decay_steps=0 must be at least 1"),
     (
       {"model__norm": "batchnorm"},
       "config.model.norm='batchnorm' is not one of layernorm, rmsnorm",

@@ -239,6 +239,27 @@ def test_a_failed_variant_says_why_on_the_console_and_in_the_report(tmp_path):
   assert "| 5 (failed: ValueError: boom (exit code 1)) |" in report.table([row])
 
 
+def test_files_cut_short_by_a_kill_are_named_or_skipped(tmp_path):
+  """A killed run's metrics.jsonl may end in half a line (a resume ignores it, and so does
+  the report); a truncated summary.json or sweep.json is a one-line error naming the file."""
+  variant = tmp_path / "runs" / "v"
+  variant.mkdir(parents=True)
+  (variant / "metrics.jsonl").write_text('{"step": 5, "loss": 3.0}\n{"step": 10, "lo')
+  (row,) = report.collect(str(tmp_path / "runs"))
+  assert row["steps"] == 5 and row["final_loss"] == 3.0
+  (variant / "summary.json").write_text('{"steps": 1')
+  for call in (
+    lambda: sweep.finished(str(variant), 10),
+    lambda: report.collect(str(variant.parent)),
+  ):
+    with pytest.raises(UserError, match="summary.json is not readable JSON .*cut it short"):
+      call()
+  (variant / "summary.json").unlink()
+  (tmp_path / "runs" / "sweep.json").write_text('{"config": ')
+  with pytest.raises(UserError, match="sweep.json is not readable JSON"):
+    report.collect(str(tmp_path / "runs"))
+
+
 def test_a_rerun_with_other_overrides_is_refused(tmp_path):
   """A finished 200-step variant must not silently resume to another num_steps because the
   rerun left out the sweep's overrides; paths that only say where things are may differ."""

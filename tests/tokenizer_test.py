@@ -193,6 +193,22 @@ def test_train_a_sentencepiece_model_and_use_it_in_an_experiment(tmp_path):
   saved = tokenizer_lib.load(str(workdir / "tokenizer.json"))
   assert saved.kind == "sentencepiece" and saved.decode(saved.encode("ROMEO:")) == "ROMEO:"
   # A missing model file is one line: test_missing_tokenizer_files_are_named, in-process.
+  for flags, fragment in (
+    ([f"--input={SHAKESPEARE_DIR}/input.txt", f"--output={tmp_path}"], "is a directory; name a file"),
+    ([f"--input={tmp_path / 'empty.txt'}", f"--output={model}"], "the training text is empty"),
+  ):  # fmt: skip
+    (tmp_path / "empty.txt").write_text("\n")
+    proc = subprocess.run(
+      [sys.executable, "-m", "gptjax.train_tokenizer", "--kind=bpe", "--vocab_size=400", *flags],
+      cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and fragment in proc.stderr
+
+
+def test_a_vocabulary_too_small_for_the_characters_names_the_numbers():
+  texts = [open(f"{SHAKESPEARE_DIR}/input.txt").read()[:200_000]]
+  with pytest.raises(UserError, match="a vocabulary of 300 is below the 3.. ids this text's"):
+    tokenizer_lib.SentencePieceTokenizer.train(texts, 300)
 
 
 @pytest.mark.slow

@@ -1,0 +1,54 @@
+"""--mode=export's target: never a run (its own workdir included) nor another run's export,
+and an export is not exported again. (What an export holds and how it loads: checkpoint_test
+and quantize_test.)"""
+
+import shutil
+
+import pytest
+from conftest import tiny_config
+
+from gptjax import bench, export, loop
+from gptjax.errors import UserError
+
+pytestmark = pytest.mark.slow  # restores a trained run's checkpoint
+
+
+def _files(directory):
+  return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_an_export_never_writes_over_a_run_or_another_runs_export(trained_tiny, tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  shutil.copytree(trained_tiny, a)
+  shutil.copytree(trained_tiny, b)
+  before = _files(b)
+  quiet = lambda *_: None
+  with pytest.raises(UserError, match=f"--export_dir={b} holds a training run"):
+    export.export(str(a), str(b), warn=quiet)
+  with pytest.raises(UserError, match="is the run's own workdir; leave the flag out"):
+    export.export(str(a), str(a), warn=quiet)
+  assert _files(b) == before and not (a / "params").exists()
+  out, _ = export.export(str(a), warn=quiet)
+  export.export(str(a), warn=quiet)  # its own export: written again
+  with pytest.raises(UserError, match=f"holds an export of {a}; delete it or name another"):
+    export.export(str(b), out, warn=quiet)
+  with pytest.raises(UserError, match=f"is an export, not a run; export from the run's workdir: --workdir={a}$"):  # fmt: skip
+    export.export(out, warn=quiet, weights="int8")
+
+
+def test_bench_checkpoint_leaves_a_runs_checkpoints_alone(trained_tiny, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(trained_tiny, run)
+  before = _files(run)
+  config = tiny_config(model__vocab_size=66)
+  result = bench.bench_checkpoint(config, str(run))
+  assert result["bytes"] > 0 and _files(run) == before  # nothing pruned, added or left behind
+  assert sorted(p.name for p in run.iterdir()) == sorted({p.parts[0] for p in before})
+
+
+def test_a_finished_run_rerun_keeps_the_config_it_was_trained_with(trained_tiny, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(trained_tiny, run)
+  trained = (run / "config.json").read_text()
+  summary = loop.train_and_evaluate(tiny_config(train__num_steps=10, optim__lr=1e-2), str(run))
+  assert summary["steps"] == 30 and (run / "config.json").read_text() == trained
