@@ -88,3 +88,30 @@ def _first_difference(a, b, path: str):
         return where
     return None
   return None if a == b else path
+
+
+# What a resumed run may change without changing its training: paths, logging, eval, the
+# step count, and how (not what) the model computes.
+_SAME_TRAINING = ("model.attention", "model.remat", "model.scan_layers")
+_TRAINING = ("model.", "optim.", "train.batch_size", "train.label_smoothing", "seed")
+
+
+def training_changes(saved: dict, now: dict) -> list[str]:
+  """The settings that shape training and differ from the checkpoint's run, as
+  "optim.lr 0.003 -> 0.001" (keys that only one of the two configs has are skipped)."""
+  old, new = _flat(saved), _flat(now)
+  return [
+    f"{key} {old[key]!r} -> {new[key]!r}"
+    for key in sorted(set(old) & set(new))
+    if key.startswith(_TRAINING) and not key.startswith(_SAME_TRAINING) and old[key] != new[key]
+  ]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out

@@ -18,12 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import checkpoint, hf, inference, runtime, sharding, storage
+from gptjax import checkpoint, checkpoint_compat, hf, inference, runtime, sharding, storage
 from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import metrics as metrics_lib
 from gptjax import workdir as workdir_lib
-from gptjax.attention import resolve_implementation
 from gptjax.errors import UserError
 from gptjax.model import count_params
 from gptjax.storage import ensure_writable_dir
@@ -66,38 +65,14 @@ def prepare(
       say(note)
     say("compiling the train and eval steps")  # minutes for large models: say so first
     s = setup(config, data.tokenizer.vocab_size if data else config.model.vocab_size, mesh)
-    _describe(s, packed=config.data.source == "task")
+    for line in s.describe(packed=config.data.source == "task"):
+      say(line)
     metrics_lib.check_fits(s.memory(), config)
   except BaseException:
     if held:
       held.release()
     raise
   return s, data, held
-
-
-def _describe(s: Setup, packed: bool) -> None:
-  cfg, params = s.model.cfg, s.abstract.params
-  attention = resolve_implementation(cfg.attention, cfg.dtype)
-  if packed and attention != "xla":  # attention.py: segment masks take XLA's path
-    attention = "xla (packed rows need a segment mask, which cuDNN's fused kernel cannot take)"
-  say(
-    f"model: {count_params(params) / 1e6:.2f}M parameters ("
-    f"{count_params(params, True) / 1e6:.2f}M without embeddings), vocab "
-    f"{cfg.vocab_size} padded to {cfg.padded_vocab}, {jnp.dtype(cfg.dtype).name} compute, "
-    f"attention {attention}"
-  )
-  say(f"compiled train and eval steps in {s.compile_s:.1f}s")
-  mem, fmt = s.memory(), metrics_lib.format_bytes
-  temporaries = (
-    f", step temporaries {fmt(mem['temp'])}, peak ~{fmt(mem['peak_estimate'])}"
-    if "temp" in mem
-    else ""
-  )
-  say(
-    f"mesh {dict(s.mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
-    f"{jax.process_count()} process(es); per device: params {fmt(mem['params'])}, optimizer "
-    f"state {fmt(mem['opt_state'])}{temporaries}"
-  )
 
 
 def compile_only(config, workdir: str) -> dict:
@@ -134,6 +109,9 @@ def restore_or_init(config, workdir: str, s: Setup, ckpt: checkpoint.Checkpoints
         f"warning: {change} since the checkpoint: the data order from here differs from "
         "the run that saved it"
       )
+    now = config_lib.resolved(config, s.model.cfg.vocab_size)
+    for change in checkpoint_compat.training_changes(meta.get("config", {}), now):
+      say(f"warning: resuming with {change}; config.json records the new value")
     say(f"resumed from checkpoint {start.step} in {ckpt.manager.directory}")
     return start
   if storage.exists(storage.join(workdir, "metrics.jsonl")):

@@ -20,7 +20,7 @@ from gptjax import checkpoint, optim, sharding
 from gptjax import metrics as metrics_lib
 from gptjax.attention import resolve_implementation
 from gptjax.loss import cross_entropy, fused_cross_entropy
-from gptjax.model import GPT, GPTConfig, init_params
+from gptjax.model import GPT, GPTConfig, count_params, init_params
 
 
 @flax.struct.dataclass
@@ -208,6 +208,29 @@ class Setup:
 
   def memory(self) -> dict:
     return metrics_lib.memory_report(self.abstract, self.state_shardings, self.train_step)
+
+  def describe(self, packed: bool) -> list[str]:
+    """What a run prints once compiled: the model, the compile time, the mesh and memory."""
+    cfg, params = self.model.cfg, self.abstract.params
+    attention = resolve_implementation(cfg.attention, cfg.dtype)
+    if packed and attention != "xla":  # attention.py: segment masks take XLA's path
+      attention = "xla (packed rows need a segment mask, which cuDNN's fused kernel cannot take)"
+    mem, fmt = self.memory(), metrics_lib.format_bytes
+    temporaries = (
+      f", step temporaries {fmt(mem['temp'])}, peak ~{fmt(mem['peak_estimate'])}"
+      if "temp" in mem
+      else ""
+    )
+    return [
+      f"model: {count_params(params) / 1e6:.2f}M parameters ("
+      f"{count_params(params, True) / 1e6:.2f}M without embeddings), vocab "
+      f"{cfg.vocab_size} padded to {cfg.padded_vocab}, {jnp.dtype(cfg.dtype).name} compute, "
+      f"attention {attention}",
+      f"compiled train and eval steps in {self.compile_s:.1f}s",
+      f"mesh {dict(self.mesh.shape)} over {jax.device_count()} {jax.default_backend()} "
+      f"device(s), {jax.process_count()} process(es); per device: params "
+      f"{fmt(mem['params'])}, optimizer state {fmt(mem['opt_state'])}{temporaries}",
+    ]
 
 
 def setup(config, vocab_size: int, mesh: jax.sharding.Mesh, compile: bool = True) -> Setup:
