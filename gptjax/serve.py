@@ -59,6 +59,8 @@ _MAX_QUEUE = flags.DEFINE_integer("max_queue", 64, "Waiting requests before 429.
 _QUANTIZE = flags.DEFINE_string("quantize", "none", "int8: int8 weights, made as it loads.")
 _KV_QUANT = flags.DEFINE_string("kv_quant", "none", "int8: an int8 KV cache.")
 _NAME = flags.DEFINE_string("model_name", None, "The model's id in the API (default: the run).")
+_USER = flags.DEFINE_string("user_name", "User", "The user's name in templates that name it.")
+_ASSISTANT = flags.DEFINE_string("assistant_name", "Assistant", "The model's, likewise.")
 _RANDOM = flags.DEFINE_bool(
   "random_weights",
   False,
@@ -67,11 +69,21 @@ _RANDOM = flags.DEFINE_bool(
 )
 
 
+_NAMES = ("User", "Assistant")  # the speakers' names, in templates that name them (play)
+
+
 class Server:
-  def __init__(self, loaded: inference.Loaded, name: str, slots: int, chunk: int, queue: int):
+  def __init__(self, loaded, name: str, slots: int, chunk: int, queue: int, names=_NAMES):
     self.loaded, self.name, self.tok = loaded, name, loaded.tokenizer
     self.block = loaded.model.cfg.block_size
-    self.template = chat_template.load(loaded.config.data.chat_template)
+    self.template = chat_template.load(loaded.config.data.chat_template).with_names(*names)
+    try:  # the template's own text (speaker names included): checked once, here
+      self.template.prompt([{"role": "user", "content": ""}], self.tok)
+    except tokenizer_lib.UnknownCharacter as e:
+      raise UserError(
+        f"{e.problem}, but chat template {self.template.name} writes it around turns: use a "
+        "--user_name and --assistant_name this model can read"
+      ) from None
     stop = [self.tok.eot_id] if self.tok.eot_id >= 0 else []
     eng = engine_lib.Engine(loaded.model, loaded.params, slots, stop_tokens=stop, chunk=chunk)
     # Dozens of programs: minutes for GPT-2 on a CPU the first time, seconds from the cache.
@@ -351,7 +363,8 @@ def main(argv) -> None:
     loaded = inference.load(_WORKDIR.value, _CONFIG.value)
     name = _NAME.value or _WORKDIR.value.rstrip("/").split("/")[-1]
   loaded = inference.quantized(loaded, quantize.Quant(_QUANTIZE.value, _KV_QUANT.value))
-  server = Server(loaded, name, _SLOTS.value, _CHUNK.value, _MAX_QUEUE.value)
+  names = (_USER.value, _ASSISTANT.value)
+  server = Server(loaded, name, _SLOTS.value, _CHUNK.value, _MAX_QUEUE.value, names)
   print(
     f"serving {loaded.where} as {name!r} on http://{_HOST.value}:{_PORT.value}/v1 "
     f"({_SLOTS.value} slots, {server.engine.compiles()} programs compiled)",

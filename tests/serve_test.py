@@ -17,6 +17,7 @@ import pytest
 from conftest import ONE_DEVICE, REPO
 
 from gptjax import decode, engine, inference, scheduler
+from gptjax.errors import UserError
 
 pytestmark = pytest.mark.slow  # a server process per module (and one more for SIGTERM)
 
@@ -279,6 +280,8 @@ def test_a_full_queue_answers_429(trained_tiny):
   from gptjax import serve
 
   loaded = inference.load(str(trained_tiny))
+  with pytest.raises(UserError, match="chat template play writes it around turns: use a --user_name"):  # fmt: skip
+    serve.Server(loaded, "tiny", slots=2, chunk=2, queue=2, names=("\u03a9", "JULIET"))
   server = serve.Server(loaded, "tiny", slots=2, chunk=2, queue=2)
   server.sched._stop.set()
   server.sched._thread.join()
