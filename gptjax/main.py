@@ -121,6 +121,26 @@ _EVAL_TEMPLATE = flags.DEFINE_string(
 # The others read WORKDIR/config.json; sample, chat and evaluate take a --config with
 # init_from.
 _NEEDS_CONFIG = ("train", "compile_only")
+_DECODING = ("sample", "chat", "evaluate")
+# The modes that read each mode-specific flag: given to another mode it would do nothing.
+_READ_BY = {
+  **dict.fromkeys(("export_dir", "export_format"), ("export",)),
+  **dict.fromkeys(("prompt", "num_samples"), ("sample",)),
+  **dict.fromkeys(("max_new_tokens", "temperature", "top_k", "top_p", "seed"), _DECODING),
+  **dict.fromkeys(("stream_tokens", "user_name", "assistant_name"), ("chat",)),
+  **dict.fromkeys(
+    (
+      "eval_data",
+      "eval_dir",
+      "eval_stride",
+      "eval_records",
+      "eval_batch",
+      "eval_generate",
+      "eval_template",
+    ),
+    ("evaluate",),
+  ),  # fmt: skip
+}
 
 
 def check_flags() -> None:
@@ -133,6 +153,13 @@ def check_flags() -> None:
     raise UserError("--workdir is required, e.g. --workdir=/tmp/run")
   quantize.Quant(_QUANTIZE.value, _KV_QUANT.value).check()
   mode, hf_export = _MODE.value, _EXPORT_FORMAT.value == "hf"
+  for name, modes in _READ_BY.items():
+    if flags.FLAGS[name].present and mode not in modes:
+      raise UserError(f"--{name} is read by --mode={'|'.join(modes)}, not --mode={mode}; drop it")
+  if mode == "export" and _CONFIG.value is not None:
+    raise UserError(
+      "--mode=export exports a run as it was trained (WORKDIR/config.json); drop --config"
+    )
   if _KV_QUANT.value != "none" and mode not in ("sample", "chat", "evaluate"):
     raise UserError(f"--kv_quant is for sample, chat and evaluate, not --mode={mode}")
   if _QUANTIZE.value != "none" and (mode in _NEEDS_CONFIG or hf_export):

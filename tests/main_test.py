@@ -157,3 +157,19 @@ def test_compile_only_with_gpt2_bpe_reads_no_data(tmp_path, capsys):
   out = loop.compile_only(config, str(tmp_path / "w"))
   assert "compile_only: vocabulary 50257; no data is read" in capsys.readouterr().out
   assert out["memory"]["params"] > 0 and not (tmp_path / "w" / "data").exists()
+
+
+@pytest.mark.slow  # a CLI subprocess each
+@pytest.mark.parametrize(
+  "args, fragment",
+  [
+    (("--mode=sample", "--eval_records=5"), "--eval_records is read by --mode=evaluate, not --mode=sample"),
+    (("--mode=export", f"--config={TINY[len('--config='):]}"), "--mode=export exports a run as it was trained"),
+    ((TINY, "--temperature=0"), "--temperature is read by --mode=sample|chat|evaluate, not --mode=train"),
+    (("--mode=chat", "--export_dir=x"), "--export_dir is read by --mode=export, not --mode=chat"),
+  ],
+)  # fmt: skip
+def test_a_flag_the_mode_does_not_read_is_refused_not_ignored(tmp_path, args, fragment):
+  proc = run_cli(f"--workdir={tmp_path}", *args)
+  assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
+  assert fragment in proc.stderr
