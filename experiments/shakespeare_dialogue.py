@@ -6,9 +6,11 @@ First pretrain it (its own command, README), then:
     --workdir=runs/dialogue --config.init_from=runs/shakespeare_cpu
 
 Data: ../shared/data/shakespeare_dialogue/{train,validation}.jsonl, conversations of 2 or 4
-consecutive speeches ("SPEAKER: speech"), the last one the assistant's reply. The "plain"
-template renders each speech followed by a blank line, so only the reply and its blank line
-are trained on. The model's shape, block size (64) and vocabulary come from init_from.
+consecutive speeches ("SPEAKER: speech"), the 2nd and 4th the assistant's. The "plain"
+template renders each speech followed by a blank line; the assistant's speeches and their
+blank lines are trained on. The model's shape, block size (64) and vocabulary come from
+init_from: at 64 characters most conversations are longer than a row, so most rows hold the
+last reply with the end of the speech before it, and a reply longer than a row its start.
 """
 
 from gptjax.config import default_config

@@ -226,15 +226,18 @@ class _Repair:
 
 
 def cut(ids, weights, width: int):
-  """An over-long example cut to `width` tokens: its oldest context goes first; a reply too
-  long even alone keeps its start (after one token of context), where the speaker and the
-  form of a reply are, rather than its tail."""
+  """An over-long example cut to `width` tokens: its oldest context goes first, earlier
+  turns included; a last reply too long even alone keeps its start (after one token of
+  context), where the speaker and the form of a reply are, rather than its tail."""
   if len(ids) <= width:
     return ids, weights
   trained = np.flatnonzero(np.asarray(weights))
   start = len(ids) - width
-  if trained.size and trained[0] - 1 < start:
-    start = max(int(trained[0]) - 1, 0)
+  if trained.size:  # the last reply: the last run of trained targets
+    gaps = np.flatnonzero(np.diff(trained) > 1)
+    last = int(trained[gaps[-1] + 1] if gaps.size else trained[0])
+    if 1 < last <= start:  # (a reply at 0 or 1 has no context: everything is trained)
+      start = last - 1
   return ids[start : start + width], weights[start : start + width]
 
 

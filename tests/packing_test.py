@@ -56,6 +56,18 @@ def test_an_over_long_example_loses_its_oldest_context_and_a_long_reply_its_tail
   assert p.weights[0].tolist() == [1.0] * 15  # every target in the row is the reply's
 
 
+def test_an_over_long_conversation_keeps_its_last_reply_not_its_first():
+  ids, weights = np.arange(100, dtype=np.int32), np.zeros(100, np.float32)
+  weights[20:30] = weights[80:] = 1.0  # two replies: the last one is what must survive
+  kept, kept_weights = packing.cut(ids, weights, 65)
+  assert kept.tolist() == list(range(35, 100)) and kept_weights[-20:].tolist() == [1.0] * 20
+  weights[40:] = 1.0  # the last reply alone is longer than the row: its start, as above
+  assert packing.cut(ids, weights, 30)[0].tolist() == list(range(39, 69))
+  everything = np.ones(100, np.float32)
+  everything[0] = 0  # train_on_all: no reply to anchor on, the oldest tokens go
+  assert packing.cut(ids, everything, 30)[0].tolist() == list(range(70, 100))
+
+
 @pytest.mark.slow  # ~16 s: the separate passes compile once per example length
 @pytest.mark.parametrize("positions", ["learned", "rope"])
 def test_packed_losses_and_gradients_equal_separate_passes(positions):
