@@ -7,6 +7,7 @@ averaged, times 100.
 """
 
 import math
+import re
 
 import numpy as np
 
@@ -27,7 +28,7 @@ def text_scores(predictions: list[str], references: list[str]) -> dict:
   import sacrebleu
   from rouge_score import rouge_scorer
 
-  scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=True)
+  scorer = rouge_scorer.RougeScorer(list(ROUGE), tokenizer=_Words())
   rouge = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
   return {
     "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
@@ -35,6 +36,21 @@ def text_scores(predictions: list[str], references: list[str]) -> dict:
     **{name: 100 * float(np.mean([r[name].fmeasure for r in rouge])) for name in ROUGE},
     "n": len(predictions),
   }
+
+
+class _Words:
+  """rouge-score's default tokenizer (lower case, Porter stems of words over 3 characters),
+  identical on ASCII text, but keeping other scripts' letters and digits: the default drops
+  everything outside [a-z0-9], which scores Cyrillic, Greek or Chinese replies 0."""
+
+  def __init__(self):
+    from nltk.stem import porter
+
+    self.stemmer = porter.PorterStemmer()
+
+  def tokenize(self, text: str) -> list[str]:
+    words = re.findall(r"[^\W_]+", text.lower())
+    return [self.stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
 
 
 def loss_summary(loss_sums, token_counts, byte_counts=None) -> dict:

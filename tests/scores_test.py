@@ -39,6 +39,21 @@ def test_rouge_is_the_mean_f1_of_each_reply():
   assert got["rouge1"] == pytest.approx(100 * (4 / 7 + 1 / 2) / 2)
 
 
+def test_rouge_reads_every_script_and_english_as_rouge_score_does():
+  russian = ["Привет, как дела?", "Я иду домой"]
+  got = scores.text_scores(russian, russian)
+  assert all(got[name] == pytest.approx(100.0) for name in scores.ROUGE)  # was 0: no a-z
+  assert scores.text_scores(["Я иду"], ["Я иду домой"])["rouge1"] == pytest.approx(100 * 0.8)
+  from rouge_score import rouge_scorer
+
+  default = rouge_scorer.RougeScorer(list(scores.ROUGE), use_stemmer=True)
+  near = [r.replace("Romeo", "Tybalt", 1) for r in REFERENCES]
+  for pred, ref in zip(near, REFERENCES):  # on English text, the library's own numbers
+    ours = scores.text_scores([pred], [ref])
+    want = default.score(ref, pred)
+    assert all(ours[n] == pytest.approx(100 * want[n].fmeasure) for n in scores.ROUGE)
+
+
 def test_the_loss_summary_and_its_standard_error():
   sums, counts = np.array([12.0, 30.0, 9.0, 21.0]), np.array([6, 10, 3, 7])
   got = scores.loss_summary(sums, counts, byte_counts=[6, 10, 3, 7])
