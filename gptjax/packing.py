@@ -44,8 +44,8 @@ _TOP_UP_SCAN = 5000
 
 def pack(examples, block_size: int, pad_id: int = 0, cut_to_fill: bool = True) -> Packed:
   """Packs (ids, weights) examples into rows of block_size + 1 tokens: best fit, longest
-  first, so rows fill up; a row's examples keep their input order (the epoch's shuffle
-  permutes rows).
+  first, so rows fill up; a row's examples keep their input order, and rows come in the
+  order of their first examples (the epoch's shuffle permutes them).
 
   Examples just over half a row leave rows half empty. With cut_to_fill, each row under
   MIN_FILL full is then dissolved into the other rows' free room, or else merged with
@@ -68,7 +68,9 @@ def pack(examples, block_size: int, pad_id: int = 0, cut_to_fill: bool = True) -
     repair.dissolve()
     repair.merge()
     repair.top_up()
-  rows = [sorted(r) for r in rows if r]  # segments in input order
+  # Segments in input order, and rows by their first example: best fit fills them longest
+  # first, and a validation subset (the first eval_batches rows) must not be the longest.
+  rows = sorted((sorted(r) for r in rows if r), key=lambda r: index[r[0]])
   examples_by_row = [[kept[e] for e in r] for r in rows]
   members = [[index[e] for e in r] for r in rows]
   return _arrays(examples_by_row, width, pad_id, len(was_cut), members)

@@ -144,6 +144,16 @@ def test_packing_the_dialogue_fixture_fills_every_row(block):
   assert sorted(i for row in p.members for i in row) == list(range(len(conversations)))
 
 
+def test_rows_come_in_the_order_of_their_examples_not_longest_first():
+  """The validation loss reads the first eval_batches rows: a subset in file order, not the
+  longest conversations that best fit placed first."""
+  rng = np.random.default_rng(0)
+  examples = [(np.arange(n), np.r_[0, np.ones(n - 1)]) for n in rng.integers(5, 60, 300)]
+  p = packing.pack(examples, block_size=64, cut_to_fill=False)
+  firsts = [row[0] for row in p.members]
+  assert firsts == sorted(firsts) and firsts[0] == 0
+
+
 def test_cut_leaves_an_example_that_fits_whole():
   ids, weights = np.arange(10, dtype=np.int32), np.ones(10, np.float32)
   kept_ids, kept_weights = packing.cut(ids, weights, 12)
