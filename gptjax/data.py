@@ -361,11 +361,10 @@ def position_changes(saved: dict, config, workdir: str) -> list[str]:
   """What changed since a saved position that alters the order of batches from here; a
   change of the data itself (source, task files, template) is a UserError."""
   now = position(saved.get("next_batch", 0), config)
-  if "source" in saved and saved["source"] != now["source"]:
-    was, asked = saved["source"], now["source"]
-    diff = ", ".join(
-      f"{k} {was.get(k)!r} -> {asked.get(k)!r}" for k in asked if was.get(k) != asked.get(k)
-    )
+  was, asked = saved.get("source", {}), now["source"]
+  if diff := ", ".join(  # keys a checkpoint of an older version lacks are not compared
+    f"{k} {was[k]!r} -> {asked[k]!r}" for k in asked if k in was and was[k] != asked[k]
+  ):
     raise UserError(
       f"{workdir} holds a run trained on other data ({diff}); resuming would mix the two. "
       f"Use a fresh --workdir, with --config.init_from={workdir} to start from its weights"

@@ -133,6 +133,8 @@ def identity(data_config) -> dict:
     source = chat_template.load(template).source
     template = f"{template} (sha256 {hashlib.sha256(source.encode()).hexdigest()[:12]})"
   keys = ("path", "val_path", "prompt_field", "completion_field", "train_on_all")
+  if not data_config.val_path:  # the split is cut from path: moving it moves records across
+    keys += ("val_fraction",)
   return {"source": "task", **{k: data_config[k] for k in keys}, "chat_template": template}
 
 

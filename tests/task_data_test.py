@@ -82,3 +82,21 @@ def test_records_keep_where_they_came_from(tmp_path):
   records = task_data.read(str(tmp_path / "a.jsonl"))
   assert records.where == [f"{tmp_path / 'a.jsonl'}:1", f"{tmp_path / 'a.jsonl'}:3"]
   assert records.part(1, 2).where == records.where[1:]
+
+
+def test_a_resume_that_would_move_the_validation_split_is_refused(tmp_path):
+  """Without val_path the split is the last val_fraction of data.path: another fraction
+  turns held-out records into training ones. A checkpoint of an older version, whose data
+  identity lacks a key, still resumes."""
+  from conftest import tiny_config
+
+  from gptjax import data
+
+  config = tiny_config(data__source="task", data__path="x.jsonl", data__chat_template="plain")
+  saved = data.position(10, config)
+  assert data.position_changes(saved, config, "W") == []
+  config.data.val_fraction = 0.2
+  with pytest.raises(UserError, match="trained on other data \\(val_fraction 0.1 -> 0.2\\)"):
+    data.position_changes(saved, config, "W")
+  del saved["source"]["val_fraction"]  # as an older version saved it
+  assert data.position_changes(saved, config, "W") == []
