@@ -96,7 +96,8 @@ class ChatTemplate:
 
   def spans(self, messages: list[dict]) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, trained) pieces: trained are the assistant turns
-    with their end-of-turn markers; joined, the pieces are render(messages)."""
+    (but those with weight 0) with their end-of-turn markers; joined, the pieces are
+    render(messages)."""
     pieces, done = [], ""
     for i, message in enumerate(messages):
       if message["role"] == "assistant":
@@ -104,7 +105,8 @@ class ChatTemplate:
         pieces.append((context[len(done) :], False))
         done = context
       turn = self._extend(done, self.render(messages[: i + 1]), i)
-      pieces.append((turn[len(done) :], message["role"] == "assistant"))
+      trained = message["role"] == "assistant" and message.get("weight", 1) != 0
+      pieces.append((turn[len(done) :], trained))
       done = turn
     return [(text, trained) for text, trained in pieces if text]
 

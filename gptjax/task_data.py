@@ -88,6 +88,7 @@ def _conversation(line: str, where: str, prompt_field: str, completion_field: st
     for field in (prompt_field, completion_field):
       if not isinstance(record[field], str):
         raise UserError(f'{where}: "{field}" must be a string')
+      _check_text(record[field], f"{where}: {field!r}")
     turns = [("user", prompt_field), ("assistant", completion_field)]
     return [{"role": role, "content": record[field]} for role, field in turns]
   raise UserError(
@@ -98,13 +99,30 @@ def _conversation(line: str, where: str, prompt_field: str, completion_field: st
 
 
 def _turn(message, where: str) -> dict:
+  """A turn as the template reads it: OpenAI's "developer" is the system role, and an
+  assistant turn with "weight": 0 (OpenAI's fine-tuning format) is context, not trained."""
   if not isinstance(message, dict) or "role" not in message or "content" not in message:
     raise UserError(f'{where}: a turn is an object with "role" and "content"')
-  if message["role"] not in ROLES:
-    raise UserError(f"{where}: unknown role {message['role']!r}; roles are {', '.join(ROLES)}")
+  role = "system" if message["role"] == "developer" else message["role"]
+  if role not in ROLES:
+    raise UserError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES)}, developer")
   if not isinstance(message["content"], str):
     raise UserError(f'{where}: "content" must be a string')
-  return {"role": message["role"], "content": message["content"]}
+  _check_text(message["content"], where)
+  weight = message.get("weight", 1)
+  if weight not in (0, 1) or role != "assistant" and "weight" in message:
+    raise UserError(f'{where}: "weight" is 0 or 1, on assistant turns only')
+  return {"role": role, "content": message["content"], **({"weight": 0} if not weight else {})}
+
+
+def _check_text(text: str, where: str) -> None:
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:  # JSON's \ud83d alone: half of an emoji, cut
+    raise UserError(
+      f"{where}: {e.object[e.start : e.end]!r} is half a UTF-16 surrogate pair, not text; "
+      "fix or drop the record"
+    ) from None
 
 
 def splits(data_config) -> dict[str, list]:

@@ -1,6 +1,7 @@
 """Task data: JSONL conversations in both record shapes, and every fault one line naming the
 file and line."""
 
+import json
 import os
 
 import pytest
@@ -100,3 +101,32 @@ def test_a_resume_that_would_move_the_validation_split_is_refused(tmp_path):
     data.position_changes(saved, config, "W")
   del saved["source"]["val_fraction"]  # as an older version saved it
   assert data.position_changes(saved, config, "W") == []
+
+
+def test_openai_fine_tuning_records_developer_role_and_weight_0(tmp_path):
+  from gptjax import chat_template
+  from gptjax.tokenizer import ByteTokenizer
+
+  turns = [
+    {"role": "developer", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello there.", "weight": 0},  # context only
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Farewell."},
+  ]
+  path = tmp_path / "ft.jsonl"
+  path.write_text(json.dumps({"messages": turns}) + "\n")
+  (messages,) = task_data.read(str(path))  # Records: a list of conversations
+  assert messages[0]["role"] == "system" and messages[2]["weight"] == 0
+  template, tok = chat_template.load("plain"), ByteTokenizer()
+  ids, weights = template.encode(messages, tok)
+  trained = tok.decode(ids[weights > 0].tolist())
+  assert "Farewell." in trained and "Hello there" not in trained
+  bad = [
+    ('{"messages": [{"role": "user", "content": "ok \\ud83d"}, {"role": "assistant", "content": "x"}]}', "half a UTF-16 surrogate pair"),
+    ('{"messages": [{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "x"}]}', '"weight" is 0 or 1, on assistant turns only'),
+  ]  # fmt: skip
+  for line, fragment in bad:
+    path.write_text(line + "\n")
+    with pytest.raises(UserError, match=f"{path}:1: turn 1: .*{fragment}"):
+      task_data.read(str(path))
