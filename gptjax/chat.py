@@ -229,4 +229,4 @@ def _prompt(user: str, stdin, write) -> str | None:
   if not line:
     write("\n")
     return None
-  return line.rstrip("\n")
+  return line.rstrip("\r\n")  # a Windows line end is not part of the message

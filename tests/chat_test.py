@@ -87,7 +87,7 @@ def test_chat_session_on_stdin(trained_tiny):
     "--max_new_tokens=12",
     "--user_name=ROMEO",
     "--assistant_name=JULIET",
-    stdin="Good morrow.\nCaf\u00e9?\n/reset\nFarewell.\n",
+    stdin="Good morrow.\r\nCaf\u00e9?\n/reset\nFarewell.\n",  # a Windows line end, once
     env=ONE_DEVICE,
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
