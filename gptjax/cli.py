@@ -60,6 +60,8 @@ def flags_parser(program: str, check: Callable[[], None] | None = None):
       workdir.normalize_flags(flags.FLAGS)
       return rest
     except (flags.Error, UserError) as e:
+      if "Unknown command line flag 'config." in str(e) and "config" in flags.FLAGS:
+        e = f"{e}: a --config.KEY=VALUE override needs --config=experiments/NAME.py to apply to"
       fail(program, e)
     except (AttributeError, KeyError) as e:  # ml_collections' word for an unknown key
       fail(program, _unknown_key(e, argv))

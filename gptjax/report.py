@@ -66,6 +66,10 @@ def collect(root: str) -> list[dict]:
         "val_curve": val,
       }
     )
+  if not rows and storage.isfile(storage.join(root, "metrics.jsonl")):
+    raise UserError(
+      f"{root} is one run's workdir; report reads a sweep's --workdir (a directory of runs)"
+    )
   if not rows:
     raise UserError(f"no variant in {root} has a metrics.jsonl yet; run the sweep first")
   return rows

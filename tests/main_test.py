@@ -167,6 +167,7 @@ def test_compile_only_with_gpt2_bpe_reads_no_data(tmp_path, capsys):
     (("--mode=export", f"--config={TINY[len('--config='):]}"), "--mode=export exports a run as it was trained"),
     ((TINY, "--temperature=0"), "--temperature is read by --mode=sample|chat|evaluate, not --mode=train"),
     (("--mode=chat", "--export_dir=x"), "--export_dir is read by --mode=export, not --mode=chat"),
+    (("--mode=sample", "--config.model.n_layer=2"), "override needs --config=experiments/NAME.py"),
   ],
 )  # fmt: skip
 def test_a_flag_the_mode_does_not_read_is_refused_not_ignored(tmp_path, args, fragment):

@@ -247,6 +247,8 @@ def test_files_cut_short_by_a_kill_are_named_or_skipped(tmp_path):
   (variant / "metrics.jsonl").write_text('{"step": 5, "loss": 3.0}\n{"step": 10, "lo')
   (row,) = report.collect(str(tmp_path / "runs"))
   assert row["steps"] == 5 and row["final_loss"] == 3.0
+  with pytest.raises(UserError, match="is one run's workdir; report reads a sweep's --workdir"):
+    report.collect(str(variant))
   (variant / "summary.json").write_text('{"steps": 1')
   for call in (
     lambda: sweep.finished(str(variant), 10),
