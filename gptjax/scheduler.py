@@ -186,11 +186,16 @@ class Scheduler:
 
   def _covering(self, request: Request, chars: int) -> int:
     """How many of the request's tokens it takes to make the first `chars` characters of its
-    text (whole characters: a token that ends in a cut one does not count as making it)."""
-    for n in range(request.sent_tokens, len(request.tokens) + 1):
-      if len(self.tokenizer.decode(request.tokens[:n]).rstrip("\ufffd")) >= chars:
-        return n
-    return len(request.tokens)
+    text (whole characters: a token that ends in a cut one does not count as making it).
+    The text's length only grows with its tokens: a binary search, a few decodes a chunk."""
+    lo, hi = request.sent_tokens, len(request.tokens)
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if len(self.tokenizer.decode(request.tokens[:mid]).rstrip("\ufffd")) >= chars:
+        hi = mid
+      else:
+        lo = mid + 1
+    return lo
 
   def _emit(self, request: Request, piece: str, upto: int) -> None:
     """Passes piece with the tokens (and their logprobs) that make it."""

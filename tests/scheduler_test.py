@@ -147,3 +147,22 @@ def test_queued_requests_that_end_unrun_are_counted():
   sched._admit()  # the engine thread's admission, run here: slot 0 to request 1
   sched.shutdown(timeout=0)  # request 1 runs, request 2 waits: both aborted
   assert ended == ["abort", "abort", "abort"] and sched.counts()["abort"] == 3
+
+
+def test_a_character_split_across_tokens_waits_for_its_last_byte():
+  class Bytes(Words):
+    pieces = [b"", b"a", "\u00e9".encode()[:1], "\u00e9".encode()[1:], b"b"]
+
+    def decode(self, ids):
+      return b"".join(self.pieces[i] for i in ids).decode("utf-8", "replace")
+
+  sched = scheduler.Scheduler(Scripted([1, 2, 3, 4], 1), Bytes())
+  told, done = [], threading.Event()
+  request = scheduler.Request(
+    [1], 10, on_text=lambda p, t, *_: told.append((p, t)), on_done=lambda r: done.set()
+  )
+  sched.start()
+  sched.submit(request)
+  assert done.wait(10)
+  sched.shutdown(timeout=1)
+  assert told == [("a", [1]), ("\u00e9", [2, 3]), ("b", [4])]
