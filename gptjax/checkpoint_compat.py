@@ -93,7 +93,7 @@ def _first_difference(a, b, path: str):
 # What a resumed run may change without changing its training: paths, logging, eval, the
 # step count, and how (not what) the model computes.
 _SAME_TRAINING = ("model.attention", "model.remat", "model.scan_layers")
-_TRAINING = ("model.", "optim.", "train.batch_size", "train.label_smoothing", "seed")
+_TRAINING = ("model.", "optim.", "train.label_smoothing")  # seed, batch: position_changes
 
 
 def training_changes(saved: dict, now: dict) -> list[str]:

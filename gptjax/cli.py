@@ -109,18 +109,18 @@ def check_config_file(argv) -> None:
         f"experiment file {path} defines no get_config(); an experiment file "
         "returns its ConfigDict from get_config() (see experiments/tiny.py)"
       )
-    _check_arguments(tree, path, arg[len("--config=") :].split(":")[1:])
+    _check_arguments(tree, path, arg[len("--config=") :].split(":", 1)[1:])  # as ml_collections
 
 
 def _check_arguments(tree: ast.Module, path: str, given: list[str]) -> None:
-  """--config=PATH:ARG passes ARG to get_config(): a count it cannot take is one line."""
+  """--config=PATH:ARG passes ARG (colons and all) to get_config(): one it cannot take, or
+  none where it needs one, is one line."""
   fn = next((n for n in tree.body if getattr(n, "name", None) == "get_config"), None)
   if not isinstance(fn, ast.FunctionDef) or fn.args.vararg:
     return
   most, least = len(fn.args.args), len(fn.args.args) - len(fn.args.defaults)
   if len(given) > most:
-    extra = ":" + ":".join(given[most:])
-    raise UserError(f"{path}'s get_config() takes {most or 'no'} argument(s); drop {extra!r}")
+    raise UserError(f"{path}'s get_config() takes no argument; drop ':{given[0]}'")
   if len(given) < least:
     raise UserError(f"{path}'s get_config() needs an argument: --config={path}:ARG")
 

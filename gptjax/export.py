@@ -87,9 +87,10 @@ def _check_target(workdir: str, out_dir: str) -> None:
       f"{storage.join(workdir, inference.EXPORT)}) or name another directory"
     )
   marker = storage.join(out_dir, MARKER)
+  inside = out_dir.startswith(workdir.rstrip("/") + "/")  # the run's own (even copied or moved)
   if storage.exists(marker):
     source = storage.read_json(marker).get("from")
-    if source != workdir:
+    if source != workdir and not inside:
       raise UserError(
         f"--export_dir={out_dir} holds an export of {source}; delete it or name another directory"
       )

@@ -135,8 +135,8 @@ def chat_logprobs(tok, tokens, token_lps, tops) -> dict:
 
   content = []
   for i, (t, value) in enumerate(zip(tokens, token_lps)):
-    alternatives = _named(tok, tops[i]) if i < len(tops) else {}
-    top = [entry(text, v) for text, v in alternatives.items()]
+    alternatives = tops[i].items() if i < len(tops) else ()  # by id: texts may coincide
+    top = [entry(tok.decode([t]), v) for t, v in alternatives]
     content.append({**entry(tok.decode([t]), value), "top_logprobs": top})
   return {"content": content}
 
@@ -203,7 +203,7 @@ async def invalid(request, exc) -> responses.JSONResponse:
       continue
     where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
     message = str(e.get("msg")).removeprefix("Value error, ")  # our validators' own words
-    problems.append(f"{where}: {message}" if where and where not in message else message)
+    problems.append(f"{where}: {message}" if where and not message.startswith(where) else message)
   return error(400, "; ".join(problems))
 
 

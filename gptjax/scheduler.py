@@ -112,7 +112,10 @@ class Scheduler:
         traceback.print_exc()
         for slot, request in list(self.running.items()):
           del self.running[slot]
-          self.engine.free(slot)
+          try:
+            self.engine.free(slot)
+          except Exception:  # its state may be gone with the failed call: the slot is lost
+            pass
           self._done(request, f"error: the engine failed ({type(e).__name__}: {e})")
 
   def _score_pending(self) -> None:

@@ -81,8 +81,8 @@ def _conversation(line: str, where: str, prompt_field: str, completion_field: st
     if not isinstance(messages, list) or not messages:
       raise UserError(f'{where}: "messages" must be a non-empty list of turns')
     turns = [_turn(m, f"{where}: turn {i + 1}") for i, m in enumerate(messages)]
-    if not any(t["role"] == "assistant" for t in turns):
-      raise UserError(f"{where}: the conversation has no assistant turn, so nothing to learn")
+    if not any(t["role"] == "assistant" and t.get("weight", 1) for t in turns):
+      raise UserError(f"{where}: the conversation has no assistant turn (of weight 1) to learn")
     return turns
   if prompt_field in record and completion_field in record:
     for field in (prompt_field, completion_field):

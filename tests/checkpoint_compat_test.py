@@ -10,12 +10,13 @@ from gptjax import checkpoint_compat, loop
 
 
 def test_training_changes_name_what_shapes_training_and_skip_the_rest():
-  saved = {"seed": 0, "optim": {"lr": 3e-3, "b2": 0.99}, "model": {"remat": "none"}}
+  saved = {"seed": 0, "optim": {"lr": 3e-3, "b2": 0.99}, "model": {"remat": "none"},
+           "train": {"batch_size": 4}}  # fmt: skip
   now = {
-    "seed": 0,
+    "seed": 1,  # the seed and batch size: data.position_changes warns of those, once
     "optim": {"lr": 1e-3, "b2": 0.99, "new_key": 1},  # a key of a newer version: skipped
     "model": {"remat": "dots"},  # how the model computes, not what
-    "train": {"num_steps": 99, "batch_size": 8},  # the step count grows on a resume
+    "train": {"num_steps": 99, "batch_size": 8},  # and the step count grows on a resume
   }
   assert checkpoint_compat.training_changes(saved, now) == ["optim.lr 0.003 -> 0.001"]
   assert checkpoint_compat.training_changes({}, now) == []  # a checkpoint without a config

@@ -30,6 +30,8 @@ def test_an_export_never_writes_over_a_run_or_another_runs_export(trained_tiny, 
   assert _files(b) == before and not (a / "params").exists()
   out, _ = export.export(str(a), warn=quiet)
   export.export(str(a), warn=quiet)  # its own export: written again
+  shutil.copytree(a, tmp_path / "moved")  # its export says it came from a: still its own
+  export.export(str(tmp_path / "moved"), warn=quiet)
   with pytest.raises(UserError, match=f"holds an export of {a}; delete it or name another"):
     export.export(str(b), out, warn=quiet)
   with pytest.raises(UserError, match=f"is an export, not a run; export from the run's workdir: --workdir={a}$"):  # fmt: skip

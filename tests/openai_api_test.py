@@ -44,6 +44,9 @@ def test_fields_we_cannot_honour_are_refused_by_name_and_their_defaults_pass():
     "temperature: Input should be greater than or equal to 0"
   )
   assert _refusal(api.CompletionRequest) == "prompt: Field required"
+  assert _refusal(api.CompletionRequest, prompt="x", n=0) == (
+    "n: Input should be greater than or equal to 1"  # "n" is in the message: still named
+  )
 
 
 def test_newer_chat_fields_developer_role_text_parts_and_max_completion_tokens():

@@ -130,3 +130,6 @@ def test_openai_fine_tuning_records_developer_role_and_weight_0(tmp_path):
     path.write_text(line + "\n")
     with pytest.raises(UserError, match=f"{path}:1: turn 1: .*{fragment}"):
       task_data.read(str(path))
+  path.write_text(json.dumps({"messages": turns[:3]}) + "\n")  # its one reply weighs 0
+  with pytest.raises(UserError, match=f"{path}:1: the conversation has no assistant turn \\(of weight 1\\)"):  # fmt: skip
+    task_data.read(str(path))
