@@ -165,16 +165,16 @@ class Scheduler:
         dict(zip(chunk.top_ids[slot, i, :k].tolist(), chunk.top_logprobs[slot, i, :k].tolist()))
         for i in range(n)
       ]
-    text = self.tokenizer.decode(request.tokens)
+    text = whole = self.tokenizer.decode(request.tokens)
     hits = [(i, len(s)) for i, s in ((text.find(s), s) for s in request.stop) if i >= 0]
     hit, stop_length = min(hits, default=(-1, 0))
     finished = bool(chunk.done[slot]) or hit >= 0 or request.cancelled.is_set()
     request.generated = len(request.tokens)
     if hit >= 0:
       text = text[:hit]
-      request.generated = self._covering(request, hit + stop_length)
+      request.generated = self._covering(request, hit + stop_length, whole)
     safe = len(text) if finished else _safe_length(text, request.stop)
-    upto = self._covering(request, safe) if hit >= 0 or not finished else len(request.tokens)
+    upto = self._covering(request, safe, whole) if hit >= 0 or not finished else len(request.tokens)
     if safe > request.shown or upto > request.sent_tokens:
       self._emit(request, text[request.shown : safe], upto)
       request.shown = safe
@@ -187,10 +187,13 @@ class Scheduler:
         reason = "stop" if hit >= 0 or chunk.stopped[slot] else "length"
       self._done(request, reason)
 
-  def _covering(self, request: Request, chars: int) -> int:
+  def _covering(self, request: Request, chars: int, whole: str) -> int:
     """How many of the request's tokens it takes to make the first `chars` characters of its
-    text (whole characters: a token that ends in a cut one does not count as making it).
-    The text's length only grows with its tokens: a binary search, a few decodes a chunk."""
+    text, `whole` (whole characters: a token that ends in a cut one does not count as making
+    it). Usually all of them, found without decoding; else a binary search (the text's
+    length only grows with its tokens), a few decodes."""
+    if chars >= len(whole) and not whole.endswith("\ufffd"):
+      return len(request.tokens)
     lo, hi = request.sent_tokens, len(request.tokens)
     while lo < hi:
       mid = (lo + hi) // 2
