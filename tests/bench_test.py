@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,10 +33,19 @@ def _result(proc) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_checkpoint_bench_prints_one_json_line():
-  result = _result(_bench("checkpoint", TINY))
+def test_checkpoint_bench_prints_one_json_line_and_leaves_a_runs_checkpoints_alone(
+  trained_tiny, tmp_path
+):
+  """--workdir picks the disk; a run there keeps its checkpoints (it once lost one to
+  keep-N, replaced by the bench's random step 0)."""
+  run = tmp_path / "run"
+  shutil.copytree(trained_tiny, run)
+  files = lambda: {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+  before = files()
+  result = _result(_bench("checkpoint", TINY, f"--workdir={run}"))
   assert result["bench"] == "checkpoint" and result["bytes"] > 0
   assert result["save_total_s"] >= result["save_blocking_s"] > 0 and result["restore_s"] > 0
+  assert files() == before and len(list(run.iterdir())) == len({p.parts[0] for p in before})
 
 
 def test_bench_without_a_name_is_a_one_line_error():

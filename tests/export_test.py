@@ -1,13 +1,13 @@
 """--mode=export's target: never a run (its own workdir included) nor another run's export,
-and an export is not exported again. (What an export holds and how it loads: checkpoint_test
-and quantize_test.)"""
+and an export is not exported again; a finished run's record is kept. (What an export holds
+and how it loads: checkpoint_test and quantize_test.)"""
 
 import shutil
 
 import pytest
 from conftest import tiny_config
 
-from gptjax import bench, export, loop
+from gptjax import export, loop
 from gptjax.errors import UserError
 
 pytestmark = pytest.mark.slow  # restores a trained run's checkpoint
@@ -36,16 +36,6 @@ def test_an_export_never_writes_over_a_run_or_another_runs_export(trained_tiny, 
     export.export(str(b), out, warn=quiet)
   with pytest.raises(UserError, match=f"is an export, not a run; export from the run's workdir: --workdir={a}$"):  # fmt: skip
     export.export(out, warn=quiet, weights="int8")
-
-
-def test_bench_checkpoint_leaves_a_runs_checkpoints_alone(trained_tiny, tmp_path):
-  run = tmp_path / "run"
-  shutil.copytree(trained_tiny, run)
-  before = _files(run)
-  config = tiny_config(model__vocab_size=66)
-  result = bench.bench_checkpoint(config, str(run))
-  assert result["bytes"] > 0 and _files(run) == before  # nothing pruned, added or left behind
-  assert sorted(p.name for p in run.iterdir()) == sorted({p.parts[0] for p in before})
 
 
 def test_a_finished_run_rerun_keeps_the_config_it_was_trained_with(trained_tiny, tmp_path):
