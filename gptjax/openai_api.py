@@ -1,7 +1,9 @@
 """The OpenAI API's shapes for serve.py: request bodies, checked as they parse (a field we
-cannot honour is a 400 naming it, never silently ignored), and answers, logprobs and errors
-as OpenAI's clients read them."""
+cannot honour is a 400 naming it, never silently ignored), and answers (whole or streamed,
+from the scheduler's events: Reply), logprobs and errors as OpenAI's clients read them."""
 
+import asyncio
+import json
 import time
 import uuid
 from typing import Literal
@@ -210,6 +212,110 @@ async def invalid(request, exc) -> responses.JSONResponse:
 async def http_error(request, exc) -> responses.JSONResponse:
   """FastAPI's own answers (404 no such path, 405 wrong method) in OpenAI's error shape."""
   return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+
+class Reply:
+  """One request's answer, whole or streamed, from the events of its n choices."""
+
+  def __init__(self, tok, name: str, requests, ids, echo_text: str, scored, k: int, chat: bool):
+    self.tok, self.name, self.requests, self.ids = tok, name, requests, ids
+    self.echo_text, self.scored, self.k, self.chat = echo_text, scored, k, chat
+
+  def _logprobs(self, tokens, lps, tops, offset: int = 0, prompt: bool = False):
+    if self.k < 0:
+      return None
+    if self.chat:
+      return chat_logprobs(self.tok, tokens, lps, tops)
+    if prompt and self.scored is not None:  # echo: the prompt's own logprobs first
+      p_lps, p_tops = scored_lists(self.scored, self.k)
+      tokens, lps, tops = self.ids + tokens, p_lps + lps, p_tops + tops
+    return completion_logprobs(self.tok, tokens, lps, tops, self.k, offset)
+
+  def _generated(self) -> int:
+    return sum(r.generated for r in self.requests)
+
+  async def collect(self, events, http):
+    n = len(self.requests)
+    texts, reasons = [self.echo_text] * n, [None] * n
+    made = [([], [], []) for _ in range(n)]  # tokens, logprobs, tops
+    check_at = time.monotonic()
+    while None in reasons:
+      try:
+        i, kind, *rest = await asyncio.wait_for(events.get(), 0.25)
+        if kind == "text":
+          texts[i] += rest[0]
+          for have, new in zip(made[i], rest[1:]):
+            have += new
+        else:
+          reasons[i] = rest[0]
+      except TimeoutError:
+        pass
+      if time.monotonic() >= check_at:  # a client that left frees its slots within a chunk
+        check_at = time.monotonic() + 0.25
+        if await http.is_disconnected():
+          for request in self.requests:
+            request.cancelled.set()
+          return responses.Response(status_code=499)
+    for reason in reasons:
+      if reason not in ("stop", "length"):
+        return error(*_failure(reason))
+    choices = [
+      choice(i, texts[i], reasons[i], self._logprobs(*made[i], prompt=True), self.chat)
+      for i in range(n)
+    ]
+    return answer(self.name, choices, len(self.ids), self._generated(), self.chat)
+
+  async def stream(self, events, include_usage: bool):
+    kind_name = "chat.completion.chunk" if self.chat else "text_completion"
+    ident = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def chunk(i, piece=None, reason=None, logprobs=None, role=False):
+      if self.chat:
+        delta = {"role": "assistant", "content": ""} if role else {}
+        if piece is not None:
+          delta["content"] = piece
+        choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
+      else:
+        choice = {"index": i, "text": piece or "", "finish_reason": reason, "logprobs": logprobs}
+      return data({"choices": [choice]})
+
+    def data(fields):
+      body = {"id": ident, "object": kind_name, "created": created, "model": self.name}
+      return f"data: {json.dumps({**body, **fields})}\n\n"
+
+    try:
+      offsets = [len(self.echo_text)] * len(self.requests)
+      for i in range(len(self.requests)):
+        if self.chat:
+          yield chunk(i, role=True)
+        elif self.echo_text:
+          yield chunk(i, self.echo_text, logprobs=self._logprobs([], [], [], prompt=True))
+      open_ = set(range(len(self.requests)))
+      while open_:
+        i, kind, *rest = await events.get()
+        if kind == "text":
+          if rest[0] or rest[1]:
+            yield chunk(i, rest[0], logprobs=self._logprobs(*rest[1:], offset=offsets[i]))
+          offsets[i] += len(rest[0])
+        elif rest[0] in ("stop", "length"):
+          open_.discard(i)
+          yield chunk(i, reason=rest[0])
+        else:  # OpenAI's clients raise on an error event
+          yield data(error_body(*_failure(rest[0])))
+          break
+      if include_usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
+        yield data({"choices": [], "usage": usage(len(self.ids), self._generated())})
+      yield "data: [DONE]\n\n"
+    finally:  # the client left (or the stream ended): free the slots at the next chunk
+      for request in self.requests:
+        request.cancelled.set()
+
+
+def _failure(reason: str) -> tuple[int, str]:
+  if reason == "abort":  # the client is here, so the server stopped
+    return 503, "the server stopped before this request finished; retry"
+  return 500, reason.removeprefix("error: ")
 
 
 def _named(tok, top: dict) -> dict:

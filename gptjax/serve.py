@@ -18,10 +18,8 @@ stops admitting, finishes what runs and exits 0.
 """
 
 import asyncio
-import json
 import signal
 import sys
-import time
 import uuid
 
 import fastapi
@@ -73,17 +71,12 @@ _NAMES = ("User", "Assistant")  # the speakers' names, in templates that name th
 
 
 class Server:
+  """names=None: no chat (random weights, whose 'tokenizer' reads token ids only)."""
+
   def __init__(self, loaded, name: str, slots: int, chunk: int, queue: int, names=_NAMES):
     self.loaded, self.name, self.tok = loaded, name, loaded.tokenizer
     self.block = loaded.model.cfg.block_size
-    self.template = chat_template.load(loaded.config.data.chat_template).with_names(*names)
-    try:  # the template's own text (speaker names included): checked once, here
-      self.template.prompt([{"role": "user", "content": ""}], self.tok)
-    except tokenizer_lib.UnknownCharacter as e:
-      raise UserError(
-        f"{e.problem}, but chat template {self.template.name} writes it around turns: use a "
-        "--user_name and --assistant_name this model can read"
-      ) from None
+    self.template = names and _chat_template(loaded, names)
     stop = [self.tok.eot_id] if self.tok.eot_id >= 0 else []
     eng = engine_lib.Engine(loaded.model, loaded.params, slots, stop_tokens=stop, chunk=chunk)
     # Dozens of programs: minutes for GPT-2 on a CPU the first time, seconds from the cache.
@@ -139,6 +132,8 @@ class Server:
     return await self._respond(body, http, ids, max_new, text if body.echo else "", k)
 
   async def chat(self, body: api.ChatRequest, http: fastapi.Request):
+    if not self.template:
+      return api.error(400, "a server with --random_weights completes token ids; it has no chat")
     messages = [m.as_dict() for m in body.messages]
     try:
       ids = self.template.prompt(messages, self.tok).tolist()
@@ -227,7 +222,8 @@ class Server:
       for request in requests:
         request.cancelled.set()
       return api.error(429, f"server busy: {e}; retry later")
-    reply = Reply(self, requests, ids, echo_text, scored, k, isinstance(body, api.ChatRequest))
+    chat = isinstance(body, api.ChatRequest)
+    reply = api.Reply(self.tok, self.name, requests, ids, echo_text, scored, k, chat)
     if body.stream:
       usage = bool((body.stream_options or {}).get("include_usage"))
       return responses.StreamingResponse(
@@ -236,108 +232,17 @@ class Server:
     return await reply.collect(events, http)
 
 
-class Reply:
-  """One request's answer, whole or streamed, from the events of its n choices."""
-
-  def __init__(self, server: Server, requests, ids, echo_text: str, scored, k: int, chat: bool):
-    self.server, self.tok, self.requests, self.ids = server, server.tok, requests, ids
-    self.echo_text, self.scored, self.k, self.chat = echo_text, scored, k, chat
-
-  def _logprobs(self, tokens, lps, tops, offset: int = 0, prompt: bool = False):
-    if self.k < 0:
-      return None
-    if self.chat:
-      return api.chat_logprobs(self.tok, tokens, lps, tops)
-    if prompt and self.scored is not None:  # echo: the prompt's own logprobs first
-      p_lps, p_tops = api.scored_lists(self.scored, self.k)
-      tokens, lps, tops = self.ids + tokens, p_lps + lps, p_tops + tops
-    return api.completion_logprobs(self.tok, tokens, lps, tops, self.k, offset)
-
-  def _generated(self) -> int:
-    return sum(r.generated for r in self.requests)
-
-  async def collect(self, events, http):
-    n = len(self.requests)
-    texts, reasons = [self.echo_text] * n, [None] * n
-    made = [([], [], []) for _ in range(n)]  # tokens, logprobs, tops
-    check_at = time.monotonic()
-    while None in reasons:
-      try:
-        i, kind, *rest = await asyncio.wait_for(events.get(), 0.25)
-        if kind == "text":
-          texts[i] += rest[0]
-          for have, new in zip(made[i], rest[1:]):
-            have += new
-        else:
-          reasons[i] = rest[0]
-      except TimeoutError:
-        pass
-      if time.monotonic() >= check_at:  # a client that left frees its slots within a chunk
-        check_at = time.monotonic() + 0.25
-        if await http.is_disconnected():
-          for request in self.requests:
-            request.cancelled.set()
-          return responses.Response(status_code=499)
-    for reason in reasons:
-      if reason not in ("stop", "length"):
-        return api.error(*_failure(reason))
-    choices = [
-      api.choice(i, texts[i], reasons[i], self._logprobs(*made[i], prompt=True), self.chat)
-      for i in range(n)
-    ]
-    return api.answer(self.server.name, choices, len(self.ids), self._generated(), self.chat)
-
-  async def stream(self, events, usage: bool):
-    kind_name = "chat.completion.chunk" if self.chat else "text_completion"
-    ident = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
-    created = int(time.time())
-
-    def chunk(i, piece=None, reason=None, logprobs=None, role=False):
-      if self.chat:
-        delta = {"role": "assistant", "content": ""} if role else {}
-        if piece is not None:
-          delta["content"] = piece
-        choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
-      else:
-        choice = {"index": i, "text": piece or "", "finish_reason": reason, "logprobs": logprobs}
-      return data({"choices": [choice]})
-
-    def data(fields):
-      body = {"id": ident, "object": kind_name, "created": created, "model": self.server.name}
-      return f"data: {json.dumps({**body, **fields})}\n\n"
-
-    try:
-      offsets = [len(self.echo_text)] * len(self.requests)
-      for i in range(len(self.requests)):
-        if self.chat:
-          yield chunk(i, role=True)
-        elif self.echo_text:
-          yield chunk(i, self.echo_text, logprobs=self._logprobs([], [], [], prompt=True))
-      open_ = set(range(len(self.requests)))
-      while open_:
-        i, kind, *rest = await events.get()
-        if kind == "text":
-          if rest[0] or rest[1]:
-            yield chunk(i, rest[0], logprobs=self._logprobs(*rest[1:], offset=offsets[i]))
-          offsets[i] += len(rest[0])
-        elif rest[0] in ("stop", "length"):
-          open_.discard(i)
-          yield chunk(i, reason=rest[0])
-        else:  # OpenAI's clients raise on an error event
-          yield data(api.error_body(*_failure(rest[0])))
-          break
-      if usage:  # OpenAI's stream_options.include_usage: a last chunk with no choices
-        yield data({"choices": [], "usage": api.usage(len(self.ids), self._generated())})
-      yield "data: [DONE]\n\n"
-    finally:  # the client left (or the stream ended): free the slots at the next chunk
-      for request in self.requests:
-        request.cancelled.set()
-
-
-def _failure(reason: str) -> tuple[int, str]:
-  if reason == "abort":  # the client is here, so the server stopped
-    return 503, "the server stopped before this request finished; retry"
-  return 500, reason.removeprefix("error: ")
+def _chat_template(loaded, names) -> chat_template.ChatTemplate:
+  """The run's template with the speakers named; its own text checked once, here."""
+  template = chat_template.load(loaded.config.data.chat_template).with_names(*names)
+  try:
+    template.prompt([{"role": "user", "content": ""}], loaded.tokenizer)
+  except tokenizer_lib.UnknownCharacter as e:
+    raise UserError(
+      f"{e.problem}, but chat template {template.name} writes it around turns: use a "
+      "--user_name and --assistant_name this model can read"
+    ) from None
+  return template
 
 
 def _seed(seed: int | None, i: int) -> int:
@@ -363,7 +268,7 @@ def main(argv) -> None:
     loaded = inference.load(_WORKDIR.value, _CONFIG.value)
     name = _NAME.value or _WORKDIR.value.rstrip("/").split("/")[-1]
   loaded = inference.quantized(loaded, quantize.Quant(_QUANTIZE.value, _KV_QUANT.value))
-  names = (_USER.value, _ASSISTANT.value)
+  names = None if _RANDOM.value else (_USER.value, _ASSISTANT.value)
   server = Server(loaded, name, _SLOTS.value, _CHUNK.value, _MAX_QUEUE.value, names)
   print(
     f"serving {loaded.where} as {name!r} on http://{_HOST.value}:{_PORT.value}/v1 "

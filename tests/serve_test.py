@@ -245,16 +245,14 @@ def test_token_ids_seeds_and_the_newer_chat_fields(server):
 def test_a_client_that_leaves_a_whole_answer_frees_its_slots_while_text_flows():
   """The disconnect is checked every 0.25 s even while events keep coming (a busy engine
   makes them faster than that), not only when they pause."""
-  from types import SimpleNamespace
-
-  from gptjax import serve
+  from gptjax import openai_api
 
   class Gone:
     async def is_disconnected(self):
       return True
 
   requests = [scheduler.Request([1], 30)]
-  reply = serve.Reply(SimpleNamespace(tok=None, name="x"), requests, [1], "", None, -1, False)
+  reply = openai_api.Reply(None, "x", requests, [1], "", None, -1, False)
 
   async def run():
     events = asyncio.Queue()
