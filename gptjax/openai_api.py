@@ -289,7 +289,7 @@ class Reply:
       for i in range(len(self.requests)):
         if self.chat:
           yield chunk(i, role=True)
-        elif self.echo_text:
+        elif self.echo_text or self.scored is not None:  # echo: the prompt, and its logprobs
           yield chunk(i, self.echo_text, logprobs=self._logprobs([], [], [], prompt=True))
       open_ = set(range(len(self.requests)))
       while open_:

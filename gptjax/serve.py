@@ -129,7 +129,7 @@ class Server:
     if max_new == 0 and not body.echo:
       return api.error(400, "max_tokens=0 generates nothing; give max_tokens >= 1 (or echo)")
     k = -1 if body.logprobs is None else body.logprobs
-    return await self._respond(body, http, ids, max_new, text if body.echo else "", k)
+    return await self._respond(body, http, ids, max_new, text if body.echo else None, k)
 
   async def chat(self, body: api.ChatRequest, http: fastapi.Request):
     if not self.template:
@@ -150,7 +150,7 @@ class Server:
       )
     max_new = max_new or self.block - len(ids)
     body.stop = [*body.stops(), self.template.end_of_turn]
-    return await self._respond(body, http, ids, max_new, "", body.alternatives())
+    return await self._respond(body, http, ids, max_new, None, body.alternatives())
 
   def _encode(self, text: str):
     try:
@@ -171,7 +171,8 @@ class Server:
       return api.error(400, "prompt: empty, and this model has no end-of-text token to start from")
     return ids or [self.tok.eot_id]
 
-  async def _respond(self, body, http, ids: list[int], max_new: int, echo_text: str, k: int):
+  async def _respond(self, body, http, ids: list[int], max_new: int, echo_text, k: int):
+    """echo_text: the prompt's text to echo (None: no echo; "" echoes an empty prompt)."""
     if body.model is not None and body.model != self.name:
       return self._unknown(body.model)
     if len(ids) + max_new > self.block:
@@ -187,7 +188,7 @@ class Server:
         f"n={body.n} is more than this server queues (--max_queue={self.sched.waiting.maxsize})",
       )
     scored = None
-    if echo_text and k >= 0:
+    if echo_text is not None and k >= 0:
       try:
         scored = await asyncio.to_thread(self.sched.score, ids)
       except Exception as e:  # the prompt was checked: this is the server's fault
@@ -223,7 +224,7 @@ class Server:
         request.cancelled.set()
       return api.error(429, f"server busy: {e}; retry later")
     chat = isinstance(body, api.ChatRequest)
-    reply = api.Reply(self.tok, self.name, requests, ids, echo_text, scored, k, chat)
+    reply = api.Reply(self.tok, self.name, requests, ids, echo_text or "", scored, k, chat)
     if body.stream:
       usage = bool((body.stream_options or {}).get("include_usage"))
       return responses.StreamingResponse(

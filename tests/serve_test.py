@@ -165,6 +165,9 @@ def test_logprobs_and_echo_score_the_prompt(server):
   lp = answer["choices"][0]["logprobs"]
   assert answer["choices"][0]["text"] == "ROMEO:" and lp["tokens"] == list("ROMEO:")
   assert lp["token_logprobs"][0] is None and all(v < 0 for v in lp["token_logprobs"][1:])
+  empty = _complete(server, prompt="", max_tokens=0, echo=True, logprobs=1).json()["choices"][0]
+  assert empty["text"] == "" and len(empty["logprobs"]["tokens"]) == 1  # end of text, scored
+  assert len(empty["logprobs"]["token_logprobs"]) == 1
   made = _complete(server, prompt="ROMEO:", max_tokens=4, temperature=0, logprobs=2).json()
   lp = made["choices"][0]["logprobs"]
   assert len(lp["token_logprobs"]) == 4 and all(len(t) == 2 for t in lp["top_logprobs"])
