@@ -248,7 +248,7 @@ class Reply:
             have += new
         else:
           reasons[i] = rest[0]
-      except TimeoutError:
+      except asyncio.TimeoutError:  # not the builtin one before Python 3.11
         pass
       if time.monotonic() >= check_at:  # a client that left frees its slots within a chunk
         check_at = time.monotonic() + 0.25
