@@ -10,7 +10,8 @@ Loss, with its standard error (scores.loss_summary), on either kind of data:
         so every token after the first is scored once with as much context as the stride
         leaves. The error is over windows.
 On task data the first --eval_records replies are also generated (greedy unless a
-temperature is given) and scored against the references with BLEU, chrF and ROUGE.
+temperature is given), each as if alone (offline.complete: the batch size changes the speed,
+never a reply), and scored against the references with BLEU, chrF and ROUGE.
 EVAL_DIR gets scores.json and predictions.jsonl, each written whole (tmp + rename).
 """
 
@@ -24,7 +25,9 @@ from gptjax import (
   chat_template,
   data,
   decode,
+  engine,
   inference,
+  offline,
   packing,
   quantize,
   scores,
@@ -43,7 +46,7 @@ class Options:
   eval_dir: str | None = None  # None: WORKDIR/eval
   stride: int | None = None  # text: None is block_size // 2
   records: int = 100  # replies to generate (0: all)
-  batch: int = 16  # rows per forward, prompts per generate call
+  batch: int = 16  # rows per forward, replies generated at once (engine slots)
   generate: bool = True
   max_new: int | None = None  # None: twice the longest reference, at most the context
   sampling: decode.Sampling = decode.Sampling(temperature=0.0)
@@ -281,25 +284,22 @@ def generate(loaded: inference.Loaded, template, conversations, options: Options
   longest = max(len(chat_template.encode_text(tok, r)) for r in references)
   max_new = options.max_new or min(block, max(1, 2 * longest))
   end = template.end_of_turn
-  stops = [chat_template.encode_text(tok, end)] if end != EOT else []
-  decoder = decode.Decoder(loaded.model, loaded.params, [tok.eot_id], stops)
-  rows, predictions = [], []
-  for i in range(0, len(prompts), options.batch):
-    outs, reasons = decode.complete(
-      decoder, prompts[i : i + options.batch], max_new, options.sampling, options.seed + i
-    )
-    for j, (ids, reason) in enumerate(zip(outs, reasons)):
-      ids = ids[: ids.index(tok.eot_id)] if tok.eot_id in ids else ids
-      text = tok.decode(ids).split(end)[0].strip()
-      predictions.append(text)
-      rows.append(
-        {
-          "prompt": template.render(usable[i + j][:-1], add_generation_prompt=True),
-          "reference": references[i + j],
-          "prediction": text,
-          "finish": reason,
-        }
-      )
+  # Each reply is generated as if alone (offline.complete): the same whatever --eval_batch.
+  eng = engine.Engine(loaded.model, loaded.params, options.batch, stop_tokens=[tok.eot_id])
+  stops = (end,) if end != EOT else ()
+  texts, reasons = offline.complete(
+    eng, tok, prompts, max_new, options.sampling, options.seed, stops
+  )
+  predictions = [t.strip() for t in texts]
+  rows = [
+    {
+      "prompt": template.render(m[:-1], add_generation_prompt=True),
+      "reference": reference,
+      "prediction": text,
+      "finish": reason,
+    }
+    for m, reference, text, reason in zip(usable, references, predictions, reasons)
+  ]
   settings = dataclasses.asdict(options.sampling)
   settings.update(seed=options.seed, max_new_tokens=max_new)
   out = scores.text_scores(predictions, references)

@@ -102,7 +102,7 @@ _EVAL_RECORDS = flags.DEFINE_integer(
   "eval_records", 100, "--mode=evaluate: records to generate replies for, from the first (0: all)."
 )
 _EVAL_BATCH = flags.DEFINE_integer(
-  "eval_batch", 16, "--mode=evaluate: rows per forward pass and prompts per generate call."
+  "eval_batch", 16, "--mode=evaluate: rows per forward pass, and replies generated at once."
 )
 _EVAL_GENERATE = flags.DEFINE_bool(
   "eval_generate",

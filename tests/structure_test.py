@@ -266,6 +266,7 @@ LAYERS = [
   "chat",
   "export",
   "evaluation",
+  "offline",
   "serve_bench",
   "inference",
   "openai_api",
