@@ -8,7 +8,8 @@ DIR/<variant>/train.log. Finished variants (summary.json at num_steps) are skipp
 interrupted ones resume from their newest checkpoint, so rerunning a sweep finishes it.
 
   --variant=NAME       run only that variant
-  --print_commands     print one launch command per variant instead (for a cluster or pod)
+  --print_commands     print one launch command per variant instead (for a cluster or pod);
+                       sweep.json is still written, so the report can read the runs
   --config.a.b=value   applies to every variant (a variant's own value wins)
 """
 
@@ -269,7 +270,9 @@ def _define_flags() -> None:
   )
   flags.DEFINE_string("workdir", None, "The sweep's directory (a subdirectory per variant).")
   flags.DEFINE_string("variant", None, "Run only this variant.")
-  flags.DEFINE_bool("print_commands", False, "Print the launch commands, run nothing.")
+  flags.DEFINE_bool(
+    "print_commands", False, "Print the launch commands and write sweep.json; train nothing."
+  )
 
 
 def main(argv) -> None:
