@@ -9,11 +9,13 @@ keeps its traceback.
 
 import ast
 import os
+import signal
 import sys
 from collections.abc import Callable
 
 from absl import app, flags, logging
 
+import gptjax
 from gptjax import workdir
 from gptjax.errors import OUT_OF_MEMORY_FIX, UserError
 
@@ -29,6 +31,8 @@ def run(main: Callable, program: str, check: Callable[[], None] | None = None) -
   parsed (a program's own rules about which flags go together) and may raise UserError."""
 
   def guarded(argv):
+    if signal.getsignal(signal.SIGINT) is gptjax._interrupted_while_starting:
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # started: KeyboardInterrupt
     try:
       main(argv)
     except UserError as e:

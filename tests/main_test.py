@@ -3,9 +3,13 @@
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from conftest import one_line_error, run_cli, tiny_config
+from conftest import REPO, one_line_error, run_cli, tiny_config
 
 from gptjax import cli, loop
 from gptjax.errors import UserError
@@ -171,3 +175,23 @@ def test_a_flag_the_mode_does_not_read_is_refused_not_ignored(tmp_path, args, fr
   proc = run_cli(f"--workdir={tmp_path}", *args)
   assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
   assert fragment in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program", ["gptjax.main", "gptjax.serve"])
+def test_ctrl_c_while_the_program_imports_is_one_line(program, tmp_path):
+  """The first seconds of a run import JAX (and a C extension interrupted mid-import used to
+  surface as an ImportError traceback): Ctrl-C there ends the run with one line, as SIGINT."""
+  proc = subprocess.Popen(
+    [sys.executable, "-m", program, TINY, f"--workdir={tmp_path}/w"],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  time.sleep(0.3)  # JAX alone takes over a second to import
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  name = "gptjax" if program == "gptjax.main" else program
+  assert (proc.returncode, err) == (-signal.SIGINT, f"{name}: interrupted while starting\n")
+  assert not os.path.exists(tmp_path / "w")
