@@ -136,6 +136,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Saves every config.checkpoint.every steps, at the end, and on SIGTERM/SIGINT (then returns
   with summary["preempted_at"] set). A non-finite loss stops the run before any save.
   """
+  if (saved := _newest_saved(workdir)) is not None:  # before data and compiling (minutes)
+    data_lib.position_changes(saved.get("data", {}), config, workdir)  # other data: refused
+    summary = storage.join(workdir, "summary.json")
+    step = saved.get("step", 0)
+    if step >= config.train.num_steps and storage.exists(summary):
+      if storage.read_json(summary).get("steps") == step:  # it finished right there
+        return _nothing_to_do(config, workdir, step)
   with runtime.interrupt_kills():  # Ctrl-C while compiling: no state yet, stop at once
     s, data, lock = prepare(config, workdir, lock=True)
   previous_hint = runtime.resume_hint  # what a lost peer's message says; restored below
@@ -159,6 +166,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     runtime.resume_hint = previous_hint
     if lock:
       lock.release()
+
+
+def _newest_saved(workdir: str) -> dict | None:
+  """The newest whole checkpoint's meta, read as plain JSON (no JAX, no orbax); None when
+  there is none or it does not read: restore_or_init decides then, as for every run."""
+  directory = storage.join(workdir, checkpoint.CHECKPOINTS)
+  try:
+    step = max((int(n) for n in storage.listdir(directory) if n.isdigit()), default=None)
+    whole = storage.join(directory, str(step), checkpoint.COMMIT_MARKER)
+    if step is None or (storage.is_url(directory) and not storage.exists(whole)):
+      return None
+    return storage.read_json(storage.join(directory, str(step), "meta", "metadata"))
+  except Exception:  # a pre-check only: the restore reports what is wrong
+    return None
 
 
 def _nothing_to_do(config, workdir: str, step: int) -> dict:
