@@ -137,10 +137,10 @@ def test_data_and_a_bpe_tokenizer_read_from_gs(gcs, tmp_path):
     f"--config.data.path=gs://{BUCKET}/corpus/*.txt",
     "--config.data.tokenizer=bpe",
     f"--config.data.tokenizer_path=gs://{BUCKET}/tok",
-    "--config.train.num_steps=5",
   ]
-  for host in ("a", "b"):
-    proc = run_cli(*args, f"--config.data.cache_dir={tmp_path}/{host}", env=_env(gcs))
+  for host, steps in (("a", 5), ("b", 6)):  # b resumes for a step: a finished run needs no data
+    cache, steps = f"--config.data.cache_dir={tmp_path}/{host}", f"--config.train.num_steps={steps}"
+    proc = run_cli(*args, cache, steps, env=_env(gcs))
     assert proc.returncode == 0, proc.stderr[-3000:]
   assert {"bpe/data/train.bin", "bpe/tokenizer.json"} <= set(gcs.names("bpe/"))
   local = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "b") for f in fs]
