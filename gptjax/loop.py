@@ -136,13 +136,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Saves every config.checkpoint.every steps, at the end, and on SIGTERM/SIGINT (then returns
   with summary["preempted_at"] set). A non-finite loss stops the run before any save.
   """
-  if (saved := _newest_saved(workdir)) is not None:  # before data and compiling (minutes)
-    data_lib.position_changes(saved.get("data", {}), config, workdir)  # other data: refused
-    summary = storage.join(workdir, "summary.json")
-    step = saved.get("step", 0)
-    if step >= config.train.num_steps and storage.exists(summary):
-      if storage.read_json(summary).get("steps") == step:  # it finished right there
-        return _nothing_to_do(config, workdir, step)
+  # Other data is refused before the data is read and the steps compiled (minutes). (A
+  # finished run is not: its newest checkpoint may not restore, and then it trains on.)
+  if (saved := _newest_saved(workdir)) is not None:
+    data_lib.position_changes(saved.get("data", {}), config, workdir)
   with runtime.interrupt_kills():  # Ctrl-C while compiling: no state yet, stop at once
     s, data, lock = prepare(config, workdir, lock=True)
   previous_hint = runtime.resume_hint  # what a lost peer's message says; restored below

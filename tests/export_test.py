@@ -1,6 +1,6 @@
 """--mode=export's target: never a run (its own workdir included) nor another run's export,
-and an export is not exported again; a finished run's record is kept, and a rerun of it is
-answered before anything is prepared. (What an export holds and how it loads:
+and an export is not exported again; a finished run's record is kept, and a resume onto
+other data is refused before anything is prepared. (What an export holds and how it loads:
 checkpoint_test and quantize_test.)"""
 
 import shutil
@@ -47,11 +47,11 @@ def test_a_finished_run_rerun_keeps_the_config_it_was_trained_with(trained_tiny,
   assert summary["steps"] == 30 and (run / "config.json").read_text() == trained
 
 
-def test_a_finished_run_or_other_data_is_answered_before_preparing_anything(
-  trained_tiny, tmp_path, monkeypatch, capsys
+def test_a_resume_onto_other_data_is_refused_before_preparing_anything(
+  trained_tiny, tmp_path, monkeypatch
 ):
-  """A restart loop re-running a finished job, or a resume onto other data, is answered from
-  the newest checkpoint's meta: no data preparation, no compile (minutes for a large model)."""
+  """From the newest checkpoint's meta: no data preparation, no compile (minutes for a large
+  model). A run without a readable checkpoint takes the full path."""
   run = tmp_path / "run"
   shutil.copytree(trained_tiny, run)
 
@@ -59,11 +59,10 @@ def test_a_finished_run_or_other_data_is_answered_before_preparing_anything(
     raise AssertionError("prepared")
 
   monkeypatch.setattr(loop, "prepare", prepare)
-  assert loop.train_and_evaluate(tiny_config(train__num_steps=30), str(run))["steps"] == 30
-  assert "nothing to do" in capsys.readouterr().out
   task = tiny_config(train__num_steps=40, data__source="task", data__path="chats.jsonl")
   with pytest.raises(UserError, match="holds a run trained on other data"):
     loop.train_and_evaluate(task, str(run))
-  (run / "summary.json").unlink()  # a run killed before its summary: the full path decides
+  for step in (run / "checkpoints").iterdir():
+    (step / "meta" / "metadata").write_text("{")  # cut short: restore_or_init decides
   with pytest.raises(AssertionError, match="prepared"):
-    loop.train_and_evaluate(tiny_config(train__num_steps=30), str(run))
+    loop.train_and_evaluate(task, str(run))

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 
 import pytest
@@ -126,12 +125,13 @@ def test_a_task_run_killed_and_rerun_gives_the_uninterrupted_metrics_bit_for_bit
 # --- Bad input: one line naming the file and line, and the workdir untouched ----------------
 
 
-@pytest.fixture(scope="module")
-def finished(trained_tiny, tmp_path_factory):
-  """A copy of a finished tiny run (trained_tiny is shared by other tests)."""
-  workdir = tmp_path_factory.mktemp("finished") / "w"
-  shutil.copytree(trained_tiny, workdir)
-  return workdir
+@pytest.fixture
+def workdir(tmp_path):
+  """A new run's workdir, holding only a file of the user's. (A workdir holding a run trained
+  on other data is refused before its data is read: test_a_run_never_resumes_onto_other_data.)"""
+  (tmp_path / "w").mkdir()
+  (tmp_path / "w" / "notes.txt").write_text("mine")
+  return tmp_path / "w"
 
 
 # Line 5 closes the for while the if is still open.
@@ -171,21 +171,21 @@ def _bad_input(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
-def test_bad_task_input_names_the_file_and_line(tmp_path, finished, case):
+def test_bad_task_input_names_the_file_and_line(tmp_path, workdir, case):
   overrides, named = _bad_input(tmp_path, case)
-  before = _snapshot(finished)
+  before = _snapshot(workdir)
   with pytest.raises(UserError, match=re.escape(f"{named}{BAD_INPUT[case][2]}")):  # FILE:3: ...
-    loop.train_and_evaluate(tiny_config(**overrides), str(finished))
-  assert _snapshot(finished) == before  # nothing in the finished run changed
+    loop.train_and_evaluate(tiny_config(**overrides), str(workdir))
+  assert _snapshot(workdir) == before  # nothing half-prepared left behind
 
 
 @pytest.mark.slow
-def test_bad_task_input_is_one_line_from_the_cli(tmp_path, finished):
+def test_bad_task_input_is_one_line_from_the_cli(tmp_path, workdir):
   overrides, named = _bad_input(tmp_path, "malformed")
   args = [f"--config.{k.replace('__', '.')}={v}" for k, v in overrides.items()]
-  before = _snapshot(finished)
-  one_line_error(run_cli(TINY, f"--workdir={finished}", *args, env=ONE_DEVICE), f"{named}:3:")
-  assert _snapshot(finished) == before
+  before = _snapshot(workdir)
+  one_line_error(run_cli(TINY, f"--workdir={workdir}", *args, env=ONE_DEVICE), f"{named}:3:")
+  assert _snapshot(workdir) == before
 
 
 # --- Fine-tuning from a gptjax run ------------------------------------------------------------
