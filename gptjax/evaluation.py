@@ -285,7 +285,8 @@ def generate(loaded: inference.Loaded, template, conversations, options: Options
   max_new = options.max_new or min(block, max(1, 2 * longest))
   end = template.end_of_turn
   # Each reply is generated as if alone (offline.complete): the same whatever --eval_batch.
-  eng = engine.Engine(loaded.model, loaded.params, options.batch, stop_tokens=[tok.eot_id])
+  slots = min(options.batch, len(prompts))  # a cache row each: no more than there are replies
+  eng = engine.Engine(loaded.model, loaded.params, slots, stop_tokens=[tok.eot_id])
   stops = (end,) if end != EOT else ()
   texts, reasons = offline.complete(
     eng, tok, prompts, max_new, options.sampling, options.seed, stops
