@@ -138,7 +138,7 @@ def test_data_and_a_bpe_tokenizer_read_from_gs(gcs, tmp_path):
     "--config.data.tokenizer=bpe",
     f"--config.data.tokenizer_path=gs://{BUCKET}/tok",
   ]
-  for host, steps in (("a", 5), ("b", 6)):  # b resumes for a step: a finished run needs no data
+  for host, steps in (("a", 5), ("b", 6)):  # b trains on from a's checkpoint, as a host would
     cache, steps = f"--config.data.cache_dir={tmp_path}/{host}", f"--config.train.num_steps={steps}"
     proc = run_cli(*args, cache, steps, env=_env(gcs))
     assert proc.returncode == 0, proc.stderr[-3000:]
