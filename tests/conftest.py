@@ -196,6 +196,18 @@ def one_line_error(proc, *fragments) -> str:
 
 
 @pytest.fixture(scope="session")
+def saved_safetensors(tmp_path_factory):
+  """(model, directory): a random transformers GPT-2 of hf_test's shape, saved as
+  model.safetensors, for hf_test's CLI tests and hf_faults_test."""
+  from hf_test import _hf_model  # torch and transformers: only in a worker that runs them
+
+  model = _hf_model()
+  path = tmp_path_factory.mktemp("hf_cli")
+  model.save_pretrained(path, safe_serialization=True)
+  return model, path
+
+
+@pytest.fixture(scope="session")
 def gcs():
   """A fake-gcs-server for this test session (worker) with gs://test-bucket, and its
   environment set in this process too (gcsfs and tensorstore read it at first use)."""

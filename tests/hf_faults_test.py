@@ -10,18 +10,10 @@ import pytest
 import torch
 import transformers
 from conftest import ONE_DEVICE, one_line_error, run_cli
-from hf_test import HEADS, SHAPE, VOCAB, D, _config, _hf_model
+from hf_test import HEADS, SHAPE, VOCAB, D, _config
 
 from gptjax import hf
 from gptjax.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def saved_safetensors(tmp_path_factory):
-  model = _hf_model()
-  path = tmp_path_factory.mktemp("hf_good")
-  model.save_pretrained(path, safe_serialization=True)
-  return model, path
 
 
 def _broken(kind, src, dst):

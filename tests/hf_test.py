@@ -72,15 +72,6 @@ def saved(request, tmp_path_factory):
   return model, path
 
 
-@pytest.fixture(scope="module")
-def saved_safetensors(tmp_path_factory):
-  """One saved model for the CLI tests (the file formats are covered by `saved`)."""
-  model = _hf_model()
-  path = tmp_path_factory.mktemp("hf_cli")
-  model.save_pretrained(path, safe_serialization=True)
-  return model, path
-
-
 def _hf_logits(model, tokens):
   with torch.no_grad():
     return model(torch.tensor(tokens)).logits.numpy()
