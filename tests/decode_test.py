@@ -29,16 +29,19 @@ def _model(positions="learned"):
 PROMPTS = [[5, 9, 2], [7, 1, 4, 4, 8, 30, 11], [3, 3, 12, 40, 1]]  # ragged
 
 
-def _greedy_by_recomputation(model, params, prompt, n):
-  """No cache: the whole sequence again for every token (right-padded to one shape: the
-  model is causal, so padding after position i never changes logits at i)."""
+def _greedy_by_recomputation(model, params, prompts, n):
+  """No cache: the whole sequence again for every token (right-padded to one shape, one
+  compile: the model is causal, so padding after position i never changes logits at i)."""
   apply = jax.jit(lambda t: model.apply({"params": params}, t))
-  seq = list(prompt)
-  for _ in range(n):
-    padded = np.zeros((1, model.cfg.block_size), np.int32)
-    padded[0, : len(seq)] = seq
-    seq.append(int(jnp.argmax(apply(padded)[0, len(seq) - 1, :VOCAB])))
-  return seq[len(prompt) :]
+  out = []
+  for prompt in prompts:
+    seq = list(prompt)
+    for _ in range(n):
+      padded = np.zeros((1, model.cfg.block_size), np.int32)
+      padded[0, : len(seq)] = seq
+      seq.append(int(jnp.argmax(apply(padded)[0, len(seq) - 1, :VOCAB])))
+    out.append(seq[len(prompt) :])
+  return out
 
 
 @pytest.mark.parametrize("positions", ["learned", "rope"])
@@ -48,8 +51,7 @@ def test_cached_greedy_equals_full_recomputation_for_ragged_prompts(positions):
   d = decode.Decoder(model, params)
   state, out, count = d.generate(d.prefill(tokens, start, 12), 12, decode.Sampling(0.0))
   assert list(np.asarray(count)) == [12, 12, 12]
-  for b, prompt in enumerate(PROMPTS):
-    assert list(np.asarray(out[b])) == _greedy_by_recomputation(model, params, prompt, 12)
+  assert np.asarray(out).tolist() == _greedy_by_recomputation(model, params, PROMPTS, 12)
   assert decode.finish_reasons(state) == ["length"] * 3  # the cache (P + 12 slots) is full
 
 
