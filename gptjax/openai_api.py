@@ -130,16 +130,17 @@ def completion_logprobs(tok, tokens, token_lps, tops, k: int, offset: int = 0) -
 
 
 def chat_logprobs(tok, tokens, token_lps, tops) -> dict:
-  """Chat's logprobs: per token its text, logprob, UTF-8 bytes and top alternatives."""
+  """Chat's logprobs: per token its text, logprob, raw bytes (a token holding part of a
+  character has that part: a client joins them) and top alternatives."""
 
-  def entry(text, value):
-    return {"token": text, "logprob": _finite(value), "bytes": list(text.encode())}
+  def entry(t, value):
+    return {"token": tok.decode([t]), "logprob": _finite(value), "bytes": list(tok.token_bytes(t))}
 
   content = []
   for i, (t, value) in enumerate(zip(tokens, token_lps)):
     alternatives = tops[i].items() if i < len(tops) else ()  # by id: texts may coincide
-    top = [entry(tok.decode([t]), v) for t, v in alternatives]
-    content.append({**entry(tok.decode([t]), value), "top_logprobs": top})
+    top = [entry(t, v) for t, v in alternatives]
+    content.append({**entry(t, value), "top_logprobs": top})
   return {"content": content}
 
 

@@ -61,6 +61,11 @@ class Tokenizer(abc.ABC):
     """encode for many texts (library tokenizers override it to run in parallel)."""
     return [self.encode(t) for t in texts]
 
+  def token_bytes(self, token: int) -> bytes:
+    """The raw bytes of one token (OpenAI's logprobs `bytes`): a token holding part of a
+    character has that part, which decode([token]) cannot show."""
+    return self.decode([token]).encode("utf-8")
+
 
 class CharTokenizer(Tokenizer):
   """One id per character seen in the training text; EOT is the last id."""
@@ -120,6 +125,9 @@ class ByteTokenizer(Tokenizer):
         run = bytearray()
     out.append(run.decode("utf-8", errors="replace"))
     return "".join(out)
+
+  def token_bytes(self, token):
+    return bytes([token]) if token < 256 else EOT.encode()
 
   def to_dict(self):
     return {"kind": self.kind}
@@ -195,10 +203,26 @@ class BPETokenizer(Tokenizer):
       return self._tt.decode(ids)
     return self._hf.decode(ids, skip_special_tokens=False)
 
+  def token_bytes(self, token):
+    if self.tiktoken_name:
+      return self._tt.decode_single_token_bytes(token)
+    byte_level = type(self._hf.decoder).__name__ == "ByteLevel"
+    if not byte_level or token in self._hf.get_added_tokens_decoder():  # special: its name
+      return super().token_bytes(token)
+    return bytes(_BYTE_OF[c] for c in self._hf.id_to_token(token))
+
   def to_dict(self):
     if self.tiktoken_name:
       return {"kind": self.kind, "tiktoken": self.tiktoken_name}
     return {"kind": self.kind, "tokenizer_json": self.hf_json}
+
+
+# Byte-level BPE (GPT-2's) writes each byte as a printable character: the printable Latin-1
+# bytes as themselves, the other 68 as U+0100 on, in byte order. Character -> byte:
+_PRINTABLE = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+_BYTE_OF = {chr(b): b for b in _PRINTABLE} | {
+  chr(0x100 + i): b for i, b in enumerate(b for b in range(256) if b not in _PRINTABLE)
+}
 
 
 def _tiktoken(name: str):
@@ -311,6 +335,14 @@ class SentencePieceTokenizer(Tokenizer):
 
   def decode(self, ids):
     return self._sp.decode(np.asarray(ids).tolist())
+
+  def token_bytes(self, token):
+    piece = self._sp.id_to_piece(token)
+    if self._sp.is_byte(token):  # byte fallback: <0xNN>
+      return bytes([int(piece[3:5], 16)])
+    if self._sp.is_control(token) or self._sp.is_unknown(token):
+      return super().token_bytes(token)
+    return piece.replace("\u2581", " ").encode("utf-8")  # its word-start mark is a space
 
   def to_dict(self):
     return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii")}

@@ -9,7 +9,7 @@ import pydantic
 import pytest
 
 from gptjax import openai_api as api
-from gptjax.tokenizer import CharTokenizer
+from gptjax.tokenizer import ByteTokenizer, CharTokenizer
 
 
 def _refusal(model, **body) -> str:
@@ -98,3 +98,6 @@ def test_logprobs_as_the_completions_and_chat_apis_give_them():
       }
     ]
   }
+  split = api.chat_logprobs(ByteTokenizer(), [0xC3, 0xA9], [-0.1, -0.2], [])  # "é", 2 tokens
+  assert [e["bytes"] for e in split["content"]] == [[0xC3], [0xA9]]  # joined: the character
+  assert bytes(sum((e["bytes"] for e in split["content"]), [])).decode() == "é"

@@ -33,6 +33,13 @@ def test_byte_round_trip(text):
   assert len(ids) == len(text.encode("utf-8")) and (ids < 256).all()
   assert tok.decode(ids) == text
   assert tok.decode(np.append(ids, tok.eot_id)) == text + tokenizer_lib.EOT
+  assert _joined_bytes(tok, np.append(ids, tok.eot_id)) == (text + tokenizer_lib.EOT).encode()
+
+
+def _joined_bytes(tok, ids) -> bytes:
+  """Every token's raw bytes, joined (as a client joins OpenAI logprobs' `bytes`): the text's
+  UTF-8 even where a character is split across tokens."""
+  return b"".join(tok.token_bytes(int(i)) for i in ids)
 
 
 @pytest.mark.parametrize(
@@ -95,6 +102,9 @@ def test_bpe_round_trip_from_tokenizer_json_and_from_vocab_merges(bpe_dir, text)
   assert a.vocab_size == b.vocab_size == 600 and a.eot_id == b.eot_id
   if "<|endoftext|>" in text:  # GPT-2: the literal string is the end-of-text id
     assert (ids == a.eot_id).sum() == 1
+  assert _joined_bytes(a, ids) == text.encode()
+  if any(ord(c) > 127 for c in text):  # some token holds part of a character
+    assert any("\ufffd" in a.decode([i]) for i in ids)
 
 
 def _bytes_to_unicode():
@@ -129,6 +139,7 @@ def test_tiktoken_path_gives_the_same_ids(bpe_dir, monkeypatch):
   for text in UNICODE:
     np.testing.assert_array_equal(tt.encode(text), hf.encode(text))
     assert tt.decode(tt.encode(text)) == text
+    assert _joined_bytes(tt, tt.encode(text)) == text.encode()
   assert tokenizer_lib.from_dict(tt.to_dict()).to_dict() == {"kind": "bpe", "tiktoken": "gpt2"}
 
 
@@ -137,6 +148,7 @@ def test_sentencepiece_train_and_round_trip(shakespeare, text):
   tok = tokenizer_lib.SentencePieceTokenizer.train([shakespeare], 500)
   ids = tok.encode(text)
   assert tok.vocab_size == 500 and tok.decode(ids) == text  # lossless, bytes as fallback
+  assert _joined_bytes(tok, ids) in (text.encode(), b" " + text.encode())  # its word-start mark
   assert tok.decode([tok.eot_id]) == tokenizer_lib.EOT
   again = tokenizer_lib.from_dict(json.loads(json.dumps(tok.to_dict())))
   np.testing.assert_array_equal(again.encode(text), ids)
