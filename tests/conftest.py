@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 
+import filelock
 import pytest
 
 # Eight simulated CPU devices for every test (and every CLI subprocess): meshes need them,
@@ -140,15 +141,21 @@ ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # fast s
 
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory):
-  """A workdir with the tiny model trained 30 steps on Shakespeare (for sample and chat)."""
-  workdir = tmp_path_factory.mktemp("trained")
-  proc = run_cli(
-    "--config=experiments/tiny.py",
-    f"--workdir={workdir}",
-    "--config.train.num_steps=30",
-    env=ONE_DEVICE,
-  )
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  """A workdir with the tiny model trained 30 steps on Shakespeare (for sample and chat),
+  trained once for all of a session's xdist workers: tests read it (or copy it to write)."""
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's base is popen-gwN in the session's
+    shared = shared.parent
+  workdir = shared / "trained_tiny"
+  with filelock.FileLock(str(shared / "trained_tiny.lock")):
+    if not (workdir / "summary.json").exists():
+      proc = run_cli(
+        "--config=experiments/tiny.py",
+        f"--workdir={workdir}",
+        "--config.train.num_steps=30",
+        env=ONE_DEVICE,
+      )
+      assert proc.returncode == 0, proc.stderr[-2000:]
   return workdir
 
 
