@@ -30,6 +30,7 @@ def _interrupted_while_starting(signum, frame) -> None:
   os.kill(os.getpid(), signum)
 
 
-# A program of ours, never a library user's process; an ignored SIGINT (nohup) stays ignored.
+# A program of ours, never a library user's process; an ignored SIGINT (`cmd &` in a script)
+# stays ignored.
 if _program() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
   signal.signal(signal.SIGINT, _interrupted_while_starting)

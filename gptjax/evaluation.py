@@ -11,7 +11,8 @@ Loss, with its standard error (scores.loss_summary), on either kind of data:
         leaves. The error is over windows.
 On task data the first --eval_records replies are also generated (greedy unless a
 temperature is given), each as if alone (offline.complete: the batch size changes the speed,
-never a reply), and scored against the references with BLEU, chrF and ROUGE.
+not the replies, but for float rounding), and scored against the references with BLEU, chrF
+and ROUGE.
 EVAL_DIR gets scores.json and predictions.jsonl, each written whole (tmp + rename).
 """
 

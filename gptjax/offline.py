@@ -6,7 +6,10 @@ moves for the whole batch at once; replies (and evaluation's BLEU and ROUGE) cha
 the batch size. Here each prompt is a row of the engine's slot cache at its own length, rows
 join as others finish, a row's random numbers depend on its own seed and index only, and a
 row that reaches the context's end with budget left goes on from its last half-context
-(nanoGPT's sliding window, as decode.complete does, but decided per row).
+(nanoGPT's sliding window, as decode.complete does, but decided per row). What remains is
+floating-point rounding: a step over 1 row and over 16 runs other matrix kernels (logprobs
+differ by ~1e-7 on a CPU), which only a near-tie between two tokens could turn into a
+different reply.
 """
 
 import collections
@@ -16,6 +19,7 @@ import numpy as np
 
 from gptjax import decode
 from gptjax import engine as engine_lib
+from gptjax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -38,6 +42,8 @@ def complete(
   """(text, finish reason) of up to max_new tokens after each prompt: cut before the first
   stop string ("stop_sequence"), at the engine's stop token ("stop_token"), else "length".
   Prompt i samples with a seed made from (seed, i), whatever the engine's slot count."""
+  if not all(len(p) for p in prompts):
+    raise UserError("every prompt needs at least one token")
   block, keep = eng.block, eng.block // 2
   waiting = collections.deque(_Row(i, list(p)) for i, p in enumerate(prompts))
   running: dict[int, _Row] = {}
@@ -48,7 +54,8 @@ def complete(
         row = running[slot] = waiting.popleft()
         context = (row.prompt + row.produced)[-(block - 1 if row.rounds == 0 else keep) :]
         budget = min(max_new - len(row.produced), block - len(context))
-        rng = int(np.random.SeedSequence([seed, row.index, row.rounds]).generate_state(1)[0])
+        entropy = [seed % 2**64, row.index, row.rounds]  # % 2**64: a negative seed too
+        rng = int(np.random.SeedSequence(entropy).generate_state(1)[0])
         eng.insert(slot, context, budget, sampling.temperature, sampling.top_k, sampling.top_p, rng)
         row.rounds += 1
     chunk = eng.generate()

@@ -209,7 +209,7 @@ class BPETokenizer(Tokenizer):
     byte_level = type(self._hf.decoder).__name__ == "ByteLevel"
     if not byte_level or token in self._hf.get_added_tokens_decoder():  # special: its name
       return super().token_bytes(token)
-    return bytes(_BYTE_OF[c] for c in self._hf.id_to_token(token))
+    return bytes(_BYTE_OF[c] for c in self._hf.id_to_token(token) or "")  # past the vocab: b""
 
   def to_dict(self):
     if self.tiktoken_name:

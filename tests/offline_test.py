@@ -4,6 +4,7 @@ past the context's end too, and stop strings cut it."""
 import pytest
 
 from gptjax import decode, engine, inference, offline
+from gptjax.errors import UserError
 
 # Slow tier: compiles an engine's programs and a decoder's (a few seconds each).
 pytestmark = pytest.mark.slow
@@ -52,6 +53,9 @@ def test_sampled_replies_do_not_depend_on_the_slot_count(loaded, engines):
   assert one == three
   assert len(set(one[0])) > 4  # the seed is per prompt: repeated prompts sample apart
   assert offline.complete(engines(3), tok, prompts, 40, hot, seed=8) != one
+  assert offline.complete(engines(3), tok, prompts[:1], 5, hot, seed=-1)  # as sample takes it
+  with pytest.raises(UserError, match="every prompt needs at least one token"):
+    offline.complete(engines(3), tok, [prompts[0], []], 5, hot)
 
 
 def test_a_stop_string_cuts_the_reply_even_across_a_slide(loaded, engines):

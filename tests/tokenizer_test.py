@@ -103,6 +103,7 @@ def test_bpe_round_trip_from_tokenizer_json_and_from_vocab_merges(bpe_dir, text)
   if "<|endoftext|>" in text:  # GPT-2: the literal string is the end-of-text id
     assert (ids == a.eot_id).sum() == 1
   assert _joined_bytes(a, ids) == text.encode()
+  assert a.token_bytes(a.vocab_size + 5) == b""  # a model's padded vocabulary past the tokenizer's
   if any(ord(c) > 127 for c in text):  # some token holds part of a character
     assert any("\ufffd" in a.decode([i]) for i in ids)
 
