@@ -44,6 +44,7 @@ def complete(
   Prompt i samples with a seed made from (seed, i), whatever the engine's slot count."""
   if not all(len(p) for p in prompts):
     raise UserError("every prompt needs at least one token")
+  stop = tuple(s for s in stop if s)  # "" would end every reply before it began
   block, keep = eng.block, eng.block // 2
   waiting = collections.deque(_Row(i, list(p)) for i, p in enumerate(prompts))
   running: dict[int, _Row] = {}
