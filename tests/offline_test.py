@@ -71,3 +71,4 @@ def test_a_stop_string_cuts_the_reply_even_across_a_slide(loaded, engines):
     hits = [whole.find(s) for s in stops if s in whole]
     assert (text, reason) == ((whole[: min(hits)], "stop_sequence") if hits else (whole, end))
   assert reasons.count("stop_sequence") >= 3
+  assert offline.complete(engines(3), tok, prompts, 45, greedy, stop=("", *stops)) == (cut, reasons)
