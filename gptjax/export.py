@@ -89,6 +89,8 @@ def _check_target(workdir: str, out_dir: str) -> None:
   marker = storage.join(out_dir, MARKER)
   inside = out_dir.startswith(workdir.rstrip("/") + "/")  # the run's own (even copied or moved)
   if storage.exists(marker):
+    if storage.read_json(marker).get("format") == "hf":
+      raise UserError(f"--export_dir={out_dir} holds a Hugging Face export; name another directory")
     source = storage.read_json(marker).get("from")
     if source != workdir and not inside:
       raise UserError(
@@ -115,10 +117,41 @@ def export_hf(workdir: str, out_dir: str | None = None) -> str:
   run = inference.load(workdir)
   inference.check_float(run.model.cfg.quant, workdir, "be written as Hugging Face's GPT-2")
   out_dir = out_dir or storage.join(workdir, "export_hf")
+  _check_hf_target(storage.absolute(workdir), storage.absolute(out_dir))
+  for name in HF_FILES:  # a re-export: no file of the last one outlives it (a BPE tokenizer)
+    if storage.exists(storage.join(out_dir, name)):
+      storage.remove(storage.join(out_dir, name))
   hf.save(run.params, run.model.cfg, out_dir, run.tokenizer)
+  if jax.process_index() == 0:
+    with storage.open(storage.join(out_dir, MARKER), "w") as f:
+      json.dump({"format": "hf", "from": storage.absolute(workdir)}, f)
   print(
     f"wrote {run.where} of {workdir} as a Hugging Face GPT-2 directory {out_dir} (load it with "
     "transformers.GPT2LMHeadModel.from_pretrained)",
     flush=True,
   )
   return out_dir
+
+
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", MARKER)  # what hf.save writes
+
+
+def _check_hf_target(workdir: str, out_dir: str) -> None:
+  """A Hugging Face export goes into a new or empty directory, or over this run's own earlier
+  one: never into a run, a gptjax export or a directory of other files, which it would mix."""
+  if out_dir.rstrip("/") == workdir.rstrip("/"):
+    raise UserError(
+      f"--export_dir={out_dir} is the run's own workdir; leave the flag out (it exports to "
+      f"{storage.join(workdir, 'export_hf')}) or name another directory"
+    )
+  names = set(storage.listdir(out_dir))
+  marker = storage.join(out_dir, MARKER)
+  saved = storage.read_json(marker) if MARKER in names else {}
+  ours = saved.get("format") == "hf" and saved.get("from") == workdir
+  inside = out_dir.startswith(workdir.rstrip("/") + "/") and saved.get("format", "hf") == "hf"
+  if names and not (names <= set(HF_FILES) and (ours or inside)):
+    what = f"an export of {saved['from']}" if saved.get("from") else ", ".join(sorted(names)[:4])
+    raise UserError(
+      f"--export_dir={out_dir} is not empty (it holds {what}), and a Hugging Face export "
+      "would mix its files with those; name a new or empty directory"
+    )

@@ -1,4 +1,5 @@
-"""--mode=export's target: never a run (its own workdir included) nor another run's export,
+"""--mode=export's target (gptjax or Hugging Face): never a run (its own workdir included)
+nor another run's export,
 and an export is not exported again; a finished run's record is kept, and a resume onto
 other data is refused before anything is prepared. (What an export holds and how it loads:
 checkpoint_test and quantize_test.)"""
@@ -37,6 +38,33 @@ def test_an_export_never_writes_over_a_run_or_another_runs_export(trained_tiny, 
     export.export(str(b), out, warn=quiet)
   with pytest.raises(UserError, match=f"is an export, not a run; export from the run's workdir: --workdir={a}$"):  # fmt: skip
     export.export(out, warn=quiet, weights="int8")
+
+
+def test_a_hugging_face_export_never_writes_over_a_run_or_another_export(trained_tiny, tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  shutil.copytree(trained_tiny, a)
+  shutil.copytree(trained_tiny, b)
+  before, quiet = _files(b), lambda *_: None
+  with pytest.raises(UserError, match=f"--export_dir={b} is not empty .* new or empty directory"):
+    export.export_hf(str(a), str(b))
+  with pytest.raises(UserError, match="is the run's own workdir; leave the flag out"):
+    export.export_hf(str(a), str(a))
+  ours, _ = export.export(str(a), warn=quiet)
+  with pytest.raises(UserError, match=f"--export_dir={ours} is not empty"):
+    export.export_hf(str(a), ours)
+  out = export.export_hf(str(a))
+  (tmp_path / "a" / "export_hf" / "tokenizer.json").write_text("{}")  # an older BPE export's
+  assert export.export_hf(str(a)) == out  # its own: written again, with nothing stale left
+  assert sorted(p.name for p in (a / "export_hf").iterdir()) == [
+    "config.json",
+    "export.json",
+    "model.safetensors",
+  ]
+  with pytest.raises(UserError, match=f"it holds an export of {a}\\)"):
+    export.export_hf(str(b), out)
+  with pytest.raises(UserError, match=f"--export_dir={out} holds a Hugging Face export"):
+    export.export(str(a), out, warn=quiet)
+  assert _files(b) == before
 
 
 def test_a_finished_run_rerun_keeps_the_config_it_was_trained_with(trained_tiny, tmp_path):
