@@ -93,10 +93,7 @@ def _load(workdir: str, config, mesh) -> Loaded:
       "pass the --workdir of a run, or --config=... with "
       "--config.init_from=hf:DIR"
     )
-  config = config_lib.load_saved(config_dir)
-  if storage.exists(storage.join(config_dir, chat_template.SAVED)):  # what it trained on
-    config.data.chat_template = storage.join(config_dir, chat_template.SAVED)
-  model = GPT(GPTConfig.from_config(config.model, config.model.vocab_size))
+  config = _saved_config(config_dir)
   target, shardings = param_layout(config, mesh)
   restored = None
   if storage.isdir(storage.join(workdir, checkpoint.CHECKPOINTS)):
@@ -107,6 +104,9 @@ def _load(workdir: str, config, mesh) -> Loaded:
   if restored is not None:
     params, where = restored[0], f"checkpoint {restored[1]['step']}"
   elif storage.isdir(storage.join(export_dir, "params")):
+    if export_dir != config_dir and storage.exists(storage.join(export_dir, "config.json")):
+      config = _saved_config(export_dir)  # the export's own: int8 when it was written so
+      target, shardings = param_layout(config, mesh)
     params, where = load_export(export_dir, target, shardings), "export"
   else:
     raise UserError(
@@ -114,7 +114,16 @@ def _load(workdir: str, config, mesh) -> Loaded:
       "the --workdir of a trained run)"
     )
   tok = tokenizer.load(storage.join(config_dir, "tokenizer.json"))
+  model = GPT(GPTConfig.from_config(config.model, config.model.vocab_size))
   return Loaded(model, params, tok, where, config)
+
+
+def _saved_config(directory: str):
+  """A run's or export's config.json, with the chat template it trained on when it kept one."""
+  config = config_lib.load_saved(directory)
+  if storage.exists(storage.join(directory, chat_template.SAVED)):
+    config.data.chat_template = storage.join(directory, chat_template.SAVED)
+  return config
 
 
 def param_layout(config, mesh: jax.sharding.Mesh | None):

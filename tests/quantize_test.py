@@ -5,6 +5,7 @@ checked against the model's own in engine_test (logits after every chunk)."""
 import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +135,20 @@ def test_an_int8_export_is_small_and_loads_as_it_is(trained_tiny, tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   # 0.53-0.60x here: orbax's per-array files weigh on a 2-layer model (GPT-2 small: 0.25x)
   assert directory_bytes(out / "params") < 0.7 * directory_bytes(fp32 / "params")
+
+
+def test_a_run_whose_int8_export_outlives_its_checkpoints_loads_it_as_int8(trained_tiny, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(trained_tiny, run)
+  export.export(str(run), warn=lambda *_: None, weights="int8")  # run/export, in int8
+  shutil.rmtree(run / "checkpoints")  # run/config.json still says float
+  loaded = inference.load(str(run))
+  assert loaded.where == "export" and loaded.model.cfg.quant == "int8"
+  assert loaded.params["wte"]["embedding"].dtype == jnp.int8
+  with pytest.raises(UserError, match="cannot be written as Hugging Face's GPT-2"):
+    export.export_hf(str(run), str(tmp_path / "hf"))
+  with pytest.raises(UserError, match="holds int8 weights .* cannot start training"):
+    inference.init_from(str(run), loaded.model.cfg)
 
 
 @pytest.mark.slow  # CLI subprocesses
