@@ -5,8 +5,7 @@
 
   decode      prefill and greedy generation with random weights on one device: a batch
               of --decode_batch random prompts of --prompt_len tokens, --new_tokens each;
-              medians over --repeats runs after a compiling run (--batch_size, the old
-              spelling of --decode_batch, still works and prints a deprecation line).
+              medians over --repeats runs after a compiling run (--batch_size: deprecated).
   sample      `--mode=sample`'s path on a trained run (--workdir, no --config): batch 1,
               --new_tokens (500) from end-of-text, temperature 0.8, top_k 200, past the
               context window as needed; median of --repeats after a compiling run.
@@ -54,12 +53,10 @@ from gptjax.model import GPTConfig, count_params
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (default: a temporary one).")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1, "decode: prompts per batch.")
-_BATCH_SIZE = flags.DEFINE_integer(
-  "batch_size", None, "Deprecated spelling of --decode_batch (not config.train.batch_size)."
-)
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "decode: tokens per prompt.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "decode: tokens generated per prompt.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "decode: timed runs (the median is reported).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "decode: the old --decode_batch.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "decode, serve: tokens per prompt.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "decode, sample, serve: tokens per prompt.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "decode, sample: timed runs (their median).")
 _STEPS = flags.DEFINE_integer("steps", 20, "train: timed steps.")
 _CLIENTS = flags.DEFINE_integer("clients", 8, "serve: concurrent clients (closed loop).")
 _REQUESTS = flags.DEFINE_integer("requests", 32, "serve: requests in all.")
@@ -69,6 +66,9 @@ _LIMIT = flags.DEFINE_float("time_limit", 600, "serve: seconds after which no re
 _WARMUP = flags.DEFINE_integer("warmup", 3, "train: untimed steps after compiling.")
 _QUANTIZE = flags.DEFINE_string("quantize", "none", "decode, serve: int8 weights.")
 _KV_QUANT = flags.DEFINE_string("kv_quant", "none", "decode, serve: an int8 KV cache.")
+# Flags that some benchmarks read: each help begins with their names ("decode, serve: ").
+_PER_BENCH = (_DECODE_BATCH, _BATCH_SIZE, _PROMPT_LEN, _NEW_TOKENS, _REPEATS, _STEPS, _CLIENTS)
+_PER_BENCH += (_REQUESTS, _RATE, _SLOTS, _LIMIT, _WARMUP, _QUANTIZE, _KV_QUANT)
 
 
 def _trained_looking(state, shardings):
@@ -87,9 +87,15 @@ def _trained_looking(state, shardings):
   )(state)
 
 
-def _check_batch_flags() -> None:
-  """--batch_size is the old spelling of --decode_batch: a warning, or an error if both."""
-  if not _BATCH_SIZE.present:
+def _check_flags(bench: str) -> None:
+  """A flag that only other benchmarks read is refused; --batch_size is the old spelling of
+  --decode_batch: a warning, or an error if both."""
+  for holder in _PER_BENCH:
+    readers = flags.FLAGS[holder.name].help.split(":")[0]
+    if holder.present and bench not in readers.split(", "):
+      batch = f"; bench {bench} takes its batch from --config.train.batch_size"
+      raise UserError(f"--{holder.name} is for bench {readers}{batch * ('batch' in holder.name)}")
+  if bench != "decode" or not _BATCH_SIZE.present:
     return
   if _DECODE_BATCH.present:
     raise UserError(
@@ -385,13 +391,7 @@ def main(argv):
     raise UserError(f"name one benchmark: {', '.join(benches)}")
   if _CONFIG.value is None and argv[1] != "sample":
     raise UserError("--config is required")
-  if argv[1] != "decode" and (_BATCH_SIZE.present or _DECODE_BATCH.present):
-    raise UserError(
-      f"--batch_size / --decode_batch set decode's prompts per batch; bench {argv[1]} takes "
-      "its batch from --config.train.batch_size"
-    )
-  if argv[1] == "decode":
-    _check_batch_flags()
+  _check_flags(argv[1])
   with tempfile.TemporaryDirectory() as tmp:
     print(json.dumps(benches[argv[1]](_CONFIG.value, _WORKDIR.value or tmp)))
 

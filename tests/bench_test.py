@@ -80,10 +80,13 @@ def test_decode_bench_rejects_both_batch_flags_in_one_line():
   assert len(errors) == 1 and "--batch_size" in errors[0] and "--decode_batch" in errors[0]
 
 
-def test_the_decode_batch_flags_are_refused_by_the_other_benches():
+def test_a_flag_of_other_benches_is_refused():
   proc = _bench("train", TINY, "--batch_size=4")
   assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
   assert "bench train takes its batch from --config.train.batch_size" in proc.stderr
+  proc = _bench("train", TINY, "--quantize=int8")  # it trained in float without a word
+  assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+  assert "error: --quantize is for bench decode, serve" in proc.stderr
 
 
 def test_decode_bench_rejects_a_prompt_beyond_the_context():
