@@ -54,7 +54,8 @@ def prepare(
     config.train.batch_size, config.optim.grad_accum, mesh, sharding.rules(config.mesh)
   )  # before a long data preparation
   ensure_writable_dir(workdir, "--workdir")
-  if jax.process_count() > 1:
+  if jax.process_count() > 1:  # one config, one directory: a mix would train wrong or hang
+    workdir_lib.check_same_config(config)
     workdir_lib.check_shared(workdir)
   held = workdir_lib.Lock(workdir) if lock and jax.process_index() == 0 else None
   try:

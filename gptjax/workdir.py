@@ -12,6 +12,7 @@ renewed for LEASE_S (a preempted VM), and a new run takes it over.
 
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -246,3 +247,47 @@ def check_shared(path: str, wait_s: float = 5.0) -> None:
       "directory on each host?); give every process the same shared directory (e.g. on a "
       "network file system)"
     )
+
+
+# Keys that may differ between the processes of one run: their own id, and local caches
+# (TFDS's data_dir and manual_dir included: each host prepares its own copy).
+PER_PROCESS = ("distributed.process_id", "compilation_cache_dir", "data.cache_dir")
+PER_PROCESS += ("data.data_dir", "data.manual_dir")
+
+
+def check_same_config(config) -> None:
+  """On several processes: UserError on every process unless all were given one config (but
+  for PER_PROCESS). Otherwise each trains its own way while the collectives mix them: a wrong
+  run without a word (another learning rate), or an abort at the first unmatched collective."""
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  flat = dict(_flat(config.to_dict()))
+  keys = sorted(k for k in flat if k not in PER_PROCESS)
+  digest = lambda value: np.frombuffer(
+    hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).digest()[:8], np.int32
+  )
+  whole = np.asarray(multihost_utils.process_allgather(digest([keys, [flat[k] for k in keys]])))
+  if (whole == whole[0]).all():
+    return
+  names = np.asarray(multihost_utils.process_allgather(digest(keys)))
+  if not (names == names[0]).all():
+    raise UserError(
+      "the processes were given different experiments (their configs have other keys); give "
+      "every process the same --config"
+    )
+  each = np.asarray(multihost_utils.process_allgather(np.stack([digest(flat[k]) for k in keys])))
+  key = keys[next(i for i in range(len(keys)) if not (each[:, i] == each[0, i]).all())]
+  others = [str(p) for p in range(len(each)) if not (each[p] == each[0]).all()]
+  raise UserError(
+    f"config.{key} differs between the processes (process(es) {', '.join(others)} against "
+    "process 0); give every process the same flags but --config.distributed.process_id"
+  )
+
+
+def _flat(node: dict, prefix: str = ""):
+  for key, value in node.items():
+    if isinstance(value, dict):
+      yield from _flat(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value

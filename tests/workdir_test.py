@@ -130,7 +130,7 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_killed_run_leaves_no_lock(tm
   assert again.returncode == 0, again.stderr[-3000:]
 
 
-def _two_processes(workdirs, *extra):
+def _two_processes(workdirs, *extra, each=((), ())):
   port = free_port()
   return [
     subprocess.Popen(
@@ -144,6 +144,7 @@ def _two_processes(workdirs, *extra):
         f"--config.distributed.process_id={i}",
         "--config.distributed.timeout_s=60",
         *extra,
+        *each[i],
       ],
       cwd=REPO,
       env={**os.environ, **ONE_DEVICE},
@@ -167,6 +168,22 @@ def test_processes_with_separate_local_workdirs_are_refused_at_once(tmp_path):
     line = one_line_error(types.SimpleNamespace(returncode=p.returncode, stderr=err))
     assert "is not one shared directory: process(es) 1 cannot see" in line
   assert not os.path.exists(tmp_path / "host0" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_processes_given_other_flags_are_refused_at_once(tmp_path):
+  # Each trained with its own learning rate while the gradients were averaged: no error.
+  each = (["--config.optim.lr=1e-2"], ["--config.optim.lr=1e-5"])
+  procs = _two_processes([tmp_path / "w"] * 2, each=each)
+  try:
+    results = [p.communicate(timeout=180) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, results):
+    line = one_line_error(types.SimpleNamespace(returncode=p.returncode, stderr=err))
+    assert "config.optim.lr differs between the processes (process(es) 1 against" in line
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
 @pytest.mark.slow
