@@ -152,9 +152,13 @@ def _load_config(workdir: str, config, mesh) -> Loaded:
       "--config names no weights without --config.init_from=hf:DIR or a gptjax run; or "
       "pass the --workdir of a trained run without --config"
     )
-  if not is_hf(config.init_from):
-    return load(config.init_from, mesh=mesh)
-  return _load_init_from(config, mesh)
+  config = config.copy_and_resolve_references()  # its quant keys: made here, as --quantize's
+  quant = quantize.Quant(config.model.quant, config.model.kv_quant)
+  config.model.quant = config.model.kv_quant = "none"
+  if is_hf(config.init_from):
+    return quantized(_load_init_from(config, mesh), quant, mesh)
+  adopt_init_from(config)  # a shape key set otherwise than the run's weights is refused
+  return load(config.init_from, mesh=mesh, quant=quant)
 
 
 def _load_init_from(config, mesh) -> Loaded:

@@ -14,7 +14,7 @@ import transformers
 from conftest import ONE_DEVICE, run_cli, tiny_config
 from conftest import SHAKESPEARE_DIR as SHAKESPEARE
 
-from gptjax import decode, hf
+from gptjax import decode, hf, inference
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
@@ -208,6 +208,11 @@ def test_sample_from_an_hf_directory_with_its_bpe_tokenizer(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   text, after = proc.stdout.split("---------------\n")
   assert text.startswith("ROMEO:") and not after and f"from hf:{tmp_path / 'hf'}" in proc.stderr
+  shape = dict(model__n_layer=LAYERS, model__n_head=HEADS, model__d_model=D, model__d_ff=4 * D)
+  config = tiny_config(**shape, model__block_size=POSITIONS, data__tokenizer="bpe")
+  config.init_from, config.model.quant = f"hf:{tmp_path / 'hf'}", "int8"  # a traceback before
+  loaded = inference.load(str(tmp_path / "w2"), config)
+  assert loaded.model.cfg.quant == "int8" and loaded.params["wte"]["embedding"].dtype == "int8"
 
 
 @pytest.mark.parametrize(

@@ -123,6 +123,12 @@ def test_a_config_beside_a_trained_run_or_without_weights_is_refused(trained_tin
     inference.load(str(tmp_path), tiny_config())
   loaded = inference.load(str(tmp_path), tiny_config(init_from=str(trained_tiny)))
   assert loaded.where == "checkpoint 30"  # a gptjax run as init_from: its own weights
+  # The config's model keys were ignored without a word: a shape is checked, int8 is made.
+  with pytest.raises(UserError, match="weights fix these: pass --config.model.n_layer=2 \\(not 3"):
+    inference.load(str(tmp_path), tiny_config(init_from=str(trained_tiny), model__n_layer=3))
+  int8 = tiny_config(init_from=str(trained_tiny), model__quant="int8", model__kv_quant="int8")
+  loaded = inference.load(str(tmp_path), int8)
+  assert (loaded.model.cfg.quant, loaded.model.cfg.kv_quant) == ("int8", "int8")
 
 
 def test_sample_prints_only_the_samples_on_stdout(trained_tiny, capsys):
