@@ -245,7 +245,7 @@ def _time_checkpoint(config, workdir: str, s, state, mesh) -> dict:  # what it w
   blocking = time.perf_counter() - t0
   ckpt.wait()
   total = time.perf_counter() - t0
-  size = checkpoint.directory_bytes(storage.join(workdir, checkpoint.CHECKPOINTS, "0"))
+  size = storage.size(storage.join(workdir, checkpoint.CHECKPOINTS, "0"))
   t0 = time.perf_counter()
   restored, _ = checkpoint.Checkpoints(workdir).restore(s.abstract, s.state_shardings)
   jax.block_until_ready(restored)

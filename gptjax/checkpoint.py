@@ -47,14 +47,15 @@ def _manager(directory: str, options) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
-def _options(keep: int, async_save: bool, best: bool = False):
-  # cleanup_tmp_directories: a save cut short (a killed run, a full disk) leaves no
-  # N.orbax-checkpoint-tmp directory behind once the run restarts
+def _options(keep: int, async_save: bool, best: bool = False, reader: bool = False):
+  # cleanup_tmp_directories: a save cut short (a kill, a full disk) leaves no N.orbax-...-tmp
+  # once the run restarts; a reader (sample, export) touches nothing: a save may be in flight.
   kwargs = dict(
     max_to_keep=keep,
     enable_async_checkpointing=async_save,
-    create=True,
-    cleanup_tmp_directories=True,
+    create=not reader,
+    cleanup_tmp_directories=not reader,
+    read_only=reader,
   )
   if best:
     kwargs.update(best_fn=lambda metrics: metrics["val_loss"], best_mode="min")
@@ -71,12 +72,14 @@ def with_shardings(abstract, shardings):
 class Checkpoints:
   """The workdir's checkpoints: save (async), restore the newest good one, keep the best."""
 
-  def __init__(self, workdir: str, settings=None, warn=print):
-    """settings: config.checkpoint (None: keep 3, synchronous saves, no best; for reading)."""
+  def __init__(self, workdir: str, settings=None, warn=print, reader: bool = False):
+    """settings: config.checkpoint (None: keep 3, synchronous saves, no best). reader: reads
+    only, while a run may be writing (sample, export): it neither saves nor cleans up."""
     keep = settings.keep if settings is not None else 3
     async_save = settings.async_save if settings is not None else False
-    self.workdir, self.warn = workdir, warn
-    self.manager = _manager(storage.join(workdir, CHECKPOINTS), _options(keep, async_save))
+    self.workdir, self.warn, self.reader = workdir, warn, reader
+    options = _options(keep, async_save, reader=reader)
+    self.manager = _manager(storage.join(workdir, CHECKPOINTS), options)
     self.best = None
     if settings is not None and settings.keep_best:
       self.best = _manager(storage.join(workdir, BEST), _options(1, async_save, best=True))
@@ -307,7 +310,7 @@ class Checkpoints:
 
   def _remove_unfinished(self) -> None:
     """Temporary directories of saves that failed (nothing is in flight after close)."""
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not self.reader:
       for tmp in storage.glob(storage.join(self.manager.directory, "*.orbax-checkpoint-tmp*")):
         storage.rmtree(tmp)
 
@@ -369,6 +372,7 @@ class _QuietIoEchoes(logging.Filter):
   line (orbax re-raises it at check_for_errors and wait), so those echoes are dropped."""
 
   ECHOES = ("No space left on device", "cannot schedule new futures", "No ArrayMetadata found")
+  ECHOES += ("Given directory is read only",)  # a reader's (sample, export): by choice
 
   def filter(self, record: logging.LogRecord) -> bool:
     text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
@@ -391,7 +395,3 @@ def _save_args(state, meta: dict):
     ),
     meta=ocp.args.JsonSave(meta),
   )
-
-
-def directory_bytes(path: str) -> int:
-  return storage.size(path)

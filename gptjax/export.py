@@ -36,7 +36,7 @@ def export(
     )
   config = config_lib.load_saved(workdir)
   abstract, shardings = inference.param_layout(config, None)
-  restored = checkpoint.Checkpoints(workdir, warn=warn).restore_params(
+  restored = checkpoint.Checkpoints(workdir, warn=warn, reader=True).restore_params(
     abstract, shardings, set_aside=False
   )
   if restored is None:
@@ -65,14 +65,14 @@ def export(
         json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
     with storage.open(storage.join(out_dir, MARKER), "w") as f:
       json.dump({"step": meta["step"], "from": storage.absolute(workdir)}, f)
-    full = checkpoint.directory_bytes(
+    full = storage.size(
       storage.join(workdir, checkpoint.CHECKPOINTS, str(meta["step"]))
-    )
-    size = checkpoint.directory_bytes(storage.join(out_dir, "params"))
+    )  # 0 once a run training there has rotated it away: then unsaid
+    size = storage.size(storage.join(out_dir, "params"))
     print(
       f"exported step {meta['step']} params{' in int8' if weights == 'int8' else ''} to "
-      f"{out_dir} ({format_bytes(size)}; the "
-      f"training checkpoint is {format_bytes(full)})",
+      f"{out_dir} ({format_bytes(size)}"
+      f"{f'; the training checkpoint is {format_bytes(full)}' if full else ''})",
       flush=True,
     )
   return out_dir, meta

@@ -98,7 +98,7 @@ def _load(workdir: str, config, mesh) -> Loaded:
   restored = None
   if storage.isdir(storage.join(workdir, checkpoint.CHECKPOINTS)):
     note = lambda message: print(message, file=sys.stderr, flush=True)  # stdout: results only
-    restored = checkpoint.Checkpoints(workdir, warn=note).restore_params(
+    restored = checkpoint.Checkpoints(workdir, warn=note, reader=True).restore_params(
       target, shardings, set_aside=False
     )
   if restored is not None:

@@ -20,7 +20,7 @@ from conftest import (
   wait_for,
 )
 
-from gptjax import checkpoint, export, inference, optim, sharding, train
+from gptjax import checkpoint, export, inference, optim, sharding, storage, train
 from gptjax import config as config_lib
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig, abstract_params
@@ -203,8 +203,8 @@ def test_export_is_params_only_and_keep_best_keeps_the_lowest_val_loss(tmp_path)
   assert proc.returncode == 0, proc.stderr[-2000:]
   export = workdir / "export"
   assert {"params", "config.json", "tokenizer.json", "export.json"} <= set(os.listdir(export))
-  full = checkpoint.directory_bytes(str(workdir / "checkpoints" / "40"))
-  assert checkpoint.directory_bytes(str(export / "params")) < 0.5 * full  # no Adam moments
+  full = storage.size(str(workdir / "checkpoints" / "40"))
+  assert storage.size(str(export / "params")) < 0.5 * full  # no Adam moments
 
   config = config_lib.load_saved(str(workdir))
   target = abstract_params(config)

@@ -1,15 +1,15 @@
 """--mode=export's target (gptjax or Hugging Face): never a run (its own workdir included)
-nor another run's export,
-and an export is not exported again; a finished run's record is kept, and a resume onto
-other data is refused before anything is prepared. (What an export holds and how it loads:
-checkpoint_test and quantize_test.)"""
+nor another run's export, and an export is not exported again; readers leave a save in
+flight alone; a finished run's record is kept, and a resume onto other data is refused
+before anything is prepared. (What an export holds and how it loads: checkpoint_test and
+quantize_test.)"""
 
 import shutil
 
 import pytest
 from conftest import tiny_config
 
-from gptjax import export, loop
+from gptjax import export, inference, loop
 from gptjax.errors import UserError
 
 pytestmark = pytest.mark.slow  # restores a trained run's checkpoint
@@ -65,6 +65,18 @@ def test_a_hugging_face_export_never_writes_over_a_run_or_another_export(trained
   with pytest.raises(UserError, match=f"--export_dir={out} holds a Hugging Face export"):
     export.export(str(a), out, warn=quiet)
   assert _files(b) == before
+
+
+def test_sample_and_export_leave_a_save_in_flight_alone(trained_tiny, tmp_path):
+  # A reader's orbax manager cleaned up temporary directories: the save of a run training
+  # there vanished under it, and the run died.
+  run = tmp_path / "run"
+  shutil.copytree(trained_tiny, run)
+  in_flight = run / "checkpoints" / "31.orbax-checkpoint-tmp"
+  (in_flight / "params").mkdir(parents=True)
+  assert inference.load(str(run)).where == "checkpoint 30"
+  export.export(str(run), warn=lambda *_: None)
+  assert (in_flight / "params").is_dir()
 
 
 def test_a_finished_run_rerun_keeps_the_config_it_was_trained_with(trained_tiny, tmp_path):
