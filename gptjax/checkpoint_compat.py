@@ -5,6 +5,7 @@ and the setting to change, instead of a tensorstore shape error."""
 import jax
 
 from gptjax import model as model_lib
+from gptjax.config import leaves
 from gptjax.errors import UserError
 from gptjax.sharding import param_name
 
@@ -99,19 +100,9 @@ _TRAINING = ("model.", "optim.", "train.label_smoothing")  # seed, batch: positi
 def training_changes(saved: dict, now: dict) -> list[str]:
   """The settings that shape training and differ from the checkpoint's run, as
   "optim.lr 0.003 -> 0.001" (keys that only one of the two configs has are skipped)."""
-  old, new = _flat(saved), _flat(now)
+  old, new = dict(leaves(saved)), dict(leaves(now))
   return [
     f"{key} {old[key]!r} -> {new[key]!r}"
     for key in sorted(set(old) & set(new))
     if key.startswith(_TRAINING) and not key.startswith(_SAME_TRAINING) and old[key] != new[key]
   ]
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out

@@ -195,18 +195,18 @@ def validate(config: config_dict.ConfigDict) -> None:
   """Raise UserError naming the first bad value and its fix. Every check that needs only
   the config is here (the mesh's fit to the devices and the data's size are checked where
   those are known)."""
-  leaves = dict(_leaves(config))
-  for key, value in leaves.items():  # NaN passes every `<` check below: refuse it first
+  values = dict(leaves(config))
+  for key, value in values.items():  # NaN passes every `<` check below: refuse it first
     if isinstance(value, float) and not math.isfinite(value):
       raise UserError(f"config.{key}={value} is not a finite number; pass a finite --config.{key}")
   for key, allowed in CHOICES.items():
-    if leaves[key] not in allowed:
+    if values[key] not in allowed:
       raise UserError(
-        f"config.{key}={leaves[key]!r} is not one of {', '.join(allowed)}; "
+        f"config.{key}={values[key]!r} is not one of {', '.join(allowed)}; "
         f"pass --config.{key}=<one of those>"
       )
   for key, low, high, open_high in _RANGES:
-    value = low if leaves[key] is None else leaves[key]  # None: a default computed later
+    value = low if values[key] is None else values[key]  # None: a default computed later
     if value < low or (high is not None and (value >= high if open_high else value > high)):
       bounds = f"in [{low}, {high})" if high is not None else f"at least {low}"
       raise UserError(f"config.{key}={value} must be {bounds}")
@@ -379,11 +379,11 @@ def fixed_vocab_size(config) -> int | None:
   return {"byte": 257, "bpe": 50257}.get(config.data.tokenizer)
 
 
-def _leaves(node, prefix: str = ""):
-  """(dotted key, value) of every leaf of a ConfigDict."""
+def leaves(node, prefix: str = ""):
+  """(dotted key, value) of every leaf of a ConfigDict (or of its JSON, a dict)."""
   for key, value in node.items():
-    if isinstance(value, config_dict.ConfigDict):
-      yield from _leaves(value, f"{prefix}{key}.")
+    if isinstance(value, (config_dict.ConfigDict, dict)):
+      yield from leaves(value, f"{prefix}{key}.")
     else:
       yield f"{prefix}{key}", value
 

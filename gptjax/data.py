@@ -111,8 +111,8 @@ def load(config, workdir: str) -> Data:
         raise
       raise UserError(
         f"{e.problem} of {tokenizer_file(workdir)}, which an earlier run in this workdir "
-        "left (built from other text); delete that file, or use a fresh "
-        "--workdir"
+        "made from other text (its checkpoints use those ids); use a fresh --workdir, or "
+        "data that vocabulary encodes"
       ) from None
     batch = config.train.batch_size
     out[split] = (Batches(tokens, batch, config.model.block_size, config.seed, split), n_bytes)
@@ -355,6 +355,17 @@ def position(step: int, config, source: dict | None = None) -> dict:
     "block_size": config.model.block_size,
     "source": source or task_data.identity(config.data),  # a run passes it, found once
   }
+
+
+def check_vocabulary(saved: dict | None, tok: tokenizer_lib.Tokenizer, workdir: str, step: int):
+  """A checkpoint's ids mean its run's vocabulary: resuming under another (the workdir's
+  tokenizer.json deleted or replaced) would train on ids that now mean other text."""
+  if saved is not None and saved != tok.to_dict():
+    raise UserError(
+      f"checkpoint {step} in {workdir} was trained with another vocabulary than "
+      f"{tokenizer_file(workdir)} holds now (deleted or replaced?); put the run's file back, "
+      "or use a fresh --workdir"
+    )
 
 
 def position_changes(saved: dict, config, workdir: str) -> list[str]:

@@ -97,13 +97,14 @@ class Start:
   eval_owed: bool = False  # a signal cut the saved step's eval short: it runs first
 
 
-def restore_or_init(config, workdir: str, s: Setup, ckpt: checkpoint.Checkpoints) -> Start:
+def restore_or_init(config, workdir: str, s: Setup, ckpt: checkpoint.Checkpoints, tok) -> Start:
   """The one place that decides where a run starts: the newest checkpoint that restores,
   else the init_from weights with a fresh optimizer, else a fresh init."""
   restored = ckpt.restore(s.abstract, s.state_shardings)
   if restored is not None:
     state, meta = restored
     step, elapsed, owed = int(meta["step"]), meta.get("elapsed_s", 0.0), meta.get("eval_owed")
+    data_lib.check_vocabulary(meta.get("tokenizer"), tok, workdir, step)
     start = Start(state, step, float(elapsed), True, bool(owed))
     for change in data_lib.position_changes(meta.get("data", {}), config, workdir):
       say(
@@ -147,7 +148,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     ckpt = checkpoint.Checkpoints(workdir, config.checkpoint, warn=say)
     runtime.resume_hint = lambda: ckpt.resume_note("the same command on every process")
-    start = restore_or_init(config, workdir, s, ckpt)
+    start = restore_or_init(config, workdir, s, ckpt, data.tokenizer)
     resolved = config_lib.resolved(config, s.model.cfg.vocab_size)
     if start.step >= config.train.num_steps:  # before config.json: it records the training
       ckpt.close()

@@ -142,10 +142,15 @@ def splits(data_config) -> dict[str, list]:
 
 
 def identity(data_config) -> dict:
-  """What data a run trains on, for the resume check: the source, and for task data its
-  files, fields, loss switch and template (a file by a hash of its text)."""
-  if data_config.source != "task":
-    return {"source": data_config.source}
+  """What data a run trains on, for the resume check: the source; TFDS's dataset; text's
+  files (the pattern and their bytes: another file, or one cut short, shows) and split; task
+  data's files, fields, loss switch and template (a file by a hash of its text)."""
+  if data_config.source == "tfds":
+    return {"source": "tfds", "tfds_name": data_config.tfds_name}
+  if data_config.source == "text":
+    files = storage.glob(data_config.path)
+    split = {k: data_config[k] for k in ("path", "val_fraction")}
+    return {"source": "text", **split, "bytes": sum(storage.size(f) for f in files)}
   template = data_config.chat_template
   if template not in chat_template.BUILTIN:
     source = chat_template.load(template).source

@@ -262,7 +262,9 @@ def check_same_config(config) -> None:
   import numpy as np
   from jax.experimental import multihost_utils
 
-  flat = dict(_flat(config.to_dict()))
+  from gptjax.config import leaves
+
+  flat = dict(leaves(config))
   keys = sorted(k for k in flat if k not in PER_PROCESS)
   digest = lambda value: np.frombuffer(
     hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).digest()[:8], np.int32
@@ -283,11 +285,3 @@ def check_same_config(config) -> None:
     f"config.{key} differs between the processes (process(es) {', '.join(others)} against "
     "process 0); give every process the same flags but --config.distributed.process_id"
   )
-
-
-def _flat(node: dict, prefix: str = ""):
-  for key, value in node.items():
-    if isinstance(value, dict):
-      yield from _flat(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value

@@ -4,6 +4,7 @@ flight alone; a finished run's record is kept, and a resume onto other data is r
 before anything is prepared. (What an export holds and how it loads: checkpoint_test and
 quantize_test.)"""
 
+import json
 import shutil
 
 import pytest
@@ -79,12 +80,19 @@ def test_sample_and_export_leave_a_save_in_flight_alone(trained_tiny, tmp_path):
   assert (in_flight / "params").is_dir()
 
 
-def test_a_finished_run_rerun_keeps_the_config_it_was_trained_with(trained_tiny, tmp_path):
+def test_a_rerun_keeps_the_runs_config_and_its_vocabulary(trained_tiny, tmp_path):
   run = tmp_path / "run"
   shutil.copytree(trained_tiny, run)
   trained = (run / "config.json").read_text()
   summary = loop.train_and_evaluate(tiny_config(train__num_steps=10, optim__lr=1e-2), str(run))
   assert summary["steps"] == 30 and (run / "config.json").read_text() == trained
+  # A deleted or replaced tokenizer.json resumed on ids that meant other characters.
+  vocabulary = json.loads((run / "tokenizer.json").read_text())  # 65 of 128 rows: 66 fit too
+  (run / "tokenizer.json").write_text(
+    json.dumps({**vocabulary, "chars": vocabulary["chars"] + "#"})
+  )
+  with pytest.raises(UserError, match="checkpoint 30 in .* was trained with another vocabulary"):
+    loop.train_and_evaluate(tiny_config(train__num_steps=40), str(run))
 
 
 def test_a_resume_onto_other_data_is_refused_before_preparing_anything(
@@ -102,6 +110,10 @@ def test_a_resume_onto_other_data_is_refused_before_preparing_anything(
   task = tiny_config(train__num_steps=40, data__source="task", data__path="chats.jsonl")
   with pytest.raises(UserError, match="holds a run trained on other data"):
     loop.train_and_evaluate(task, str(run))
+  other = tmp_path / "other.txt"  # text: another file (was resumed without a word)
+  other.write_text(open(tiny_config().data.path).read()[-60_000:])
+  with pytest.raises(UserError, match=f"other data \\(path .* -> '{other}', bytes .* -> 60000\\)"):
+    loop.train_and_evaluate(tiny_config(train__num_steps=40, data__path=str(other)), str(run))
   for step in (run / "checkpoints").iterdir():
     (step / "meta" / "metadata").write_text("{")  # cut short: restore_or_init decides
   with pytest.raises(AssertionError, match="prepared"):
