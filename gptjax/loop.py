@@ -138,8 +138,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Saves every config.checkpoint.every steps, at the end, and on SIGTERM/SIGINT (then returns
   with summary["preempted_at"] set). A non-finite loss stops the run before any save.
   """
-  # Other data is refused before the data is read and the steps compiled (minutes). (A
-  # finished run is not: its newest checkpoint may not restore, and then it trains on.)
+  # Other data: refused before it is read and the steps compiled (minutes)
   if (saved := _newest_saved(workdir)) is not None:
     data_lib.position_changes(saved.get("data", {}), config, workdir)
   with runtime.interrupt_kills():  # Ctrl-C while compiling: no state yet, stop at once
@@ -150,9 +149,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     runtime.resume_hint = lambda: ckpt.resume_note("the same command on every process")
     start = restore_or_init(config, workdir, s, ckpt, data.tokenizer)
     resolved = config_lib.resolved(config, s.model.cfg.vocab_size)
-    if start.step >= config.train.num_steps:  # before config.json: it records the training
+    done, end = start.step == config.train.num_steps, start.step > config.train.num_steps
+    owed = start.eval_owed or not storage.exists(storage.join(workdir, "summary.json"))
+    if end or (done and not owed):  # before config.json: it records the training
       ckpt.close()
       return _nothing_to_do(config, workdir, start.step)
+    start.eval_owed |= done  # a signal cut the last eval short, or a kill came before summary
     if jax.process_index() == 0:
       storage.write_text(
         storage.join(workdir, "config.json"), json.dumps(resolved, indent=2, sort_keys=True)

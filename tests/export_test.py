@@ -86,6 +86,12 @@ def test_a_rerun_keeps_the_runs_config_and_its_vocabulary(trained_tiny, tmp_path
   trained = (run / "config.json").read_text()
   summary = loop.train_and_evaluate(tiny_config(train__num_steps=10, optim__lr=1e-2), str(run))
   assert summary["steps"] == 30 and (run / "config.json").read_text() == trained
+  # SIGTERM during the last eval (or a kill before the summary): "nothing to do" for ever.
+  meta = run / "checkpoints" / "30" / "meta" / "metadata"
+  meta.write_text(json.dumps({**json.loads(meta.read_text()), "eval_owed": True}))
+  (run / "summary.json").unlink()
+  summary = loop.train_and_evaluate(tiny_config(train__num_steps=30), str(run))
+  assert summary["final_val_loss"] > 0 and (run / "summary.json").exists()
   # A deleted or replaced tokenizer.json resumed on ids that meant other characters.
   vocabulary = json.loads((run / "tokenizer.json").read_text())  # 65 of 128 rows: 66 fit too
   (run / "tokenizer.json").write_text(
