@@ -101,8 +101,13 @@ def training_changes(saved: dict, now: dict) -> list[str]:
   """The settings that shape training and differ from the checkpoint's run, as
   "optim.lr 0.003 -> 0.001" (keys that only one of the two configs has are skipped)."""
   old, new = dict(leaves(saved)), dict(leaves(now))
+  unset = new.get("optim.decay_steps") is None
+  for d in (old, new):  # the schedule's length as optim.py takes it: num_steps when unset
+    if d.get("optim.decay_steps") is None and "train.num_steps" in d:
+      d["optim.decay_steps"] = d["train.num_steps"]
+  note = " (unset, it follows train.num_steps: pass the old value to keep the schedule)"
   return [
-    f"{key} {old[key]!r} -> {new[key]!r}"
+    f"{key} {old[key]!r} -> {new[key]!r}{note if unset and key == 'optim.decay_steps' else ''}"
     for key in sorted(set(old) & set(new))
     if key.startswith(_TRAINING) and not key.startswith(_SAME_TRAINING) and old[key] != new[key]
   ]

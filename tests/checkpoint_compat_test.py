@@ -20,6 +20,14 @@ def test_training_changes_name_what_shapes_training_and_skip_the_rest():
   }
   assert checkpoint_compat.training_changes(saved, now) == ["optim.lr 0.003 -> 0.001"]
   assert checkpoint_compat.training_changes({}, now) == []  # a checkpoint without a config
+  # A longer run stretches the schedule when decay_steps is unset (it follows num_steps).
+  saved, now = ({"optim": {"decay_steps": None}, "train": {"num_steps": n}} for n in (10, 20))
+  assert checkpoint_compat.training_changes(saved, now) == [
+    "optim.decay_steps 10 -> 20 (unset, it follows train.num_steps: pass the old value to "
+    "keep the schedule)"
+  ]
+  now["optim"]["decay_steps"] = 10  # as the old run's: the same schedule, nothing to say
+  assert checkpoint_compat.training_changes(saved, now) == []
 
 
 @pytest.mark.slow  # resumes a trained run
