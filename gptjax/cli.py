@@ -8,6 +8,7 @@ keeps its traceback.
 """
 
 import ast
+import errno
 import os
 import signal
 import sys
@@ -37,6 +38,11 @@ def run(main: Callable, program: str, check: Callable[[], None] | None = None) -
       main(argv)
     except UserError as e:
       fail(program, e)
+    except OSError as e:  # a full disk under any write (metrics, config.json, exports)
+      if e.errno != errno.ENOSPC:
+        raise
+      where = f" writing {e.filename}" if e.filename else ""
+      fail(program, f"no space left on the device{where}; free some, or use another disk")
     except Exception as e:  # JAX's runtime error, named without importing JAX (report, sweep)
       if type(e).__name__ != "JaxRuntimeError" or "RESOURCE_EXHAUSTED" not in str(e):
         raise

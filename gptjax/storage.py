@@ -149,9 +149,14 @@ def write_text(path, text: str) -> None:
     _epath(path).write_text(text)
     return
   tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # hosts sharing a directory never collide
-  with builtins.open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  try:
+    with builtins.open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:  # a full disk: no half-written temporary left to fill it further
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def remove(path) -> None:
@@ -313,5 +318,7 @@ def ensure_writable_dir(path, flag: str) -> None:
       f.write("ok")
     remove(probe)
   except Exception as e:  # OSError locally; gcsfs raises its own HttpError too
+    if not is_url(path) and os.path.exists(probe):  # a full disk: created, never written
+      os.remove(probe)
     reason = getattr(e, "strerror", None) or describe(e)
     raise UserError(f"cannot write to {path!r} ({reason}); pass a writable {flag}") from None

@@ -1,11 +1,15 @@
 """storage.py on a bucket (fake-gcs-server on 127.0.0.1, tests/gcs_emulator.py): directory
-semantics, and refused reads and writes as one-line errors. Local paths are every other
-test's; the CLI on gs:// is gcs_test.py's."""
+semantics, and refused reads and writes as one-line errors (a full local disk too). Local
+paths are every other test's; the CLI on gs:// is gcs_test.py's."""
+
+import errno
+import os
+import sys
 
 import pytest
 from gcs_emulator import BUCKET
 
-from gptjax import storage
+from gptjax import cli, storage
 from gptjax.errors import UserError
 
 
@@ -51,3 +55,23 @@ def test_a_refused_write_is_one_line(gcs, monkeypatch):
   monkeypatch.setattr(gcsfs.core.GCSFileSystem, "_call", unreadable)
   with pytest.raises(UserError, match="cannot read gs://test-bucket/x/config.json .*403"):
     storage.exists(f"gs://{BUCKET}/x/config.json")
+
+
+def test_a_full_disk_under_any_write_is_one_line_and_leaves_no_temporary(
+  tmp_path, monkeypatch, capsys
+):
+  """A resume on a nearly full disk failed at metrics.jsonl's rewrite with a traceback, and
+  left a half-written temporary beside it."""
+  target = tmp_path / "metrics.jsonl"
+
+  def full(*_):
+    raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+  monkeypatch.setattr(os, "replace", full)
+  monkeypatch.setattr(sys, "argv", ["gptjax"])
+  with pytest.raises(SystemExit) as exit_:
+    cli.run(lambda argv: storage.write_text(str(target), "{}\n"), "gptjax")
+  assert exit_.value.code == 1 and list(tmp_path.iterdir()) == []
+  assert capsys.readouterr().err == (
+    f"gptjax: error: no space left on the device writing {target}; free some, or use another disk\n"
+  )
