@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -190,19 +191,38 @@ def _train(cmd: list[str], log_path: str, prefix: str, say) -> int:
     os.close(fd)
   if remote and storage.exists(log_path):
     storage.download(log_path, local)  # earlier attempts' lines
+  signals = []
   with open(local, "a") as log:
+    # Its own session: a signal to the sweep (or its group) reaches it once, forwarded, so it
+    # saves and stops (a second signal would stop it unsaved), logging to the end.
     proc = subprocess.Popen(
-      cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+      cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+      start_new_session=True,
+    )  # fmt: skip
+    forward = lambda signum, _: (
+      signals.append(signal.Signals(signum).name),
+      proc.send_signal(signum),
     )
-    for line in proc.stdout:
-      log.write(line)
-      log.flush()
-      if line.startswith(("step ", "eval step ", "done: ")):
-        say(prefix + line.rstrip())
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      for line in proc.stdout:
+        log.write(line)
+        log.flush()
+        if line.startswith(("step ", "eval step ", "done: ", "SIGTERM ", "SIGINT ")):
+          say(prefix + line.rstrip())
+    finally:
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
   if remote:
     storage.upload(local, log_path)
     os.remove(local)
-  return proc.wait()
+  rc = proc.wait()
+  if signals:
+    raise UserError(
+      f"stopped by {signals[0]}, passed on to {prefix.strip()} (exit code {rc}; it says above "
+      "whether it saved); rerun the same command to resume the sweep"
+    )
+  return rc
 
 
 # Overrides that change where things are found, not what is trained: they may differ on a rerun.

@@ -4,6 +4,7 @@ and the report built from each variant's metrics.jsonl."""
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -278,3 +279,30 @@ def test_a_rerun_with_other_overrides_is_refused(tmp_path):
   (tmp_path / "other.py").write_text((tmp_path / "exp.py").read_text())
   with pytest.raises(UserError, match="holds the sweep of .*exp.py"):
     sweep.run(str(tmp_path / "other.py"), None, root, first, print_commands=True, say=quiet)
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_sweep_reaches_its_variant_which_saves(tmp_path):
+  """SIGTERM to the sweep alone used to leave the variant running into a closed pipe, dying
+  unsaved; now the sweep passes it on, logs the variant's last words, and stops."""
+  (tmp_path / "exp.py").write_text(EXPERIMENT.format(experiments=os.path.join(REPO, "experiments")))
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "gptjax.sweep", f"--config={tmp_path / 'exp.py'}",
+     f"--workdir={tmp_path / 'runs'}", f"--config.compilation_cache_dir={COMPILATION_CACHE_DIR}",
+     "--variant=base", "--config.train.num_steps=100000", "--config.train.log_every=1"],
+    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    env={**os.environ, **ONE_DEVICE},
+  )  # fmt: skip
+  try:
+    for line in proc.stdout:
+      if line.startswith("[base] step "):
+        break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 1 and "[base] SIGTERM received: saved checkpoint" in out, err
+  assert err.splitlines()[-1].startswith("gptjax.sweep: error: stopped by SIGTERM, passed on")
+  log = (tmp_path / "runs" / "base" / "train.log").read_text()
+  step = int(log.split("SIGTERM received: saved checkpoint ")[1].split()[0])
+  assert (tmp_path / "runs" / "base" / "checkpoints" / str(step)).is_dir()
