@@ -116,11 +116,8 @@ def restore_or_init(config, workdir: str, s: Setup, ckpt: checkpoint.Checkpoints
       say(f"warning: resuming with {change}; config.json records the new value")
     say(f"resumed from checkpoint {start.step} in {ckpt.manager.directory}")
     return start
-  if storage.exists(storage.join(workdir, "metrics.jsonl")):
-    say(
-      f"warning: {workdir} holds metrics but no checkpoint; training starts at step 0 and "
-      "appends to metrics.jsonl (use a fresh --workdir to keep runs apart)"
-    )
+  if jax.process_index() == 0 and (aside := metrics_lib.set_aside(workdir)):
+    say(f"warning: {workdir} holds metrics but no checkpoint: training starts at step 0 ({aside})")
   state = s.init(config.seed)
   if config.init_from:  # imported weights, a fresh optimizer (Adam starts at zero anyway)
     params, where = inference.init_from(config.init_from, s.model.cfg)
@@ -205,7 +202,9 @@ class Run:
     self.lead = jax.process_index() == 0
     self.rows = s.rows()  # each process loads only the rows its devices hold
     self.writer = metrics_lib.MetricWriter(
-      workdir, enabled=self.lead, resume_step=start.step if start.resumed else None
+      workdir,
+      enabled=self.lead,
+      resume_step=start.step,  # later lines: replaced
     )
     self.timer = metrics_lib.Timer(start.step, start.elapsed_s)
     self.run_meta = {"config": resolved, "tokenizer": data.tokenizer.to_dict()}

@@ -207,6 +207,17 @@ def progress_line(
   )
 
 
+def set_aside(workdir: str) -> str | None:
+  """A run starting at step 0 where metrics.jsonl exists (an attempt killed before its first
+  checkpoint) moves it aside, lest its steps repeat in the new run's file; says where."""
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
+    return None
+  aside = storage.join(workdir, time.strftime("metrics.%Y%m%d-%H%M%S.unsaved.jsonl"))
+  storage.move(path, aside)
+  return f"the earlier attempt's metrics moved to {aside}"
+
+
 def _kept_lines(path: str, step: int | None) -> list[str]:
   """The file's lines of steps <= step (all of them when step is None), without a line cut
   short by a kill."""

@@ -20,7 +20,7 @@ from conftest import (
   wait_for,
 )
 
-from gptjax import checkpoint, export, inference, optim, sharding, storage, train
+from gptjax import checkpoint, export, inference, loop, optim, sharding, storage, train
 from gptjax import config as config_lib
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig, abstract_params
@@ -335,3 +335,16 @@ def test_non_finite_hyperparameters_are_refused():
       c = tiny_config(**{key.replace(".", "__"): value})
       with pytest.raises(UserError, match=f"config.{key}=.* is not a finite number"):
         config_lib.validate(c)
+
+
+def test_a_start_without_a_checkpoint_sets_the_earlier_metrics_aside(tmp_path, capsys):
+  """A run killed before its first checkpoint and run again logged its steps twice."""
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  earlier = '{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n'
+  (workdir / "metrics.jsonl").write_text(earlier)
+  loop.train_and_evaluate(tiny_config(train__num_steps=2, train__log_every=1), str(workdir))
+  steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
+  assert steps[0] == 1 and steps.count(1) == 1 and steps == sorted(steps)
+  [aside] = workdir.glob("metrics.*.unsaved.jsonl")
+  assert aside.read_text() == earlier and f"metrics moved to {aside}" in capsys.readouterr().out
