@@ -146,12 +146,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     runtime.resume_hint = lambda: ckpt.resume_note("the same command on every process")
     start = restore_or_init(config, workdir, s, ckpt, data.tokenizer)
     resolved = config_lib.resolved(config, s.model.cfg.vocab_size)
-    done, end = start.step == config.train.num_steps, start.step > config.train.num_steps
-    owed = start.eval_owed or not storage.exists(storage.join(workdir, "summary.json"))
-    if end or (done and not owed):  # before config.json: it records the training
+    # At the last step without its summary, a signal cut the last eval short or a kill came
+    # first: that eval, then the summary. Else a finished run: before config.json is written.
+    summary = metrics_lib.read_summary(workdir, start.step)
+    owed = start.step == config.train.num_steps and summary is None
+    if start.step >= config.train.num_steps and not owed:
       ckpt.close()
-      return _nothing_to_do(config, workdir, start.step)
-    start.eval_owed |= done  # a signal cut the last eval short, or a kill came before summary
+      return _nothing_to_do(config, workdir, start.step, summary)
+    start.eval_owed |= owed
     if jax.process_index() == 0:
       storage.write_text(
         storage.join(workdir, "config.json"), json.dumps(resolved, indent=2, sort_keys=True)
@@ -180,17 +182,14 @@ def _newest_saved(workdir: str) -> dict | None:
     return None
 
 
-def _nothing_to_do(config, workdir: str, step: int) -> dict:
+def _nothing_to_do(config, workdir: str, step: int, summary: dict | None) -> dict:
   """Exit 0: a restart loop re-running a finished job must stop."""
   say(
     f"nothing to do: {workdir} is already trained to step {step} (train.num_steps="
     f"{config.train.num_steps}); to train on, raise --config.train.num_steps (and set "
     "--config.optim.decay_steps to keep the old learning-rate schedule)"
   )
-  path = storage.join(workdir, "summary.json")
-  if not storage.exists(path):
-    return {"steps": step}
-  return storage.read_json(path)
+  return summary or {"steps": step}
 
 
 class Run:

@@ -207,6 +207,16 @@ def progress_line(
   )
 
 
+def read_summary(workdir: str, step: int) -> dict | None:
+  """The run's summary.json if it is whole and of `step` (not an earlier, shorter run's)."""
+  path = storage.join(workdir, "summary.json")
+  try:
+    summary = storage.read_json(path) if storage.exists(path) else {}
+  except UserError:  # cut short by a kill
+    return None
+  return summary if summary.get("steps") == step else None
+
+
 def set_aside(workdir: str) -> str | None:
   """A run starting at step 0 where metrics.jsonl exists (an attempt killed before its first
   checkpoint) moves it aside, lest its steps repeat in the new run's file; says where."""

@@ -23,6 +23,7 @@ import time
 import uuid
 
 from gptjax import storage
+from gptjax.config import leaves
 from gptjax.errors import UserError
 
 LOCK = ".gptjax.lock"
@@ -249,10 +250,10 @@ def check_shared(path: str, wait_s: float = 5.0) -> None:
     )
 
 
-# Keys that may differ between the processes of one run: their own id, and local caches
-# (TFDS's data_dir and manual_dir included: each host prepares its own copy).
+# Keys that may differ between the processes of one run: their own id, local caches (TFDS's
+# data_dir and manual_dir included: each host prepares its own copy), the coordinator's name.
 PER_PROCESS = ("distributed.process_id", "compilation_cache_dir", "data.cache_dir")
-PER_PROCESS += ("data.data_dir", "data.manual_dir")
+PER_PROCESS += ("data.data_dir", "data.manual_dir", "distributed.coordinator_address")
 
 
 def check_same_config(config) -> None:
@@ -261,8 +262,6 @@ def check_same_config(config) -> None:
   run without a word (another learning rate), or an abort at the first unmatched collective."""
   import numpy as np
   from jax.experimental import multihost_utils
-
-  from gptjax.config import leaves
 
   flat = dict(leaves(config))
   keys = sorted(k for k in flat if k not in PER_PROCESS)

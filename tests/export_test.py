@@ -92,6 +92,9 @@ def test_a_rerun_keeps_the_runs_config_and_its_vocabulary(trained_tiny, tmp_path
   (run / "summary.json").unlink()
   summary = loop.train_and_evaluate(tiny_config(train__num_steps=30), str(run))
   assert summary["final_val_loss"] > 0 and (run / "summary.json").exists()
+  lines = (run / "metrics.jsonl").read_text()
+  assert loop.train_and_evaluate(tiny_config(train__num_steps=30), str(run)) == summary
+  assert (run / "metrics.jsonl").read_text() == lines  # the eval is owed once, not for ever
   # A deleted or replaced tokenizer.json resumed on ids that meant other characters.
   vocabulary = json.loads((run / "tokenizer.json").read_text())  # 65 of 128 rows: 66 fit too
   (run / "tokenizer.json").write_text(
