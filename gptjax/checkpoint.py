@@ -51,7 +51,8 @@ def _options(keep: int, async_save: bool, best: bool = False, reader: bool = Fal
   # cleanup_tmp_directories: a save cut short (a kill, a full disk) leaves no N.orbax-...-tmp
   # once the run restarts; a reader (sample, export) touches nothing: a save may be in flight.
   kwargs = dict(
-    max_to_keep=keep,
+    max_to_keep=None if reader else keep,  # a reader sets nothing orbax would warn it drops
+    save_interval_steps=0 if reader else 1,
     enable_async_checkpointing=async_save,
     create=not reader,
     cleanup_tmp_directories=not reader,

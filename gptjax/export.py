@@ -65,9 +65,10 @@ def export(
         json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
     with storage.open(storage.join(out_dir, MARKER), "w") as f:
       json.dump({"step": meta["step"], "from": storage.absolute(workdir)}, f)
-    full = storage.size(
-      storage.join(workdir, checkpoint.CHECKPOINTS, str(meta["step"]))
-    )  # 0 once a run training there has rotated it away: then unsaid
+    try:  # gone once a run training there has rotated it away: then unsaid
+      full = storage.size(storage.join(workdir, checkpoint.CHECKPOINTS, str(meta["step"])))
+    except FileNotFoundError:  # on a bucket (locally: 0)
+      full = 0
     size = storage.size(storage.join(out_dir, "params"))
     print(
       f"exported step {meta['step']} params{' in int8' if weights == 'int8' else ''} to "
@@ -102,6 +103,11 @@ def _check_target(workdir: str, out_dir: str) -> None:
     raise UserError(
       f"--export_dir={out_dir} holds a training run, which the export would overwrite; name "
       "a new or empty directory"
+    )
+  elif names := sorted(storage.listdir(out_dir)):  # no export of ours: e.g. a params/ of theirs
+    raise UserError(
+      f"--export_dir={out_dir} is not empty (it holds {', '.join(names[:4])}); name a new or "
+      "empty directory"
     )
 
 

@@ -157,7 +157,8 @@ def _load_config(workdir: str, config, mesh) -> Loaded:
   config.model.quant = config.model.kv_quant = "none"
   if is_hf(config.init_from):
     return quantized(_load_init_from(config, mesh), quant, mesh)
-  adopt_init_from(config)  # a shape key set otherwise than the run's weights is refused
+  # A shape key set otherwise than the run's weights is refused (an int8 export loads too).
+  config_lib.adopt(config, config_lib.load_saved(workdir_lib.run_files(config.init_from)))
   return load(config.init_from, mesh=mesh, quant=quant)
 
 

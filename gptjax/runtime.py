@@ -340,11 +340,13 @@ class PreemptionWatch:
           pass
 
   def _handle(self, signum, frame):
+    if self.received == signal.Signals(signum).name and time.monotonic() - self._at < 1.0:
+      return  # one signal delivered twice (to the cgroup, and passed on by gptjax.sweep)
     if self.received:  # a second signal: the step may hang, so stop the usual way
       self.close()
       os.kill(os.getpid(), signum)
       return
-    self.received = signal.Signals(signum).name
+    self.received, self._at = signal.Signals(signum).name, time.monotonic()
 
   def pending(self) -> str | None:
     """The signal's name as soon as one arrived (one host only: several hosts must agree on

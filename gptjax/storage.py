@@ -153,9 +153,11 @@ def write_text(path, text: str) -> None:
     with builtins.open(tmp, "w", encoding="utf-8") as f:
       f.write(text)
     os.replace(tmp, path)
-  except BaseException:  # a full disk: no half-written temporary left to fill it further
+  except BaseException as e:  # a full disk: no half-written temporary left to fill it further
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError) and not e.filename:  # write() and close() name no file
+      raise OSError(e.errno, e.strerror, path) from e
     raise
 
 

@@ -148,7 +148,7 @@ def identity(data_config) -> dict:
   if data_config.source == "tfds":
     return {"source": "tfds", "tfds_name": data_config.tfds_name}
   if data_config.source == "text":
-    files = storage.glob(data_config.path)
+    files = storage.glob(data_config.path) if data_config.path else []  # validate() says so
     split = {k: data_config[k] for k in ("path", "val_fraction")}
     return {"source": "text", **split, "bytes": sum(storage.size(f) for f in files)}
   template = data_config.chat_template

@@ -31,6 +31,12 @@ def test_an_export_never_writes_over_a_run_or_another_runs_export(trained_tiny, 
   with pytest.raises(UserError, match="is the run's own workdir; leave the flag out"):
     export.export(str(a), str(a), warn=quiet)
   assert _files(b) == before and not (a / "params").exists()
+  theirs = tmp_path / "theirs"  # a directory of the user's: its params/ was replaced
+  (theirs / "params").mkdir(parents=True)
+  (theirs / "params" / "notes.txt").write_text("mine")
+  with pytest.raises(UserError, match=f"--export_dir={theirs} is not empty \\(it holds params\\)"):
+    export.export(str(a), str(theirs), warn=quiet)
+  assert (theirs / "params" / "notes.txt").read_text() == "mine"
   out, _ = export.export(str(a), warn=quiet)
   export.export(str(a), warn=quiet)  # its own export: written again
   shutil.copytree(a, tmp_path / "moved")  # its export says it came from a: still its own

@@ -1,6 +1,7 @@
 """Process start-up: XLA flags, CPU device counts, the compilation cache."""
 
 import os
+import signal
 import time
 
 import jax
@@ -86,3 +87,15 @@ def test_in_flight_runs_ahead_only_of_fast_steps():
   last = Step(0, waited)
   bound.add(last)
   assert waited[-1] is last and not bound.pending
+
+
+def test_one_signal_delivered_twice_stops_the_run_once():
+  """A cgroup-wide SIGTERM reaches a sweep's variant directly and again through the sweep:
+  taken as a second signal, it killed the run before its save."""
+  watch = runtime.PreemptionWatch()
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # within the second: the same one
+    assert watch.reached(1) == "SIGTERM"
+  finally:
+    watch.close()

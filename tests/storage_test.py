@@ -64,8 +64,8 @@ def test_a_full_disk_under_any_write_is_one_line_and_leaves_no_temporary(
   left a half-written temporary beside it."""
   target = tmp_path / "metrics.jsonl"
 
-  def full(*_):
-    raise OSError(errno.ENOSPC, "No space left on device", str(target))
+  def full(*_):  # as write() and close() raise it: naming no file
+    raise OSError(errno.ENOSPC, "No space left on device")
 
   monkeypatch.setattr(os, "replace", full)
   monkeypatch.setattr(sys, "argv", ["gptjax"])
