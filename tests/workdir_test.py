@@ -156,9 +156,18 @@ def _two_processes(workdirs, *extra, each=((), ())):
   ]
 
 
+@pytest.mark.parametrize(
+  "hosts, each, says",
+  [  # separate local directories would hang at the first checkpoint's finalisation;
+    (("host0", "host1"), ((), ()), "is not one shared directory: process(es) 1 cannot see"),
+    # other flags: each trained with its own learning rate while the gradients were averaged
+    (("w", "w"), (["--config.optim.lr=1e-2"], ["--config.optim.lr=1e-5"]),
+     "config.optim.lr differs between the processes (process(es) 1 against"),
+  ],
+)  # fmt: skip
 @pytest.mark.slow
-def test_processes_with_separate_local_workdirs_are_refused_at_once(tmp_path):
-  procs = _two_processes([tmp_path / "host0", tmp_path / "host1"])
+def test_processes_that_cannot_train_together_are_refused_at_once(tmp_path, hosts, each, says):
+  procs = _two_processes([tmp_path / h for h in hosts], each=each)
   try:
     results = [p.communicate(timeout=180) for p in procs]
   finally:
@@ -166,24 +175,8 @@ def test_processes_with_separate_local_workdirs_are_refused_at_once(tmp_path):
       p.kill()
   for p, (_, err) in zip(procs, results):
     line = one_line_error(types.SimpleNamespace(returncode=p.returncode, stderr=err))
-    assert "is not one shared directory: process(es) 1 cannot see" in line
-  assert not os.path.exists(tmp_path / "host0" / "checkpoints")
-
-
-@pytest.mark.slow
-def test_processes_given_other_flags_are_refused_at_once(tmp_path):
-  # Each trained with its own learning rate while the gradients were averaged: no error.
-  each = (["--config.optim.lr=1e-2"], ["--config.optim.lr=1e-5"])
-  procs = _two_processes([tmp_path / "w"] * 2, each=each)
-  try:
-    results = [p.communicate(timeout=180) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (_, err) in zip(procs, results):
-    line = one_line_error(types.SimpleNamespace(returncode=p.returncode, stderr=err))
-    assert "config.optim.lr differs between the processes (process(es) 1 against" in line
-  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+    assert says in line
+  assert not os.path.exists(tmp_path / hosts[0] / "checkpoints")
 
 
 @pytest.mark.slow
