@@ -24,14 +24,13 @@ import shutil
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
 from gptjax import checkpoint_compat, storage
 from gptjax.errors import UserError, describe
 from gptjax.metrics import format_bytes
+from gptjax.tree_checks import checksum, is_finite, tree_bytes
 
 CHECKPOINTS, BEST, CORRUPT = "checkpoints", "checkpoints_best", "checkpoints_corrupt"
 # On a bucket orbax writes a step in place, then this marker (locally it renames a temporary)
@@ -239,7 +238,10 @@ class Checkpoints:
         if not is_finite(
           out["params"] if train_target is None else (out["params"], out["train"]["opt_state"])
         ):
-          raise _NotFinite("its parameters or optimizer state hold NaN or inf")
+          raise _Bad("its parameters or optimizer state hold NaN or inf")
+        for part, saved in out["meta"].get("checksums", {}).items():  # none: an older version
+          if part in out and checksum(out[part]) != saved:
+            raise _Bad(f"its {part} differ from what was saved (the checksum): a changed bit")
       except Exception as e:  # truncated, corrupted or unreadable files
         reason = describe(e)
         if "RESOURCE_EXHAUSTED" in reason:
@@ -316,31 +318,8 @@ class Checkpoints:
         storage.rmtree(tmp)
 
 
-class _NotFinite(Exception):
+class _Bad(Exception):  # a restored step that is not what was saved
   pass
-
-
-def all_finite(tree) -> jax.Array:
-  """True when every float leaf of `tree` is finite (one fused reduction when jitted)."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.array(True)
-
-
-def is_finite(tree) -> bool:
-  """all_finite of a (possibly sharded, multi-host) tree, the same answer on every host."""
-  sharding = jax.tree.leaves(tree)[0].sharding
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-  return bool(jax.jit(all_finite, out_shardings=sharding)(tree))
-
-
-def tree_bytes(tree) -> int:
-  """Bytes of every array of `tree` (global sizes: what a checkpoint of it holds)."""
-  return sum(
-    int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-    for x in jax.tree.leaves(tree)
-    if hasattr(x, "shape")
-  )
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -389,10 +368,10 @@ for _logger in (absl_logging.get_absl_logger(), logging.getLogger("asyncio")):
 
 
 def _save_args(state, meta: dict):
+  train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+  checksums = {"params": checksum(state.params), "train": checksum(train)}  # read at restore
   return ocp.args.Composite(
     params=ocp.args.StandardSave(state.params),
-    train=ocp.args.StandardSave(
-      {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-    ),
-    meta=ocp.args.JsonSave(meta),
+    train=ocp.args.StandardSave(train),
+    meta=ocp.args.JsonSave({**meta, "checksums": checksums}),
   )

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax import checkpoint, optim, sharding
 from gptjax import metrics as metrics_lib
+from gptjax import optim, sharding, tree_checks
 from gptjax.attention import resolve_implementation
 from gptjax.loss import cross_entropy, fused_cross_entropy
 from gptjax.model import GPT, GPTConfig, count_params, init_params
@@ -138,7 +138,7 @@ def train_step(
     "grad_norm": optax.tree_utils.tree_norm(grads),
     "lr": lr_schedule(state.step),
     # what a checkpoint of the new state would hold: never save NaN or inf
-    "finite": checkpoint.all_finite((params, opt_state)),
+    "finite": tree_checks.all_finite((params, opt_state)),
   }
   if weighted:
     metrics["trained_tokens"] = jnp.sum(batch["weights"])

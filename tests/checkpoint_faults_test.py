@@ -3,10 +3,12 @@ everywhere, SIGTERM during a long eval. Each keeps what was saved and says so in
 
 import json
 import os
+import shutil
 import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
@@ -19,7 +21,7 @@ from conftest import (
   start_cli,
 )
 
-from gptjax import checkpoint, train
+from gptjax import checkpoint, inference, train, tree_checks
 from gptjax import config as config_lib
 from gptjax.errors import UserError
 from gptjax.model import abstract_params
@@ -227,3 +229,35 @@ def test_sigterm_during_a_long_eval_saves_without_finishing_it(tmp_path):
                   "--config.train.eval_every=5", "--config.train.eval_batches=2", env=ONE_DEVICE)  # fmt: skip
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert [l["step"] for l in _metrics(workdir) if "val_loss" in l] == [5, 6], rerun.stdout
+
+
+def test_a_flipped_bit_in_a_checkpoints_data_is_caught(trained_tiny, tmp_path):
+  """orbax keeps no checksums: a flipped bit in an array's data restored silently (or came
+  back as a NaN that the run blamed on the learning rate)."""
+  run = tmp_path / "run"
+  shutil.copytree(trained_tiny, run)
+  meta = run / "checkpoints" / "30" / "meta" / "metadata"
+  saved = json.loads(meta.read_text())
+  sums = {**saved["checksums"], "params": saved["checksums"]["params"] ^ 1}  # as if a bit
+  meta.write_text(json.dumps({**saved, "checksums": sums}))  # of the data had changed
+  with pytest.raises(UserError, match="30: its params differ from what was saved \\(the checksum"):
+    inference.load(str(run))
+  meta.write_text(json.dumps(saved))
+  data = max((run / "checkpoints" / "30" / "params").rglob("d/*"), key=lambda p: p.stat().st_size)
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) * 2 // 3] ^= 0x10  # in the data (restored silently before) or in a zstd header
+  data.write_bytes(bytes(raw))
+  with pytest.raises(UserError, match="no checkpoint in .* can be restored \\(newest, 30: "):
+    inference.load(str(run))
+
+
+def test_the_checksum_sees_a_changed_value_in_any_dtype():
+  tree = {"f": jnp.arange(6.0).reshape(2, 3), "h": jnp.ones(4, jnp.bfloat16), "i": jnp.arange(3)}
+  tree["k"] = jax.random.key(0)
+  before = tree_checks.checksum(tree)
+  for name in ("f", "h", "i"):
+    bits = {"f": jnp.uint32, "h": jnp.uint16, "i": jnp.uint32}[name]
+    flipped = jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(tree[name], bits).at[0].add(1), tree[name].dtype
+    )
+    assert tree_checks.checksum({**tree, name: flipped}) != before, name

@@ -297,6 +297,7 @@ LAYERS = [
   "sharding",
   "workdir",
   "config",
+  "tree_checks",
   "storage",
   "errors",
 ]
