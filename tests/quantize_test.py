@@ -127,6 +127,8 @@ def test_an_int8_export_is_small_and_loads_as_it_is(trained_tiny, tmp_path):
     export.export_hf(str(out), str(tmp_path / "hf"))
   with pytest.raises(UserError, match="holds int8 weights .* cannot start training"):
     inference.adopt_init_from(tiny_config(init_from=str(out)))
+  beside = inference.load(str(tmp_path / "w"), tiny_config(init_from=str(out)))  # it samples
+  assert beside.model.cfg.quant == "int8"
   proc = run_cli(f"--workdir={out}", "--mode=sample", "--max_new_tokens=8", "--kv_quant=int8")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "int8 KV cache" in proc.stderr
